@@ -1,0 +1,300 @@
+"""The contract between model families and everything that runs them.
+
+Why this shape: the compressor, the evaluator and the loader all walk a model *one layer at a
+time* over batches of token ids, so that neither the model nor all activations ever sit in one
+process. A family therefore does not build an ``nn.Module``; it exposes the steps of that walk as
+plain functions of (layer, weights, state):
+
+    state = family.embed(W, inputs)
+    for layer in family.layers():
+        if not layer.moe:
+            state = family.dense_block(layer, W, state)
+            continue
+        state, x = family.pre_moe(layer, W, state)        # attention, norms -> MoE input [B,S,d]
+        idx, gate = family.route(layer, W, x, state)      # [B,S,k] expert ids (-1: dropped), weights
+        y = <sum over k of gate * expert(x)>              # done by the caller: dense, quantized, ...
+        state = family.post_moe(layer, W, state, y)       # residual add, shared experts, ...
+    logits = family.logits(W, state)
+
+``state`` is a ``dict[str, torch.Tensor]`` whose tensors all have the batch as leading dimension, so
+a store can split, concatenate and ship it as numpy arrays. ``W`` is any ``WeightSource``: a lazy
+checkpoint reader during compression, a dict of decoded tensors at load time.
+
+Experts are described by an ``ExpertSpec``: which matrices read the expert input (``wi``, or
+``gate``/``up``), which read the hidden activation (``wo`` or ``down``), and how the hidden
+activation is formed. That is all the quantizer needs to quantize the second matrix on the outputs
+of the (already quantized) first, as a sequential GPTQ does.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import torch
+import torch.nn.functional as F
+
+State = dict[str, torch.Tensor]
+
+
+class WeightSource(Protocol):
+    """Anything that hands out tensors by their checkpoint name (float32, on CPU unless stated)."""
+
+    def __call__(self, name: str) -> torch.Tensor: ...
+
+    def __contains__(self, name: str) -> bool: ...
+
+
+class DictWeights:
+    """A ``WeightSource`` over an in-memory mapping (tests, decoded checkpoints)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+        self._t = tensors
+        self._dtype = dtype
+
+    def __call__(self, name: str) -> torch.Tensor:
+        try:
+            t = self._t[name]
+        except KeyError:
+            raise KeyError(f"tensor {name!r} not found among {len(self._t)} tensors") from None
+        return t.to(self._dtype)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._t
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One transformer block, in processing order.
+
+    Attributes:
+        index: position in processing order (0-based over all blocks of all stacks).
+        name: the checkpoint prefix of the block, e.g. ``model.layers.3`` or ``encoder.block.1``.
+        stage: ``"decoder"`` for decoder-only models; ``"encoder"`` / ``"decoder"`` for Switch.
+        block: index of the block within its stack.
+        moe: whether the block's feed-forward is a mixture of experts.
+        num_experts: number of routed experts (0 for dense blocks).
+        top_k: experts per token (0 for dense blocks).
+    """
+
+    index: int
+    name: str
+    stage: str
+    block: int
+    moe: bool
+    num_experts: int = 0
+    top_k: int = 0
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """The structure of one routed expert.
+
+    Attributes:
+        in_roles: matrices applied to the expert input, each ``[d_ff, d_model]``.
+        out_roles: matrices applied to the hidden activation, each ``[d_model, d_ff]``.
+        hidden: ``hidden({role: W_in}, x) -> h``: the activation that feeds the out matrices, for
+            one expert (``W`` ``[d_ff, d_model]``, ``x`` ``[T, d_model]``, ``h`` ``[T, d_ff]``).
+    """
+
+    in_roles: tuple[str, ...]
+    out_roles: tuple[str, ...]
+    hidden: Callable[[Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return self.in_roles + self.out_roles
+
+    def forward(self, weights: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The expert's output for tokens ``x`` ``[T, d_model]`` -> ``[T, d_model]``."""
+        h = self.hidden(weights, x)
+        (out_role,) = self.out_roles
+        return h @ weights[out_role].T
+
+
+def relu_hidden(role: str) -> Callable[[Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]:
+    """``h = act(x W_role^T)`` with ReLU (Switch/T5 ``wi``)."""
+
+    def hidden(w: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x @ w[role].T)
+
+    return hidden
+
+
+def swiglu_hidden(
+    w: Mapping[str, torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
+    """``h = silu(x gate^T) * (x up^T)`` (Mixtral, Qwen-MoE, OLMoE)."""
+    return F.silu(x @ w["gate"].T) * (x @ w["up"].T)
+
+
+class MoEFamily(ABC):
+    """A model family: config parsing, tensor names and the layer-by-layer forward (see module doc).
+
+    Subclasses set ``model_type`` and implement the abstract methods. Constructors validate the
+    config and raise ``ValueError`` naming the missing or bad field.
+    """
+
+    model_type: ClassVar[str]
+    expert_spec: ClassVar[ExpertSpec]
+
+    def __init__(self, config: Mapping[str, Any]):
+        self.config = dict(config)
+
+    # -- layout --------------------------------------------------------------------------------
+    @abstractmethod
+    def layers(self) -> list[LayerSpec]:
+        """Every block in processing order (encoder before decoder for Switch)."""
+
+    @abstractmethod
+    def expert_names(self, layer: LayerSpec, expert: int) -> dict[str, str]:
+        """Our canonical per-expert tensor names ``{role: name}`` (used for the output checkpoint).
+
+        For checkpoints that store experts fused in 3-D tensors these names are still per expert;
+        ``read_experts`` handles the source layout.
+        """
+
+    @abstractmethod
+    def read_experts(
+        self, layer: LayerSpec, W: WeightSource, experts: Sequence[int]
+    ) -> dict[str, torch.Tensor]:
+        """The weights of ``experts`` of ``layer`` as ``{role: float32 [G, out, in]}``."""
+
+    @abstractmethod
+    def router_name(self, layer: LayerSpec) -> str:
+        """Name of the router weight of an MoE layer."""
+
+    def dense_names(self, W_names: Sequence[str]) -> list[str]:
+        """Names from a checkpoint's tensor list that are not routed-expert weights."""
+        expert = set()
+        for layer in self.layers():
+            if layer.moe:
+                expert.update(self.source_expert_names(layer))
+        return [n for n in W_names if n not in expert]
+
+    @abstractmethod
+    def source_expert_names(self, layer: LayerSpec) -> list[str]:
+        """The source checkpoint's tensor names holding this layer's routed experts."""
+
+    # -- the forward walk ----------------------------------------------------------------------
+    @abstractmethod
+    def embed(self, W: WeightSource, inputs: Mapping[str, torch.Tensor]) -> State:
+        """Initial state from token ids (``inputs`` as made by ``qmoe_ray.data``)."""
+
+    @abstractmethod
+    def dense_block(self, layer: LayerSpec, W: WeightSource, state: State) -> State:
+        """A whole non-MoE block."""
+
+    @abstractmethod
+    def pre_moe(self, layer: LayerSpec, W: WeightSource, state: State) -> tuple[State, torch.Tensor]:
+        """The block up to the MoE input; returns the new state and ``x`` ``[B, S, d_model]``."""
+
+    @abstractmethod
+    def route(
+        self, layer: LayerSpec, W: WeightSource, x: torch.Tensor, state: State
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router: ``(idx int64 [B,S,k], gate float32 [B,S,k])``; ``idx == -1`` means dropped."""
+
+    @abstractmethod
+    def post_moe(self, layer: LayerSpec, W: WeightSource, state: State, y: torch.Tensor) -> State:
+        """Finish the block given the routed experts' combined output ``y`` ``[B, S, d_model]``."""
+
+    @abstractmethod
+    def logits(self, W: WeightSource, state: State) -> torch.Tensor:
+        """Final norm + LM head: ``[B, S, vocab]`` float32."""
+
+    @abstractmethod
+    def loss_terms(
+        self, logits: torch.Tensor, inputs: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, int]:
+        """``(sum of token cross-entropies, number of predicted tokens)`` as transformers counts."""
+
+    @abstractmethod
+    def token_mask(self, layer: LayerSpec, state: State) -> torch.Tensor:
+        """``bool [B, S]``: the positions of ``x`` that are real tokens (not padding)."""
+
+    def hessian_mask(self, layer: LayerSpec, state: State) -> torch.Tensor:
+        """``bool [B, S]``: the tokens allowed into Hessians (default: ``token_mask``; Switch also
+        masks sentinel tokens, as the paper does)."""
+        return self.token_mask(layer, state)
+
+
+def moe_dense(
+    spec: ExpertSpec,
+    experts: Mapping[int, Mapping[str, torch.Tensor]] | Callable[[int], Mapping[str, torch.Tensor]],
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    gate: torch.Tensor,
+) -> torch.Tensor:
+    """The combined routed-expert output, with dense expert weights.
+
+    Args:
+        spec: the family's ``ExpertSpec``.
+        experts: ``expert id -> {role: [out, in]}`` (a mapping or a function).
+        x: ``[..., d_model]`` MoE input.
+        idx: ``int64 [..., k]`` expert ids, -1 for dropped slots.
+        gate: ``[..., k]`` gate weights.
+
+    Returns:
+        ``[..., d_model]``: ``sum_k gate[..., k] * expert_{idx[..., k]}(x)``.
+    """
+    get = experts if callable(experts) else experts.__getitem__
+    shape = x.shape
+    xf = x.reshape(-1, shape[-1])
+    k = idx.shape[-1]
+    idx_f = idx.reshape(-1, k)
+    gate_f = gate.reshape(-1, k).to(xf.dtype)
+    out = torch.zeros_like(xf)
+    flat_e = idx_f.reshape(-1)
+    order = torch.argsort(flat_e, stable=True)
+    sorted_e = flat_e[order]
+    uniq, counts = torch.unique_consecutive(sorted_e, return_counts=True)
+    start = 0
+    for e, c in zip(uniq.tolist(), counts.tolist(), strict=True):
+        sel = order[start : start + c]
+        start += c
+        if e < 0:
+            continue
+        tok = sel // k
+        y = spec.forward(get(e), xf[tok])
+        out.index_add_(0, tok, y * gate_f.reshape(-1)[sel, None])
+    return out.reshape(shape)
+
+
+def run_forward(
+    family: MoEFamily,
+    W: WeightSource,
+    inputs: Mapping[str, torch.Tensor],
+    experts_for: Callable[[LayerSpec], Callable[[int], Mapping[str, torch.Tensor]]] | None = None,
+) -> torch.Tensor:
+    """The whole model's logits for one batch, walking the layers (reference path for tests,
+    evaluation and loaded checkpoints).
+
+    Args:
+        family: the model family.
+        W: weights of everything (and of the experts unless ``experts_for`` is given).
+        inputs: token tensors as made by ``qmoe_ray.data``.
+        experts_for: ``layer -> (expert id -> {role: weight})``; default reads them from ``W``.
+
+    Returns:
+        float32 logits ``[B, S, vocab]``.
+    """
+    state = family.embed(W, inputs)
+    for layer in family.layers():
+        if not layer.moe:
+            state = family.dense_block(layer, W, state)
+            continue
+        state, x = family.pre_moe(layer, W, state)
+        idx, gate = family.route(layer, W, x, state)
+        if experts_for is None:
+
+            def get(e: int, layer: LayerSpec = layer) -> dict[str, torch.Tensor]:
+                return {r: t[0] for r, t in family.read_experts(layer, W, [e]).items()}
+
+        else:
+            get = experts_for(layer)
+        y = moe_dense(family.expert_spec, get, x, idx, gate)
+        state = family.post_moe(layer, W, state, y)
+    return family.logits(W, state)

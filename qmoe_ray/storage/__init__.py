@@ -1,0 +1,1 @@
+"""qmoe_ray.storage"""

@@ -1,0 +1,31 @@
+"""Shared fixtures and the rules every test run follows (loopback only, no usage stats)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def gpu_available() -> bool:
+    """True when cupy imports and sees a CUDA device."""
+    try:
+        import cupy
+
+        return bool(cupy.cuda.is_available())
+    except Exception:  # noqa: BLE001 - any import/driver failure means no usable GPU
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if gpu_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device and cupy (pip install '.[gpu]')")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
