@@ -1,0 +1,186 @@
+"""One expert group, quantized without Ray: what a quantization worker runs.
+
+QMoE section 4: the experts of a layer are quantized in groups, jointly (one batched GPTQ over the
+group), each expert on the Hessian of the tokens the router sent to it. Within an expert we go
+sequentially, as GPTQ does across layers: the input matrices (``wi``, or ``gate``/``up``) are
+quantized on the Hessian of the expert input; the output matrix (``wo``/``down``) on the Hessian of
+the hidden activation computed *through the already-quantized input matrices*, so it corrects the
+error they made. All routed tokens then pass through the quantized expert, and those outputs are
+what the activation stores add into their residual stream for the next layer.
+
+Hessians use at most ``cap`` tokens per expert (evenly spaced over the routed tokens, so the choice
+is deterministic and not biased to the first samples), as the paper caps tokens at 4x the mean;
+every token still passes through the expert. Held-out tokens ride along (``hmask`` False): they get
+outputs but never enter a Hessian.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from qmoe_ray.models.base import ExpertSpec
+from qmoe_ray.quant import QuantResult, Scheme, gptq, hessian, rtn
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """How a group is quantized (the subset of ``CompressConfig`` a worker needs)."""
+
+    scheme: Scheme
+    method: str = "gptq"
+    blocksize: int = 128
+    percdamp: float = 0.1
+    actorder: bool = False
+
+
+@dataclass
+class ExpertTokens:
+    """Tokens routed to one expert: inputs ``x`` ``[T, d_model]`` and which may enter Hessians."""
+
+    x: np.ndarray
+    hmask: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.x.ndim != 2 or self.hmask.shape != (self.x.shape[0],):
+            raise ValueError(
+                f"ExpertTokens: x must be [T, d] and hmask [T]; got {self.x.shape}, "
+                f"{self.hmask.shape}"
+            )
+
+
+@dataclass
+class GroupResult:
+    """The quantized group: per-role results, per-expert outputs and statistics."""
+
+    experts: list[int]
+    results: dict[str, QuantResult]
+    outputs: list[np.ndarray]
+    hessian_tokens: list[int]
+    routed_tokens: list[int]
+    stats: list[dict] = field(default_factory=list)
+
+
+def select_hessian_tokens(hmask: np.ndarray, cap: int | None) -> np.ndarray:
+    """Indices of the tokens that enter the Hessian: the eligible ones, evenly thinned to ``cap``.
+
+    Args:
+        hmask: bool ``[T]``, eligible tokens.
+        cap: the most tokens to keep (None or 0: keep all).
+
+    Returns:
+        int64 indices into the token list, ascending.
+    """
+    eligible = np.flatnonzero(hmask)
+    if cap and len(eligible) > cap:
+        pick = np.linspace(0, len(eligible) - 1, cap).round().astype(np.int64)
+        eligible = eligible[np.unique(pick)]
+    return eligible
+
+
+def _hessians(xs: Sequence[torch.Tensor], cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hessians of a list of per-expert activations (empty ones give an all-zero Hessian)."""
+    return hessian([x if x.numel() else torch.zeros(0, cols) for x in xs])
+
+
+def _quantize(
+    W: torch.Tensor, H: torch.Tensor, tokens: torch.Tensor, opts: QuantOptions
+) -> QuantResult:
+    if opts.method == "rtn":
+        return rtn(W, opts.scheme, H=H, tokens=tokens)
+    return gptq(
+        W, H, opts.scheme, blocksize=opts.blocksize, percdamp=opts.percdamp,
+        actorder=opts.actorder, tokens=tokens,
+    )
+
+
+def quantize_group(
+    spec: ExpertSpec,
+    weights: Mapping[str, torch.Tensor],
+    tokens: Sequence[ExpertTokens],
+    opts: QuantOptions,
+    cap: int | None = None,
+    experts: Sequence[int] | None = None,
+) -> GroupResult:
+    """Quantize a group of experts jointly and run their tokens through the quantized experts.
+
+    Args:
+        spec: the family's expert structure.
+        weights: ``{role: float32 [G, out, in]}`` for every role of ``spec``.
+        tokens: one ``ExpertTokens`` per expert of the group, in the same order.
+        opts: scheme and GPTQ settings.
+        cap: most Hessian tokens per expert (None: all).
+        experts: the experts' ids (for the statistics); default ``range(G)``.
+
+    Returns:
+        A ``GroupResult``; ``outputs[i]`` is ``[T_i, d_model]`` float32, the (ungated) output of the
+        quantized expert ``i`` for each of its routed tokens.
+
+    Raises:
+        ValueError: roles missing from ``weights`` or group sizes that disagree.
+    """
+    missing = [r for r in spec.roles if r not in weights]
+    if missing:
+        raise ValueError(f"weights lack roles {missing}; expected {list(spec.roles)}")
+    G = len(tokens)
+    for role in spec.roles:
+        if weights[role].ndim != 3 or weights[role].shape[0] != G:
+            raise ValueError(
+                f"weights[{role!r}] has shape {tuple(weights[role].shape)}; expected "
+                f"[{G}, out, in] for a group of {G} experts"
+            )
+    experts = list(range(G)) if experts is None else list(experts)
+    x_all = [torch.from_numpy(np.ascontiguousarray(t.x, dtype=np.float32)) for t in tokens]
+    sel = [torch.from_numpy(select_hessian_tokens(t.hmask, cap)) for t in tokens]
+    x_h = [x[s] for x, s in zip(x_all, sel, strict=True)]
+    counts = torch.tensor([len(s) for s in sel], dtype=torch.int64)
+    d_in = weights[spec.in_roles[0]].shape[2]
+
+    results: dict[str, QuantResult] = {}
+    H_in, _ = _hessians(x_h, d_in)
+    for role in spec.in_roles:
+        results[role] = _quantize(weights[role].float(), H_in, counts, opts)
+    del H_in
+
+    deq = {role: results[role].dequantize() for role in spec.in_roles}
+    hidden_h = [
+        spec.hidden({r: deq[r][i] for r in spec.in_roles}, x_h[i]) for i in range(G)
+    ]
+    d_ff = weights[spec.out_roles[0]].shape[2]
+    H_out, _ = _hessians(hidden_h, d_ff)
+    del hidden_h
+    for role in spec.out_roles:
+        results[role] = _quantize(weights[role].float(), H_out, counts, opts)
+    del H_out
+    for role in spec.out_roles:
+        deq[role] = results[role].dequantize()
+
+    outputs = []
+    with torch.no_grad():
+        for i in range(G):
+            w = {r: deq[r][i] for r in spec.roles}
+            y = spec.forward(w, x_all[i]) if x_all[i].shape[0] else torch.zeros(0, w[spec.out_roles[0]].shape[0])
+            outputs.append(y.numpy().astype(np.float32, copy=False))
+
+    stats = []
+    for i, e in enumerate(experts):
+        stats.append(
+            {
+                "expert": int(e),
+                "routed_tokens": int(x_all[i].shape[0]),
+                "hessian_tokens": int(counts[i]),
+                "fallback": {r: results[r].fallback[i] for r in spec.roles if results[r].fallback[i]},
+                "proxy_loss": {r: float(results[r].loss[i]) for r in spec.roles},
+            }
+        )
+    return GroupResult(
+        experts=experts,
+        results=results,
+        outputs=outputs,
+        hessian_tokens=[int(c) for c in counts],
+        routed_tokens=[int(x.shape[0]) for x in x_all],
+        stats=stats,
+    )

@@ -1,0 +1,141 @@
+"""Configuration of a compression job: one frozen dataclass, validated on construction.
+
+The CLI flags and the YAML config file map one-to-one onto the fields of ``CompressConfig`` (a YAML
+key is the field name; dashes are accepted for underscores). Unknown keys are rejected so that a
+typo never silently falls back to a default. Storage options (credentials, endpoints) are *not*
+part of the config: they never enter the manifest, the report or the logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMES = ("ternary", "int2", "int3", "int4", "int8")
+METHODS = ("gptq", "rtn")
+EMBEDDED = "embedded"
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Everything that decides the output of a compression job.
+
+    Attributes:
+        source: model URL or path (HF layout), or ``"embedded"`` for the packaged tiny model.
+        output: output URL or path (``s3://``, ``gs://``, ``file://``, a local folder).
+        data: calibration data (see ``qmoe_ray.data``), ``"embedded"`` for the packaged set.
+        scheme: quantization grid: ternary, int2, int3, int4, int8.
+        method: ``gptq`` or ``rtn`` (round to nearest, the baseline).
+        group_size: experts quantized jointly by one worker call.
+        token_cap: Hessian tokens per expert capped at ``token_cap`` x the mean (0: no cap).
+        percdamp: GPTQ damping as a fraction of the mean Hessian diagonal.
+        blocksize: GPTQ block size (columns).
+        actorder: GPTQ with columns in descending Hessian-diagonal order.
+        quant_group_size: int schemes only: scale groups along the input dim (None: per row).
+        num_samples: calibration samples.
+        seq_len: tokens per calibration sample.
+        eval_samples: held-out samples carried through the compressed layers for the report's loss.
+        batch_size: samples per forward batch.
+        num_workers: quantization worker actors.
+        num_stores: activation store actors.
+        cpus_per_worker: CPUs reserved by each worker (also its torch thread count).
+        gpus_per_worker: GPUs reserved by each worker (0: quantize on CPU).
+        address: Ray address; None starts an in-process single-node cluster.
+        seed: seed for data sampling.
+        overwrite: replace an existing checkpoint at ``output``.
+    """
+
+    source: str = EMBEDDED
+    output: str = "qmoe-out"
+    data: str = EMBEDDED
+    scheme: str = "ternary"
+    method: str = "gptq"
+    group_size: int = 16
+    token_cap: float = 4.0
+    percdamp: float = 0.1
+    blocksize: int = 128
+    actorder: bool = False
+    quant_group_size: int | None = None
+    num_samples: int = 256
+    seq_len: int = 128
+    eval_samples: int = 64
+    batch_size: int = 32
+    num_workers: int = 1
+    num_stores: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    address: str | None = None
+    seed: int = 0
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value: Any, expected: str) -> ValueError:
+            return ValueError(f"{name}={value!r}: expected {expected}")
+
+        if self.scheme not in SCHEMES:
+            raise bad("scheme", self.scheme, f"one of {', '.join(SCHEMES)}")
+        if self.method not in METHODS:
+            raise bad("method", self.method, f"one of {', '.join(METHODS)}")
+        for name in ("group_size", "num_samples", "seq_len", "batch_size", "num_workers",
+                     "num_stores", "blocksize"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad(name, value, "an integer >= 1")
+        if not isinstance(self.eval_samples, int) or self.eval_samples < 0:
+            raise bad("eval_samples", self.eval_samples, "an integer >= 0")
+        if self.token_cap < 0:
+            raise bad("token_cap", self.token_cap, "a number >= 0 (0 disables the cap)")
+        if not 0 <= self.percdamp < 10:
+            raise bad("percdamp", self.percdamp, "a fraction such as 0.1 (0 <= percdamp < 10)")
+        if self.quant_group_size is not None:
+            if self.scheme == "ternary":
+                raise bad("quant_group_size", self.quant_group_size,
+                          "None for the ternary scheme (ternary scales are per row)")
+            if self.quant_group_size < 1:
+                raise bad("quant_group_size", self.quant_group_size, "None or an integer >= 1")
+        if self.cpus_per_worker <= 0:
+            raise bad("cpus_per_worker", self.cpus_per_worker, "a number > 0")
+        if self.gpus_per_worker < 0:
+            raise bad("gpus_per_worker", self.gpus_per_worker, "a number >= 0")
+        if not self.output:
+            raise bad("output", self.output, "a URL or path to write the checkpoint to")
+
+    # Options that change the output bytes: a resumed run must agree on all of them.
+    def output_options(self) -> dict[str, Any]:
+        """The options that determine the output (everything but where and how it runs)."""
+        runtime = {"output", "num_workers", "num_stores", "cpus_per_worker", "gpus_per_worker",
+                   "address", "overwrite"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in runtime}
+
+    def to_json(self) -> str:
+        """The config as JSON (safe to write: holds no credentials)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> CompressConfig:
+        """Build from a mapping (YAML file, CLI); dashes in keys become underscores.
+
+        Raises:
+            ValueError: an unknown key (the message lists the valid ones) or a bad value.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        clean: dict[str, Any] = {}
+        for key, value in values.items():
+            k = str(key).replace("-", "_")
+            if k not in names:
+                raise ValueError(
+                    f"unknown config key {key!r}; valid keys: {', '.join(sorted(names))}"
+                )
+            clean[k] = value
+        return cls(**clean)
+
+
+@dataclass
+class StorageOptions:
+    """fsspec storage options for the source and the output (kept out of every file we write)."""
+
+    source: dict[str, Any] = field(default_factory=dict)
+    output: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,153 @@
+"""The writer (reducer): encoded expert groups + dense tensors -> safetensors shards at the output.
+
+One shard per block (``shards/layer-NNNNN.safetensors``): the block's dense tensors, converted to
+their stored dtype (bf16; routers keep their source precision), and its encoded experts. Writing a
+layer's shard only when the layer is complete means a shard on storage is always whole, which is
+what resume builds on. Tensors are serialized with sorted keys, so the same inputs give the same
+bytes. ``shards/other.safetensors`` holds what belongs to no block (embeddings, final norms, head).
+
+Plain class; the driver runs it in a Ray actor next to the output.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import torch
+
+from qmoe_ray.distributed.stores import dense_dtype
+from qmoe_ray.distributed.workers import EncodedGroup
+from qmoe_ray.models import LayerSpec, get_family
+from qmoe_ray.storage import manifest as mf
+from qmoe_ray.storage.checkpoint import open_checkpoint
+from qmoe_ray.storage.fs import url_to_fs
+
+T = TypeVar("T")
+
+TRANSIENT = (TimeoutError, ConnectionError)
+
+
+def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.5) -> T:
+    """Run ``fn``, retrying transient storage errors with exponential backoff.
+
+    Raises:
+        OSError: after the last attempt, naming ``what`` and the cause.
+    """
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except TRANSIENT + (OSError,) as exc:
+            permanent = isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError,
+                                         NotADirectoryError))
+            if permanent or attempt == attempts - 1:
+                raise OSError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+            time.sleep(base_delay * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def layer_shard_name(layer: LayerSpec) -> str:
+    return f"shards/layer-{layer.index:05d}.safetensors"
+
+
+OTHER_SHARD = "shards/other.safetensors"
+
+
+class CheckpointWriter:
+    """Collects a layer's encoded groups and writes shards and JSON files to the output."""
+
+    def __init__(
+        self,
+        output: str,
+        output_options: Mapping[str, Any] | None,
+        source: str,
+        source_options: Mapping[str, Any] | None,
+    ):
+        self.fs, self.root = url_to_fs(output, **dict(output_options or {}))
+        self.output = output
+        self.ckpt = open_checkpoint(source, **dict(source_options or {}))
+        self.family = get_family(self.ckpt.config)
+        self.layers = self.family.layers()
+        self.routers = {self.family.router_name(l) for l in self.layers if l.moe}
+        expert_src: set[str] = set()
+        for layer in self.layers:
+            if layer.moe:
+                expert_src.update(self.family.source_expert_names(layer))
+        self.expert_src = expert_src
+        self._groups: dict[int, dict[int, EncodedGroup]] = {}
+
+    def _path(self, relname: str) -> str:
+        return f"{self.root.rstrip('/')}/{relname}"
+
+    def put_bytes(self, relname: str, data: bytes) -> None:
+        """Write a whole file (retrying transient errors)."""
+        path = self._path(relname)
+        parent = path.rsplit("/", 1)[0]
+
+        def write() -> None:
+            self.fs.makedirs(parent, exist_ok=True)
+            self.fs.pipe_file(path, data)
+
+        with_retries(write, f"writing {self.output.rstrip('/')}/{relname}")
+
+    def dense_names(self, layer: LayerSpec | None) -> list[str]:
+        """Source tensors stored densely in ``layer``'s shard (None: in the 'other' shard)."""
+        prefixes = [l.name + "." for l in self.layers]
+        names = [n for n in self.ckpt.names if n not in self.expert_src]
+        if layer is None:
+            return [n for n in names if not any(n.startswith(p) for p in prefixes)]
+        return [n for n in names if n.startswith(layer.name + ".")]
+
+    def _dense_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        for n in names:
+            t = self.ckpt.read(n)
+            out[n] = t.to(dense_dtype(n, t.dtype, self.routers))
+        return out
+
+    def add_group(self, enc: EncodedGroup) -> None:
+        """Hold a group's encoded experts until its layer is written."""
+        self._groups.setdefault(enc.layer, {})[enc.group] = enc
+
+    def finish_layer(self, layer: LayerSpec, expected_groups: int) -> dict[str, Any]:
+        """Write ``layer``'s shard.
+
+        Returns:
+            ``{"file", "tensors": {name: index entry}, "quantized": {name: entry}, "stats"}``.
+        """
+        groups = self._groups.pop(layer.index, {})
+        if len(groups) != expected_groups:
+            raise RuntimeError(
+                f"layer {layer.name}: writer got {len(groups)} expert groups, expected "
+                f"{expected_groups}"
+            )
+        tensors = self._dense_tensors(self.dense_names(layer))
+        quantized: dict[str, dict[str, Any]] = {}
+        stats: list[dict[str, Any]] = []
+        for g in sorted(groups):
+            tensors.update(groups[g].tensors)
+            quantized.update(groups[g].entries)
+            stats.extend(groups[g].stats)
+        return self._write(layer_shard_name(layer), tensors, quantized, stats)
+
+    def write_other(self) -> dict[str, Any]:
+        """Write the shard of tensors that belong to no block."""
+        return self._write(OTHER_SHARD, self._dense_tensors(self.dense_names(None)), {}, [])
+
+    def _write(self, relname: str, tensors: dict[str, torch.Tensor],
+               quantized: dict[str, dict[str, Any]], stats: list[dict[str, Any]]) -> dict[str, Any]:
+        data, index = mf.serialize_shard(tensors)
+        self.put_bytes(relname, data)
+        for entry in index.values():
+            entry["file"] = relname
+        return {"file": relname, "bytes": len(data), "tensors": index, "quantized": quantized,
+                "stats": stats}
+
+    def copy_source_file(self, relname: str) -> bool:
+        """Copy a small source file (config.json, tokenizer.json) if the source has it."""
+        if not self.ckpt.has_file(relname):
+            return False
+        with self.ckpt.open_file(relname) as f:
+            self.put_bytes(relname, f.read())
+        return True

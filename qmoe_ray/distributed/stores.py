@@ -1,0 +1,258 @@
+"""Activation stores: a shard of the calibration (and held-out) samples and their residual stream.
+
+A store owns whole batches of samples (contiguous in sample order, so the token order seen by the
+quantizers is the same whatever the number of stores) and walks them through the model one layer
+at a time, as the driver asks:
+
+- ``dense_block``: a non-MoE block over every batch;
+- ``pre_moe``: attention etc. up to the MoE input, then the router. The MoE inputs of all real
+  tokens are gathered into one contiguous ``[tokens, d_model]`` buffer (QMoE's list buffer; the
+  per-sample offsets are ``batch * seq + position``), and the token->expert assignments are
+  bucketed per expert with one stable sort, so ``expert_tokens`` is a slice per expert;
+- ``add_outputs``: the quantized experts' outputs for this store's tokens, per expert group;
+- ``post_moe``: adds the gate-weighted outputs in a fixed (group, expert) order, so the sums and
+  hence the output bytes do not depend on which worker finished first, then finishes the block.
+
+This class knows nothing about Ray: ``qmoe_ray.distributed.driver`` wraps it in an actor whose
+``keep`` puts the batches' state into Ray's object store (which spills to disk when full).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from qmoe_ray.models import LayerSpec, get_family
+from qmoe_ray.models.base import State
+from qmoe_ray.storage.checkpoint import open_checkpoint
+
+Holder = Callable[[State], Any]
+
+
+class CachedWeights:
+    """A ``WeightSource`` over a checkpoint that caches what one layer reads, rounding dense
+    tensors to the dtype the output checkpoint stores them in (see ``dense_dtype``), so the
+    calibration sees exactly the weights that will be shipped."""
+
+    def __init__(self, ckpt: Any, keep_dtype: Callable[[str], bool]):
+        self._ckpt = ckpt
+        self._cache: dict[str, torch.Tensor] = {}
+        self._keep = keep_dtype
+
+    def __call__(self, name: str) -> torch.Tensor:
+        t = self._cache.get(name)
+        if t is None:
+            raw = self._ckpt.read(name)
+            t = raw.float() if self._keep(name) else raw.to(torch.bfloat16).float()
+            self._cache[name] = t
+        return t
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._ckpt
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+def dense_dtype(name: str, src: torch.dtype, router_names: set[str]) -> torch.dtype:
+    """The dtype a non-expert tensor is stored in: routers keep their source precision (routing
+    decisions are sensitive to it); everything else is bf16."""
+    return src if name in router_names else torch.bfloat16
+
+
+class ActivationShard:
+    """The samples of one store and their state between layers (see module doc).
+
+    Args:
+        source: model URL or path.
+        storage_options: fsspec options for the source.
+        inputs: this shard's samples, ``{name: [n, ...]}`` as made by ``qmoe_ray.data``.
+        calib: bool ``[n]``: True for calibration samples, False for held-out ones (they pass
+            through the compressed layers for the loss but never enter a Hessian).
+        batch_size: samples per forward batch.
+        keep, fetch: how a batch's state is held between calls (identity by default; the Ray
+            actor uses ``ray.put`` / ``ray.get``).
+    """
+
+    def __init__(
+        self,
+        source: str,
+        storage_options: Mapping[str, Any] | None,
+        inputs: Mapping[str, np.ndarray],
+        calib: np.ndarray,
+        batch_size: int,
+        keep: Holder | None = None,
+        fetch: Callable[[Any], State] | None = None,
+    ):
+        torch.manual_seed(0)
+        self.ckpt = open_checkpoint(source, **dict(storage_options or {}))
+        self.family = get_family(self.ckpt.config)
+        routers = {self.family.router_name(l) for l in self.family.layers() if l.moe}
+        self.W = CachedWeights(self.ckpt, lambda n: n in routers)
+        n = len(calib)
+        self._keep = keep or (lambda s: s)
+        self._fetch = fetch or (lambda s: s)
+        self.batches: list[Any] = []
+        self.calib: list[torch.Tensor] = []
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                sl = slice(start, min(start + batch_size, n))
+                batch = {k: torch.from_numpy(np.ascontiguousarray(v[sl])) for k, v in inputs.items()}
+                self.batches.append(self._keep(self.family.embed(self.W, batch)))
+                self.calib.append(torch.from_numpy(np.asarray(calib[sl], dtype=bool)))
+        self.inputs = {k: np.asarray(v) for k, v in inputs.items()}
+        self.batch_size = batch_size
+        self._moe: dict[str, Any] | None = None
+        self._outputs: dict[int, tuple[list[int], list[np.ndarray]]] = {}
+        self.W.clear()
+
+    # -- dense blocks ------------------------------------------------------------------------
+    def dense_block(self, layer: LayerSpec) -> None:
+        """Run a non-MoE block over every batch."""
+        with torch.no_grad():
+            for i, ref in enumerate(self.batches):
+                self.batches[i] = self._keep(self.family.dense_block(layer, self.W, self._fetch(ref)))
+        self.W.clear()
+
+    # -- MoE blocks --------------------------------------------------------------------------
+    def pre_moe(self, layer: LayerSpec) -> dict[str, np.ndarray]:
+        """Up to the router; gathers and buckets this store's tokens per expert.
+
+        Returns:
+            ``{"routed": int64 [E], "hessian": int64 [E]}``: tokens routed to each expert, and how
+            many of them may enter Hessians.
+        """
+        fam = self.family
+        xs, idxs, gates, hmasks, where = [], [], [], [], []
+        with torch.no_grad():
+            for i, ref in enumerate(self.batches):
+                state, x = fam.pre_moe(layer, self.W, self._fetch(ref))
+                idx, gate = fam.route(layer, self.W, x, state)
+                tmask = fam.token_mask(layer, state).bool()
+                hmask = fam.hessian_mask(layer, state).bool() & tmask & self.calib[i][:, None]
+                pos = torch.nonzero(tmask.reshape(-1)).squeeze(1)
+                xs.append(x.reshape(-1, x.shape[-1])[pos])
+                idxs.append(idx.reshape(-1, idx.shape[-1])[pos])
+                gates.append(gate.reshape(-1, gate.shape[-1])[pos].float())
+                hmasks.append(hmask.reshape(-1)[pos])
+                where.append(pos)
+                self.batches[i] = self._keep(state)
+        x_all = torch.cat(xs).float().numpy()
+        idx_all = torch.cat(idxs).numpy()
+        gate_all = torch.cat(gates).numpy()
+        hmask_all = torch.cat(hmasks).numpy()
+        k = idx_all.shape[1]
+        flat = idx_all.reshape(-1)
+        order = np.argsort(flat, kind="stable")  # one sort buckets every (token, slot) pair
+        E = layer.num_experts
+        bounds = np.searchsorted(flat[order], np.arange(E + 1))
+        self._moe = {
+            "layer": layer.index,
+            "x": x_all,
+            "gate": gate_all,
+            "hmask": hmask_all,
+            "order": order,
+            "bounds": bounds,
+            "k": k,
+            "where": where,
+        }
+        self._outputs = {}
+        routed = np.diff(bounds).astype(np.int64)
+        tok = order // k
+        hess = np.array(
+            [int(hmask_all[tok[bounds[e]: bounds[e + 1]]].sum()) for e in range(E)], dtype=np.int64
+        )
+        self.W.clear()
+        return {"routed": routed, "hessian": hess}
+
+    def _slots(self, e: int) -> np.ndarray:
+        m = self._moe
+        return m["order"][m["bounds"][e]: m["bounds"][e + 1]]
+
+    def expert_tokens(self, experts: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``[(x [T_e, d], hmask [T_e])]`` for each expert, tokens in sample order."""
+        m = self._require_moe()
+        out = []
+        for e in experts:
+            tok = self._slots(e) // m["k"]
+            out.append((m["x"][tok], m["hmask"][tok]))
+        return out
+
+    def add_outputs(self, group: int, experts: Sequence[int], outputs: Sequence[np.ndarray]) -> None:
+        """Record the (ungated) outputs of a group's quantized experts for this store's tokens."""
+        m = self._require_moe()
+        for e, y in zip(experts, outputs, strict=True):
+            n = len(self._slots(e))
+            if y.shape != (n, m["x"].shape[1]):
+                raise ValueError(f"outputs of expert {e}: shape {y.shape}, expected {(n, m['x'].shape[1])}")
+        self._outputs[group] = (list(experts), list(outputs))
+
+    def post_moe(self, layer: LayerSpec, expected_groups: int) -> None:
+        """Sum the gate-weighted expert outputs (fixed order) and finish the block."""
+        m = self._require_moe()
+        if len(self._outputs) != expected_groups:
+            raise RuntimeError(
+                f"layer {layer.name}: store has outputs of {len(self._outputs)} expert groups, "
+                f"expected {expected_groups}"
+            )
+        k = m["k"]
+        y = np.zeros_like(m["x"])
+        gate_flat = m["gate"].reshape(-1)
+        for g in sorted(self._outputs):
+            experts, outs = self._outputs[g]
+            for e, out in zip(experts, outs, strict=True):
+                slots = self._slots(e)
+                # a token appears at most once per expert, so fancy-index += is exact
+                y[slots // k] += out * gate_flat[slots][:, None]
+        y_t = torch.from_numpy(y)
+        start = 0
+        with torch.no_grad():
+            for i, ref in enumerate(self.batches):
+                state = self._fetch(ref)
+                pos = m["where"][i]
+                B, S = state_shape(self.family, layer, state)
+                d = y.shape[1]
+                full = torch.zeros(B * S, d)
+                full[pos] = y_t[start: start + len(pos)]
+                start += len(pos)
+                self.batches[i] = self._keep(self.family.post_moe(layer, self.W, state, full.reshape(B, S, d)))
+        self._moe = None
+        self._outputs = {}
+        self.W.clear()
+
+    def _require_moe(self) -> dict[str, Any]:
+        if self._moe is None:
+            raise RuntimeError("pre_moe must run before expert_tokens/add_outputs/post_moe")
+        return self._moe
+
+    # -- the end -----------------------------------------------------------------------------
+    def loss(self) -> dict[str, float]:
+        """Cross-entropy over the held-out samples after the last layer.
+
+        Returns:
+            ``{"ce_sum": float, "tokens": int}`` (held-out samples only).
+        """
+        ce, count = 0.0, 0
+        with torch.no_grad():
+            for i, ref in enumerate(self.batches):
+                held = ~self.calib[i]
+                if not held.any():
+                    continue
+                state = self._fetch(ref)
+                logits = self.family.logits(self.W, state)[held]
+                sl = slice(i * self.batch_size, i * self.batch_size + len(self.calib[i]))
+                inputs = {k: torch.from_numpy(v[sl][held.numpy()]) for k, v in self.inputs.items()}
+                s, c = self.family.loss_terms(logits, inputs)
+                ce += float(s)
+                count += int(c)
+        self.W.clear()
+        return {"ce_sum": ce, "tokens": count}
+
+
+def state_shape(family: Any, layer: LayerSpec, state: State) -> tuple[int, int]:
+    """``(batch, seq)`` of the stream that feeds ``layer``'s MoE (the token mask's shape)."""
+    B, S = family.token_mask(layer, state).shape
+    return int(B), int(S)

@@ -1,0 +1,111 @@
+"""Quantization workers: one expert group in, encoded experts and their outputs out.
+
+``GroupWorker`` is a plain class (testable without Ray); the driver runs it inside Ray actors with
+``num_gpus``/``num_cpus`` resources. Each call reads the group's weights lazily from the source
+(range reads: only this group's tensors), concatenates the group's tokens from every store (store
+order = sample order, so the result does not depend on how samples were sharded), runs the joint
+quantization of ``qmoe_ray.compress``, encodes the matrices in the sub-1-bit format (encoding here
+rather than in the writer spreads the CPU work over all workers and shrinks what is shipped), and
+splits the experts' outputs back per store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from qmoe_ray.compress import ExpertTokens, QuantOptions, quantize_group
+from qmoe_ray.models import LayerSpec, get_family
+from qmoe_ray.storage.checkpoint import open_checkpoint
+from qmoe_ray.storage.layout import pack_matrix
+
+
+@dataclass
+class EncodedGroup:
+    """What the writer needs from a group: tensors to store and their manifest entries."""
+
+    layer: int
+    group: int
+    tensors: dict[str, torch.Tensor]
+    entries: dict[str, dict[str, Any]]
+    stats: list[dict[str, Any]]
+
+
+class GroupWorker:
+    """Quantizes expert groups of one source model (see module doc).
+
+    Args:
+        source: model URL or path.
+        storage_options: fsspec options for the source.
+        opts: scheme and GPTQ settings.
+        threads: torch threads (fixed, so results do not depend on the machine's core count).
+        device: ``"cpu"`` or ``"cuda"`` for the quantization math.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        storage_options: Mapping[str, Any] | None,
+        opts: QuantOptions,
+        threads: int = 1,
+        device: str = "cpu",
+    ):
+        torch.set_num_threads(max(1, int(threads)))
+        self.ckpt = open_checkpoint(source, **dict(storage_options or {}))
+        self.family = get_family(self.ckpt.config)
+        self.opts = opts
+        self.device = device
+
+    def run(
+        self,
+        layer: LayerSpec,
+        group: int,
+        experts: Sequence[int],
+        parts: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]],
+        cap: int | None,
+    ) -> tuple[EncodedGroup, list[list[np.ndarray]]]:
+        """Quantize one group.
+
+        Args:
+            layer: the MoE layer.
+            group: the group's index within the layer.
+            experts: expert ids of the group.
+            parts: per store, per expert ``(x [T, d], hmask [T])``.
+            cap: most Hessian tokens per expert.
+
+        Returns:
+            ``(encoded, outputs)`` with ``outputs[s][i]`` the output of expert ``experts[i]`` for
+            store ``s``'s tokens.
+        """
+        tokens = []
+        for i in range(len(experts)):
+            xs = [p[i][0] for p in parts]
+            hs = [p[i][1] for p in parts]
+            tokens.append(ExpertTokens(np.concatenate(xs), np.concatenate(hs)))
+        weights = self.family.read_experts(layer, self.ckpt, experts)
+        res = quantize_group(self.family.expert_spec, weights, tokens, self.opts, cap, experts)
+        tensors: dict[str, torch.Tensor] = {}
+        entries: dict[str, dict[str, Any]] = {}
+        for i, e in enumerate(experts):
+            names = self.family.expert_names(layer, e)
+            for role, qr in res.results.items():
+                params = {k: v[i] for k, v in qr.params.items()}
+                t, entry = pack_matrix(names[role], qr.scheme, qr.codes[i], params)
+                entry.update(layer=layer.index, expert=int(e), role=role)
+                tensors.update(t)
+                entries[names[role]] = entry
+        outputs: list[list[np.ndarray]] = []
+        sizes = [[len(p[i][0]) for i in range(len(experts))] for p in parts]
+        starts = [0] * len(experts)
+        for s in range(len(parts)):
+            per = []
+            for i in range(len(experts)):
+                n = sizes[s][i]
+                per.append(res.outputs[i][starts[i]: starts[i] + n])
+                starts[i] += n
+            outputs.append(per)
+        return EncodedGroup(layer.index, group, tensors, entries, res.stats), outputs
