@@ -1,0 +1,433 @@
+"""Lazy reading of Hugging Face-layout safetensors checkpoints from any fsspec URL.
+
+Why this design: a trillion-parameter source is thousands of GB in shards of a few GB each, and a
+compression worker needs a few tensors of one layer at a time. Downloading a shard to read one
+tensor would move the whole model through every worker. The safetensors format makes this
+unnecessary: a shard is an 8-byte little-endian header length, a JSON header giving each tensor's
+dtype, shape and byte range, then the raw data. So ``open_checkpoint`` reads only ``config.json``,
+the index and the shard *headers* (two concurrent range reads per shard), validates them, and
+``read`` / ``read_many`` fetch each tensor with one range read (adjacent tensors of a shard are
+coalesced into one read). Only JSON and raw little-endian tensor bytes are parsed: no pickles.
+
+Problems are found at open time, before any long work: a missing shard, a tensor listed in the
+index but absent from its shard, a header whose offsets fall outside the file or disagree with the
+shape and dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+import struct
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import IO, Any
+
+import torch
+
+from qmoe_ray.storage.fs import fs_errors, join, redact, safe_join, url_to_fs
+
+CONFIG = "config.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+MAX_HEADER = 100 * 2**20  # the safetensors library's own limit
+COALESCE_GAP = 1 * 2**20  # merge ranges of one shard closer than this into one read
+
+DTYPES: dict[str, torch.dtype] = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        DTYPES[_name] = getattr(torch, _attr)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: shard file (relative name), dtype, shape, absolute byte range."""
+
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def parse_header(raw: bytes, file: str, file_size: int | None = None) -> dict[str, TensorInfo]:
+    """Parse and validate a safetensors JSON header.
+
+    Args:
+        raw: the header bytes (after the 8-byte length).
+        file: the shard's name, for messages and ``TensorInfo.file``.
+        file_size: the shard's size in bytes, if known (offsets are checked against it).
+
+    Returns:
+        ``name -> TensorInfo`` with absolute byte offsets in the file.
+
+    Raises:
+        ValueError: the header is not valid JSON or a tensor entry is malformed, has an unknown
+            dtype, a byte size that disagrees with its shape, or overlaps/exceeds the data.
+    """
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"{file}: safetensors header is not valid JSON ({e}); the file is "
+            "corrupt or not a safetensors file: re-download or re-save it"
+        ) from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{file}: safetensors header is not a JSON object; re-save the file")
+    base = 8 + len(raw)
+    data_size = None if file_size is None else file_size - base
+    out: dict[str, TensorInfo] = {}
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dt, shape, (b, e) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(
+                f"{file}: header entry for {name!r} lacks dtype/shape/data_offsets; "
+                "the file is corrupt: re-save it"
+            ) from None
+        if dt not in DTYPES:
+            raise ValueError(
+                f"{file}: tensor {name!r} has unsupported dtype {dt!r}; supported: "
+                f"{', '.join(DTYPES)}"
+            )
+        if (
+            not isinstance(shape, list)
+            or not all(isinstance(s, int) and s >= 0 for s in shape)
+            or not all(isinstance(o, int) for o in (b, e))
+            or not 0 <= b <= e
+        ):
+            raise ValueError(
+                f"{file}: tensor {name!r} has a bad shape {shape!r} or data_offsets "
+                f"{[b, e]!r}; the file is corrupt: re-save it"
+            )
+        dtype = DTYPES[dt]
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if e - b != nbytes:
+            raise ValueError(
+                f"{file}: tensor {name!r} spans {e - b} bytes but shape {shape} of "
+                f"{dt} needs {nbytes}; the file is corrupt: re-save it"
+            )
+        if data_size is not None and e > data_size:
+            raise ValueError(
+                f"{file}: tensor {name!r} ends at byte {e} of the data section but the "
+                f"file holds only {data_size}; the file is truncated: re-download it"
+            )
+        spans.append((b, e, name))
+        out[name] = TensorInfo(file, dtype, tuple(shape), base + b, base + e)
+    spans.sort()
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
+        if b1 < e0:
+            raise ValueError(
+                f"{file}: tensors {n0!r} and {n1!r} overlap in the data section; "
+                "the file is corrupt: re-save it"
+            )
+    return out
+
+
+def _to_tensor(buf: bytes | memoryview, info: TensorInfo) -> torch.Tensor:
+    if len(buf) == 0:
+        return torch.empty(info.shape, dtype=info.dtype)
+    t = torch.frombuffer(bytearray(buf), dtype=info.dtype)
+    return t.reshape(info.shape)
+
+
+class Checkpoint:
+    """A lazily read safetensors checkpoint (a ``WeightSource`` of ``qmoe_ray.models.base``).
+
+    Build with ``open_checkpoint``. Headers are read once at open time; tensor data is read on
+    demand with range reads and not cached (callers decide what to keep).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        fs: Any,
+        root: str,
+        config: dict[str, Any],
+        tensors: dict[str, TensorInfo],
+        storage_options: dict[str, Any] | None = None,
+    ):
+        self.url = url
+        self.fs = fs
+        self.root = root
+        self.config = config
+        self._tensors = tensors
+        self._opts = storage_options or {}
+
+    # -- metadata ---------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """All tensor names, sorted."""
+        return sorted(self._tensors)
+
+    @property
+    def files(self) -> list[str]:
+        """The shard files (relative names), sorted."""
+        return sorted({i.file for i in self._tensors.values()})
+
+    def info(self, name: str) -> TensorInfo:
+        """Location, dtype and shape of ``name``.
+
+        Raises:
+            KeyError: no such tensor (the message names the checkpoint).
+        """
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise KeyError(
+                f"tensor {name!r} is not in checkpoint {redact(self.url)!r} "
+                f"({len(self._tensors)} tensors); check the name and model_type"
+            ) from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of ``name``."""
+        return self.info(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        """Stored torch dtype of ``name``."""
+        return self.info(name).dtype
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __repr__(self) -> str:
+        n, f = len(self._tensors), len(self.files)
+        return f"Checkpoint({redact(self.url)!r}, {n} tensors, {f} files)"
+
+    # -- data -------------------------------------------------------------------------------------
+    def read(self, name: str) -> torch.Tensor:
+        """``name`` in its stored dtype, read with one range read.
+
+        Raises:
+            KeyError: no such tensor.
+            FileNotFoundError / PermissionError: the shard cannot be read (message has the fix).
+        """
+        return self.read_many([name])[name]
+
+    def read_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` along dim 0 of ``name`` (e.g. some experts of a fused 3-D expert
+        tensor), read with one range read of just those rows.
+
+        Raises:
+            KeyError: no such tensor. ValueError: the tensor is 0-d or the rows are out of range.
+        """
+        i = self.info(name)
+        if not i.shape or not 0 <= start <= stop <= i.shape[0]:
+            raise ValueError(
+                f"rows {start}:{stop} of tensor {name!r} with shape {list(i.shape)} "
+                "are out of range"
+            )
+        row = (i.end - i.start) // i.shape[0] if i.shape[0] else 0
+        sub = TensorInfo(
+            i.file,
+            i.dtype,
+            (stop - start, *i.shape[1:]),
+            i.start + start * row,
+            i.start + stop * row,
+        )
+        return self._read_infos({name: sub})[name]
+
+    def __call__(self, name: str) -> torch.Tensor:
+        """``name`` as float32 (the ``WeightSource`` protocol)."""
+        return self.read(name).to(torch.float32)
+
+    def read_many(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Several tensors in their stored dtypes, with the range reads of each shard coalesced.
+
+        Ranges of one shard that lie within ``COALESCE_GAP`` bytes of each other become one read;
+        all reads are issued together through ``fs.cat_ranges`` (concurrent on object stores).
+
+        Returns:
+            ``name -> tensor`` for every requested name.
+
+        Raises:
+            KeyError: a name is not in the checkpoint (raised before any read).
+        """
+        return self._read_infos({n: self.info(n) for n in dict.fromkeys(names)})
+
+    def _read_infos(self, infos: dict[str, TensorInfo]) -> dict[str, torch.Tensor]:
+        groups: list[tuple[str, int, int, list[str]]] = []
+        for file in sorted({i.file for i in infos.values()}):
+            members = sorted(
+                (n for n, i in infos.items() if i.file == file), key=lambda n: infos[n].start
+            )
+            for n in members:
+                i = infos[n]
+                if groups and groups[-1][0] == file and i.start - groups[-1][2] <= COALESCE_GAP:
+                    f, s, e, ns = groups[-1]
+                    groups[-1] = (f, s, max(e, i.end), ns + [n])
+                else:
+                    groups.append((file, i.start, i.end, [n]))
+        if not groups:
+            return {}
+        paths = [safe_join(self.root, g[0]) for g in groups]
+        with fs_errors(join(self.url, groups[0][0]), "read", self._opts):
+            blobs = self.fs.cat_ranges(
+                paths, [g[1] for g in groups], [g[2] for g in groups], on_error="raise"
+            )
+        out: dict[str, torch.Tensor] = {}
+        for (file, s, e, members), blob in zip(groups, blobs, strict=True):
+            if isinstance(blob, Exception):
+                with fs_errors(join(self.url, file), "read", self._opts):
+                    raise blob
+            if len(blob) != e - s:
+                raise FileNotFoundError(
+                    f"{redact(join(self.url, file))}: short read ({len(blob)} of {e - s} bytes); "
+                    "the shard is truncated or changed after opening: re-open or re-upload it"
+                )
+            view = memoryview(blob)
+            for n in members:
+                i = infos[n]
+                out[n] = _to_tensor(view[i.start - s : i.end - s], i)
+        return {n: out[n] for n in infos}
+
+    # -- sibling files ----------------------------------------------------------------------------
+    def has_file(self, relname: str) -> bool:
+        """Whether ``relname`` (e.g. ``tokenizer.json``) exists next to the weights."""
+        path = safe_join(self.root, relname)
+        with fs_errors(join(self.url, relname), "check", self._opts):
+            return bool(self.fs.exists(path))
+
+    def open_file(self, relname: str, mode: str = "rb") -> IO[Any]:
+        """Open a sibling file such as ``tokenizer.json`` for reading.
+
+        Raises:
+            ValueError: ``relname`` is not a safe relative name, or ``mode`` is not a read mode.
+            FileNotFoundError / PermissionError: it cannot be opened.
+        """
+        if mode not in ("rb", "r"):
+            raise ValueError(
+                f"open_file mode {mode!r}: checkpoints are opened read-only ('rb'/'r')"
+            )
+        path = safe_join(self.root, relname)
+        with fs_errors(join(self.url, relname), "open", self._opts):
+            return self.fs.open(path, mode)
+
+
+def _read_json(fs: Any, path: str, url: str, opts: dict[str, Any]) -> Any:
+    with fs_errors(url, "read", opts):
+        raw = fs.cat_file(path)
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{redact(url)}: not valid JSON ({e}); re-save it") from None
+
+
+def _read_headers(
+    fs: Any, root: str, url: str, files: Sequence[str], opts: dict[str, Any], workers: int = 16
+) -> dict[str, dict[str, TensorInfo]]:
+    def one(file: str) -> dict[str, TensorInfo]:
+        path = safe_join(root, file)
+        furl = join(url, file)
+        with fs_errors(furl, "read", opts):
+            size = fs.info(path)["size"]
+            head = fs.cat_file(path, 0, 8) if size >= 8 else b""
+        if len(head) != 8:
+            raise ValueError(
+                f"{redact(furl)}: {size} bytes is too short for a safetensors file; "
+                "re-download or re-save it"
+            )
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or 8 + n > size:
+            raise ValueError(
+                f"{redact(furl)}: safetensors header length {n} is impossible for a "
+                f"file of {size} bytes; the file is corrupt or truncated: re-download it"
+            )
+        with fs_errors(furl, "read", opts):
+            raw = fs.cat_file(path, 8, 8 + n)
+        return parse_header(raw, file, size)
+
+    if len(files) == 1:
+        return {files[0]: one(files[0])}
+    with ThreadPoolExecutor(max_workers=min(workers, len(files))) as pool:
+        return dict(zip(files, pool.map(one, files), strict=True))
+
+
+def open_checkpoint(url: str, **storage_options: Any) -> Checkpoint:
+    """Open a Hugging Face-layout checkpoint folder for lazy tensor reads.
+
+    Reads ``config.json``, then ``model.safetensors.index.json`` (sharded) or ``model.safetensors``
+    (single file), and every shard's header. No tensor data is read.
+
+    Args:
+        url: local folder, ``file://``, ``s3://bucket/prefix`` or any fsspec URL.
+        **storage_options: filesystem options (``endpoint_url``, ``key``, ``secret``, ``anon``...).
+
+    Returns:
+        A ``Checkpoint``.
+
+    Raises:
+        FileNotFoundError: ``config.json``, the weights or a shard listed in the index is missing,
+            or the store cannot be reached.
+        PermissionError: access denied (message says which credentials to check).
+        KeyError: a tensor listed in the index is absent from its shard.
+        ValueError: malformed JSON, index or safetensors header.
+    """
+    fs, root = url_to_fs(url, **storage_options)
+    root = root.rstrip("/") or root
+    opts = dict(storage_options)
+    cfg_url = join(url, CONFIG)
+    config = _read_json(fs, posixpath.join(root, CONFIG) if root else CONFIG, cfg_url, opts)
+    if not isinstance(config, dict):
+        raise ValueError(f"{redact(cfg_url)}: expected a JSON object; re-save config.json")
+    index_path = safe_join(root, INDEX)
+    with fs_errors(join(url, INDEX), "check", opts):
+        sharded = fs.exists(index_path)
+        single = (not sharded) and fs.exists(safe_join(root, SINGLE))
+    weight_map: dict[str, str] | None = None
+    if sharded:
+        index = _read_json(fs, index_path, join(url, INDEX), opts)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise ValueError(
+                f"{redact(join(url, INDEX))}: no 'weight_map' of name -> file; "
+                "re-save the checkpoint with save_pretrained"
+            )
+        files = sorted(set(weight_map.values()))
+        for f in files:
+            safe_join(root, f)  # validate every name before touching the store
+    elif single:
+        files = [SINGLE]
+    else:
+        raise FileNotFoundError(
+            f"{redact(url)}: neither {INDEX} nor {SINGLE} found next to config.json; only "
+            "safetensors checkpoints are read (convert .bin/.pt files with save_pretrained("
+            "safe_serialization=True))"
+        )
+    headers = _read_headers(fs, root, url, files, opts)
+    tensors: dict[str, TensorInfo] = {}
+    if weight_map is not None:
+        for name, f in weight_map.items():
+            if name not in headers[f]:
+                raise KeyError(
+                    f"tensor {name!r} is listed in {INDEX} under {f!r} but {f!r} does "
+                    f"not contain it; the index and the shards disagree: re-save or "
+                    "re-upload the checkpoint"
+                )
+            tensors[name] = headers[f][name]
+    else:
+        tensors = headers[SINGLE]
+    return Checkpoint(url, fs, root, config, tensors, opts)
