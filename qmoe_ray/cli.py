@@ -12,6 +12,7 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "compress": ("qmoe_ray.distributed.job", "compress an MoE checkpoint (a Ray job)"),
     "eval": ("qmoe_ray.evaluate", "held-out loss and perplexity of a model"),
 }
 

@@ -145,7 +145,6 @@ def run_compression(
         ValueError / FileExistsError / PermissionError / RuntimeError: bad input, found before
         the cluster does work; RuntimeError naming the layer when a layer fails.
     """
-    from qmoe_ray.distributed import report as report_mod
     from qmoe_ray.distributed.actors import make_actors
     from qmoe_ray.data import load_samples
 
@@ -184,8 +183,7 @@ def run_compression(
                             percdamp=cfg.percdamp, actorder=cfg.actorder)
         actors = make_actors(cfg, storage, source, opts, inputs, is_calib)
         result = _walk(cfg, family, layers, actors, progress)
-        report = report_mod.finish(cfg, storage, source, ckpt, family, actors, result,
-                                   time.perf_counter() - t_start)
+        report = _finish(cfg, ckpt, family, actors, result, t_start)
     finally:
         if started:
             import ray
@@ -265,3 +263,71 @@ def _walk(cfg: CompressConfig, family: Any, layers: list, actors: Any, progress:
                   f"{int(routed.sum())} tokens, {fallbacks} RTN fallbacks, "
                   f"proxy loss {loss:.4g}, {res['seconds']:.1f}s", flush=True)
     return {"layers": layer_results, "timings": timings}
+
+
+def _finish(cfg: CompressConfig, ckpt: Any, family: Any, actors: Any, result: dict[str, Any],
+            t_start: float) -> dict[str, Any]:
+    """Held-out loss, the 'other' shard, copied source files, the report, and the manifest last."""
+    import ray
+
+    from qmoe_ray import __version__
+    from qmoe_ray import report as rp
+    from qmoe_ray.storage import manifest as mf
+
+    writer = actors.writer
+    losses = ray.get([s.loss.remote() for s in actors.stores])
+    ce = sum(l["ce_sum"] for l in losses)
+    ntok = sum(l["tokens"] for l in losses)
+    other = ray.get(writer.write_other.remote())
+    copied = [f for f in ("config.json", "tokenizer.json", "tokenizer_config.json",
+                          "generation_config.json")
+              if ray.get(writer.copy_source_file.remote(f))]
+    tensors: dict[str, Any] = dict(other["tensors"])
+    quantized: dict[str, Any] = {}
+    experts: dict[str, Any] = {}
+    for res in result["layers"]:
+        tensors.update(res["tensors"])
+        quantized.update(res["quantized"])
+        experts[res["file"]] = res["stats"]
+    sizes = rp.size_summary(tensors, quantized)
+    source_label = cfg.source if "://" not in cfg.source else cfg.source.split("?")[0]
+    report = {
+        "source": source_label,
+        "model_type": family.model_type,
+        "options": cfg.output_options(),
+        "seconds": time.perf_counter() - t_start,
+        "timings": result["timings"],
+        "sizes": sizes,
+        "heldout_loss": ce / ntok if ntok else None,
+        "heldout_perplexity": math.exp(ce / ntok) if ntok else None,
+        "heldout_tokens": ntok,
+        "layers": rp.layer_rows(result["layers"]),
+        "fallbacks": [
+            {"file": f, "expert": s["expert"], "reason": s["fallback"]}
+            for f, st in experts.items() for s in st if s["fallback"]
+        ],
+    }
+    put = writer.put_bytes.remote
+    ray.get([
+        put("report.json", mf.dumps(report)),
+        put("report.md", rp.to_markdown(report).encode()),
+        put("report.png", rp.plot_png(report)),
+    ])
+    manifest = {
+        "format": mf.FORMAT_NAME,
+        "format_version": mf.FORMAT_VERSION,
+        "created_by": f"qmoe-ray {__version__}",
+        "source": source_label,
+        "model_type": family.model_type,
+        "config": ckpt.config,
+        "options": cfg.output_options(),
+        "files": sorted({t["file"] for t in tensors.values()}),
+        "copied_files": copied,
+        "tensors": tensors,
+        "quantized": quantized,
+        "experts": experts,
+        "sizes": sizes,
+        "heldout_loss": report["heldout_loss"],
+    }
+    ray.get(put(mf.MANIFEST, mf.dumps(manifest)))
+    return report

@@ -1,0 +1,124 @@
+"""``qmoe-ray compress`` / ``jobs/compress.py``: parse options into a ``CompressConfig`` and run.
+
+Every field of ``CompressConfig`` is a flag (``--group-size``), and ``--config FILE.yaml`` supplies
+any of them as keys (flags given on the command line win). Storage options (endpoints, profiles)
+come from ``--source-option KEY=VALUE`` / ``--output-option KEY=VALUE`` or the usual environment
+variables (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ...); they are never written or logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from typing import Any
+
+from qmoe_ray.config import CompressConfig, StorageOptions
+
+_HELP = {
+    "source": "model URL or path (HF layout), or 'embedded' for the packaged tiny MoE",
+    "output": "where to write the compressed checkpoint (path, file://, s3://, gs://)",
+    "data": "calibration data: .npy/.safetensors token ids, .jsonl/.txt text, or 'embedded'",
+    "scheme": "ternary, int2, int3, int4 or int8",
+    "method": "gptq, or rtn (round to nearest, the baseline)",
+    "group_size": "experts quantized jointly per worker call",
+    "token_cap": "Hessian tokens per expert capped at this x the mean (0: no cap)",
+    "percdamp": "GPTQ damping, fraction of the mean Hessian diagonal",
+    "blocksize": "GPTQ block size",
+    "actorder": "GPTQ act-order (columns by descending Hessian diagonal)",
+    "quant_group_size": "int schemes: scale groups along the input dimension",
+    "num_samples": "calibration samples",
+    "seq_len": "tokens per sample",
+    "eval_samples": "held-out samples for the report's loss (0: none)",
+    "batch_size": "samples per forward batch",
+    "num_workers": "quantization worker actors",
+    "num_stores": "activation store actors",
+    "cpus_per_worker": "CPUs per worker (and its torch threads)",
+    "gpus_per_worker": "GPUs per worker (0: CPU quantization)",
+    "address": "Ray address (default: RAY_ADDRESS, else an in-process local cluster)",
+    "seed": "data sampling seed",
+    "overwrite": "replace an existing checkpoint at the output",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for every ``CompressConfig`` field, plus --config and storage options."""
+    parser.add_argument("--config", help="YAML file whose keys are the options below")
+    for f in dataclasses.fields(CompressConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=_HELP.get(f.name))
+            continue
+        kind = {"int": int, "float": float, "int | None": int, "str | None": str}.get(str(f.type), str)
+        parser.add_argument(flag, type=kind, default=None, help=f"{_HELP.get(f.name, '')} "
+                            f"(default: {f.default})")
+    parser.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="fsspec storage option for the source (JSON values allowed)")
+    parser.add_argument("--output-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="fsspec storage option for the output (JSON values allowed)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _options(pairs: list[str], flag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} {pair!r}: expected KEY=VALUE, e.g. endpoint_url=http://...")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[CompressConfig, StorageOptions]:
+    """Merge the YAML file (if any) and the flags into a validated config."""
+    values: dict[str, Any] = {}
+    if args.config:
+        import yaml
+
+        with open(args.config) as fh:
+            loaded = yaml.safe_load(fh) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config {args.config}: expected a mapping of option: value")
+        values.update(loaded)
+    for f in dataclasses.fields(CompressConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    cfg = CompressConfig.from_mapping(values)
+    storage = StorageOptions(_options(args.source_option, "--source-option"),
+                             _options(args.output_option, "--output-option"))
+    return cfg, storage
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the job; prints where the report is."""
+    from qmoe_ray.distributed.driver import run_compression
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg, storage = config_from_args(args)
+    except (ValueError, OSError) as exc:
+        print(f"qmoe-ray compress: {exc}", file=sys.stderr)
+        return 2
+    report = run_compression(cfg, storage, progress=not args.quiet)
+    s = report["sizes"]
+    out = cfg.output.rstrip("/")
+    print(f"[qmoe-ray] wrote {out}: experts {s['expert_bits_per_param']:.3f} bits/param, "
+          f"whole model {s['bits_per_param']:.3f} bits/param ({s['ratio_vs_bf16']:.2f}x vs bf16)")
+    if report.get("heldout_loss") is not None:
+        print(f"[qmoe-ray] held-out loss of the compressed model: {report['heldout_loss']:.4f}")
+    print(f"[qmoe-ray] report: {out}/report.md (also report.json, report.png)")
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Standalone entry (``python jobs/compress.py ...``)."""
+    parser = argparse.ArgumentParser(prog="compress", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return main(parser.parse_args(argv))
