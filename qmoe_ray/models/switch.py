@@ -20,7 +20,10 @@ Why it is built this way:
   not use ``router_ignore_padding_tokens``; we do the same (padding competes for capacity), so our
   outputs keep matching the oracle.
 * Logits follow transformers: with tied embeddings the decoder output is scaled by
-  ``d_model ** -0.5`` before the (shared) LM head.
+  ``d_model ** -0.5`` before the (shared) LM head. Untied checkpoints (``tie_word_embeddings``
+  false) written by transformers 5.x hold separate ``encoder.embed_tokens`` /
+  ``decoder.embed_tokens`` tables and an unscaled ``lm_head``; each stack uses its own table when
+  present, ``shared`` otherwise.
 * Hessian masking (QMoE section 5): sentinel tokens (T5's ``<extra_id_*>``) and padding are kept
   out of the Hessians; every token still flows through the model.
 
@@ -347,7 +350,7 @@ class SwitchTransformers(MoEFamily):
         mask = self._mask(inputs.get("attention_mask"), ids, "attention_mask")
         dmask = self._mask(inputs.get("decoder_attention_mask"), dec, "decoder_attention_mask")
         return {
-            "hidden": self._embedding(W)[ids],
+            "hidden": self._embedding(W, "encoder")[ids],
             "input_ids": ids,
             "attention_mask": mask,
             "decoder_input_ids": dec,
@@ -510,14 +513,17 @@ class SwitchTransformers(MoEFamily):
         """Encoder -> decoder transition (in place on a fresh dict): final encoder norm, then the
         decoder embeddings become the stream."""
         state["encoder_output"] = self._norm(W, "encoder.final_layer_norm", state["hidden"])
-        state["hidden"] = self._embedding(W)[state["decoder_input_ids"]]
+        state["hidden"] = self._embedding(W, "decoder")[state["decoder_input_ids"]]
 
-    def _embedding(self, W: WeightSource) -> torch.Tensor:
-        for name in ("shared.weight", "encoder.embed_tokens.weight"):
+    def _embedding(self, W: WeightSource, stack: str | None = None) -> torch.Tensor:
+        """A stack's token embedding: its own ``{stack}.embed_tokens`` when the checkpoint has one
+        (untied checkpoints give each stack its own table), else ``shared``."""
+        names = ([f"{stack}.embed_tokens.weight"] if stack else []) + ["shared.weight"]
+        for name in names:
             if name in W:
                 return _get(W, name, (self.vocab_size, self.d_model), self._cfg_hint("embedding"))
         raise KeyError(
-            "checkpoint has no token embedding ('shared.weight' or 'encoder.embed_tokens.weight'); "
+            f"checkpoint has no token embedding ({' or '.join(names)}); "
             "is this a SwitchTransformersForConditionalGeneration checkpoint?"
         )
 
