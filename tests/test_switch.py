@@ -391,11 +391,27 @@ def test_config_without_required_field(tiny, field):
         get_family(cfg)
 
 
-def test_config_inconsistent_sparse_step(tiny):
+def test_sparse_step_resolution_and_bad_fields(tiny):
+    # A saved step wins over a disagreeing num_sparse_* count, as in transformers.
+    cfg = {**tiny.config, "num_layers": 4, "num_decoder_layers": 4, "encoder_sparse_step": 1}
+    hf = transformers.SwitchTransformersForConditionalGeneration(
+        transformers.SwitchTransformersConfig.from_dict(cfg)
+    )
+    expect = [b.is_sparse for b in hf.encoder.block] + [b.is_sparse for b in hf.decoder.block]
+    assert (
+        [L.moe for L in SwitchTransformers(cfg).layers()]
+        == expect
+        == [True] * 4 + [False, True, False, True]
+    )
+    derived = {k: v for k, v in cfg.items() if not k.endswith("_sparse_step")}
+    assert [L.moe for L in SwitchTransformers(derived).layers()][:4] == [False, True, False, False]
+    bare = {k: v for k, v in derived.items() if k != "num_sparse_encoder_layers"}
     with pytest.raises(ValueError, match="encoder_sparse_step"):
-        SwitchTransformers({**tiny.config, "encoder_sparse_step": 1})
+        SwitchTransformers(bare)
     with pytest.raises(ValueError, match="dense_act_fn"):
         SwitchTransformers({**tiny.config, "dense_act_fn": "gated-gelu"})
+    with pytest.raises(ValueError, match="positive integer"):
+        SwitchTransformers({**tiny.config, "num_experts": 0})
 
 
 def test_shape_disagreeing_with_config(tiny):

@@ -136,7 +136,7 @@ class SwitchTransformers(MoEFamily):
 
     Raises:
         ValueError: a required field (model shape or ``num_experts`` / ``expert_capacity``) is
-            missing or invalid, or the sparse-step fields disagree.
+            missing or invalid.
     """
 
     model_type = "switch_transformers"
@@ -621,26 +621,18 @@ def _positive_int(c: Mapping[str, Any], key: str, where: str) -> None:
 
 
 def _sparse_step(c: Mapping[str, Any], stack: str, n_layers: int) -> int:
-    """``{stack}_sparse_step`` from config.json, or derived from ``num_sparse_{stack}_layers`` the
-    way transformers derives it; both present and disagreeing -> ValueError."""
+    """``{stack}_sparse_step`` as transformers resolves it: the saved field wins (even over a
+    disagreeing ``num_sparse_{stack}_layers``); absent, it is derived from that count."""
     step = c.get(f"{stack}_sparse_step")
-    n_sparse = c.get(f"num_sparse_{stack}_layers")
-    derived = None
-    if n_sparse is not None:
-        derived = n_layers // int(n_sparse) if int(n_sparse) > 0 else n_layers
     if step is None:
-        if derived is None:
+        n_sparse = c.get(f"num_sparse_{stack}_layers")
+        if n_sparse is None:
             raise ValueError(
                 f"config.json lacks both '{stack}_sparse_step' and 'num_sparse_{stack}_layers'; "
                 f"add one (e.g. '{stack}_sparse_step': 2 for the released Switch models)"
             )
-        return derived
+        step = n_layers // int(n_sparse) if int(n_sparse) > 0 else n_layers
     step = int(step)
-    if derived is not None and derived != step:
-        raise ValueError(
-            f"config.json '{stack}_sparse_step'={step} disagrees with 'num_sparse_{stack}_layers'"
-            f"={n_sparse} over {n_layers} layers (gives {derived}); fix one of them"
-        )
     if step < 0:
         raise ValueError(f"config.json '{stack}_sparse_step' must be >= 0, got {step}")
     return step
