@@ -163,9 +163,10 @@ def run_compression(
 
     data_spec = cfg.data
     calib = load_samples(data_spec, ckpt.config, cfg.num_samples, cfg.seq_len, seed=cfg.seed,
-                         split="calib", tokenizer_source=source)
+                         split="calib", tokenizer_source=source, storage_options=storage.source)
     held = (load_samples(data_spec, ckpt.config, cfg.eval_samples, cfg.seq_len, seed=cfg.seed,
-                         split="heldout", tokenizer_source=source) if cfg.eval_samples else None)
+                         split="heldout", tokenizer_source=source,
+                         storage_options=storage.source) if cfg.eval_samples else None)
     n_tok = int(np.asarray(calib["attention_mask"]).sum()) if "attention_mask" in calib else 0
     if n_tok < MIN_CALIB_TOKENS:
         raise ValueError(

@@ -104,7 +104,7 @@ def unpack_matrix(
     if enc_fns is not None:
         codes = enc_fns[1](enc_fns[2].from_tensors(arrays, meta))
     else:
-        codes = codec.unpack_bits(codec.PackedBits.from_tensors(arrays, meta))
+        codes = codec.unpack_bits(codec.PackedCodes.from_tensors(arrays, meta))
     if list(codes.shape) != list(entry["shape"]):
         raise ValueError(
             f"{name}: decoded codes have shape {list(codes.shape)}, manifest says {entry['shape']}"
