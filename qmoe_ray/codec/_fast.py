@@ -23,8 +23,21 @@ if AVAILABLE:
 
     @numba.njit(cache=True, parallel=True, nogil=True)
     def _decode_weights(
-        stream, starts, seg_lo, seg_hi, n_sym_total, n_weights, w_lo, freq, cum, sym_tab,
-        expand, prob_bits, seg_sym, out, status,
+        stream,
+        starts,
+        seg_lo,
+        seg_hi,
+        n_sym_total,
+        n_weights,
+        w_lo,
+        freq,
+        cum,
+        sym_tab,
+        expand,
+        prob_bits,
+        seg_sym,
+        out,
+        status,
     ):
         group = expand.shape[1]
         mask = (1 << prob_bits) - 1
@@ -96,8 +109,9 @@ def encode_segments(symbols, freqs, prob_bits, segment_symbols):
     words = np.empty(max(n, 1), np.uint16)
     counts = np.zeros(nseg, np.int64)
     states = np.zeros(nseg, np.int64)
-    _encode(np.ascontiguousarray(symbols), f, c, prob_bits, segment_symbols, nseg, words, counts,
-            states)
+    _encode(
+        np.ascontiguousarray(symbols), f, c, prob_bits, segment_symbols, nseg, words, counts, states
+    )
     starts = np.zeros(nseg + 1, np.int64)
     np.cumsum(counts + 2, out=starts[1:])
     stream = np.empty(int(starts[-1]), np.uint16)
@@ -105,8 +119,19 @@ def encode_segments(symbols, freqs, prob_bits, segment_symbols):
     return stream, (counts + 2).astype(np.uint16)
 
 
-def decode_weights(stream, starts, seg_lo, seg_hi, n_sym_total, w_lo, w_hi, freqs, prob_bits,
-                   segment_symbols, expand):
+def decode_weights(
+    stream,
+    starts,
+    seg_lo,
+    seg_hi,
+    n_sym_total,
+    w_lo,
+    w_hi,
+    freqs,
+    prob_bits,
+    segment_symbols,
+    expand,
+):
     """Decode weights ``w_lo:w_hi`` (they must lie in segments ``seg_lo:seg_hi``) to int8 codes.
 
     Raises:
@@ -118,8 +143,23 @@ def decode_weights(stream, starts, seg_lo, seg_hi, n_sym_total, w_lo, w_hi, freq
     sym_tab = np.repeat(np.arange(freqs.size, dtype=np.uint8), freqs.astype(np.int64))
     out = np.empty(w_hi - w_lo, np.int8)
     status = np.zeros(seg_hi - seg_lo, np.uint8)
-    _decode_weights(stream, starts, seg_lo, seg_hi, n_sym_total, w_hi - w_lo, w_lo, f, c, sym_tab,
-                    expand, prob_bits, segment_symbols, out, status)
+    _decode_weights(
+        stream,
+        starts,
+        seg_lo,
+        seg_hi,
+        n_sym_total,
+        w_hi - w_lo,
+        w_lo,
+        f,
+        c,
+        sym_tab,
+        expand,
+        prob_bits,
+        segment_symbols,
+        out,
+        status,
+    )
     if status.any():
         bad = seg_lo + int(np.flatnonzero(status)[0])
         raise ValueError(

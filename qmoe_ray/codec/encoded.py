@@ -33,12 +33,16 @@ MAX_SEGMENT_SYMBOLS = 65533  # a segment holds at most segment_symbols + 2 words
 
 
 def _as_numpy(codes: Any, name: str = "codes") -> np.ndarray:
-    if hasattr(codes, "detach") and hasattr(codes, "numpy"):  # torch.Tensor, without importing torch
+    if hasattr(codes, "detach") and hasattr(
+        codes, "numpy"
+    ):  # torch.Tensor, without importing torch
         if getattr(codes, "device", None) is not None and str(codes.device) != "cpu":
             raise ValueError(f"{name} is on {codes.device}: move it to the CPU with .cpu() first")
         codes = codes.detach().numpy()
     if not isinstance(codes, np.ndarray):
-        raise ValueError(f"{name} must be a numpy array or torch tensor, got {type(codes).__name__}")
+        raise ValueError(
+            f"{name} must be a numpy array or torch tensor, got {type(codes).__name__}"
+        )
     return codes
 
 
@@ -55,9 +59,7 @@ def _check_codes(codes: Any, kind: str) -> np.ndarray:
     lo, hi = (-1, 1) if kind == "ternary" else (0, 3)
     cmin, cmax = int(codes.min()), int(codes.max())
     if cmin < lo or cmax > hi:
-        raise ValueError(
-            f"{kind} codes must lie in {lo}..{hi}, found values in {cmin}..{cmax}"
-        )
+        raise ValueError(f"{kind} codes must lie in {lo}..{hi}, found values in {cmin}..{cmax}")
     return codes
 
 
@@ -228,7 +230,9 @@ class _Encoded:
         if not 1 <= segment_symbols <= MAX_SEGMENT_SYMBOLS:
             raise ValueError(f"segment_symbols={segment_symbols} not in 1..{MAX_SEGMENT_SYMBOLS}")
         if stream.dtype != np.uint16 or stream.ndim != 1:
-            raise ValueError(f"stream must be uint16[words], got {stream.dtype}{list(stream.shape)}")
+            raise ValueError(
+                f"stream must be uint16[words], got {stream.dtype}{list(stream.shape)}"
+            )
         if seg_words.dtype != np.uint16 or seg_words.ndim != 1:
             raise ValueError(f"seg_words must be uint16[segments], got {seg_words.dtype}")
         nsym = -(-rows * cols // table.group)
@@ -268,7 +272,9 @@ def _encode(cls, codes, table, segment_symbols, group, prob_bits):
     kind = cls.KIND
     codes = _check_codes(codes, kind)
     if not isinstance(segment_symbols, int) or not 1 <= segment_symbols <= MAX_SEGMENT_SYMBOLS:
-        raise ValueError(f"segment_symbols={segment_symbols!r}: need an int in 1..{MAX_SEGMENT_SYMBOLS}")
+        raise ValueError(
+            f"segment_symbols={segment_symbols!r}: need an int in 1..{MAX_SEGMENT_SYMBOLS}"
+        )
     if table is not None:
         if table.kind != kind:
             raise ValueError(f"table is for {table.kind!r} codes, not {kind!r}")
@@ -339,8 +345,17 @@ def _decode_range(enc: _Encoded, w_lo: int, w_hi: int) -> np.ndarray:
     seg_lo, seg_hi = s_lo // S, -(-s_hi // S)
     if _use_fast():
         return _fast.decode_weights(
-            enc.stream, starts, seg_lo, seg_hi, enc.num_symbols, w_lo, w_hi, t.freqs,
-            t.prob_bits, S, expansion_table(t.kind, g),
+            enc.stream,
+            starts,
+            seg_lo,
+            seg_hi,
+            enc.num_symbols,
+            w_lo,
+            w_hi,
+            t.freqs,
+            t.prob_bits,
+            S,
+            expansion_table(t.kind, g),
         )
     sym = rans.decode_segments(
         enc.stream, starts, seg_lo, seg_hi, enc.num_symbols, t.freqs, t.prob_bits, S

@@ -97,7 +97,9 @@ def pack_bits(codes: Any, bits: int) -> PackedCodes:
         codes = codes.detach().cpu().numpy()
     codes = np.asarray(codes)
     if codes.ndim != 2 or codes.size == 0 or codes.dtype.kind not in "iu":
-        raise ValueError(f"codes must be a non-empty 2-D integer array, got {codes.dtype}{codes.shape}")
+        raise ValueError(
+            f"codes must be a non-empty 2-D integer array, got {codes.dtype}{codes.shape}"
+        )
     if int(codes.min()) < 0 or int(codes.max()) >= 1 << bits:
         raise ValueError(f"codes must lie in 0..{(1 << bits) - 1} for bits={bits}")
     c = codes.reshape(-1).astype(np.uint8)

@@ -43,7 +43,9 @@ def _check_params(kind: str, group: int, prob_bits: int) -> int:
             f"(ternary: 1..5, int2: 1..4)"
         )
     if not isinstance(prob_bits, int) or not MIN_PROB_BITS <= prob_bits <= MAX_PROB_BITS:
-        raise ValueError(f"prob_bits={prob_bits!r}: need an int in {MIN_PROB_BITS}..{MAX_PROB_BITS}")
+        raise ValueError(
+            f"prob_bits={prob_bits!r}: need an int in {MIN_PROB_BITS}..{MAX_PROB_BITS}"
+        )
     return alphabet**group
 
 
@@ -93,7 +95,9 @@ class Table:
     def hash(self) -> str:
         """SHA-256 (hex) of the format version, parameters and frequencies."""
         h = hashlib.sha256()
-        h.update(f"{FORMAT_NAME}/{FORMAT_VERSION}/{self.kind}/{self.group}/{self.prob_bits}\n".encode())
+        h.update(
+            f"{FORMAT_NAME}/{FORMAT_VERSION}/{self.kind}/{self.group}/{self.prob_bits}\n".encode()
+        )
         h.update(self.freqs.astype("<u2").tobytes())
         return h.hexdigest()
 
@@ -170,7 +174,9 @@ def _meta(metadata: dict[str, str], prefix: str, key: str) -> str:
     try:
         return metadata[prefix + key]
     except KeyError:
-        raise KeyError(f"metadata key {prefix + key!r} missing: not a {FORMAT_NAME} artifact") from None
+        raise KeyError(
+            f"metadata key {prefix + key!r} missing: not a {FORMAT_NAME} artifact"
+        ) from None
 
 
 def _tensor(tensors: dict[str, np.ndarray], prefix: str, key: str) -> np.ndarray:
