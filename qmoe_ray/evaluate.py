@@ -1,0 +1,256 @@
+"""Held-out loss and perplexity of a model: ``qmoe-ray eval MODEL --data ...``.
+
+Why layer-major: the evaluator must run models far larger than one machine's memory, like the
+compressor does. So instead of pushing each batch through the whole model (which needs every
+layer's weights for every batch), it pushes *every batch* through one layer, drops that layer's
+weights and moves on: each tensor is read once, and memory holds one layer's weights plus the
+activations of the evaluation set (``samples x seq_len x d_model`` floats). It uses the same
+family steps as the compressor (``embed``, ``pre_moe``, ``route``, ``post_moe``, ``logits``,
+``loss_terms``) and ``base.moe_dense`` for the experts.
+
+The weight source is pluggable: ``weights=`` replaces the checkpoint reader and ``experts_for=``
+replaces how the routed experts are obtained (a compressed checkpoint's decoded experts), so the
+same loop evaluates source and compressed models. A folder holding ``manifest.json`` (a
+compressed checkpoint) is loaded through ``qmoe_ray.load``.
+
+The loss is the token mean of the cross-entropy over all predicted positions, as transformers
+computes it with ``labels=input_ids`` (decoder-only) or ``labels=`` (Switch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+EMBEDDED = "embedded"
+
+ExpertsFor = Callable[[Any], Callable[[int], Mapping[str, Any]]]
+
+
+class LayerCache:
+    """A ``WeightSource`` that keeps every tensor it reads until ``drop()``: one layer's weights
+    are read once for all batches, then freed."""
+
+    def __init__(self, source: Any):
+        self._source = source
+        self._cache: dict[str, Any] = {}
+        self.reads = 0
+
+    def __call__(self, name: str):
+        t = self._cache.get(name)
+        if t is None:
+            t = self._source(name)
+            self._cache[name] = t
+            self.reads += 1
+        return t
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._cache or name in self._source
+
+    def drop(self) -> None:
+        """Forget every cached tensor."""
+        self._cache.clear()
+
+    def __getattr__(self, attr: str):  # read_many / read_slice / names of the source
+        return getattr(self._source, attr)
+
+
+def _lazy_experts(family: Any, W: Any) -> ExpertsFor:
+    """Default ``experts_for``: each expert read from ``W`` on first use, kept for the layer."""
+
+    def for_layer(layer: Any) -> Callable[[int], Mapping[str, Any]]:
+        cache: dict[int, dict[str, Any]] = {}
+
+        def get(e: int) -> Mapping[str, Any]:
+            if e not in cache:
+                cache[e] = {r: t[0] for r, t in family.read_experts(layer, W, [e]).items()}
+            return cache[e]
+
+        return get
+
+    return for_layer
+
+
+def _is_compressed(url: str, storage_options: Mapping[str, Any]) -> bool:
+    if url == EMBEDDED:
+        return False
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **storage_options)
+        return fs.exists(path.rstrip("/") + "/manifest.json")
+    except (OSError, ValueError):
+        return False
+
+
+def _open_model(model_url: str, storage_options: Mapping[str, Any]):
+    """``(config, WeightSource, experts_for or None, tokenizer source)`` for a model URL."""
+    from qmoe_ray.data import embedded_model_path
+
+    url = str(embedded_model_path()) if model_url == EMBEDDED else model_url
+    if _is_compressed(url, storage_options):
+        from qmoe_ray.load import load
+
+        cm = load(url, **storage_options)
+        return cm.config, cm.W, cm.experts_for, url
+    from qmoe_ray.storage.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(url, **storage_options)
+    return ckpt.config, ckpt, None, ckpt
+
+
+def evaluate(
+    model_url: str = EMBEDDED,
+    data_spec: str = EMBEDDED,
+    num_samples: int | None = None,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    split: str | None = None,
+    seed: int = 0,
+    weights: Any = None,
+    config: Mapping[str, Any] | None = None,
+    experts_for: ExpertsFor | None = None,
+    tokenizer_source: Any = None,
+) -> dict[str, Any]:
+    """Mean cross-entropy and perplexity of a model on held-out data, walking layer by layer.
+
+    Args:
+        model_url: checkpoint folder/URL (HF layout or compressed), or ``"embedded"``.
+        data_spec: ``"embedded"`` or a data file (see ``qmoe_ray.data.load_samples``).
+        num_samples: samples to evaluate (``None``: all of the split).
+        seq_len: tokens per sample (``None``: the data's row length).
+        batch_size: samples per forward batch.
+        storage_options: fsspec options for the model and the data.
+        split: ``"heldout"``, ``"calib"`` or ``"all"``; default ``"heldout"`` for the embedded
+            data and ``"all"`` for a file given explicitly.
+        seed: seeds the choice of samples.
+        weights: a ``WeightSource`` to use instead of reading ``model_url`` (needs ``config``).
+        config: the model's ``config.json`` (with ``weights``).
+        experts_for: ``layer -> (expert id -> {role: weight})``; default reads them from weights.
+        tokenizer_source: tokenizer for text data (default: the model's ``tokenizer.json``).
+
+    Returns:
+        ``{"loss", "perplexity", "tokens", "samples", "seconds", "seq_len", "batch_size"}``.
+
+    Raises:
+        ValueError / FileNotFoundError / KeyError: bad model, data or options (before the walk).
+    """
+    import numpy as np
+    import torch
+
+    from qmoe_ray.data import load_samples
+    from qmoe_ray.models import get_family
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    t0 = time.perf_counter()
+    opts = dict(storage_options or {})
+    if weights is None:
+        config, weights, hook, tok = _open_model(model_url, opts)
+        experts_for = experts_for or hook
+        tokenizer_source = tokenizer_source if tokenizer_source is not None else tok
+    elif config is None:
+        raise ValueError("evaluate(weights=...) needs config= (the model's config.json)")
+    family = get_family(config)
+    if hasattr(family, "bind") and hasattr(weights, "names"):
+        family.bind(list(weights.names))
+    if split is None:
+        split = "heldout" if data_spec == EMBEDDED else "all"
+    arrays = load_samples(data_spec, config, num_samples, seq_len, seed=seed, split=split,
+                          tokenizer_source=tokenizer_source, storage_options=opts)
+    n = len(arrays["input_ids"])
+    batches = [{k: torch.from_numpy(np.ascontiguousarray(v[i : i + batch_size]))
+                for k, v in arrays.items()} for i in range(0, n, batch_size)]
+    W = LayerCache(weights)
+    experts_for = experts_for or _lazy_experts(family, W)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        states = [family.embed(W, b) for b in batches]
+        W.drop()
+        for layer in family.layers():
+            if not layer.moe:
+                states = [family.dense_block(layer, W, s) for s in states]
+            else:
+                get = experts_for(layer)
+                for i, s in enumerate(states):
+                    s, x = family.pre_moe(layer, W, s)
+                    idx, gate = family.route(layer, W, x, s)
+                    y = _moe(family, get, x, idx, gate)
+                    states[i] = family.post_moe(layer, W, s, y)
+                del get
+            W.drop()
+        for b, s in zip(batches, states, strict=True):
+            loss_sum, tokens = family.loss_terms(family.logits(W, s), b)
+            total += float(loss_sum)
+            count += int(tokens)
+        W.drop()
+    if count == 0:
+        raise ValueError(f"data {data_spec!r}: no predicted tokens (all positions masked)")
+    loss = total / count
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+        "tokens": count,
+        "samples": n,
+        "seq_len": int(arrays["input_ids"].shape[1]),
+        "batch_size": batch_size,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _moe(family: Any, get: Callable[[int], Mapping[str, Any]], x, idx, gate):
+    from qmoe_ray.models.base import moe_dense
+
+    return moe_dense(family.expert_spec, get, x, idx, gate)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``qmoe-ray eval`` options."""
+    parser.add_argument("model", nargs="?", default=EMBEDDED,
+                        help="checkpoint folder or URL (HF layout or compressed); default: the "
+                             "embedded tiny model")
+    parser.add_argument("--data", default=EMBEDDED,
+                        help="token ids (.npy/.safetensors [samples, length]) or text "
+                             "(.jsonl with 'text', .txt); default: the embedded held-out set")
+    parser.add_argument("--samples", type=int, default=None, help="samples (default: all)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per sample (default: the data's row length)")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per batch")
+    parser.add_argument("--split", choices=("heldout", "calib", "all"), default=None,
+                        help="part of the data (default: heldout for embedded, all for a file)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample choice")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer.json for text data (default: the model's)")
+    parser.add_argument("--storage-options", default=None, metavar="JSON",
+                        help='fsspec options as JSON, e.g. \'{"endpoint_url": "..."}\'')
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``qmoe-ray eval``; returns the exit status (2 on bad input)."""
+    try:
+        opts = json.loads(args.storage_options) if args.storage_options else None
+        if opts is not None and not isinstance(opts, dict):
+            raise ValueError("--storage-options must be a JSON object")
+        result = evaluate(args.model, args.data, args.samples, args.seq_len, args.batch_size,
+                          opts, split=args.split, seed=args.seed,
+                          tokenizer_source=args.tokenizer)
+    except (ValueError, FileNotFoundError, KeyError, json.JSONDecodeError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"qmoe-ray eval: error: {msg}", file=sys.stderr)
+        return 2
+    result = {"model": args.model, "data": args.data, **result}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.model} on {args.data}: loss {result['loss']:.4f}, perplexity "
+              f"{result['perplexity']:.3f} over {result['tokens']} tokens "
+              f"({result['samples']} samples x {result['seq_len']}) in {result['seconds']:.1f} s")
+    return 0
