@@ -1,4 +1,4 @@
-"""Every CUDA source compiles with nvcc for sm_80 and sm_90 (no GPU needed), and host-side checks."""
+"""Every CUDA source compiles with nvcc for sm_80 and sm_90 (no GPU needed); host-side checks."""
 
 from __future__ import annotations
 
