@@ -178,7 +178,8 @@ def test_switch_samples_shapes_and_shift(tmp_path, tokenizer_json):
                         "decoder_attention_mask", "labels"}
     assert out["input_ids"].shape[0] == 4 and out["input_ids"].shape[1] <= 32
     lab, dec = out["labels"], out["decoder_input_ids"]
-    assert (dec[:, 0] == 0).all() and (dec[:, 1:] == np.where(lab[:, :-1] < 0, 0, lab[:, :-1])).all()
+    shifted = np.where(lab[:, :-1] < 0, 0, lab[:, :-1])
+    assert (dec[:, 0] == 0).all() and (dec[:, 1:] == shifted).all()
     assert set(np.unique(out["input_ids"])) & {199, 198}  # vocab_size-1-k sentinels
     # with a tokenizer that has <extra_id_k>, its ids are used instead
     from tokenizers import Tokenizer
