@@ -226,7 +226,7 @@ def _as_torch_bf16(bits):
     try:
         import torch
 
-        return torch.from_dlpack(bits).view(torch.bfloat16)
+        return torch.from_dlpack(bits.view("int16")).view(torch.bfloat16)
     except Exception:  # noqa: BLE001 - torch without CUDA: hand back the raw bf16 bits
         return bits
 
