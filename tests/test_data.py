@@ -188,6 +188,7 @@ def test_switch_samples_shapes_and_shift(tmp_path, tokenizer_json):
     cfg = {**SWITCH, "vocab_size": 200}
     ids = sentinel_ids(cfg, tok, 3)
     assert ids == [tok.token_to_id(f"<extra_id_{k}>") for k in range(3)] and ids[0] != 199
+    assert sentinel_ids({"vocab_size": 32128}, None, 2) == [32099, 32098]  # T5's padded vocab
     out2 = load_samples(str(tmp_path / "ids.npy"), cfg, 4, 32, split="all", seed=3,
                         tokenizer_source=str(tokenizer_json))
     assert ids[0] in out2["input_ids"]

@@ -149,3 +149,33 @@ def test_cli_bad_input(tiny_mixtral, tmp_path, capsys):
     assert rc == 2 and "big.npy" in err and "vocabulary" in err
     rc = main(["eval", str(tmp_path / "nope"), "--json"])
     assert rc == 2 and "nope" in capsys.readouterr().err
+
+
+def test_switch_span_corruption_matches_transformers(tmp_path):
+    """Switch: span-corrupted samples from load_samples, evaluated layer-major, give transformers'
+    ``model(input_ids, attention_mask, decoder_input_ids, labels).loss``."""
+    from qmoe_ray.data import load_samples
+    from qmoe_ray.storage.checkpoint import open_checkpoint
+
+    torch.manual_seed(0)
+    cfg = transformers.SwitchTransformersConfig(
+        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+        num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, num_heads=4, num_experts=4,
+        expert_capacity=64, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        dropout_rate=0.0, decoder_start_token_id=0,
+    )
+    model = transformers.SwitchTransformersForConditionalGeneration(cfg).eval()
+    model.save_pretrained(str(tmp_path / "switch"), safe_serialization=True)
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(2, 20, size=(5, 40)))
+    config = open_checkpoint(str(tmp_path / "switch")).config
+    arrays = load_samples(str(tmp_path / "ids.npy"), config, None, 32, split="all")
+    assert (arrays["input_ids"] >= 128 - 100).any()  # sentinels present
+    with torch.no_grad():
+        t = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        ref = float(model(input_ids=t["input_ids"], attention_mask=t["attention_mask"],
+                          decoder_input_ids=t["decoder_input_ids"],
+                          decoder_attention_mask=t["decoder_attention_mask"],
+                          labels=t["labels"]).loss)
+    out = evaluate(str(tmp_path / "switch"), str(tmp_path / "ids.npy"), seq_len=32, batch_size=2)
+    assert out["tokens"] == int((arrays["labels"] >= 0).sum())
+    assert abs(out["loss"] - ref) < 1e-4

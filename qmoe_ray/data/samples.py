@@ -29,6 +29,7 @@ from qmoe_ray.data.sources import TokenData, load_tokenizer, read_tokens
 SPLITS = ("calib", "heldout", "all")
 EMBEDDED = "embedded"
 NUM_SENTINELS = 100  # T5's <extra_id_0> ... <extra_id_99>
+T5_PADDED_VOCAB, T5_TOKENIZER_SIZE = 32128, 32100  # released T5/Switch: 28 unused padding rows
 
 
 def embedded_model_path() -> Path:
@@ -53,15 +54,16 @@ def sentinel_ids(config: Mapping[str, Any], tokenizer: Any = None,
     """Ids of ``<extra_id_0..count-1>``: looked up in the tokenizer when it has them, else
     ``vocab_size - 1 - k`` (T5's layout when the vocabulary is not padded).
 
-    Note: real T5/Switch checkpoints pad ``vocab_size`` (32128) past the tokenizer (32100), so pass
-    the tokenizer for them; the fallback is exact only for unpadded vocabularies.
+    Released T5/Switch checkpoints pad ``vocab_size`` to 32128 past the 32100-token tokenizer;
+    for them the fallback is ``32099 - k`` (the same rule as ``qmoe_ray.models.switch``).
     """
     vocab = int(config["vocab_size"])
     if tokenizer is not None:
         found = [tokenizer.token_to_id(f"<extra_id_{k}>") for k in range(count)]
         if all(i is not None for i in found):
             return [int(i) for i in found]
-    return [vocab - 1 - k for k in range(count)]
+    top = T5_TOKENIZER_SIZE if vocab == T5_PADDED_VOCAB else vocab
+    return [top - 1 - k for k in range(count)]
 
 
 def special_token_ids(config: Mapping[str, Any]) -> list[int]:
