@@ -255,6 +255,13 @@ class DecoderMoE(MoEFamily):
             if has(f"{p}.0.{self.source_roles['gate']}.weight"):
                 self._layout = (mod, False)
                 return self
+        # A decompressed qmoe-ray checkpoint: experts under our canonical per-expert names
+        # (``expert_names``), the router where the source had it.
+        if has(f"{first.name}.mlp.experts.0.{CANONICAL['gate']}.weight"):
+            for mod in self.moe_modules:
+                if has(f"{first.name}.{mod}.gate.weight"):
+                    self._layout = (mod, False)
+                    return self
         tried = [
             f"{first.name}.{m}.experts.{{gate_up_proj | 0.{self.source_roles['gate']}.weight}}"
             for m in self.moe_modules
@@ -426,19 +433,16 @@ class DecoderMoE(MoEFamily):
             dn = self._rows(W, f"{p}.down_proj", experts, (s.num_experts, d, f))
             return {"gate": gu[:, :f].contiguous(), "up": gu[:, f:].contiguous(), "down": dn}
         want = {"gate": (f, d), "up": (f, d), "down": (d, f)}
+        names = {r: [f"{p}.{e}.{self.source_roles[r]}.weight" for e in experts] for r in ROLES}
+        flat = [n for r in ROLES for n in names[r]]
+        many = getattr(W, "read_many", None)  # a Checkpoint: one coalesced read for the group
+        got = many(flat) if many is not None else {n: W(n) for n in flat}
         out = {}
         for r in ROLES:
-            names = [f"{p}.{e}.{self.source_roles[r]}.weight" for e in experts]
-            many = getattr(W, "read_many", None)
-            if many is not None:
-                got = many(names)
-                ts = [got[n].to(torch.float32) for n in names]
-            else:
-                ts = [W(n) for n in names]
-            for n, t in zip(names, ts, strict=True):
-                if tuple(t.shape) != want[r]:
-                    raise ValueError(self._shape_msg(n, tuple(t.shape), want[r]))
-            out[r] = torch.stack(ts)
+            for n in names[r]:
+                if tuple(got[n].shape) != want[r]:
+                    raise ValueError(self._shape_msg(n, tuple(got[n].shape), want[r]))
+            out[r] = torch.stack([got[n] for n in names[r]]).to(torch.float32)
         return out
 
     def _rows(
