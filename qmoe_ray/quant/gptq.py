@@ -39,13 +39,12 @@ from qmoe_ray.quant.grids import (
     Scheme,
     dequantize,
     dequantize_int,
-    dequantize_ternary,
     grid_params,
     int_params_from_range,
     parse_scheme,
     quantize,
     quantize_int,
-    quantize_ternary,
+    ternary_thresholds,
 )
 
 NO_TOKENS = "no_tokens"
@@ -240,6 +239,17 @@ def _aligned_blocksize(blocksize: int, group_size: int | None) -> int:
     return max(d for d in range(1, blocksize + 1) if group_size % d == 0)
 
 
+def _sub_blocksize(blocksize: int, group_size: int | None, target: int = 16) -> int:
+    """The inner (sub-block) size: divides ``blocksize``; groups nest in sub-blocks or the
+    reverse, so a group's scale is always taken from fully updated weights."""
+    best = 1
+    for d in range(1, min(blocksize, target) + 1):
+        nests = group_size is None or group_size % d == 0 or d % group_size == 0
+        if blocksize % d == 0 and nests:
+            best = d
+    return best
+
+
 def _gather_cols(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """``x`` ``[E, C, R]`` with its dim 1 permuted per expert by ``perm`` ``[E, C]``."""
     return x.gather(1, perm[:, :, None].expand_as(x))
@@ -358,7 +368,13 @@ def _sweep(
     perm: torch.Tensor | None,
     scale_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The GPTQ column sweep over all experts at once; returns ``(codes, params)``."""
+    """The GPTQ column sweep over all experts at once; returns ``(codes, params)``.
+
+    Two levels of lazy updates: within a sub-block of ~16 columns the error of each column is
+    applied to the next columns at once (a rank-1 update of a small, cache-resident slab); at the
+    end of a sub-block, to the rest of its block, and at the end of a block, to all later columns
+    (batched matrix products). The result is the same as the textbook column-by-column sweep.
+    """
     E, R, C = W.shape
     gs = scheme.group_size
     dynamic_groups = gs is not None and perm is None
@@ -371,6 +387,7 @@ def _sweep(
         blocksize = _aligned_blocksize(blocksize, gs)
     else:
         params = grid_params(W, scheme, scale_dtype)
+    sub = _sub_blocksize(blocksize, gs if dynamic_groups else None)
 
     Wt = W.transpose(1, 2).contiguous()  # [E, C, R]
     col_params: dict[str, torch.Tensor] = {}  # per-column grids [E, C, R] (static groups)
@@ -382,6 +399,8 @@ def _sweep(
 
     if scheme.is_ternary:
         lo, hi = params["lo"], params["hi"]  # [E, R]
+        t_lo, t_hi = ternary_thresholds(lo, hi)
+        zero_f = torch.zeros((), dtype=torch.float32, device=W.device)
     elif gs is None:
         scale, zero = params["scale"][..., 0], params["zero"][..., 0]
 
@@ -391,30 +410,40 @@ def _sweep(
         W1 = Wt[:, i1:i2].clone()
         Err1 = torch.empty_like(W1)
         U1 = U[:, i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            w = W1[:, i]
-            if dynamic_groups and j % gs == 0:
-                block = Wt[:, j : j + gs] if gs > blocksize else W1[:, i : i + gs]
-                scale, zero = int_params_from_range(
-                    block.amin(dim=1), block.amax(dim=1), scheme.bits, scale_dtype
-                )
-                params["scale"][:, :, j // gs] = scale
-                params["zero"][:, :, j // gs] = zero
-            elif col_params:
-                scale, zero = col_params["scale"][:, j], col_params["zero"][:, j]
-            if scheme.is_ternary:
-                code = quantize_ternary(w, lo, hi)
-                q = dequantize_ternary(code, lo, hi)
-            else:
-                code = quantize_int(w, scale, zero, scheme.maxq)
-                q = dequantize_int(code, scale, zero)
-            codes_t[:, j] = code
-            err = (w - q) / U1[:, i, i, None]
-            W1[:, i + 1 :] -= U1[:, i, i + 1 :, None] * err[:, None, :]
-            Err1[:, i] = err
+        n = i2 - i1
+        for s1 in range(0, n, sub):
+            s2 = min(s1 + sub, n)
+            for i in range(s1, s2):
+                j = i1 + i
+                w = W1[:, i]
+                if dynamic_groups and j % gs == 0:
+                    block = Wt[:, j : j + gs] if gs > blocksize else W1[:, i : i + gs]
+                    scale, zero = int_params_from_range(
+                        block.amin(dim=1), block.amax(dim=1), scheme.bits, scale_dtype
+                    )
+                    params["scale"][:, :, j // gs] = scale
+                    params["zero"][:, :, j // gs] = zero
+                elif col_params:
+                    scale, zero = col_params["scale"][:, j], col_params["zero"][:, j]
+                if scheme.is_ternary:
+                    pos, neg = w > t_hi, w < t_lo
+                    codes_t[:, j] = pos.to(torch.int8) - neg.to(torch.int8)
+                    q = torch.where(pos, hi, torch.where(neg, lo, zero_f))
+                else:
+                    code = quantize_int(w, scale, zero, scheme.maxq)
+                    codes_t[:, j] = code
+                    q = dequantize_int(code, scale, zero)
+                err = Err1[:, i]
+                torch.sub(w, q, out=err)
+                err.div_(U1[:, i, i, None])
+                if i + 1 < s2:
+                    W1[:, i + 1 : s2].addcmul_(
+                        U1[:, i, i + 1 : s2, None], err[:, None, :], value=-1.0
+                    )
+            if s2 < n:
+                W1[:, s2:].baddbmm_(U1[:, s1:s2, s2:].transpose(1, 2), Err1[:, s1:s2], alpha=-1.0)
         if i2 < C:
-            Wt[:, i2:] -= torch.bmm(U[:, i1:i2, i2:].transpose(1, 2), Err1)
+            Wt[:, i2:].baddbmm_(U[:, i1:i2, i2:].transpose(1, 2), Err1, alpha=-1.0)
 
     if perm is not None:
         inv = torch.argsort(perm, dim=1)

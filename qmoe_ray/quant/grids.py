@@ -189,9 +189,14 @@ def quantize_ternary(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tor
     A value above ``hi/2`` gets +1 and one below ``lo/2`` gets -1, but only where that grid point
     is nonzero, so a code of +-1 always stands for a nonzero weight.
     """
-    pos = (x > hi * 0.5) & (hi > 0)
-    neg = (x < lo * 0.5) & (lo < 0)
-    return pos.to(torch.int8) - neg.to(torch.int8)
+    t_lo, t_hi = ternary_thresholds(lo, hi)
+    return (x > t_hi).to(torch.int8) - (x < t_lo).to(torch.int8)
+
+
+def ternary_thresholds(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo/2, hi/2)``, with -inf/+inf where the grid point is 0 (no value rounds to it)."""
+    inf = torch.full_like(hi, float("inf"))
+    return torch.where(lo < 0, lo * 0.5, -inf), torch.where(hi > 0, hi * 0.5, inf)
 
 
 def dequantize_ternary(codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
