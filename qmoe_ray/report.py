@@ -70,6 +70,8 @@ def layer_rows(layers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Per-layer figures for the report: proxy loss, fallbacks, token coverage, bits."""
     rows = []
     for res in layers:
+        if not res["quantized"]:
+            continue  # a dense block: nothing quantized
         stats = res["stats"]
         routed = np.asarray(res["routed"], dtype=np.int64)
         q = res["quantized"]

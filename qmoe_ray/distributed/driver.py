@@ -78,15 +78,20 @@ def check_output_writable(output: str, options: Mapping[str, Any], overwrite: bo
 
 def _ray_init(cfg: CompressConfig) -> bool:
     """Connect to (or start) Ray. Returns True when this call started it."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not (cfg.address or os.environ.get("RAY_ADDRESS")):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if cfg.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=cfg.address or os.environ["RAY_ADDRESS"], log_to_driver=True)
         return True
     need = math.ceil(cfg.num_workers * cfg.cpus_per_worker)
+    # A local single-node cluster stays on loopback: Ray otherwise resolves 127.0.0.1 to the
+    # machine's external address (this switch is read when ray's constants are first imported,
+    # hence also set before `import ray` above when nothing imported Ray yet).
     ray.init(
         num_cpus=max(os.cpu_count() or 1, need),
         include_dashboard=False,
@@ -145,7 +150,6 @@ def run_compression(
         ValueError / FileExistsError / PermissionError / RuntimeError: bad input, found before
         the cluster does work; RuntimeError naming the layer when a layer fails.
     """
-    from qmoe_ray.distributed.actors import make_actors
     from qmoe_ray.data import load_samples
 
     storage = storage or StorageOptions()
@@ -179,6 +183,8 @@ def run_compression(
 
     started = _ray_init(cfg)
     try:
+        from qmoe_ray.distributed.actors import make_actors
+
         check_resources(cfg)
         opts = QuantOptions(scheme=scheme, method=cfg.method, blocksize=cfg.blocksize,
                             percdamp=cfg.percdamp, actorder=cfg.actorder)
@@ -208,7 +214,12 @@ def _walk(cfg: CompressConfig, family: Any, layers: list, actors: Any, progress:
         try:
             if not layer.moe:
                 ray.get([s.dense_block.remote(layer) for s in stores])
-                timings["dense"] += time.perf_counter() - t0
+                t1 = time.perf_counter()
+                timings["dense"] += t1 - t0
+                res = ray.get(writer.finish_layer.remote(layer, 0))
+                timings["write"] += time.perf_counter() - t1
+                res.update(routed=[], hessian_tokens_total=[], cap=None, seconds=time.perf_counter() - t0)
+                layer_results.append(res)
                 continue
             counts = ray.get([s.pre_moe.remote(layer) for s in stores])
             t1 = time.perf_counter()
@@ -289,7 +300,8 @@ def _finish(cfg: CompressConfig, ckpt: Any, family: Any, actors: Any, result: di
     for res in result["layers"]:
         tensors.update(res["tensors"])
         quantized.update(res["quantized"])
-        experts[res["file"]] = res["stats"]
+        if res["stats"]:
+            experts[res["file"]] = res["stats"]
     sizes = rp.size_summary(tensors, quantized)
     source_label = cfg.source if "://" not in cfg.source else cfg.source.split("?")[0]
     report = {

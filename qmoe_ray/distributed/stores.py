@@ -100,9 +100,9 @@ class ActivationShard:
         with torch.no_grad():
             for start in range(0, n, batch_size):
                 sl = slice(start, min(start + batch_size, n))
-                batch = {k: torch.from_numpy(np.ascontiguousarray(v[sl])) for k, v in inputs.items()}
+                batch = {k: torch.from_numpy(np.array(v[sl])) for k, v in inputs.items()}
                 self.batches.append(self._keep(self.family.embed(self.W, batch)))
-                self.calib.append(torch.from_numpy(np.asarray(calib[sl], dtype=bool)))
+                self.calib.append(torch.from_numpy(np.array(calib[sl], dtype=bool)))
         self.inputs = {k: np.asarray(v) for k, v in inputs.items()}
         self.batch_size = batch_size
         self._moe: dict[str, Any] | None = None

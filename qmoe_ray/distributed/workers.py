@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from qmoe_ray.compress import ExpertTokens, QuantOptions, quantize_group
 from qmoe_ray.models import LayerSpec, get_family
@@ -26,13 +28,21 @@ from qmoe_ray.storage.layout import pack_matrix
 
 @dataclass
 class EncodedGroup:
-    """What the writer needs from a group: tensors to store and their manifest entries."""
+    """What the writer needs from a group: tensors to store and their manifest entries.
+
+    The tensors travel as safetensors bytes (``blob``), not as pickled torch objects.
+    """
 
     layer: int
     group: int
-    tensors: dict[str, torch.Tensor]
+    blob: bytes
     entries: dict[str, dict[str, Any]]
     stats: list[dict[str, Any]]
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The group's tensors, parsed from ``blob``."""
+        return st_load(self.blob)
 
 
 class GroupWorker:
@@ -108,4 +118,4 @@ class GroupWorker:
                 per.append(res.outputs[i][starts[i]: starts[i] + n])
                 starts[i] += n
             outputs.append(per)
-        return EncodedGroup(layer.index, group, tensors, entries, res.stats), outputs
+        return EncodedGroup(layer.index, group, st_save(tensors), entries, res.stats), outputs

@@ -62,7 +62,7 @@ def pack_matrix(
         packed = codec.pack_bits(codes_np.astype(np.uint8), scheme.bits)
         arrays, meta, code_bytes = packed.to_tensors(), packed.metadata(), int(packed.nbytes)
     for field, arr in arrays.items():
-        tensors[f"{name}{CODE_PREFIX}{field}"] = torch.from_numpy(np.ascontiguousarray(arr))
+        tensors[f"{name}{CODE_PREFIX}{field}"] = torch.from_numpy(np.array(arr, copy=True))
     scale_bytes = 0
     for pname, p in params.items():
         if pname == "zero":
