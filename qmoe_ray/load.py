@@ -173,9 +173,10 @@ def load(url: str, device: str = "cpu", mode: str = "decode", **storage_options:
     tensors, timings = read_verified(url, manifest, **storage_options)
     t0 = time.perf_counter()
     q = manifest["quantized"]
-    q_prefixes = tuple(f"{n}." for n in q)
-    weights = {n: t.float() for n, t in tensors.items() if not n.startswith(q_prefixes)}
+    tables = manifest.get("tables", {})
+    skip = tuple(f"{n}." for n in list(q) + list(tables))
+    weights = {n: t.float() for n, t in tensors.items() if not n.startswith(skip)}
     for name, entry in q.items():
-        weights[name] = dequantize_matrix(name, entry, tensors)
+        weights[name] = dequantize_matrix(name, entry, tensors, tables)
     timings["decode"] = time.perf_counter() - t0
     return CompressedModel(manifest, weights, timings)

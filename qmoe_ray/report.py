@@ -27,20 +27,24 @@ def order0_entropy_bits(counts: Sequence[int]) -> float:
 
 
 def size_summary(tensors: Mapping[str, Mapping[str, Any]],
-                 quantized: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+                 quantized: Mapping[str, Mapping[str, Any]],
+                 tables: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Sizes by tensor kind and bits per parameter.
 
     Args:
         tensors: manifest tensor index (name -> dtype, shape, nbytes, ...).
         quantized: manifest entries of quantized matrices (name -> shape, code_bytes, ...).
+        tables: names of shared code tables (their bytes count as expert code bytes).
 
     Returns:
         A dict of parameter counts, bytes, bits/parameter and ratios vs bf16.
     """
     expert_params = sum(int(np.prod(e["shape"])) for e in quantized.values())
-    code_bytes = sum(int(e["code_bytes"]) for e in quantized.values())
+    q_prefixes = tuple(f"{n}." for n in list(quantized) + list(tables or {}))
+    table_bytes = sum(int(t["nbytes"]) for n, t in tensors.items()
+                      if n.startswith(tuple(f"{n}." for n in tables or {})))
+    code_bytes = sum(int(e["code_bytes"]) for e in quantized.values()) + table_bytes
     scale_bytes = sum(int(e["scale_bytes"]) for e in quantized.values())
-    q_prefixes = tuple(f"{n}." for n in quantized)
     dense = {n: t for n, t in tensors.items() if not n.startswith(q_prefixes)}
     dense_params = sum(int(np.prod(t["shape"])) for t in dense.values())
     dense_bytes = sum(int(t["nbytes"]) for t in dense.values())
@@ -53,6 +57,7 @@ def size_summary(tensors: Mapping[str, Mapping[str, Any]],
         "dense_params": dense_params,
         "total_params": total_params,
         "expert_code_bytes": code_bytes,
+        "expert_table_bytes": table_bytes,
         "expert_scale_bytes": scale_bytes,
         "expert_stored_bytes": stored_expert_bytes,
         "dense_bytes": dense_bytes,

@@ -108,7 +108,8 @@ def test_group_worker_without_ray(tiny_mixtral):
     assert len(enc.entries) == 3 * 3  # 3 experts x gate/up/down
     assert enc.stats[1]["fallback"]  # expert 1 got no tokens
     name = worker.family.expert_names(layer, 2)["down"]
-    scheme, codes, params = unpack_matrix(name, enc.entries[name], enc.tensors)
+    scheme, codes, params = unpack_matrix(name, enc.entries[name], enc.tensors, enc.tables)
+    assert enc.entries[name]["table"] in enc.tables  # one shared table per group and role
     assert scheme.name == "ternary" and codes.shape == tuple(enc.entries[name]["shape"])
     assert set(np.unique(codes)) <= {-1, 0, 1}
 

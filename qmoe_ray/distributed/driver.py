@@ -296,13 +296,15 @@ def _finish(cfg: CompressConfig, ckpt: Any, family: Any, actors: Any, result: di
               if ray.get(writer.copy_source_file.remote(f))]
     tensors: dict[str, Any] = dict(other["tensors"])
     quantized: dict[str, Any] = {}
+    tables: dict[str, Any] = {}
     experts: dict[str, Any] = {}
     for res in result["layers"]:
         tensors.update(res["tensors"])
         quantized.update(res["quantized"])
+        tables.update(res["tables"])
         if res["stats"]:
             experts[res["file"]] = res["stats"]
-    sizes = rp.size_summary(tensors, quantized)
+    sizes = rp.size_summary(tensors, quantized, tables)
     source_label = cfg.source if "://" not in cfg.source else cfg.source.split("?")[0]
     report = {
         "source": source_label,
@@ -338,6 +340,7 @@ def _finish(cfg: CompressConfig, ckpt: Any, family: Any, actors: Any, result: di
         "copied_files": copied,
         "tensors": tensors,
         "quantized": quantized,
+        "tables": tables,
         "experts": experts,
         "sizes": sizes,
         "heldout_loss": report["heldout_loss"],

@@ -124,12 +124,16 @@ class CheckpointWriter:
             )
         tensors = self._dense_tensors(self.dense_names(layer))
         quantized: dict[str, dict[str, Any]] = {}
+        tables: dict[str, dict[str, str]] = {}
         stats: list[dict[str, Any]] = []
         for g in sorted(groups):
             tensors.update(groups[g].tensors)
             quantized.update(groups[g].entries)
+            tables.update(groups[g].tables)
             stats.extend(groups[g].stats)
-        return self._write(layer_shard_name(layer), tensors, quantized, stats)
+        out = self._write(layer_shard_name(layer), tensors, quantized, stats)
+        out["tables"] = tables
+        return out
 
     def write_other(self) -> dict[str, Any]:
         """Write the shard of tensors that belong to no block."""
@@ -142,7 +146,7 @@ class CheckpointWriter:
         for entry in index.values():
             entry["file"] = relname
         return {"file": relname, "bytes": len(data), "tensors": index, "quantized": quantized,
-                "stats": stats}
+                "stats": stats, "tables": {}}
 
     def copy_source_file(self, relname: str) -> bool:
         """Copy a small source file (config.json, tokenizer.json) if the source has it."""

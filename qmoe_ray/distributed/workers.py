@@ -23,7 +23,7 @@ from safetensors.torch import save as st_save
 from qmoe_ray.compress import ExpertTokens, QuantOptions, quantize_group
 from qmoe_ray.models import LayerSpec, get_family
 from qmoe_ray.storage.checkpoint import open_checkpoint
-from qmoe_ray.storage.layout import pack_matrix
+from qmoe_ray.storage.layout import pack_matrix, shared_table, table_tensors
 
 
 @dataclass
@@ -38,6 +38,7 @@ class EncodedGroup:
     blob: bytes
     entries: dict[str, dict[str, Any]]
     stats: list[dict[str, Any]]
+    tables: dict[str, dict[str, str]]
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -100,11 +101,20 @@ class GroupWorker:
         res = quantize_group(self.family.expert_spec, weights, tokens, self.opts, cap, experts)
         tensors: dict[str, torch.Tensor] = {}
         entries: dict[str, dict[str, Any]] = {}
+        tables: dict[str, dict[str, str]] = {}
+        shared: dict[str, tuple[Any, str | None]] = {}
+        for role, qr in res.results.items():
+            table = shared_table(qr.scheme, qr.codes)
+            name = f"{layer.name}.qmoe_table.group{group}.{role}" if table is not None else None
+            if table is not None:
+                t, tables[name] = table_tensors(name, table)
+                tensors.update(t)
+            shared[role] = (table, name)
         for i, e in enumerate(experts):
             names = self.family.expert_names(layer, e)
             for role, qr in res.results.items():
                 params = {k: v[i] for k, v in qr.params.items()}
-                t, entry = pack_matrix(names[role], qr.scheme, qr.codes[i], params)
+                t, entry = pack_matrix(names[role], qr.scheme, qr.codes[i], params, *shared[role])
                 entry.update(layer=layer.index, expert=int(e), role=role)
                 tensors.update(t)
                 entries[names[role]] = entry
@@ -118,4 +128,4 @@ class GroupWorker:
                 per.append(res.outputs[i][starts[i]: starts[i] + n])
                 starts[i] += n
             outputs.append(per)
-        return EncodedGroup(layer.index, group, st_save(tensors), entries, res.stats), outputs
+        return EncodedGroup(layer.index, group, st_save(tensors), entries, res.stats, tables), outputs

@@ -35,8 +35,36 @@ def _encoder(scheme: Scheme):
     return None
 
 
+def shared_table(scheme: Scheme, codes: torch.Tensor) -> codec.Table | None:
+    """One code table fitted to a stack of code matrices ``[G, rows, cols]`` (None for schemes
+    stored by plain bit packing).
+
+    Why shared: a table costs ~0.5 KB; fitted to the matrices of one expert group and one role
+    (which share their statistics) it is paid once per group instead of once per matrix, which
+    matters for small experts and costs nothing measurable for large ones (docs/FORMAT.md).
+    """
+    kind = {"ternary": "ternary", "int2": "int2"}.get(scheme.name)
+    if kind is None:
+        return None
+    c = codes.cpu().numpy()
+    counts = sum(codec.symbol_counts(c[i], kind) for i in range(c.shape[0]))
+    return codec.build_table(counts, kind, cover_all=False)
+
+
+def table_tensors(table_name: str, table: codec.Table) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A shared table's tensors (``{table_name}.freqs``) and its metadata for the manifest."""
+    arrays = table.to_tensors(f"{table_name}.")
+    return ({k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()},
+            table.metadata())
+
+
 def pack_matrix(
-    name: str, scheme: Scheme, codes: torch.Tensor, params: Mapping[str, torch.Tensor]
+    name: str,
+    scheme: Scheme,
+    codes: torch.Tensor,
+    params: Mapping[str, torch.Tensor],
+    table: codec.Table | None = None,
+    table_name: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Encode one quantized matrix.
 
@@ -46,6 +74,8 @@ def pack_matrix(
         codes: ``[rows, cols]`` codes (int8 ternary / uint8 int).
         params: its grid parameters for this matrix (``lo``/``hi`` ``[rows]`` or
             ``scale``/``zero`` ``[rows, groups]``).
+        table: a shared code table (see ``shared_table``); None embeds a per-matrix table.
+        table_name: the name the shared table is stored under (required with ``table``).
 
     Returns:
         ``(tensors, entry)``: tensors to write (name -> tensor) and the manifest entry, with
@@ -56,7 +86,9 @@ def pack_matrix(
     tensors: dict[str, torch.Tensor] = {}
     enc_fns = _encoder(scheme)
     if enc_fns is not None:
-        enc = enc_fns[0](codes_np)
+        if table is not None and not table_name:
+            raise ValueError("pack_matrix: a shared table needs its table_name")
+        enc = enc_fns[0](codes_np, table=table)
         arrays, meta, code_bytes = enc.to_tensors(), enc.metadata(), int(enc.nbytes)
     else:
         packed = codec.pack_bits(codes_np.astype(np.uint8), scheme.bits)
@@ -79,16 +111,38 @@ def pack_matrix(
         "codec": meta,
         "fields": sorted(arrays),
         "params": sorted(params),
+        "table": table_name if (enc_fns is not None and table is not None) else None,
         "code_bytes": code_bytes,
         "scale_bytes": scale_bytes,
     }
     return tensors, entry
 
 
+def load_table(table_name: str, tables: Mapping[str, Mapping[str, str]],
+               tensors: Mapping[str, torch.Tensor]) -> codec.Table:
+    """Rebuild a shared table from its tensors and manifest metadata (version and hash checked).
+
+    Raises:
+        KeyError: the manifest or the shards lack the table.
+        ValueError: unknown version or a hash mismatch.
+    """
+    if table_name not in tables:
+        raise KeyError(f"code table {table_name!r} is not in the manifest's tables")
+    prefix = f"{table_name}."
+    arrays = {k[len(prefix):]: t.numpy() for k, t in tensors.items() if k.startswith(prefix)}
+    if not arrays:
+        raise KeyError(f"code table {table_name!r} has no tensors in the checkpoint")
+    return codec.Table.from_tensors(arrays, dict(tables[table_name]))  # checks version and hash
+
+
 def unpack_matrix(
-    name: str, entry: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
+    name: str,
+    entry: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    tables: Mapping[str, Mapping[str, str]] | None = None,
 ) -> tuple[Scheme, np.ndarray, dict[str, torch.Tensor]]:
-    """Decode one quantized matrix from its stored tensors.
+    """Decode one quantized matrix from its stored tensors (``tables``: the manifest's table
+    metadata, needed when the matrix uses a shared table).
 
     Returns:
         ``(scheme, codes [rows, cols], params)`` with params as float32 tensors.
@@ -102,7 +156,9 @@ def unpack_matrix(
     meta = dict(entry["codec"])
     enc_fns = _encoder(scheme)
     if enc_fns is not None:
-        codes = enc_fns[1](enc_fns[2].from_tensors(arrays, meta))
+        table = (load_table(entry["table"], tables or {}, tensors) if entry.get("table")
+                 else None)
+        codes = enc_fns[1](enc_fns[2].from_tensors(arrays, meta, table=table))
     else:
         codes = codec.unpack_bits(codec.PackedCodes.from_tensors(arrays, meta))
     if list(codes.shape) != list(entry["shape"]):
@@ -114,9 +170,12 @@ def unpack_matrix(
 
 
 def dequantize_matrix(
-    name: str, entry: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
+    name: str,
+    entry: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    tables: Mapping[str, Mapping[str, str]] | None = None,
 ) -> torch.Tensor:
     """The float32 weight ``[rows, cols]`` of a stored quantized matrix."""
-    scheme, codes, params = unpack_matrix(name, entry, tensors)
+    scheme, codes, params = unpack_matrix(name, entry, tensors, tables)
     c = torch.from_numpy(codes)[None]
     return dequantize(scheme, c, {k: v[None] for k, v in params.items()})[0]
