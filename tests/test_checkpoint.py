@@ -28,6 +28,16 @@ from qmoe_ray.storage.checkpoint import Checkpoint, open_checkpoint, parse_heade
 from qmoe_ray.storage.fs import fs_errors, join, safe_join, url_to_fs  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny matmuls gain nothing from threads, and on a shared 2-core box idle-spinning intra-op
+    threads made this file 6x slower; restored after the module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_model("mixtral", seed=3)
