@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 from fixtures_s3 import save_tiny, tiny_model  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from qmoe_ray.models import SUPPORTED, get_family, moe_dense, run_forward  # noqa: E402
+from qmoe_ray.models import SUPPORTED, DictWeights, get_family, moe_dense, run_forward  # noqa: E402
 from qmoe_ray.models.decoder_moe import DecoderMoE, Mixtral  # noqa: E402
 from qmoe_ray.storage.checkpoint import open_checkpoint  # noqa: E402
 
@@ -158,7 +158,7 @@ def _fuse(folder: Path, out: Path, family: DecoderMoE, rename_to_mlp: bool) -> P
     """Rewrite a per-expert checkpoint with 3-D ``experts.gate_up_proj`` / ``experts.down_proj``."""
     t = load_file(folder / "model.safetensors")
     out.mkdir()
-    mod = family._lay(t)[0]
+    mod = family._lay(t)[1]
     roles = family.source_roles
     new = {}
     for layer in family.layers():
@@ -199,6 +199,23 @@ def test_fused_expert_layout(case, tmp_path):
     torch.testing.assert_close(
         run_forward(fam, fused, inputs), run_forward(case.family, case.ckpt, inputs)
     )
+
+
+def test_canonical_expert_names_reload(case):
+    """A decompressed output: experts under ``expert_names``, everything else as in the source.
+    The same family object serves the source and then the output (layout re-detected)."""
+    fam, ck = case.family, case.ckpt
+    out = {n: ck(n) for n in fam.dense_names(ck.names)}
+    for layer in fam.layers():
+        if layer.moe:
+            w = fam.read_experts(layer, ck, range(layer.num_experts))
+            for e in range(layer.num_experts):
+                out.update({n: w[r][e] for r, n in fam.expert_names(layer, e).items()})
+    inputs = _inputs(seed=7)
+    want = run_forward(fam, ck, inputs)
+    got = run_forward(fam, DictWeights(out), inputs)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(run_forward(fam, ck, inputs), want)  # and back to the source
 
 
 def test_names_and_layers(case):

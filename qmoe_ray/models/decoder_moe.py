@@ -170,7 +170,7 @@ class DecoderMoE(MoEFamily):
     def __init__(self, config: Mapping[str, Any], names: Sequence[str] | None = None):
         super().__init__(config)
         self.spec = self._parse(self.config)
-        self._layout: tuple[str, bool] | None = None  # (moe module, fused)
+        self._layout: tuple[str, str, str] | None = None  # (router module, experts module, kind)
         if names is not None:
             self.bind(names)
 
@@ -232,51 +232,66 @@ class DecoderMoE(MoEFamily):
 
     # -- layout -----------------------------------------------------------------------------------
     def bind(self, names: Sequence[str] | Any) -> DecoderMoE:
-        """Detect the source expert layout from tensor names (a list, set or ``WeightSource``).
+        """Detect the router module and the expert layout from tensor names (a list, set or a
+        ``WeightSource``).
+
+        Expert layouts tried, in order: fused 3-D ``experts.gate_up_proj`` under each of
+        ``moe_modules``; the family's per-expert source names (``source_roles``); our canonical
+        per-expert names (``expert_names``: a decompressed qmoe-ray checkpoint, whose router stays
+        where the source had it).
 
         Returns:
             self.
 
         Raises:
-            KeyError: no MoE layer's router/experts are found under any known layout.
+            KeyError: the first MoE layer's router or experts are not found under any layout.
         """
         if isinstance(names, (list, tuple, set, frozenset)):
             names = set(names)
         has = names.__contains__
         first = next((lay for lay in self.layers() if lay.moe), None)
         if first is None:
-            self._layout = (self.moe_modules[0], False)
+            self._layout = (self.moe_modules[0], self.moe_modules[0], "source")
             return self
-        for mod in self.moe_modules:
-            p = f"{first.name}.{mod}.experts"
-            if has(f"{p}.gate_up_proj"):
-                self._layout = (mod, True)
+        router = next((m for m in self.moe_modules if has(f"{first.name}.{m}.gate.weight")), None)
+        if router is None:
+            tried = [f"{first.name}.{m}.gate.weight" for m in self.moe_modules]
+            raise KeyError(
+                f"router of layer {first.name} not found (tried {', '.join(tried)}); is this a "
+                f"{self.model_type} checkpoint?"
+            )
+        candidates = [(m, "fused") for m in self.moe_modules]
+        candidates += [(m, "source") for m in self.moe_modules] + [("mlp", "canonical")]
+        for mod, kind in candidates:
+            if has(self._probe(first, mod, kind)):
+                self._layout = (router, mod, kind)
                 return self
-            if has(f"{p}.0.{self.source_roles['gate']}.weight"):
-                self._layout = (mod, False)
-                return self
-        # A decompressed qmoe-ray checkpoint: experts under our canonical per-expert names
-        # (``expert_names``), the router where the source had it.
-        if has(f"{first.name}.mlp.experts.0.{CANONICAL['gate']}.weight"):
-            for mod in self.moe_modules:
-                if has(f"{first.name}.{mod}.gate.weight"):
-                    self._layout = (mod, False)
-                    return self
-        tried = [
-            f"{first.name}.{m}.experts.{{gate_up_proj | 0.{self.source_roles['gate']}.weight}}"
-            for m in self.moe_modules
-        ]
+        tried = sorted({self._probe(first, m, k) for m, k in candidates})
         raise KeyError(
-            f"no expert weights of layer {first.name} found (tried {', '.join(tried)}); "
-            f"is this a {self.model_type} checkpoint?"
+            f"no expert weights of layer {first.name} found (tried {', '.join(tried)}); is this a "
+            f"{self.model_type} checkpoint?"
         )
 
-    def _lay(self, W: Any = None) -> tuple[str, bool]:
+    def _probe(self, layer: LayerSpec, mod: str, kind: str) -> str:
+        p = f"{layer.name}.{mod}.experts"
+        if kind == "fused":
+            return f"{p}.gate_up_proj"
+        return f"{p}.0.{self._roles(kind)['gate']}.weight"
+
+    def _roles(self, kind: str) -> Mapping[str, str]:
+        return CANONICAL if kind == "canonical" else self.source_roles
+
+    def _lay(self, W: Any = None) -> tuple[str, str, str]:
+        """``(router module, experts module, kind)``; (re)detected from ``W`` when it is given and
+        the bound layout does not fit it (one family object may serve a source and its output)."""
+        if W is not None:
+            first = next((lay for lay in self.layers() if lay.moe), None)
+            if self._layout is None or (
+                first is not None and self._probe(first, *self._layout[1:]) not in W
+            ):
+                self.bind(W)
         if self._layout is None:
-            if W is None:
-                return self.moe_modules[0], False
-            self.bind(W)
-        assert self._layout is not None
+            return self.moe_modules[0], self.moe_modules[0], "source"
         return self._layout
 
     def layers(self) -> list[LayerSpec]:
@@ -301,15 +316,12 @@ class DecoderMoE(MoEFamily):
         return f"{layer.name}.{self._lay(W)[0]}.gate.weight"
 
     def source_expert_names(self, layer: LayerSpec) -> list[str]:
-        mod, fused = self._lay()
+        _, mod, kind = self._lay()
         p = f"{layer.name}.{mod}.experts"
-        if fused:
+        if kind == "fused":
             return [f"{p}.gate_up_proj", f"{p}.down_proj"]
-        return [
-            f"{p}.{e}.{self.source_roles[r]}.weight"
-            for e in range(self.spec.num_experts)
-            for r in ROLES
-        ]
+        roles = self._roles(kind)
+        return [f"{p}.{e}.{roles[r]}.weight" for e in range(self.spec.num_experts) for r in ROLES]
 
     def dense_names(self, W_names: Sequence[str]) -> list[str]:
         self.bind(W_names)
@@ -326,7 +338,8 @@ class DecoderMoE(MoEFamily):
         }
         if not s.tie_embeddings:
             out["lm_head.weight"] = (s.vocab_size, d)
-        mod, fused = self._lay()
+        _, mod, kind = self._lay()
+        roles = self._roles(kind)
         for lay in self.layers():
             p = lay.name
             out.update(
@@ -349,7 +362,7 @@ class DecoderMoE(MoEFamily):
                 out.update(self._mlp_shapes(f"{p}.mlp", d, s.dense_ff))
                 continue
             out[self.router_name(lay)] = (s.num_experts, d)
-            if fused:
+            if kind == "fused":
                 e = f"{p}.{mod}.experts"
                 out[f"{e}.gate_up_proj"] = (s.num_experts, 2 * s.moe_ff, d)
                 out[f"{e}.down_proj"] = (s.num_experts, d, s.moe_ff)
@@ -360,7 +373,7 @@ class DecoderMoE(MoEFamily):
                         ("up", (s.moe_ff, d)),
                         ("down", (d, s.moe_ff)),
                     ):
-                        out[f"{p}.{mod}.experts.{x}.{self.source_roles[r]}.weight"] = shp
+                        out[f"{p}.{mod}.experts.{x}.{roles[r]}.weight"] = shp
             if s.shared_ff:
                 out.update(self._mlp_shapes(f"{p}.mlp.shared_expert", d, s.shared_ff))
                 out[f"{p}.mlp.shared_expert_gate.weight"] = (1, d)
@@ -425,15 +438,16 @@ class DecoderMoE(MoEFamily):
                 f"experts {bad or experts} of layer {layer.name} do not exist "
                 f"(it has {layer.num_experts} routed experts)"
             )
-        mod, fused = self._lay(W)
+        _, mod, kind = self._lay(W)
         p = f"{layer.name}.{mod}.experts"
         d, f = s.hidden_size, s.moe_ff
-        if fused:
+        if kind == "fused":
             gu = self._rows(W, f"{p}.gate_up_proj", experts, (s.num_experts, 2 * f, d))
             dn = self._rows(W, f"{p}.down_proj", experts, (s.num_experts, d, f))
             return {"gate": gu[:, :f].contiguous(), "up": gu[:, f:].contiguous(), "down": dn}
         want = {"gate": (f, d), "up": (f, d), "down": (d, f)}
-        names = {r: [f"{p}.{e}.{self.source_roles[r]}.weight" for e in experts] for r in ROLES}
+        roles = self._roles(kind)
+        names = {r: [f"{p}.{e}.{roles[r]}.weight" for e in experts] for r in ROLES}
         flat = [n for r in ROLES for n in names[r]]
         many = getattr(W, "read_many", None)  # a Checkpoint: one coalesced read for the group
         got = many(flat) if many is not None else {n: W(n) for n in flat}
