@@ -16,6 +16,8 @@ outputs but never enter a Hessian.
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -35,6 +37,9 @@ class QuantOptions:
     blocksize: int = 128
     percdamp: float = 0.1
     actorder: bool = False
+    sequential: bool = True
+    """Hessian of the output matrix from the hidden activation through the *quantized* input
+    matrices (ours). False: through the original ones, as the QMoE reference does."""
 
 
 @dataclass
@@ -62,6 +67,7 @@ class GroupResult:
     hessian_tokens: list[int]
     routed_tokens: list[int]
     stats: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def select_hessian_tokens(hmask: np.ndarray, cap: int | None) -> np.ndarray:
@@ -83,7 +89,12 @@ def select_hessian_tokens(hmask: np.ndarray, cap: int | None) -> np.ndarray:
 
 def _hessians(xs: Sequence[torch.Tensor], cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Hessians of a list of per-expert activations (empty ones give an all-zero Hessian)."""
-    return hessian([x if x.numel() else torch.zeros(0, cols) for x in xs])
+    return hessian([x if x.numel() else x.new_zeros(0, cols) for x in xs])
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def _quantize(
@@ -104,6 +115,7 @@ def quantize_group(
     opts: QuantOptions,
     cap: int | None = None,
     experts: Sequence[int] | None = None,
+    device: str = "cpu",
 ) -> GroupResult:
     """Quantize a group of experts jointly and run their tokens through the quantized experts.
 
@@ -114,10 +126,12 @@ def quantize_group(
         opts: scheme and GPTQ settings.
         cap: most Hessian tokens per expert (None: all).
         experts: the experts' ids (for the statistics); default ``range(G)``.
+        device: where the math runs (``"cpu"``, ``"cuda"``); results come back on the CPU.
 
     Returns:
         A ``GroupResult``; ``outputs[i]`` is ``[T_i, d_model]`` float32, the (ungated) output of the
-        quantized expert ``i`` for each of its routed tokens.
+        quantized expert ``i`` for each of its routed tokens; ``timings`` splits the seconds into
+        Hessians, quantization and the forward through the quantized experts.
 
     Raises:
         ValueError: roles missing from ``weights`` or group sizes that disagree.
@@ -133,37 +147,58 @@ def quantize_group(
                 f"[{G}, out, in] for a group of {G} experts"
             )
     experts = list(range(G)) if experts is None else list(experts)
-    x_all = [torch.from_numpy(np.ascontiguousarray(t.x, dtype=np.float32)) for t in tokens]
-    sel = [torch.from_numpy(select_hessian_tokens(t.hmask, cap)) for t in tokens]
+    timings = {"hessian": 0.0, "quantize": 0.0, "forward": 0.0}
+    clock = time.perf_counter
+    x_all = [torch.from_numpy(np.ascontiguousarray(t.x, dtype=np.float32)).to(device) for t in tokens]
+    sel = [torch.from_numpy(select_hessian_tokens(t.hmask, cap)).to(device) for t in tokens]
     x_h = [x[s] for x, s in zip(x_all, sel, strict=True)]
     counts = torch.tensor([len(s) for s in sel], dtype=torch.int64)
-    d_in = weights[spec.in_roles[0]].shape[2]
+    W = {r: weights[r].to(device=device, dtype=torch.float32) for r in spec.roles}
+    d_in = W[spec.in_roles[0]].shape[2]
 
     results: dict[str, QuantResult] = {}
+    t0 = clock()
     H_in, _ = _hessians(x_h, d_in)
+    _sync(device)
+    t1 = clock()
     for role in spec.in_roles:
-        results[role] = _quantize(weights[role].float(), H_in, counts, opts)
+        results[role] = _quantize(W[role], H_in, counts, opts)
     del H_in
+    _sync(device)
+    t2 = clock()
+    timings["hessian"] += t1 - t0
+    timings["quantize"] += t2 - t1
 
     deq = {role: results[role].dequantize() for role in spec.in_roles}
-    hidden_h = [
-        spec.hidden({r: deq[r][i] for r in spec.in_roles}, x_h[i]) for i in range(G)
-    ]
-    d_ff = weights[spec.out_roles[0]].shape[2]
+    feed = deq if opts.sequential else W
+    hidden_h = [spec.hidden({r: feed[r][i] for r in spec.in_roles}, x_h[i]) for i in range(G)]
+    d_ff = W[spec.out_roles[0]].shape[2]
     H_out, _ = _hessians(hidden_h, d_ff)
     del hidden_h
+    _sync(device)
+    t3 = clock()
     for role in spec.out_roles:
-        results[role] = _quantize(weights[role].float(), H_out, counts, opts)
+        results[role] = _quantize(W[role], H_out, counts, opts)
     del H_out
     for role in spec.out_roles:
         deq[role] = results[role].dequantize()
+    _sync(device)
+    t4 = clock()
+    timings["hessian"] += t3 - t2
+    timings["quantize"] += t4 - t3
 
     outputs = []
     with torch.no_grad():
         for i in range(G):
             w = {r: deq[r][i] for r in spec.roles}
-            y = spec.forward(w, x_all[i]) if x_all[i].shape[0] else torch.zeros(0, w[spec.out_roles[0]].shape[0])
-            outputs.append(y.numpy().astype(np.float32, copy=False))
+            if x_all[i].shape[0]:
+                y = spec.forward(w, x_all[i])
+            else:
+                y = x_all[i].new_zeros(0, w[spec.out_roles[0]].shape[0])
+            outputs.append(y.cpu().numpy().astype(np.float32, copy=False))
+    timings["forward"] = clock() - t4
+    if device != "cpu":
+        results = {r: _to_cpu(q) for r, q in results.items()}
 
     stats = []
     for i, e in enumerate(experts):
@@ -183,4 +218,16 @@ def quantize_group(
         hessian_tokens=[int(c) for c in counts],
         routed_tokens=[int(x.shape[0]) for x in x_all],
         stats=stats,
+        timings=timings,
+    )
+
+
+def _to_cpu(q: QuantResult) -> QuantResult:
+    """A copy of ``q`` with its tensors on the CPU."""
+    return dataclasses.replace(
+        q,
+        codes=q.codes.cpu(),
+        params={k: v.cpu() for k, v in q.params.items()},
+        loss=q.loss.cpu(),
+        tokens=None if q.tokens is None else q.tokens.cpu(),
     )

@@ -125,14 +125,18 @@ class CheckpointWriter:
         tensors = self._dense_tensors(self.dense_names(layer))
         quantized: dict[str, dict[str, Any]] = {}
         tables: dict[str, dict[str, str]] = {}
+        timings: dict[str, float] = {}
         stats: list[dict[str, Any]] = []
         for g in sorted(groups):
             tensors.update(groups[g].tensors)
             quantized.update(groups[g].entries)
             tables.update(groups[g].tables)
             stats.extend(groups[g].stats)
+            for k, v in groups[g].timings.items():
+                timings[k] = timings.get(k, 0.0) + v
         out = self._write(layer_shard_name(layer), tensors, quantized, stats)
         out["tables"] = tables
+        out["worker_timings"] = timings
         return out
 
     def write_other(self) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import time
+
 import numpy as np
 import torch
 from safetensors.torch import load as st_load
@@ -39,6 +41,7 @@ class EncodedGroup:
     entries: dict[str, dict[str, Any]]
     stats: list[dict[str, Any]]
     tables: dict[str, dict[str, str]]
+    timings: dict[str, float]
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -97,8 +100,12 @@ class GroupWorker:
             xs = [p[i][0] for p in parts]
             hs = [p[i][1] for p in parts]
             tokens.append(ExpertTokens(np.concatenate(xs), np.concatenate(hs)))
+        t_read = time.perf_counter()
         weights = self.family.read_experts(layer, self.ckpt, experts)
-        res = quantize_group(self.family.expert_spec, weights, tokens, self.opts, cap, experts)
+        t0 = time.perf_counter()
+        res = quantize_group(self.family.expert_spec, weights, tokens, self.opts, cap, experts,
+                             device=self.device)
+        t1 = time.perf_counter()
         tensors: dict[str, torch.Tensor] = {}
         entries: dict[str, dict[str, Any]] = {}
         tables: dict[str, dict[str, str]] = {}
@@ -128,4 +135,6 @@ class GroupWorker:
                 per.append(res.outputs[i][starts[i]: starts[i] + n])
                 starts[i] += n
             outputs.append(per)
-        return EncodedGroup(layer.index, group, st_save(tensors), entries, res.stats, tables), outputs
+        blob = st_save(tensors)
+        timings = {"read": t0 - t_read, **res.timings, "encode": time.perf_counter() - t1}
+        return EncodedGroup(layer.index, group, blob, entries, res.stats, tables, timings), outputs

@@ -97,10 +97,8 @@ def pack_matrix(
         tensors[f"{name}{CODE_PREFIX}{field}"] = torch.from_numpy(np.array(arr, copy=True))
     scale_bytes = 0
     for pname, p in params.items():
-        if pname == "zero":
-            t = p.round().to(torch.uint8)
-        else:
-            t = p.to(torch.bfloat16)
+        p = p.cpu()
+        t = p.round().to(torch.uint8) if pname == "zero" else p.to(torch.bfloat16)
         tensors[f"{name}.{pname}"] = t.contiguous()
         scale_bytes += t.numel() * t.element_size()
     entry = {
