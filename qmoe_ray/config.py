@@ -34,6 +34,9 @@ class CompressConfig:
         percdamp: GPTQ damping as a fraction of the mean Hessian diagonal.
         blocksize: GPTQ block size (columns).
         actorder: GPTQ with columns in descending Hessian-diagonal order.
+        sequential_experts: quantize an expert's output matrix on the hidden activation through
+            its already-quantized input matrices (False: through the original ones, as the QMoE
+            reference does).
         quant_group_size: int schemes only: scale groups along the input dim (None: per row).
         num_samples: calibration samples.
         seq_len: tokens per calibration sample.
@@ -58,6 +61,7 @@ class CompressConfig:
     percdamp: float = 0.1
     blocksize: int = 128
     actorder: bool = False
+    sequential_experts: bool = True
     quant_group_size: int | None = None
     num_samples: int = 256
     seq_len: int = 128

@@ -187,7 +187,8 @@ def run_compression(
 
         check_resources(cfg)
         opts = QuantOptions(scheme=scheme, method=cfg.method, blocksize=cfg.blocksize,
-                            percdamp=cfg.percdamp, actorder=cfg.actorder)
+                            percdamp=cfg.percdamp, actorder=cfg.actorder,
+                            sequential=cfg.sequential_experts)
         actors = make_actors(cfg, storage, source, opts, inputs, is_calib)
         result = _walk(cfg, family, layers, actors, progress)
         report = _finish(cfg, ckpt, family, actors, result, t_start)
@@ -277,6 +278,15 @@ def _walk(cfg: CompressConfig, family: Any, layers: list, actors: Any, progress:
     return {"layers": layer_results, "timings": timings}
 
 
+def _sum_timings(parts: Any) -> dict[str, float]:
+    """Add up per-layer worker timings (``peak_*`` entries take the maximum)."""
+    out: dict[str, float] = {}
+    for part in parts:
+        for k, v in part.items():
+            out[k] = max(out.get(k, 0.0), v) if k.startswith("peak_") else out.get(k, 0.0) + v
+    return out
+
+
 def _finish(cfg: CompressConfig, ckpt: Any, family: Any, actors: Any, result: dict[str, Any],
             t_start: float) -> dict[str, Any]:
     """Held-out loss, the 'other' shard, copied source files, the report, and the manifest last."""
@@ -312,6 +322,7 @@ def _finish(cfg: CompressConfig, ckpt: Any, family: Any, actors: Any, result: di
         "options": cfg.output_options(),
         "seconds": time.perf_counter() - t_start,
         "timings": result["timings"],
+        "worker_timings": _sum_timings(r.get("worker_timings", {}) for r in result["layers"]),
         "sizes": sizes,
         "heldout_loss": ce / ntok if ntok else None,
         "heldout_perplexity": math.exp(ce / ntok) if ntok else None,

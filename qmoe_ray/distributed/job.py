@@ -28,6 +28,8 @@ _HELP = {
     "percdamp": "GPTQ damping, fraction of the mean Hessian diagonal",
     "blocksize": "GPTQ block size",
     "actorder": "GPTQ act-order (columns by descending Hessian diagonal)",
+    "sequential_experts": "quantize wo/down on the outputs of the quantized wi/gate/up "
+                          "(--no-sequential-experts: the QMoE reference recipe)",
     "quant_group_size": "int schemes: scale groups along the input dimension",
     "num_samples": "calibration samples",
     "seq_len": "tokens per sample",

@@ -133,7 +133,7 @@ class CheckpointWriter:
             tables.update(groups[g].tables)
             stats.extend(groups[g].stats)
             for k, v in groups[g].timings.items():
-                timings[k] = timings.get(k, 0.0) + v
+                timings[k] = max(timings.get(k, 0.0), v) if k.startswith("peak_") else timings.get(k, 0.0) + v
         out = self._write(layer_shard_name(layer), tensors, quantized, stats)
         out["tables"] = tables
         out["worker_timings"] = timings

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import resource
 import time
 
 import numpy as np
@@ -136,5 +137,6 @@ class GroupWorker:
                 starts[i] += n
             outputs.append(per)
         blob = st_save(tensors)
-        timings = {"read": t0 - t_read, **res.timings, "encode": time.perf_counter() - t1}
+        timings = {"read": t0 - t_read, **res.timings, "encode": time.perf_counter() - t1,
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         return EncodedGroup(layer.index, group, blob, entries, res.stats, tables, timings), outputs
