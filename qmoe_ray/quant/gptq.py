@@ -314,9 +314,9 @@ def gptq(
         )
 
     reasons: list[str | None] = [None] * E
-    zero_h = (H == 0).all(dim=2).all(dim=1)
-    for e in range(E):
-        if not finite[e]:
+    zero_h = (H == 0).all(dim=2).all(dim=1).tolist()
+    for e, fin in enumerate(finite.tolist()):
+        if not fin:
             reasons[e] = NONFINITE_HESSIAN
         elif zero_h[e] or (tok is not None and tok[e] == 0):
             reasons[e] = NO_TOKENS
@@ -337,7 +337,8 @@ def gptq(
 
     perm = None
     if actorder:
-        perm = torch.argsort(Hd.diagonal(dim1=1, dim2=2), dim=1, descending=True, stable=True)
+        order_by = torch.where(finite[:, None], H.diagonal(dim1=1, dim2=2), 0.0)
+        perm = torch.argsort(order_by, dim=1, descending=True, stable=True)
         Hd = _gather_cols(_gather_cols(Hd, perm).transpose(1, 2), perm).transpose(1, 2)
 
     U, ok = _inverse_factor(Hd)
