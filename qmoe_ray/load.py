@@ -1,182 +1,751 @@
 """Loading compressed checkpoints: read, verify, decode, and run.
 
-``load(url)`` reads ``manifest.json`` (no manifest: not a checkpoint), refuses unknown format
-versions, reads every shard named by the manifest (each name checked to stay inside the folder),
-concurrently, and verifies each tensor's dtype, shape and SHA-256 before anything is decoded. The
-experts are then decoded with the numpy reference decoder into dense weights (``mode="decode"``).
+``load(url)`` reads ``manifest.json`` (no manifest: not a checkpoint) and checks everything it
+can before reading a shard: the format version, every file name (relative, inside the folder),
+every tensor's shard, every quantized matrix's codec version, parameters and code table. Then it
+*streams* the shards in manifest order: a thread pool fetches byte ranges of the next shards
+while the current one is verified and decoded, so decoding overlaps the download. Each shard's
+safetensors header is parsed here (strictly: offsets inside the file, no gaps, no extra or missing
+tensors) and every tensor's SHA-256 is computed over the raw bytes in place, before any byte is
+decoded: a flipped byte, a truncated or missing shard is an error, never garbage.
+
+The experts then take one of two forms (``mode``):
+
+- ``"decode"``: decoded once into dense bf16 weights (CuPy kernels on a GPU, the numpy/numba
+  decoder on a CPU);
+- ``"resident"``: kept encoded (``EncodedWeight``); ``x @ w.T`` decodes on the fly: through the
+  fused decode+product kernel on a GPU, by decoding per call on a CPU (nothing cached: the CPU path
+  exists to test the GPU one against decode mode).
+
+``EncodedWeight`` honours ``x @ w.T`` (via ``__rmatmul__``), so the families' expert code
+(``ExpertSpec.forward``) runs unchanged on dense and encoded experts: no hook in
+``qmoe_ray.models.base`` is needed.
+
 The result runs through the project's own block code (``qmoe_ray.models``): logits for token ids
-and greedy generation for decoder-only families.
+and greedy generation for decoder-only families. ``iter_shards`` is the streaming reader on its
+own; ``qmoe_ray.export`` uses it to write a plain HF checkpoint one shard at a time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 import time
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
+from qmoe_ray import codec
 from qmoe_ray.models import LayerSpec, get_family, run_forward
-from qmoe_ray.models.base import DictWeights
+from qmoe_ray.quant import Scheme, dequantize, parse_scheme
 from qmoe_ray.storage import manifest as mf
-from qmoe_ray.storage.fs import fs_errors, safe_join, url_to_fs
-from qmoe_ray.storage.layout import dequantize_matrix
+from qmoe_ray.storage.fs import check_relname, fs_errors, redact, safe_join, url_to_fs
+from qmoe_ray.storage.layout import CODE_PREFIX
 
 DEVICES = ("cpu", "cuda")
-MODES = ("decode",)
+MODES = ("decode", "resident")
+CHUNK_BYTES = 16 * 2**20  # range-read size: big enough for object stores, small enough to overlap
+PREFETCH_SHARDS = 2  # shards being fetched ahead of the one being verified/decoded
+FUSED_MAX_TOKENS = 64  # resident mode on GPU: above this, decode transiently and use a GEMM
+GPU_INSTALL = ("install the GPU extra: pip install 'qmoe-ray[gpu]' (CuPy for CUDA 12/13) on a "
+               "machine with an NVIDIA GPU, or load with device='cpu'")
+
+_ST_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "U16": torch.uint16,
+    "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64,
+    "BOOL": torch.bool,
+}
 
 
+# -- manifest ----------------------------------------------------------------------------------
 def read_manifest(url: str, **storage_options: Any) -> dict[str, Any]:
     """The manifest of the checkpoint at ``url``, version-checked.
 
     Raises:
-        FileNotFoundError: no ``manifest.json`` (an unfinished or foreign folder).
+        FileNotFoundError: no ``manifest.json`` (an unfinished or foreign folder), or the store
+            cannot be reached.
+        PermissionError: access denied / bad credentials.
         ValueError: not JSON, another format, or a newer format version.
     """
     fs, root = url_to_fs(url, **storage_options)
     path = f"{root.rstrip('/')}/{mf.MANIFEST}"
-    if not fs.exists(path):
+    try:
+        with fs_errors(url, "read", storage_options):
+            raw = fs.cat_file(path)
+    except FileNotFoundError as exc:
         raise FileNotFoundError(
-            f"{url} has no {mf.MANIFEST}: not a (finished) qmoe-ray checkpoint. A job that did not "
-            "finish leaves no manifest: re-run it to complete the output."
-        )
-    with fs_errors(url, "read", storage_options):
-        raw = fs.cat_file(path)
+            f"{redact(url)} has no readable {mf.MANIFEST}: not a (finished) qmoe-ray checkpoint "
+            f"({exc}). A job that did not finish leaves no manifest: re-run it to complete the "
+            "output, or check the URL."
+        ) from None
     try:
         manifest = json.loads(raw)
     except ValueError as exc:
-        raise ValueError(f"{url}/{mf.MANIFEST} is not valid JSON ({exc})") from None
-    mf.check_version(manifest, f"{url}/{mf.MANIFEST}")
+        raise ValueError(f"{redact(url)}/{mf.MANIFEST} is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{redact(url)}/{mf.MANIFEST} is not a JSON object")
+    mf.check_version(manifest, f"{redact(url)}/{mf.MANIFEST}")
     return manifest
+
+
+def check_manifest(manifest: Mapping[str, Any], where: str = "manifest") -> None:
+    """Check a manifest's structure before any shard is read.
+
+    Checks: required keys; every file name relative and inside the folder; every tensor in a
+    listed file; every quantized matrix with a known scheme, a known codec format/version, its
+    stored tensors listed, and its shared table listed (with a known version).
+
+    Raises:
+        ValueError: the first problem found, naming it.
+        KeyError: a required manifest key is missing.
+    """
+    for key in ("config", "files", "tensors", "quantized"):
+        if key not in manifest:
+            raise KeyError(f"{where}: key {key!r} is missing; the manifest is damaged, re-run the "
+                           "compression job")
+    files = list(manifest["files"])
+    for f in files:
+        check_relname(f)
+    listed = set(files)
+    tensors = manifest["tensors"]
+    for name, entry in tensors.items():
+        if entry.get("file") not in listed:
+            raise ValueError(f"{where}: tensor {name!r} names file {entry.get('file')!r}, which is "
+                             "not in the manifest's file list")
+    tables = manifest.get("tables", {})
+    for tname, meta in tables.items():
+        try:
+            codec.check_format(dict(meta))
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{where}: code table {tname!r}: {exc}") from None
+        if f"{tname}.freqs" not in tensors:
+            raise ValueError(f"{where}: code table {tname!r} has no stored tensor {tname}.freqs")
+    for name, entry in manifest["quantized"].items():
+        try:
+            parse_scheme(entry["scheme"], entry.get("quant_group_size"))
+            meta = dict(entry["codec"])
+            if meta.get("format") == "qmoe-rans":
+                codec.check_format(meta)
+            fields = [f"{name}{CODE_PREFIX}{f}" for f in entry["fields"]]
+            params = [f"{name}.{p}" for p in entry["params"]]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{where}: quantized matrix {name!r} lacks {exc}") from None
+        except ValueError as exc:
+            raise ValueError(f"{where}: quantized matrix {name!r}: {exc}") from None
+        for t in fields + params:
+            if t not in tensors:
+                raise ValueError(f"{where}: quantized matrix {name!r} needs tensor {t!r}, which "
+                                 "the manifest does not list")
+        table = entry.get("table")
+        if table and table not in tables:
+            raise ValueError(f"{where}: quantized matrix {name!r} uses code table {table!r}, "
+                             "which is not in the manifest's tables")
+
+
+# -- streaming reader --------------------------------------------------------------------------
+@dataclass
+class Timings:
+    """Seconds spent in each step of a load (thread-seconds for ``read``, which overlaps).
+
+    Attributes:
+        read: fetching bytes (summed over reader threads; overlaps verify/decode).
+        wait: time the consumer waited for bytes (the part of ``read`` not hidden).
+        verify: parsing headers and hashing.
+        decode: decoding experts (or preparing them for resident use).
+        wall: the whole load.
+        bytes: bytes read.
+    """
+
+    read: float = 0.0
+    wait: float = 0.0
+    verify: float = 0.0
+    decode: float = 0.0
+    wall: float = 0.0
+    bytes: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        """The timings as a plain dict."""
+        return {"read": self.read, "wait": self.wait, "verify": self.verify,
+                "decode": self.decode, "wall": self.wall, "bytes": float(self.bytes)}
+
+
+def parse_safetensors(buf: bytes | bytearray | memoryview, where: str
+                      ) -> dict[str, tuple[str, list[int], int, int]]:
+    """Parse and check a safetensors header against the buffer's length.
+
+    Returns:
+        ``name -> (torch dtype name, shape, start, end)`` with absolute byte offsets into ``buf``.
+
+    Raises:
+        ValueError: truncated file, a bad header, unknown dtype, offsets out of bounds, overlapping
+            or leaving gaps, or a size that disagrees with dtype and shape.
+    """
+    fix = "the shard is truncated or corrupted: copy it again or re-run the compression job"
+    n = len(buf)
+    if n < 8:
+        raise ValueError(f"{where}: {n} bytes, too short for a safetensors file; {fix}")
+    (hlen,) = struct.unpack("<Q", bytes(buf[:8]))
+    if hlen > n - 8 or hlen > 100 * 2**20:
+        raise ValueError(f"{where}: header length {hlen} exceeds the file ({n} bytes); {fix}")
+    try:
+        header = json.loads(bytes(buf[8 : 8 + hlen]))
+    except ValueError as exc:
+        raise ValueError(f"{where}: unreadable safetensors header ({exc}); {fix}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{where}: safetensors header is not an object; {fix}")
+    base = 8 + hlen
+    out: dict[str, tuple[str, list[int], int, int]] = {}
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _ST_DTYPES[info["dtype"]]
+            shape = [int(s) for s in info["shape"]]
+            start, end = (int(v) for v in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: bad header entry for {name!r} ({exc!r}); {fix}") from None
+        size = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        if not 0 <= start <= end or end - start != size:
+            raise ValueError(f"{where}: tensor {name!r} has offsets {start}..{end} for "
+                             f"{size} bytes; {fix}")
+        if base + end > n:
+            raise ValueError(f"{where}: tensor {name!r} ends at byte {base + end} but the file "
+                             f"has {n} bytes; {fix}")
+        out[name] = (str(dtype).removeprefix("torch."), shape, base + start, base + end)
+        spans.append((start, end))
+    spans.sort()
+    pos = 0
+    for s, e in spans:
+        if s != pos:
+            raise ValueError(f"{where}: tensor data is not contiguous at byte {base + pos}; {fix}")
+        pos = e
+    if base + pos != n:
+        raise ValueError(f"{where}: {n - base - pos} trailing bytes after the last tensor; {fix}")
+    return out
+
+
+def _as_tensor(buf: bytearray, dtype: str, shape: list[int], start: int, end: int) -> torch.Tensor:
+    dt = getattr(torch, dtype)
+    if end == start:
+        return torch.empty(shape, dtype=dt)
+    size = torch.empty((), dtype=dt).element_size()
+    if start % size:  # unaligned: copy rather than hand out a misaligned view
+        return torch.frombuffer(bytearray(buf[start:end]), dtype=dt).reshape(shape)
+    return torch.frombuffer(buf, dtype=dt, count=(end - start) // size, offset=start).reshape(shape)
+
+
+def verify_shard(buf: bytearray, rel: str, expected: Mapping[str, Mapping[str, Any]]
+                 ) -> dict[str, torch.Tensor]:
+    """Parse one shard and verify each tensor's dtype, shape and SHA-256 against the manifest.
+
+    Args:
+        buf: the shard's bytes (the returned tensors share this memory).
+        rel: the shard's name in the manifest (for messages).
+        expected: the manifest entries of the tensors this shard must hold (exactly those).
+
+    Returns:
+        The shard's tensors, by name.
+
+    Raises:
+        ValueError: a parse error, a missing or unlisted tensor, a dtype/shape/checksum mismatch.
+    """
+    header = parse_safetensors(buf, rel)
+    missing = sorted(set(expected) - set(header))
+    if missing:
+        raise ValueError(f"{rel}: tensors listed in the manifest are not in the shard: "
+                         f"{missing[:3]}; the checkpoint is corrupted: re-run the job")
+    extra = sorted(set(header) - set(expected))
+    if extra:
+        raise ValueError(f"{rel}: the shard holds tensors the manifest does not list: "
+                         f"{extra[:3]}; the checkpoint is corrupted: re-run the job")
+    view = memoryview(buf)
+    out = {}
+    for name, entry in expected.items():
+        dtype, shape, start, end = header[name]
+        if dtype != entry["dtype"] or shape != list(entry["shape"]):
+            raise ValueError(f"{rel}: tensor {name!r} is stored as {dtype}{shape}, the manifest "
+                             f"says {entry['dtype']}{list(entry['shape'])}; the checkpoint is "
+                             "corrupted")
+        got = hashlib.sha256(view[start:end]).hexdigest()
+        if got != entry["sha256"]:
+            raise ValueError(f"{rel}: tensor {name!r} fails its checksum (sha256 {got[:12]}..., "
+                             f"manifest {str(entry['sha256'])[:12]}...): the checkpoint is "
+                             "corrupted; copy it again or re-run the job")
+        out[name] = _as_tensor(buf, dtype, shape, start, end)
+    return out
+
+
+def iter_shards(
+    url: str,
+    manifest: Mapping[str, Any],
+    workers: int = 4,
+    prefetch: int = PREFETCH_SHARDS,
+    chunk_bytes: int = CHUNK_BYTES,
+    timings: Timings | None = None,
+    **storage_options: Any,
+) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """Stream the verified shards of a checkpoint in manifest order.
+
+    Byte ranges of up to ``prefetch`` shards ahead are fetched by ``workers`` threads while the
+    caller works on the current one.
+
+    Args:
+        url: the checkpoint folder (any fsspec URL).
+        manifest: its manifest (see ``read_manifest``; checked here with ``check_manifest``).
+        workers: concurrent range reads.
+        prefetch: shards fetched ahead of the one being consumed (>= 1).
+        chunk_bytes: size of one range read.
+        timings: accumulates read/wait/verify seconds and bytes when given.
+        **storage_options: fsspec options.
+
+    Yields:
+        ``(file name, {tensor name: tensor})`` per shard, every tensor verified.
+
+    Raises:
+        FileNotFoundError: a shard is missing or the store unreachable.
+        PermissionError: access denied.
+        ValueError: a corrupted, truncated or inconsistent shard (see ``verify_shard``).
+    """
+    check_manifest(manifest)
+    t = timings if timings is not None else Timings()
+    fs, root = url_to_fs(url, **storage_options)
+    root = root.rstrip("/")
+    files = list(manifest["files"])
+    by_file: dict[str, dict[str, Any]] = {f: {} for f in files}
+    for name, entry in manifest["tensors"].items():
+        by_file[entry["file"]][name] = entry
+
+    def size_of(rel: str) -> int:
+        path = safe_join(root, rel)
+        try:
+            with fs_errors(f"{url}/{rel}", "read", storage_options):
+                return int(fs.size(path))
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"shard {rel} listed in the manifest of {redact(url)} is missing: the checkpoint "
+                "is incomplete; copy it again or re-run the job"
+            ) from None
+
+    def read_range(path: str, rel: str, start: int, end: int) -> bytes:
+        t0 = time.perf_counter()
+        with fs_errors(f"{url}/{rel}", "read", storage_options):
+            data = fs.cat_file(path, start=start, end=end)
+        t.read += time.perf_counter() - t0
+        return data
+
+    pending: deque[tuple[str, int, list[tuple[int, Future[bytes]]]]] = deque()
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="qmoe-read") as pool:
+
+        def submit(rel: str) -> None:
+            path = safe_join(root, rel)
+            size = size_of(rel)
+            futs = [(s, pool.submit(read_range, path, rel, s, min(s + chunk_bytes, size)))
+                    for s in range(0, size, max(1, chunk_bytes))]
+            pending.append((rel, size, futs))
+
+        queue = deque(files)
+        try:
+            while queue or pending:
+                while queue and len(pending) < max(1, prefetch):
+                    submit(queue.popleft())
+                rel, size, futs = pending.popleft()
+                t0 = time.perf_counter()
+                buf = bytearray(size)
+                for s, fut in futs:
+                    data = fut.result()
+                    if len(data) != min(chunk_bytes, size - s):
+                        raise ValueError(f"{rel}: short read at byte {s} (the shard changed while "
+                                         "being read?); retry the load")
+                    buf[s : s + len(data)] = data
+                t1 = time.perf_counter()
+                tensors = verify_shard(buf, rel, by_file[rel])
+                t.wait += t1 - t0
+                t.verify += time.perf_counter() - t1
+                t.bytes += size
+                yield rel, tensors
+        finally:
+            for _, _, futs in pending:
+                for _, fut in futs:
+                    fut.cancel()
 
 
 def read_verified(url: str, manifest: Mapping[str, Any], workers: int = 4,
                   **storage_options: Any) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Read every shard of the manifest and verify every tensor.
+    """Read every shard of the manifest and verify every tensor (all in memory).
 
     Returns:
         ``(tensors, timings)`` with ``timings`` = seconds spent reading and verifying.
 
     Raises:
-        ValueError: an unsafe file name, a corrupted/truncated shard, a checksum mismatch, or a
-            tensor the manifest lists that no shard holds.
-        FileNotFoundError: a shard is missing.
+        See ``iter_shards``.
     """
-    fs, root = url_to_fs(url, **storage_options)
-    files = [safe_join(root.rstrip("/"), f) for f in manifest["files"]]
-    for entry in manifest["tensors"].values():
-        if entry["file"] not in manifest["files"]:
-            raise ValueError(f"manifest names file {entry['file']!r} outside its file list")
-
-    def fetch(path: str) -> bytes:
-        if not fs.exists(path):
-            raise FileNotFoundError(f"shard {path} listed in the manifest is missing: the "
-                                    "checkpoint is incomplete; copy it again or re-run the job")
-        with fs_errors(url, "read", storage_options):
-            return fs.cat_file(path)
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        blobs = list(pool.map(fetch, files))
-    t1 = time.perf_counter()
+    t = Timings()
     tensors: dict[str, torch.Tensor] = {}
-    for rel, blob in zip(manifest["files"], blobs, strict=True):
-        tensors.update(mf.deserialize_shard(blob, rel))
-    for name, entry in manifest["tensors"].items():
-        if name not in tensors:
-            raise ValueError(f"tensor {name!r} listed in the manifest is not in {entry['file']}")
-        mf.verify(name, tensors[name], entry)
-    extra = set(tensors) - set(manifest["tensors"])
-    if extra:
-        raise ValueError(f"shards hold tensors the manifest does not list: {sorted(extra)[:3]}")
-    return tensors, {"read": t1 - t0, "verify": time.perf_counter() - t1}
+    for _, part in iter_shards(url, manifest, workers=workers, timings=t, **storage_options):
+        tensors.update(part)
+    return tensors, {"read": t.read, "verify": t.verify}
+
+
+# -- quantized matrices ------------------------------------------------------------------------
+def _check_device(device: str) -> None:
+    if device not in DEVICES:
+        raise ValueError(f"device={device!r}: expected one of {DEVICES}")
+    if device == "cuda":
+        from qmoe_ray import gpu
+
+        if not gpu.available():
+            raise RuntimeError(f"device='cuda' needs an NVIDIA GPU visible to CuPy; {GPU_INSTALL}")
+        if not torch.cuda.is_available():
+            raise RuntimeError("device='cuda': CuPy sees a GPU but this torch build has no CUDA; "
+                               "install a CUDA build of torch, or load with device='cpu'")
+
+
+def _table(name: str | None, tables: Mapping[str, Mapping[str, str]],
+           tensors: Mapping[str, torch.Tensor], cache: dict[str, codec.Table]
+           ) -> codec.Table | None:
+    if not name:
+        return None
+    if name not in cache:
+        freqs = tensors[f"{name}.freqs"].numpy()
+        cache[name] = codec.Table.from_tensors({"freqs": freqs}, dict(tables[name]))
+    return cache[name]
+
+
+@dataclass(frozen=True)
+class EncodedWeight:
+    """A quantized matrix kept encoded; ``x @ w.T`` decodes it on the fly (resident mode).
+
+    Attributes:
+        name: canonical tensor name.
+        scheme: the quantization grid.
+        enc: ``EncodedTernary`` / ``EncodedInt2`` / ``PackedCodes`` (host copy).
+        params: grid parameters as stored (``lo``/``hi`` bf16 or ``scale`` bf16 / ``zero`` uint8).
+        device: ``"cpu"`` (decode per call) or ``"cuda"`` (fused decode + product).
+    """
+
+    name: str
+    scheme: Scheme
+    enc: Any = field(repr=False)
+    params: Mapping[str, torch.Tensor] = field(repr=False)
+    device: str = "cpu"
+    _dev: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.enc.shape)  # type: ignore[return-value]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: encoded codes plus grid parameters (a shared table counted once apart)."""
+        scales = sum(p.numel() * p.element_size() for p in self.params.values())
+        return int(self.enc.nbytes) + scales
+
+    @property
+    def T(self) -> _Transposed:
+        """A transposed view: ``x @ w.T`` computes ``x W^T`` without keeping ``W`` dense."""
+        return _Transposed(self)
+
+    def codes(self) -> np.ndarray:
+        """The decoded codes on the host (numpy decoder)."""
+        if isinstance(self.enc, codec.EncodedTernary):
+            return codec.decode_ternary(self.enc)
+        if isinstance(self.enc, codec.EncodedInt2):
+            return codec.decode_int2(self.enc)
+        return codec.unpack_bits(self.enc)
+
+    def dense(self) -> torch.Tensor:
+        """The bf16 weight ``[rows, cols]``, decoded now (on the GPU when resident there)."""
+        if self.device == "cuda" and self._gpu_ok():
+            return _gpu_dequantize(self)
+        c = torch.from_numpy(self.codes())[None]
+        p = {k: v.float()[None] for k, v in self.params.items()}
+        w = dequantize(self.scheme, c, p)[0].to(torch.bfloat16)
+        return w.to(self.device) if self.device != "cpu" else w
+
+    def _gpu_ok(self) -> bool:
+        return (isinstance(self.enc, codec.EncodedTernary | codec.EncodedInt2)
+                and self.scheme.group_size is None)
+
+    def matmul_t(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` for ``x`` ``[..., cols]`` -> ``[..., rows]`` in ``x``'s dtype."""
+        if self.device == "cuda" and self._gpu_ok() and self._dev is not None:
+            lead = x.shape[:-1]
+            x2 = x.reshape(-1, x.shape[-1])
+            if 0 < x2.shape[0] <= FUSED_MAX_TOKENS:
+                y = _gpu_matvec(self, x2)
+                return y.to(x.dtype).reshape(*lead, -1)
+        return x @ self.dense().to(device=x.device, dtype=x.dtype).T
+
+
+class _Transposed:
+    """``w.T`` of an ``EncodedWeight``: only ``x @ w.T`` is supported."""
+
+    __slots__ = ("w",)
+
+    def __init__(self, w: EncodedWeight):
+        self.w = w
+
+    def __rmatmul__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w.matmul_t(x)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        r, c = self.w.shape
+        return c, r
+
+
+def _gpu_dequantize(w: EncodedWeight) -> torch.Tensor:
+    from qmoe_ray import gpu
+
+    src = w._dev if w._dev is not None else w.enc
+    if w.scheme.name == "ternary":
+        return gpu.dequantize_ternary(src, w.params["lo"], w.params["hi"])
+    return gpu.dequantize_int2(src, w.params["scale"], w.params["zero"])
+
+
+def _gpu_matvec(w: EncodedWeight, x: torch.Tensor) -> torch.Tensor:
+    from qmoe_ray import gpu
+
+    fn = gpu.matvec_ternary if w.scheme.name == "ternary" else gpu.matvec_int2
+    a, b = (("lo", "hi") if w.scheme.name == "ternary" else ("scale", "zero"))
+    outs = []
+    for i in range(0, x.shape[0], 16):  # the kernel takes 1..16 tokens per launch
+        y = fn(w._dev, w.params[a], w.params[b], x[i : i + 16])
+        outs.append(torch.from_dlpack(y))
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def encoded_matrix(
+    name: str,
+    entry: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    tables: Mapping[str, Mapping[str, str]],
+    table_cache: dict[str, codec.Table] | None = None,
+    device: str = "cpu",
+) -> EncodedWeight:
+    """An ``EncodedWeight`` from a stored quantized matrix (nothing decoded yet).
+
+    Raises:
+        KeyError: a stored tensor or table is missing.
+        ValueError: an unknown codec version, a table hash mismatch, inconsistent sizes.
+    """
+    scheme = parse_scheme(entry["scheme"], entry.get("quant_group_size"))
+    # copies: an encoded matrix must not keep its whole shard buffer alive
+    arrays = {f: tensors[f"{name}{CODE_PREFIX}{f}"].numpy().copy() for f in entry["fields"]}
+    meta = dict(entry["codec"])
+    try:
+        if scheme.name in ("ternary", "int2"):
+            cls = codec.EncodedTernary if scheme.name == "ternary" else codec.EncodedInt2
+            table = _table(entry.get("table"), tables, tensors,
+                           table_cache if table_cache is not None else {})
+            enc = cls.from_tensors(arrays, meta, table=table)
+        else:
+            enc = codec.PackedCodes.from_tensors(arrays, meta)
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"quantized matrix {name!r}: {exc}") from None
+    if list(enc.shape) != list(entry["shape"]):
+        raise ValueError(f"quantized matrix {name!r}: encoded shape {list(enc.shape)}, manifest "
+                         f"says {entry['shape']}")
+    params = {p: tensors[f"{name}.{p}"].clone() for p in entry["params"]}
+    w = EncodedWeight(name, scheme, enc, params, device)
+    if device == "cuda":
+        params = {k: v.to("cuda") for k, v in params.items()}
+        dev = None
+        if w._gpu_ok():
+            from qmoe_ray import gpu
+
+            dev = gpu.upload(enc)
+        w = EncodedWeight(name, scheme, enc, params, device, dev)
+    return w
+
+
+def decode_matrix(w: EncodedWeight) -> torch.Tensor:
+    """Dense bf16 weight of an encoded matrix (GPU kernels when on cuda, else numpy decoder)."""
+    return w.dense()
+
+
+# -- the model ---------------------------------------------------------------------------------
+class LoadedWeights:
+    """A ``WeightSource`` over a loaded checkpoint: dense tensors (stored dtype) and experts
+    (dense bf16 or ``EncodedWeight``), handed out as float32 on the model's device."""
+
+    def __init__(self, dense: Mapping[str, torch.Tensor], experts: Mapping[str, Any],
+                 dtype: torch.dtype = torch.float32):
+        self._dense = dense
+        self._experts = experts
+        self._dtype = dtype
+
+    def __call__(self, name: str) -> torch.Tensor:
+        t = self._dense.get(name)
+        if t is None:
+            t = self._experts.get(name)
+            if t is None:
+                raise KeyError(f"tensor {name!r} not found among "
+                               f"{len(self._dense) + len(self._experts)} tensors")
+            if isinstance(t, EncodedWeight):
+                t = t.dense()
+        return t.to(self._dtype)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._dense or name in self._experts
+
+    @property
+    def names(self) -> list[str]:
+        """Every tensor name (dense and experts)."""
+        return list(self._dense) + list(self._experts)
 
 
 class CompressedModel:
     """A loaded compressed checkpoint, runnable through the project's block code.
 
     Attributes:
-        manifest: the checkpoint's manifest.
+        manifest: the checkpoint's manifest; config: the source model's config.
         family: the model family adapter.
-        weights: dense tensors (float32) and decoded expert matrices by canonical name.
-        timings: seconds spent reading, verifying and decoding.
+        device, mode: as passed to ``load``.
+        dense: non-expert tensors (as stored, bf16) by name.
+        experts: expert matrices by canonical name: bf16 tensors (decode) or ``EncodedWeight``.
+        weights: ``dense`` and ``experts`` in one dict.
+        W: a ``WeightSource`` over both (float32).
+        timings: seconds spent reading, waiting, verifying and decoding, and the wall time.
     """
 
-    def __init__(self, manifest: dict[str, Any], weights: dict[str, torch.Tensor],
-                 timings: dict[str, float]):
+    def __init__(self, manifest: dict[str, Any], dense: dict[str, torch.Tensor],
+                 experts: dict[str, Any], timings: dict[str, float],
+                 device: str = "cpu", mode: str = "decode"):
         self.manifest = manifest
         self.config = manifest["config"]
         self.family = get_family(self.config)
-        self.weights = weights
-        self.W = DictWeights(weights)
+        self.device = device
+        self.mode = mode
+        self.dense = dense
+        self.experts = experts
+        self.weights = {**dense, **experts}
+        self.W = LoadedWeights(dense, experts)
+        if hasattr(self.family, "bind"):
+            self.family.bind(self.W)
         self.timings = timings
-        self._names: dict[int, dict[int, dict[str, str]]] = {}
 
     def experts_for(self, layer: LayerSpec):
-        """``expert id -> {role: weight}`` for one MoE layer."""
+        """``expert id -> {role: weight}`` for one MoE layer (float32 tensors in decode mode,
+        ``EncodedWeight`` in resident mode; both work with ``x @ w.T``)."""
         fam = self.family
 
-        def get(e: int) -> dict[str, torch.Tensor]:
-            return {r: self.weights[n] for r, n in fam.expert_names(layer, e).items()}
+        def get(e: int) -> dict[str, Any]:
+            out = {}
+            for r, n in fam.expert_names(layer, e).items():
+                w = self.experts[n]
+                out[r] = w if isinstance(w, EncodedWeight) else w.float()
+            return out
 
         return get
 
-    @torch.no_grad()
-    def logits(self, inputs: Mapping[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
-        """float32 logits ``[B, S, vocab]`` for token ids (a tensor, or the family's inputs dict)."""
+    def _inputs(self, inputs: Mapping[str, torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:
         if isinstance(inputs, torch.Tensor):
             ids = inputs if inputs.ndim == 2 else inputs[None]
-            inputs = {"input_ids": ids.long(), "attention_mask": torch.ones_like(ids, dtype=torch.long)}
-        return run_forward(self.family, self.W, inputs, experts_for=self.experts_for)
+            inputs = {"input_ids": ids.long(),
+                      "attention_mask": torch.ones_like(ids, dtype=torch.long)}
+        return {k: v.to(self.device) for k, v in inputs.items()}
+
+    @torch.no_grad()
+    def logits(self, inputs: Mapping[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """float32 logits ``[B, S, vocab]`` for token ids (a tensor or the family's inputs)."""
+        inputs = self._inputs(inputs)
+        with torch.device(self.device):  # tensors the block code creates land on our device
+            return run_forward(self.family, self.W, inputs, experts_for=self.experts_for)
+
+    @torch.no_grad()
+    def loss(self, inputs: Mapping[str, torch.Tensor]) -> tuple[float, int]:
+        """``(mean token cross-entropy, predicted tokens)`` as transformers counts them."""
+        inputs = self._inputs(inputs)
+        ce, n = self.family.loss_terms(self.logits(inputs), inputs)
+        return float(ce) / max(int(n), 1), int(n)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 16) -> torch.Tensor:
         """Greedy continuation for decoder-only families (recomputes the prefix each step)."""
         if self.family.model_type == "switch_transformers":
             raise ValueError("generate() supports decoder-only families; for Switch use logits()")
-        ids = input_ids if input_ids.ndim == 2 else input_ids[None]
+        ids = (input_ids if input_ids.ndim == 2 else input_ids[None]).to(self.device)
         for _ in range(max_new_tokens):
             nxt = self.logits(ids)[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], dim=1)
         return ids
 
 
-def load(url: str, device: str = "cpu", mode: str = "decode", **storage_options: Any) -> CompressedModel:
-    """Load a compressed checkpoint.
+def load(url: str, device: str = "cpu", mode: str = "decode", workers: int = 4,
+         **storage_options: Any) -> CompressedModel:
+    """Load a compressed checkpoint, streaming and verifying its shards.
 
     Args:
         url: the checkpoint folder (any fsspec URL).
-        device: ``"cpu"`` (numpy reference decoder).
-        mode: ``"decode"``: experts decoded once into dense weights.
+        device: ``"cpu"`` (numpy decoder) or ``"cuda"`` (CuPy kernels; needs the GPU extra).
+        mode: ``"decode"``: experts decoded once into dense bf16 weights; ``"resident"``: experts
+            kept encoded and decoded inside each product (fused kernel on a GPU).
+        workers: concurrent range reads.
         **storage_options: fsspec options (credentials, endpoint).
 
     Returns:
-        A ``CompressedModel``.
+        A ``CompressedModel``; its ``timings`` split the load into read, wait, verify, decode.
 
     Raises:
-        ValueError: an unknown device or mode; a corrupted checkpoint (see ``read_verified``).
-        FileNotFoundError: no manifest or a missing shard.
+        ValueError: an unknown device or mode; a corrupted or inconsistent checkpoint.
+        RuntimeError: ``device="cuda"`` without a GPU or without CuPy (says how to install it).
+        FileNotFoundError: no manifest or a missing shard; PermissionError: access denied.
     """
-    if device not in DEVICES:
-        raise ValueError(f"device={device!r}: expected one of {DEVICES}")
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
-    if device == "cuda":
-        from qmoe_ray import gpu
-
-        if not gpu.available():
-            raise RuntimeError("device='cuda' needs a CUDA GPU and CuPy: pip install 'qmoe-ray[gpu]'")
-        raise ValueError("device='cuda' loading is not implemented yet; use device='cpu'")
+    _check_device(device)
+    t_start = time.perf_counter()
     manifest = read_manifest(url, **storage_options)
-    tensors, timings = read_verified(url, manifest, **storage_options)
-    t0 = time.perf_counter()
-    q = manifest["quantized"]
+    check_manifest(manifest, f"{redact(url)}/{mf.MANIFEST}")
+    quantized = manifest["quantized"]
     tables = manifest.get("tables", {})
-    skip = tuple(f"{n}." for n in list(q) + list(tables))
-    weights = {n: t.float() for n, t in tensors.items() if not n.startswith(skip)}
-    for name, entry in q.items():
-        weights[name] = dequantize_matrix(name, entry, tensors, tables)
-    timings["decode"] = time.perf_counter() - t0
-    return CompressedModel(manifest, weights, timings)
+    stored = {f"{n}{CODE_PREFIX}{f}" for n, e in quantized.items() for f in e["fields"]}
+    stored |= {f"{n}.{p}" for n, e in quantized.items() for p in e["params"]}
+    stored |= {f"{t}.freqs" for t in tables}
+    need = {n: ([f"{n}{CODE_PREFIX}{f}" for f in e["fields"]] + [f"{n}.{p}" for p in e["params"]]
+                + ([f"{e['table']}.freqs"] if e.get("table") else []))
+            for n, e in quantized.items()}
+    refs: dict[str, int] = {}
+    for keys in need.values():
+        for k in keys:
+            refs[k] = refs.get(k, 0) + 1
+    t = Timings()
+    dense: dict[str, torch.Tensor] = {}
+    experts: dict[str, Any] = {}
+    held: dict[str, torch.Tensor] = {}  # stored pieces of matrices not yet complete
+    table_cache: dict[str, codec.Table] = {}
+    todo = dict(quantized)
+    for _, part in iter_shards(url, manifest, workers=workers, timings=t, **storage_options):
+        t0 = time.perf_counter()
+        for name, tensor in part.items():
+            if name in stored:
+                held[name] = tensor
+            else:
+                dense[name] = tensor.clone().to(device)  # own the memory, not the shard buffer
+        for name in [n for n in todo if all(k in held for k in need[n])]:
+            w = encoded_matrix(name, todo.pop(name), held, tables, table_cache, device)
+            experts[name] = w if mode == "resident" else w.dense()
+            for k in need[name]:  # free pieces no pending matrix needs (tables are shared)
+                refs[k] -= 1
+                if refs[k] == 0:
+                    held.pop(k)
+        t.decode += time.perf_counter() - t0
+    if todo:
+        raise ValueError(f"quantized matrices without their stored tensors: {sorted(todo)[:3]}")
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t.wall = time.perf_counter() - t_start
+    return CompressedModel(manifest, dense, experts, t.as_dict(), device=device, mode=mode)
