@@ -14,6 +14,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "compress": ("qmoe_ray.distributed.job", "compress an MoE checkpoint (a Ray job)"),
     "eval": ("qmoe_ray.evaluate", "held-out loss and perplexity of a model"),
+    "export": ("qmoe_ray.export", "write a plain HF bf16 checkpoint of a compressed model"),
+    "inspect": ("qmoe_ray.inspect_cmd", "what is inside a compressed checkpoint"),
 }
 
 

@@ -1,0 +1,276 @@
+"""``qmoe-ray inspect URL``: what is inside a compressed checkpoint.
+
+Reports the model family and shape, the quantization scheme and options, sizes by tensor kind,
+bits per parameter (experts and whole model) and the ratio to bf16, the experts that fell back to
+round-to-nearest and why, calibration token coverage per MoE layer, and the checksum status.
+
+Why it recomputes sizes from the manifest's tensor list instead of quoting the job's report: the
+tensor list is what a reader actually gets (and what the checksums cover), so the figures hold
+for a checkpoint whose report was lost or written by another version. Checksums are verified by
+streaming every shard through ``qmoe_ray.load.iter_shards`` (``verify=False`` skips the download
+and reports ``"not checked"``). Named ``inspect_cmd`` so it never shadows the standard library's
+``inspect``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from qmoe_ray.storage.fs import redact
+
+KINDS = ("expert codes", "expert scales", "code tables", "router", "embeddings/head",
+         "attention", "norms", "dense ffn/shared experts", "other")
+
+_PATTERNS = (
+    ("router", re.compile(r"(\.gate\.weight$|router\.classifier|shared_expert_gate)")),
+    ("embeddings/head", re.compile(r"(embed|lm_head|^shared\.weight$|wte|wpe)")),
+    ("norms", re.compile(r"(norm|layer_norm|ln_)")),
+    ("attention", re.compile(r"(attn|attention|SelfAttention|EncDecAttention|relative_attention)")),
+    ("dense ffn/shared experts",
+     re.compile(r"(mlp|DenseReluDense|shared_expert|ffn|\.wi\.|\.wo\.)")),
+)
+
+
+def tensor_kind(name: str, quantized: Mapping[str, Any], tables: Mapping[str, Any]) -> str:
+    """The kind of a stored tensor (one of ``KINDS``)."""
+    if ".q." in name and name.split(".q.")[0] in quantized:
+        return "expert codes"
+    base, _, leaf = name.rpartition(".")
+    if base in quantized and leaf in ("lo", "hi", "scale", "zero"):
+        return "expert scales"
+    if base in tables:
+        return "code tables"
+    for kind, pat in _PATTERNS:
+        if pat.search(name):
+            return kind
+    return "other"
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def summarize(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """Everything ``inspect`` reports that the manifest alone tells (no shard is read).
+
+    Returns:
+        A JSON-able dict: ``model``, ``options``, ``sizes`` (per kind and totals),
+        ``bits_per_param``, ``fallbacks``, ``coverage``.
+    """
+    from qmoe_ray.models import get_family
+
+    cfg = manifest["config"]
+    family = get_family(cfg)
+    layers = family.layers()
+    moe = [lay for lay in layers if lay.moe]
+    quantized = manifest["quantized"]
+    tables = manifest.get("tables", {})
+    kinds = {k: {"tensors": 0, "bytes": 0, "params": 0} for k in KINDS}
+    for name, entry in manifest["tensors"].items():
+        k = tensor_kind(name, quantized, tables)
+        kinds[k]["tensors"] += 1
+        kinds[k]["bytes"] += int(entry["nbytes"])
+        if k not in ("expert codes", "expert scales", "code tables"):
+            kinds[k]["params"] += _numel(entry["shape"])
+    expert_params = sum(_numel(e["shape"]) for e in quantized.values())
+    kinds["expert codes"]["params"] = expert_params
+    expert_bytes = sum(kinds[k]["bytes"] for k in ("expert codes", "expert scales", "code tables"))
+    dense_params = sum(v["params"] for k, v in kinds.items() if k != "expert codes")
+    dense_bytes = sum(v["bytes"] for k, v in kinds.items()) - expert_bytes
+    total_params = expert_params + dense_params
+    total_bytes = expert_bytes + dense_bytes
+    schemes = sorted({e["scheme"] for e in quantized.values()})
+    fallbacks, coverage = _experts(manifest)
+    return {
+        "model": {
+            "model_type": family.model_type,
+            "architectures": cfg.get("architectures"),
+            "layers": len(layers),
+            "moe_layers": len(moe),
+            "experts_per_layer": sorted({lay.num_experts for lay in moe}),
+            "top_k": sorted({lay.top_k for lay in moe}),
+            "source": manifest.get("source"),
+        },
+        "format": {"name": manifest.get("format"), "version": manifest.get("format_version"),
+                   "created_by": manifest.get("created_by")},
+        "scheme": schemes[0] if len(schemes) == 1 else schemes,
+        "options": manifest.get("options", {}),
+        "sizes": {
+            "by_kind": {k: v for k, v in kinds.items() if v["tensors"]},
+            "files": len(manifest["files"]),
+            "tensors": len(manifest["tensors"]),
+            "expert_params": expert_params,
+            "dense_params": dense_params,
+            "total_params": total_params,
+            "expert_bytes": expert_bytes,
+            "dense_bytes": dense_bytes,
+            "total_bytes": total_bytes,
+            "bf16_bytes": 2 * total_params,
+        },
+        "bits_per_param": {
+            "experts": 8 * expert_bytes / max(expert_params, 1),
+            "expert_codes_only": 8 * kinds["expert codes"]["bytes"] / max(expert_params, 1),
+            "whole_model": 8 * total_bytes / max(total_params, 1),
+            "experts_ratio_vs_bf16": 16 * expert_params / max(8 * expert_bytes, 1),
+            "whole_ratio_vs_bf16": 16 * total_params / max(8 * total_bytes, 1),
+        },
+        "heldout_loss": manifest.get("heldout_loss"),
+        "fallbacks": fallbacks,
+        "coverage": coverage,
+    }
+
+
+def _experts(manifest: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Fallbacks and per-layer token coverage from the manifest's per-expert statistics."""
+    items: list[dict[str, Any]] = []
+    coverage = []
+    experts = manifest.get("experts") or {}
+    pairs = experts.items() if isinstance(experts, Mapping) else experts
+    for file, stats in pairs:
+        routed = [int(s.get("routed_tokens", 0)) for s in stats]
+        hess = [int(s.get("hessian_tokens", 0)) for s in stats]
+        for s in stats:
+            if s.get("fallback"):
+                reasons = sorted(set(s["fallback"].values()))
+                items.append({"file": file, "expert": s.get("expert"),
+                              "matrices": sorted(s["fallback"]), "reasons": reasons})
+        coverage.append({
+            "file": file,
+            "experts": len(stats),
+            "with_tokens": sum(r > 0 for r in routed),
+            "routed_min": min(routed, default=0),
+            "routed_median": statistics.median(routed) if routed else 0,
+            "routed_max": max(routed, default=0),
+            "hessian_tokens": sum(hess),
+        })
+    reasons: dict[str, int] = {}
+    for it in items:
+        for r in it["reasons"]:
+            reasons[r] = reasons.get(r, 0) + 1
+    total = sum(c["experts"] for c in coverage)
+    return {"experts": len(items), "of": total, "by_reason": reasons, "list": items}, coverage
+
+
+def inspect(url: str, verify: bool = True, **storage_options: Any) -> dict[str, Any]:
+    """What is inside the compressed checkpoint at ``url``.
+
+    Args:
+        url: the checkpoint folder (any fsspec URL).
+        verify: stream every shard and verify every checksum (else ``"not checked"``).
+        **storage_options: fsspec options.
+
+    Returns:
+        ``summarize(manifest)`` plus ``url`` and ``checksums``: ``{"status": "ok" | "failed" |
+        "not checked", "files", "tensors", "bytes", "error"}``.
+
+    Raises:
+        FileNotFoundError / PermissionError / ValueError: no readable manifest or an unknown
+            format version (a corrupted shard is reported in ``checksums``, not raised).
+    """
+    from qmoe_ray.load import Timings, check_manifest, iter_shards, read_manifest
+
+    manifest = read_manifest(url, **storage_options)
+    check_manifest(manifest)
+    info = {"url": redact(url), **summarize(manifest)}
+    status: dict[str, Any] = {"status": "not checked", "files": 0, "tensors": 0, "bytes": 0}
+    if verify:
+        t = Timings()
+        try:
+            for _, part in iter_shards(url, manifest, timings=t, **storage_options):
+                status["files"] += 1
+                status["tensors"] += len(part)
+            status["status"] = "ok"
+        except (ValueError, FileNotFoundError, PermissionError) as exc:
+            status.update(status="failed", error=str(exc))
+        status["bytes"] = t.bytes
+    info["checksums"] = status
+    return info
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:,.2f} MiB"
+
+
+def format_text(info: Mapping[str, Any]) -> str:
+    """A human-readable report of ``inspect``'s result."""
+    m, s, b = info["model"], info["sizes"], info["bits_per_param"]
+    opts = info.get("options", {})
+    lines = [
+        f"{info['url']}: {m['model_type']} ({', '.join(m['architectures'] or [])}), "
+        f"{m['layers']} layers, {m['moe_layers']} MoE x {m['experts_per_layer']} experts "
+        f"(top-{m['top_k']})",
+        f"format {info['format']['name']} v{info['format']['version']} "
+        f"({info['format']['created_by']}); scheme {info['scheme']}, method "
+        f"{opts.get('method', '?')}, source {m['source']}",
+        "",
+        f"{'kind':<26}{'tensors':>8}{'params':>14}{'size':>16}",
+    ]
+    for kind, v in s["by_kind"].items():
+        params = f"{v['params']:,}" if v["params"] else ""
+        lines.append(f"{kind:<26}{v['tensors']:>8}{params:>14}{_mib(v['bytes']):>16}")
+    lines += [
+        f"{'total':<26}{s['tensors']:>8}{s['total_params']:>14,}{_mib(s['total_bytes']):>16}",
+        "",
+        f"bits/param: experts {b['experts']:.3f} (codes only {b['expert_codes_only']:.3f}), "
+        f"whole model {b['whole_model']:.3f}",
+        f"vs bf16: experts {b['experts_ratio_vs_bf16']:.2f}x, whole model "
+        f"{b['whole_ratio_vs_bf16']:.2f}x ({_mib(s['bf16_bytes'])} -> {_mib(s['total_bytes'])})",
+    ]
+    if info.get("heldout_loss") is not None:
+        lines.append(f"held-out loss reported by the job: {info['heldout_loss']:.4f}")
+    fb = info["fallbacks"]
+    lines += ["", f"fallbacks to round-to-nearest: {fb['experts']} of {fb['of']} experts "
+                  f"{fb['by_reason'] or ''}".rstrip()]
+    for it in fb["list"][:20]:
+        lines.append(f"  {it['file']} expert {it['expert']}: {', '.join(it['reasons'])} "
+                     f"({', '.join(it['matrices'])})")
+    if len(fb["list"]) > 20:
+        lines.append(f"  ... {len(fb['list']) - 20} more (see --json)")
+    lines += ["", "token coverage (calibration tokens routed per expert):"]
+    for c in info["coverage"]:
+        lines.append(f"  {c['file']}: {c['with_tokens']}/{c['experts']} experts with tokens, "
+                     f"min {c['routed_min']}, median {c['routed_median']}, max {c['routed_max']}")
+    cs = info["checksums"]
+    lines.append("")
+    if cs["status"] == "ok":
+        lines.append(f"checksums: ok ({cs['tensors']} tensors in {cs['files']} files, "
+                     f"{_mib(cs['bytes'])} read)")
+    elif cs["status"] == "failed":
+        lines.append(f"checksums: FAILED: {cs['error']}")
+    else:
+        lines.append("checksums: not checked (--no-verify)")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``qmoe-ray inspect`` options."""
+    parser.add_argument("url", help="compressed checkpoint folder or URL")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="do not read the shards to verify their checksums")
+    parser.add_argument("--storage-options", default=None, metavar="JSON",
+                        help='fsspec options as JSON, e.g. \'{"endpoint_url": "..."}\'')
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``qmoe-ray inspect``; exit status 0, 1 when a checksum fails, 2 on bad input."""
+    try:
+        opts = json.loads(args.storage_options) if args.storage_options else {}
+        if not isinstance(opts, dict):
+            raise ValueError("--storage-options must be a JSON object")
+        info = inspect(args.url, verify=not args.no_verify, **opts)
+    except (ValueError, FileNotFoundError, PermissionError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"qmoe-ray inspect: error: {msg}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=1) if args.json else format_text(info))
+    return 1 if info["checksums"]["status"] == "failed" else 0
