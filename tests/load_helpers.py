@@ -1,0 +1,49 @@
+"""One compressed checkpoint of the embedded tiny model per test process, shared by the load,
+export and inspect tests (the Ray job runs once, ~20-30 s), and corrupted copies of it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+_CACHE: dict[str, Path] = {}
+SEQ_LEN = 32
+EVAL_SAMPLES = 4
+
+
+def compressed_checkpoint(tmp_path_factory: Any) -> Path:
+    """The folder of the embedded model compressed (ternary GPTQ, small calibration set)."""
+    if "ckpt" not in _CACHE:
+        from qmoe_ray.config import CompressConfig
+        from qmoe_ray.distributed.driver import run_compression
+
+        out = tmp_path_factory.mktemp("qmoe_ckpt") / "ckpt"
+        cfg = CompressConfig(output=str(out), num_samples=32, seq_len=SEQ_LEN,
+                             eval_samples=EVAL_SAMPLES, batch_size=16, group_size=8)
+        run_compression(cfg, progress=False)
+        _CACHE["ckpt"] = out
+    return _CACHE["ckpt"]
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    """A writable copy of a checkpoint folder (for corrupting)."""
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_manifest(root: Path, fn: Any) -> None:
+    """Apply ``fn(manifest) -> None`` to ``root/manifest.json`` in place."""
+    path = root / "manifest.json"
+    m = json.loads(path.read_text())
+    fn(m)
+    path.write_text(json.dumps(m))
+
+
+def data_offset(shard: Path, name: str) -> int:
+    """Absolute byte offset of tensor ``name``'s data in a safetensors file."""
+    raw = shard.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    return 8 + n + header[name]["data_offsets"][0]

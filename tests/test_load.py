@@ -1,0 +1,238 @@
+"""Loading compressed checkpoints on CPU: decode vs resident, the job's loss, streaming reads, and
+every kind of bad checkpoint refused with a clear error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from load_helpers import (
+    EVAL_SAMPLES,
+    SEQ_LEN,
+    compressed_checkpoint,
+    copy_checkpoint,
+    data_offset,
+    edit_manifest,
+)
+
+from qmoe_ray.load import (
+    EncodedWeight,
+    Timings,
+    iter_shards,
+    load,
+    parse_safetensors,
+    read_manifest,
+    read_verified,
+)
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    return compressed_checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def decoded(ckpt):
+    return load(str(ckpt))
+
+
+@pytest.fixture(scope="module")
+def resident(ckpt):
+    return load(str(ckpt), mode="resident")
+
+
+def _ids(seed: int = 0, shape=(2, 12)) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).integers(3, 2000, size=shape))
+
+
+# -- good checkpoints --------------------------------------------------------------------------
+def test_decode_and_resident_give_the_same_logits(decoded, resident):
+    ids = _ids()
+    a, b = decoded.logits(ids), resident.logits(ids)
+    assert a.shape == (2, 12, decoded.config["vocab_size"]) and torch.isfinite(a).all()
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    # resident experts stay encoded: far fewer bytes than bf16
+    enc = [w for w in resident.experts.values() if isinstance(w, EncodedWeight)]
+    assert len(enc) == len(decoded.experts) == len(decoded.manifest["quantized"])
+    assert sum(w.nbytes for w in enc) * 4 < sum(t.numel() * 2 for t in decoded.experts.values())
+    assert all(t.dtype == torch.bfloat16 for t in decoded.experts.values())
+
+
+def test_loss_matches_the_job_report(ckpt, decoded):
+    from qmoe_ray.data import load_samples
+
+    held = load_samples("embedded", decoded.config, EVAL_SAMPLES, SEQ_LEN, split="heldout")
+    loss, n = decoded.loss({k: torch.from_numpy(v) for k, v in held.items()})
+    report = json.loads((ckpt / "report.json").read_text())
+    assert n > 0 and loss == pytest.approx(report["heldout_loss"], rel=1e-4)
+    assert decoded.manifest["heldout_loss"] == pytest.approx(report["heldout_loss"])
+
+
+def test_generate_is_greedy(decoded):
+    ids = _ids(1, (1, 5))
+    out = decoded.generate(ids, max_new_tokens=3)
+    assert out.shape == (1, 8) and torch.equal(out[:, :5], ids)
+    for k in range(5, 8):  # each new token is the argmax of the logits of its prefix
+        assert int(decoded.logits(out[:, :k])[0, -1].argmax()) == int(out[0, k])
+
+
+def test_encoded_weight_product_equals_dense(resident):
+    w = next(iter(resident.experts.values()))
+    x = torch.randn(5, w.shape[1], dtype=torch.float32)
+    dense = w.dense()
+    assert dense.dtype == torch.bfloat16 and tuple(dense.shape) == w.shape
+    torch.testing.assert_close(x @ w.T, x @ dense.float().T)
+    assert w.T.shape == (w.shape[1], w.shape[0])
+
+
+def test_streamed_range_reads_equal_whole_reads(ckpt):
+    manifest = read_manifest(str(ckpt))
+    whole, t1 = read_verified(str(ckpt), manifest)
+    t = Timings()
+    parts = {}
+    for _, p in iter_shards(str(ckpt), manifest, workers=3, prefetch=3, chunk_bytes=4099,
+                            timings=t):
+        parts.update(p)
+    assert parts.keys() == whole.keys() == manifest["tensors"].keys()
+    assert all(torch.equal(parts[k], whole[k]) for k in whole)
+    on_disk = sum((ckpt / f).stat().st_size for f in manifest["files"])
+    assert t.bytes == on_disk and t.read > 0 and t.verify > 0 and set(t1) == {"read", "verify"}
+
+
+def test_timings_split_the_load(decoded):
+    t = decoded.timings
+    assert {"read", "wait", "verify", "decode", "wall", "bytes"} <= set(t)
+    assert all(v >= 0 for v in t.values()) and t["wall"] >= t["decode"]
+
+
+def test_parse_safetensors_refuses_gaps_and_overlaps():
+    from safetensors.torch import save
+
+    raw = bytearray(save({"a": torch.arange(4, dtype=torch.int32)}))
+    assert parse_safetensors(raw, "x")["a"][:2] == ("int32", [4])
+    with pytest.raises(ValueError, match="trailing bytes"):
+        parse_safetensors(raw + b"\0\0\0\0", "x")
+    with pytest.raises(ValueError, match="truncated"):
+        parse_safetensors(raw[:-3], "x")
+    with pytest.raises(ValueError, match="too short"):
+        parse_safetensors(raw[:5], "x")
+
+
+# -- bad checkpoints ---------------------------------------------------------------------------
+def _expert_shard(root: Path) -> tuple[Path, str]:
+    m = json.loads((root / "manifest.json").read_text())
+    name = next(n for n in m["tensors"] if ".q.stream" in n)
+    return root / m["tensors"][name]["file"], name
+
+
+def test_flipped_byte_in_data_is_refused(ckpt, tmp_path):
+    root = copy_checkpoint(ckpt, tmp_path / "c")
+    shard, name = _expert_shard(root)
+    raw = bytearray(shard.read_bytes())
+    raw[data_offset(shard, name) + 3] ^= 0x10
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=f"{name}.*fails its checksum"):
+        load(str(root))
+
+
+def test_flipped_byte_in_header_is_refused(ckpt, tmp_path):
+    root = copy_checkpoint(ckpt, tmp_path / "c")
+    shard, _ = _expert_shard(root)
+    raw = bytearray(shard.read_bytes())
+    raw[9] ^= 0x41  # inside the JSON header
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="safetensors header|corrupted"):
+        load(str(root))
+
+
+def test_truncated_shard_is_refused(ckpt, tmp_path):
+    root = copy_checkpoint(ckpt, tmp_path / "c")
+    shard, _ = _expert_shard(root)
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        load(str(root))
+
+
+def test_missing_shard_is_refused(ckpt, tmp_path):
+    root = copy_checkpoint(ckpt, tmp_path / "c")
+    shard, _ = _expert_shard(root)
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load(str(root))
+
+
+def test_path_outside_the_folder_is_refused(ckpt, tmp_path):
+    root = copy_checkpoint(ckpt, tmp_path / "c")
+    (tmp_path / "evil.safetensors").write_bytes(b"x")
+
+    def escape(m):
+        m["files"][0] = "../evil.safetensors"
+
+    edit_manifest(root, escape)
+    with pytest.raises(ValueError, match="unsafe file name '../evil.safetensors'"):
+        load(str(root))
+
+
+def test_unknown_format_version_is_refused(ckpt, tmp_path):
+    root = copy_checkpoint(ckpt, tmp_path / "c")
+    edit_manifest(root, lambda m: m.update(format_version=99))
+    with pytest.raises(ValueError, match="version 99 is not supported.*upgrade"):
+        load(str(root))
+
+
+def test_unknown_codec_version_is_refused_before_reading(ckpt, tmp_path):
+    root = copy_checkpoint(ckpt, tmp_path / "c")
+
+    def bump(m):
+        m["quantized"][next(iter(m["quantized"]))]["codec"]["version"] = "7"
+
+    edit_manifest(root, bump)
+    for f in (root / "shards").iterdir():  # nothing may be read: the error comes first
+        f.unlink()
+    with pytest.raises(ValueError, match="version '7' is unknown"):
+        load(str(root))
+
+
+def test_foreign_table_hash_is_refused(ckpt, tmp_path):
+    root = copy_checkpoint(ckpt, tmp_path / "c")
+
+    def other_hash(m):
+        name = next(iter(m["tables"]))
+        m["tables"][name]["table_hash"] = "0" * 64
+
+    edit_manifest(root, other_hash)
+    with pytest.raises(ValueError, match="table hash mismatch"):
+        load(str(root))
+
+
+def test_missing_manifest_wrong_url_and_bad_arguments(ckpt, tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.json.*not a .*checkpoint"):
+        load(str(tmp_path / "nowhere"))
+    root = copy_checkpoint(ckpt, tmp_path / "c")
+    (root / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load(str(root))
+    with pytest.raises(ValueError, match="mode='fast'"):
+        load(str(ckpt), mode="fast")
+    with pytest.raises(ValueError, match="device='tpu'"):
+        load(str(ckpt), device="tpu")
+
+
+def test_cuda_without_gpu_says_how_to_install(ckpt):
+    from qmoe_ray import gpu
+
+    if gpu.available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match=r"pip install 'qmoe-ray\[gpu\]'"):
+        load(str(ckpt), device="cuda")
+
+
+def test_evaluate_reads_a_compressed_checkpoint(ckpt, decoded):
+    from qmoe_ray.evaluate import evaluate
+
+    res = evaluate(str(ckpt), "embedded", num_samples=2, seq_len=16)
+    assert res["tokens"] == 2 * 15 and np.isfinite(res["loss"])
