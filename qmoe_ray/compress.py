@@ -103,8 +103,13 @@ def _quantize(
     if opts.method == "rtn":
         return rtn(W, opts.scheme, H=H, tokens=tokens)
     return gptq(
-        W, H, opts.scheme, blocksize=opts.blocksize, percdamp=opts.percdamp,
-        actorder=opts.actorder, tokens=tokens,
+        W,
+        H,
+        opts.scheme,
+        blocksize=opts.blocksize,
+        percdamp=opts.percdamp,
+        actorder=opts.actorder,
+        tokens=tokens,
     )
 
 
@@ -149,7 +154,9 @@ def quantize_group(
     experts = list(range(G)) if experts is None else list(experts)
     timings = {"hessian": 0.0, "quantize": 0.0, "forward": 0.0}
     clock = time.perf_counter
-    x_all = [torch.from_numpy(np.ascontiguousarray(t.x, dtype=np.float32)).to(device) for t in tokens]
+    x_all = [
+        torch.from_numpy(np.ascontiguousarray(t.x, dtype=np.float32)).to(device) for t in tokens
+    ]
     sel = [torch.from_numpy(select_hessian_tokens(t.hmask, cap)).to(device) for t in tokens]
     x_h = [x[s] for x, s in zip(x_all, sel, strict=True)]
     counts = torch.tensor([len(s) for s in sel], dtype=torch.int64)
@@ -207,7 +214,9 @@ def quantize_group(
                 "expert": int(e),
                 "routed_tokens": int(x_all[i].shape[0]),
                 "hessian_tokens": int(counts[i]),
-                "fallback": {r: results[r].fallback[i] for r in spec.roles if results[r].fallback[i]},
+                "fallback": {
+                    r: results[r].fallback[i] for r in spec.roles if results[r].fallback[i]
+                },
                 "proxy_loss": {r: float(results[r].loss[i]) for r in spec.roles},
             }
         )

@@ -83,8 +83,15 @@ class CompressConfig:
             raise bad("scheme", self.scheme, f"one of {', '.join(SCHEMES)}")
         if self.method not in METHODS:
             raise bad("method", self.method, f"one of {', '.join(METHODS)}")
-        for name in ("group_size", "num_samples", "seq_len", "batch_size", "num_workers",
-                     "num_stores", "blocksize"):
+        for name in (
+            "group_size",
+            "num_samples",
+            "seq_len",
+            "batch_size",
+            "num_workers",
+            "num_stores",
+            "blocksize",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise bad(name, value, "an integer >= 1")
@@ -96,8 +103,11 @@ class CompressConfig:
             raise bad("percdamp", self.percdamp, "a fraction such as 0.1 (0 <= percdamp < 10)")
         if self.quant_group_size is not None:
             if self.scheme == "ternary":
-                raise bad("quant_group_size", self.quant_group_size,
-                          "None for the ternary scheme (ternary scales are per row)")
+                raise bad(
+                    "quant_group_size",
+                    self.quant_group_size,
+                    "None for the ternary scheme (ternary scales are per row)",
+                )
             if self.quant_group_size < 1:
                 raise bad("quant_group_size", self.quant_group_size, "None or an integer >= 1")
         if self.cpus_per_worker <= 0:
@@ -110,8 +120,15 @@ class CompressConfig:
     # Options that change the output bytes: a resumed run must agree on all of them.
     def output_options(self) -> dict[str, Any]:
         """The options that determine the output (everything but where and how it runs)."""
-        runtime = {"output", "num_workers", "num_stores", "cpus_per_worker", "gpus_per_worker",
-                   "address", "overwrite"}
+        runtime = {
+            "output",
+            "num_workers",
+            "num_stores",
+            "cpus_per_worker",
+            "gpus_per_worker",
+            "address",
+            "overwrite",
+        }
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in runtime}
 
     def to_json(self) -> str:

@@ -26,9 +26,11 @@ def order0_entropy_bits(counts: Sequence[int]) -> float:
     return float(-(c[c > 0] * np.log2(p)).sum())
 
 
-def size_summary(tensors: Mapping[str, Mapping[str, Any]],
-                 quantized: Mapping[str, Mapping[str, Any]],
-                 tables: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def size_summary(
+    tensors: Mapping[str, Mapping[str, Any]],
+    quantized: Mapping[str, Mapping[str, Any]],
+    tables: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Sizes by tensor kind and bits per parameter.
 
     Args:
@@ -41,14 +43,19 @@ def size_summary(tensors: Mapping[str, Mapping[str, Any]],
     """
     expert_params = sum(int(np.prod(e["shape"])) for e in quantized.values())
     q_prefixes = tuple(f"{n}." for n in list(quantized) + list(tables or {}))
-    table_bytes = sum(int(t["nbytes"]) for n, t in tensors.items()
-                      if n.startswith(tuple(f"{n}." for n in tables or {})))
+    table_bytes = sum(
+        int(t["nbytes"])
+        for n, t in tensors.items()
+        if n.startswith(tuple(f"{n}." for n in tables or {}))
+    )
     code_bytes = sum(int(e["code_bytes"]) for e in quantized.values()) + table_bytes
     scale_bytes = sum(int(e["scale_bytes"]) for e in quantized.values())
     dense = {n: t for n, t in tensors.items() if not n.startswith(q_prefixes)}
     dense_params = sum(int(np.prod(t["shape"])) for t in dense.values())
     dense_bytes = sum(int(t["nbytes"]) for t in dense.values())
-    stored_expert_bytes = sum(int(t["nbytes"]) for n, t in tensors.items() if n.startswith(q_prefixes))
+    stored_expert_bytes = sum(
+        int(t["nbytes"]) for n, t in tensors.items() if n.startswith(q_prefixes)
+    )
     total_params = expert_params + dense_params
     total_bytes = stored_expert_bytes + dense_bytes
     expert_bits = 8 * (code_bytes + scale_bytes) / expert_params if expert_params else math.nan
@@ -82,19 +89,21 @@ def layer_rows(layers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         q = res["quantized"]
         params = sum(int(np.prod(e["shape"])) for e in q.values())
         nbytes = sum(int(e["code_bytes"]) + int(e["scale_bytes"]) for e in q.values())
-        rows.append({
-            "file": res["file"],
-            "experts": len(stats),
-            "tokens_routed": int(routed.sum()),
-            "experts_without_tokens": int((routed == 0).sum()),
-            "token_share_min": float(routed.min() / max(routed.sum(), 1)),
-            "token_share_max": float(routed.max() / max(routed.sum(), 1)),
-            "fallbacks": sum(1 for s in stats if s["fallback"]),
-            "proxy_loss": float(sum(sum(s["proxy_loss"].values()) for s in stats)),
-            "bits_per_param": 8 * nbytes / params if params else math.nan,
-            "seconds": float(res.get("seconds", 0.0)),
-            "routed": routed.tolist(),
-        })
+        rows.append(
+            {
+                "file": res["file"],
+                "experts": len(stats),
+                "tokens_routed": int(routed.sum()),
+                "experts_without_tokens": int((routed == 0).sum()),
+                "token_share_min": float(routed.min() / max(routed.sum(), 1)),
+                "token_share_max": float(routed.max() / max(routed.sum(), 1)),
+                "fallbacks": sum(1 for s in stats if s["fallback"]),
+                "proxy_loss": float(sum(sum(s["proxy_loss"].values()) for s in stats)),
+                "bits_per_param": 8 * nbytes / params if params else math.nan,
+                "seconds": float(res.get("seconds", 0.0)),
+                "routed": routed.tolist(),
+            }
+        )
     return rows
 
 
@@ -114,14 +123,21 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         f"({s['ratio_vs_bf16']:.2f}x vs bf16)",
     ]
     if report.get("heldout_loss") is not None:
-        lines.append(f"- held-out loss (compressed): {report['heldout_loss']:.4f} over "
-                     f"{report['heldout_tokens']} tokens")
-    lines += ["", "| layer | tokens | experts w/o tokens | RTN fallbacks | proxy loss | bits/param | s |",
-              "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"- held-out loss (compressed): {report['heldout_loss']:.4f} over "
+            f"{report['heldout_tokens']} tokens"
+        )
+    lines += [
+        "",
+        "| layer | tokens | experts w/o tokens | RTN fallbacks | proxy loss | bits/param | s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in report["layers"]:
-        lines.append(f"| {r['file']} | {r['tokens_routed']} | {r['experts_without_tokens']} | "
-                     f"{r['fallbacks']} | {r['proxy_loss']:.4g} | {r['bits_per_param']:.3f} | "
-                     f"{r['seconds']:.1f} |")
+        lines.append(
+            f"| {r['file']} | {r['tokens_routed']} | {r['experts_without_tokens']} | "
+            f"{r['fallbacks']} | {r['proxy_loss']:.4g} | {r['bits_per_param']:.3f} | "
+            f"{r['seconds']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

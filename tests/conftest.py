@@ -32,3 +32,4 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+pytest_plugins = ["fixtures_s3"]

@@ -12,7 +12,7 @@ import torch
 from fixtures_s3 import save_tiny, tiny_model
 
 from qmoe_ray.compress import ExpertTokens, QuantOptions, quantize_group, select_hessian_tokens
-from qmoe_ray.config import CompressConfig, StorageOptions
+from qmoe_ray.config import CompressConfig
 from qmoe_ray.quant import parse_scheme
 
 
@@ -20,16 +20,25 @@ from qmoe_ray.quant import parse_scheme
 def tiny_mixtral(tmp_path_factory) -> Path:
     """A tiny Mixtral saved by transformers (bf16, as checkpoints ship), plus token data."""
     path = tmp_path_factory.mktemp("mixtral")
-    save_tiny(tiny_model("mixtral", num_hidden_layers=2, num_local_experts=6), path,
-              dtype=torch.bfloat16)
+    save_tiny(
+        tiny_model("mixtral", num_hidden_layers=2, num_local_experts=6), path, dtype=torch.bfloat16
+    )
     rng = np.random.default_rng(0)
     np.save(path / "tokens.npy", rng.integers(3, 97, size=(96, 32)).astype(np.int64))
     return path
 
 
 def _cfg(model: Path, out: Path, **kw) -> CompressConfig:
-    base = dict(source=str(model), output=str(out), data=str(model / "tokens.npy"),
-                num_samples=48, seq_len=32, eval_samples=8, batch_size=16, group_size=4)
+    base = dict(
+        source=str(model),
+        output=str(out),
+        data=str(model / "tokens.npy"),
+        num_samples=48,
+        seq_len=32,
+        eval_samples=8,
+        batch_size=16,
+        group_size=4,
+    )
     base.update(kw)
     return CompressConfig(**base)
 
@@ -50,10 +59,15 @@ def test_quantize_group_ternary_sequential_and_fallback():
     spec = ExpertSpec(("gate", "up"), ("down",), swiglu_hidden)
     g = torch.Generator().manual_seed(0)
     G, d, ff = 3, 16, 24
-    W = {"gate": torch.randn(G, ff, d, generator=g), "up": torch.randn(G, ff, d, generator=g),
-         "down": torch.randn(G, d, ff, generator=g)}
-    toks = [ExpertTokens(torch.randn(n, d, generator=g).numpy(), np.ones(n, dtype=bool))
-            for n in (40, 0, 25)]
+    W = {
+        "gate": torch.randn(G, ff, d, generator=g),
+        "up": torch.randn(G, ff, d, generator=g),
+        "down": torch.randn(G, d, ff, generator=g),
+    }
+    toks = [
+        ExpertTokens(torch.randn(n, d, generator=g).numpy(), np.ones(n, dtype=bool))
+        for n in (40, 0, 25)
+    ]
     opts = QuantOptions(parse_scheme("ternary"))
     res = quantize_group(spec, W, toks, opts, cap=30, experts=[7, 8, 9])
     assert [o.shape for o in res.outputs] == [(40, d), (0, d), (25, d)]
@@ -77,9 +91,11 @@ def test_gptq_group_beats_rtn_on_outputs():
     spec = ExpertSpec(("gate", "up"), ("down",), swiglu_hidden)
     g = torch.Generator().manual_seed(1)
     d, ff = 32, 48
-    W = {"gate": torch.randn(1, ff, d, generator=g) / d**0.5,
-         "up": torch.randn(1, ff, d, generator=g) / d**0.5,
-         "down": torch.randn(1, d, ff, generator=g) / ff**0.5}
+    W = {
+        "gate": torch.randn(1, ff, d, generator=g) / d**0.5,
+        "up": torch.randn(1, ff, d, generator=g) / d**0.5,
+        "down": torch.randn(1, d, ff, generator=g) / ff**0.5,
+    }
     mix = torch.randn(d, d, generator=g)
     x = torch.randn(400, d, generator=g) @ mix
     x[:, :3] *= 8  # outlier channels
@@ -127,8 +143,11 @@ def test_config_rejects_bad_values():
 # -- with Ray --------------------------------------------------------------------------------------
 def _files(root: Path) -> dict[str, bytes]:
     skip = {"report.json", "report.md", "report.png"}  # these carry wall times
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name not in skip}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name not in skip
+    }
 
 
 @pytest.mark.ray
@@ -178,8 +197,9 @@ def test_job_bad_input_before_work(tiny_mixtral, tmp_path):
     with pytest.raises(PermissionError, match="cannot write to output"):
         run_compression(_cfg(tiny_mixtral, blocker / "sub"), progress=False)
     with pytest.raises(ValueError, match="calibration tokens"):
-        run_compression(_cfg(tiny_mixtral, tmp_path / "o", num_samples=2, seq_len=16),
-                        progress=False)
+        run_compression(
+            _cfg(tiny_mixtral, tmp_path / "o", num_samples=2, seq_len=16), progress=False
+        )
     dense = tmp_path / "dense"
     dense.mkdir()
     (dense / "model.safetensors").write_bytes((tiny_mixtral / "model.safetensors").read_bytes())
@@ -200,11 +220,30 @@ def test_cli_s3_source_and_output(tiny_mixtral, moto_endpoint, s3_credentials, t
 
     fs = make_bucket(moto_endpoint, "qmoe-test")
     upload_dir(fs, tiny_mixtral, "qmoe-test/src")
-    rc = main(["compress", "--source", "s3://qmoe-test/src", "--output", "s3://qmoe-test/out",
-               "--data", "s3://qmoe-test/src/tokens.npy", "--num-samples", "32", "--seq-len", "32",
-               "--eval-samples", "8", "--group-size", "3", "--quiet",
-               "--source-option", f"endpoint_url={moto_endpoint}",
-               "--output-option", f"endpoint_url={moto_endpoint}"])
+    rc = main(
+        [
+            "compress",
+            "--source",
+            "s3://qmoe-test/src",
+            "--output",
+            "s3://qmoe-test/out",
+            "--data",
+            "s3://qmoe-test/src/tokens.npy",
+            "--num-samples",
+            "32",
+            "--seq-len",
+            "32",
+            "--eval-samples",
+            "8",
+            "--group-size",
+            "3",
+            "--quiet",
+            "--source-option",
+            f"endpoint_url={moto_endpoint}",
+            "--output-option",
+            f"endpoint_url={moto_endpoint}",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "s3://qmoe-test/out/report.md" in printed
@@ -214,7 +253,3 @@ def test_cli_s3_source_and_output(tiny_mixtral, moto_endpoint, s3_credentials, t
     assert len(model.manifest["quantized"]) == 2 * 6 * 3
     text = fs.cat_file("qmoe-test/out/manifest.json").decode()
     assert s3_credentials["AWS_SECRET_ACCESS_KEY"] not in text
-
-
-# re-export fixtures used above
-from fixtures_s3 import moto_endpoint, s3_credentials  # noqa: E402,F401

@@ -82,8 +82,14 @@ def record(name: str, result: BenchResult, path: str | Path = "BENCHMARKS.md") -
     if result.notes:
         body += "\n" + "\n".join(f"- {n}" for n in result.notes) + "\n"
     body += f"<!-- /bench:{name} -->\n"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by `python jobs/benchmark.py NAME`.\n"
-    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->\n", re.S)
+    text = (
+        path.read_text()
+        if path.exists()
+        else "# Benchmarks\n\nWritten by `python jobs/benchmark.py NAME`.\n"
+    )
+    pattern = re.compile(
+        rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->\n", re.S
+    )
     if pattern.search(text):
         text = pattern.sub(lambda _m: body, text)
     else:

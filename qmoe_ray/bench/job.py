@@ -48,12 +48,13 @@ def _baseline_loss(source: str, data: str, n: int, seq_len: int) -> float:
 
     ckpt = open_checkpoint(source)
     fam = get_family(ckpt.config)
-    held = load_samples(data, ckpt.config, n, seq_len, seed=0, split="heldout",
-                        tokenizer_source=source)
+    held = load_samples(
+        data, ckpt.config, n, seq_len, seed=0, split="heldout", tokenizer_source=source
+    )
     ce, count = 0.0, 0
     with torch.no_grad():
         for a in range(0, n, 32):
-            inp = {k: torch.from_numpy(np.array(v[a:a + 32])) for k, v in held.items()}
+            inp = {k: torch.from_numpy(np.array(v[a : a + 32])) for k, v in held.items()}
             s, c = fam.loss_terms(run_forward(fam, ckpt, inp), inp)
             ce += float(s)
             count += int(c)
@@ -73,7 +74,9 @@ def _entropy_check(out: Path) -> dict[str, float]:
     scale_bits = 0
     for name, entry in manifest["quantized"].items():
         _, codes, _ = unpack_matrix(name, entry, tensors, tables)
-        ent_bits += order0_entropy_bits(np.bincount((codes.astype(np.int64) + 1).ravel(), minlength=3))
+        ent_bits += order0_entropy_bits(
+            np.bincount((codes.astype(np.int64) + 1).ravel(), minlength=3)
+        )
         scale_bits += 8 * int(entry["scale_bytes"])
     s = manifest["sizes"]
     written_bits = 8 * (s["expert_code_bytes"] + s["expert_scale_bytes"])
@@ -102,10 +105,16 @@ def _synthetic_4x(src: Path, dst: Path, factor: int = 4) -> Path:
             e, tail = rest.split(".", 1)
             for k in range(factor):
                 noise = 0.05 * t.float().std() * torch.randn(t.shape, generator=g)
-                out[f"{pre}.experts.{int(e) + k * E}.{tail}"] = (t.float() + noise * (k > 0)).to(t.dtype)
+                out[f"{pre}.experts.{int(e) + k * E}.{tail}"] = (t.float() + noise * (k > 0)).to(
+                    t.dtype
+                )
         elif name.endswith("block_sparse_moe.gate.weight") or name.endswith("mlp.gate.weight"):
-            out[name] = torch.cat([t.float() + 0.05 * torch.randn(t.shape, generator=g) * (k > 0)
-                                   for k in range(factor)]).to(t.dtype)
+            out[name] = torch.cat(
+                [
+                    t.float() + 0.05 * torch.randn(t.shape, generator=g) * (k > 0)
+                    for k in range(factor)
+                ]
+            ).to(t.dtype)
         else:
             out[name] = t
     dst.mkdir(parents=True, exist_ok=True)
@@ -133,8 +142,10 @@ def _switch_base_layer(outliers: bool) -> dict[str, Any]:
     spec = ExpertSpec(("wi",), ("wo",), relu_hidden("wi"))
     G, d, ff, T = 16, 768, 3072, 512
     g = torch.Generator().manual_seed(0)
-    W = {"wi": torch.randn(G, ff, d, generator=g) * d**-0.5,
-         "wo": torch.randn(G, d, ff, generator=g) * ff**-0.5}
+    W = {
+        "wi": torch.randn(G, ff, d, generator=g) * d**-0.5,
+        "wo": torch.randn(G, d, ff, generator=g) * ff**-0.5,
+    }
     mix = torch.randn(d, d, generator=g) * d**-0.5
     toks = []
     for _ in range(G):
@@ -153,13 +164,23 @@ def _switch_base_layer(outliers: bool) -> dict[str, Any]:
         tt, _ = table_tensors(f"t.{role}", table)
         nbytes += sum(t.numel() * t.element_size() for t in tt.values())
         for i in range(G):
-            _, entry = pack_matrix(f"e{i}.{role}", q.scheme, q.codes[i],
-                                   {k: v[i] for k, v in q.params.items()}, table, f"t.{role}")
+            _, entry = pack_matrix(
+                f"e{i}.{role}",
+                q.scheme,
+                q.codes[i],
+                {k: v[i] for k, v in q.params.items()},
+                table,
+                f"t.{role}",
+            )
             nbytes += entry["code_bytes"] + entry["scale_bytes"]
         zeros.append(float((q.codes == 0).float().mean()))
     params = 2 * G * d * ff
-    return {"bits_per_param": 8 * nbytes / params, "zero_fraction": float(np.mean(zeros)),
-            "params": params, "gptq_seconds": t1 - t0}
+    return {
+        "bits_per_param": 8 * nbytes / params,
+        "zero_fraction": float(np.mean(zeros)),
+        "params": params,
+        "gptq_seconds": t1 - t0,
+    }
 
 
 def run(args) -> BenchResult:
@@ -170,8 +191,14 @@ def run(args) -> BenchResult:
 
     src = embedded_model_path()
     tmp = Path(tempfile.mkdtemp(prefix="qmoe-bench-"))
-    base = dict(source="embedded", data="embedded", num_samples=args.samples, seq_len=128,
-                eval_samples=args.eval_samples, overwrite=True)
+    base = dict(
+        source="embedded",
+        data="embedded",
+        num_samples=args.samples,
+        seq_len=128,
+        eval_samples=args.eval_samples,
+        overwrite=True,
+    )
     figures: dict[str, Any] = {}
     try:
         base_loss = _baseline_loss(str(src), "embedded", args.eval_samples, 128)
@@ -179,8 +206,10 @@ def run(args) -> BenchResult:
         _ray_init(CompressConfig(num_workers=2))
         variants = [
             ("ternary gptq", dict(scheme="ternary", method="gptq")),
-            ("ternary gptq, QMoE reference recipe", dict(scheme="ternary", method="gptq",
-                                                         sequential_experts=False)),
+            (
+                "ternary gptq, QMoE reference recipe",
+                dict(scheme="ternary", method="gptq", sequential_experts=False),
+            ),
             ("ternary rtn", dict(scheme="ternary", method="rtn")),
             ("int2 gptq", dict(scheme="int2", method="gptq")),
             ("int2 rtn", dict(scheme="int2", method="rtn")),
@@ -190,20 +219,33 @@ def run(args) -> BenchResult:
             out = tmp / label.replace(" ", "_").replace(",", "")
             t0 = time.perf_counter()
             rep = run_compression(CompressConfig(**base, output=str(out), **kw), progress=False)
-            runs[label] = {"loss": rep["heldout_loss"], "rise": rep["heldout_loss"] - base_loss,
-                           "bits": rep["sizes"]["expert_bits_per_param"],
-                           "wall": time.perf_counter() - t0, "report": rep, "out": out}
+            runs[label] = {
+                "loss": rep["heldout_loss"],
+                "rise": rep["heldout_loss"] - base_loss,
+                "bits": rep["sizes"]["expert_bits_per_param"],
+                "wall": time.perf_counter() - t0,
+                "report": rep,
+                "out": out,
+            }
         t0 = time.perf_counter()
-        rep2 = run_compression(CompressConfig(**base, output=str(tmp / "two"), num_workers=2,
-                                              num_stores=2), progress=False)
+        run_compression(
+            CompressConfig(**base, output=str(tmp / "two"), num_workers=2, num_stores=2),
+            progress=False,
+        )
         wall2 = time.perf_counter() - t0
-        same = all((tmp / "two" / f).read_bytes() == (runs["ternary gptq"]["out"] / f).read_bytes()
-                   for f in json.loads((tmp / "two" / "manifest.json").read_text())["files"])
-        figures["runs"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("report", "out")}
-                           for k, v in runs.items()}
+        same = all(
+            (tmp / "two" / f).read_bytes() == (runs["ternary gptq"]["out"] / f).read_bytes()
+            for f in json.loads((tmp / "two" / "manifest.json").read_text())["files"]
+        )
+        figures["runs"] = {
+            k: {kk: vv for kk, vv in v.items() if kk not in ("report", "out")}
+            for k, v in runs.items()
+        }
         main = runs["ternary gptq"]["report"]
-        figures["timings"] = {**main["timings"], **{f"worker_{k}": v for k, v in
-                                                    main["worker_timings"].items()}}
+        figures["timings"] = {
+            **main["timings"],
+            **{f"worker_{k}": v for k, v in main["worker_timings"].items()},
+        }
         figures["wall_1_worker"] = runs["ternary gptq"]["wall"]
         figures["wall_2_workers"] = wall2
         figures["identical_bytes_1_vs_2_workers"] = same
@@ -215,8 +257,10 @@ def run(args) -> BenchResult:
             ray.shutdown()
             _ray_init(CompressConfig(num_workers=2))
             syn = _synthetic_4x(Path(src), tmp / "syn4x")
-            rep4 = run_compression(CompressConfig(**{**base, "source": str(syn)},
-                                                  output=str(tmp / "syn_out")), progress=False)
+            rep4 = run_compression(
+                CompressConfig(**{**base, "source": str(syn)}, output=str(tmp / "syn_out")),
+                progress=False,
+            )
             figures["synthetic_4x_worker_peak_rss_mb"] = rep4["worker_timings"].get("peak_rss_mb")
             figures["synthetic_4x_expert_params"] = rep4["sizes"]["expert_params"]
             figures["switch_base_layer"] = _switch_base_layer(outliers=False)
@@ -241,7 +285,9 @@ def _markdown(f: dict[str, Any]) -> str:
     ]
     for label, r in runs.items():
         frac = r["rise"] / rtn_rise if rtn_rise > 0 else math.nan
-        lines.append(f"| {label} | {r['loss']:.4f} | {r['rise']:+.4f} | {frac:.2f} | {r['bits']:.3f} |")
+        lines.append(
+            f"| {label} | {r['loss']:.4f} | {r['rise']:+.4f} | {frac:.2f} | {r['bits']:.3f} |"
+        )
     e = f["entropy"]
     t = f["timings"]
     lines += [
@@ -273,8 +319,10 @@ def _markdown(f: dict[str, Any]) -> str:
     ]
     if "synthetic_4x_worker_peak_rss_mb" in f:
         sb, so = f["switch_base_layer"], f["switch_base_layer_outliers"]
-        lines[-1] += (f", {f['synthetic_4x_worker_peak_rss_mb']:.0f} MB on the synthetic model with "
-                      f"4x the experts ({f['synthetic_4x_expert_params']:,} expert weights).")
+        lines[-1] += (
+            f", {f['synthetic_4x_worker_peak_rss_mb']:.0f} MB on the synthetic model with "
+            f"4x the experts ({f['synthetic_4x_expert_params']:,} expert weights)."
+        )
         lines += [
             "",
             "Synthetic switch-base layer (16 experts, 768x3072 + 3072x768, Gaussian weights, 512 "

@@ -123,9 +123,7 @@ def relu_hidden(role: str) -> Callable[[Mapping[str, torch.Tensor], torch.Tensor
     return hidden
 
 
-def swiglu_hidden(
-    w: Mapping[str, torch.Tensor], x: torch.Tensor
-) -> torch.Tensor:
+def swiglu_hidden(w: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """``h = silu(x gate^T) * (x up^T)`` (Mixtral, Qwen-MoE, OLMoE)."""
     return F.silu(x @ w["gate"].T) * (x @ w["up"].T)
 
@@ -188,7 +186,9 @@ class MoEFamily(ABC):
         """A whole non-MoE block."""
 
     @abstractmethod
-    def pre_moe(self, layer: LayerSpec, W: WeightSource, state: State) -> tuple[State, torch.Tensor]:
+    def pre_moe(
+        self, layer: LayerSpec, W: WeightSource, state: State
+    ) -> tuple[State, torch.Tensor]:
         """The block up to the MoE input; returns the new state and ``x`` ``[B, S, d_model]``."""
 
     @abstractmethod

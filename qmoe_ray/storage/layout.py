@@ -51,11 +51,15 @@ def shared_table(scheme: Scheme, codes: torch.Tensor) -> codec.Table | None:
     return codec.build_table(counts, kind, cover_all=False)
 
 
-def table_tensors(table_name: str, table: codec.Table) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def table_tensors(
+    table_name: str, table: codec.Table
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A shared table's tensors (``{table_name}.freqs``) and its metadata for the manifest."""
     arrays = table.to_tensors(f"{table_name}.")
-    return ({k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()},
-            table.metadata())
+    return (
+        {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()},
+        table.metadata(),
+    )
 
 
 def pack_matrix(
@@ -116,8 +120,9 @@ def pack_matrix(
     return tensors, entry
 
 
-def load_table(table_name: str, tables: Mapping[str, Mapping[str, str]],
-               tensors: Mapping[str, torch.Tensor]) -> codec.Table:
+def load_table(
+    table_name: str, tables: Mapping[str, Mapping[str, str]], tensors: Mapping[str, torch.Tensor]
+) -> codec.Table:
     """Rebuild a shared table from its tensors and manifest metadata (version and hash checked).
 
     Raises:
@@ -127,7 +132,7 @@ def load_table(table_name: str, tables: Mapping[str, Mapping[str, str]],
     if table_name not in tables:
         raise KeyError(f"code table {table_name!r} is not in the manifest's tables")
     prefix = f"{table_name}."
-    arrays = {k[len(prefix):]: t.numpy() for k, t in tensors.items() if k.startswith(prefix)}
+    arrays = {k[len(prefix) :]: t.numpy() for k, t in tensors.items() if k.startswith(prefix)}
     if not arrays:
         raise KeyError(f"code table {table_name!r} has no tensors in the checkpoint")
     return codec.Table.from_tensors(arrays, dict(tables[table_name]))  # checks version and hash
@@ -154,8 +159,7 @@ def unpack_matrix(
     meta = dict(entry["codec"])
     enc_fns = _encoder(scheme)
     if enc_fns is not None:
-        table = (load_table(entry["table"], tables or {}, tensors) if entry.get("table")
-                 else None)
+        table = load_table(entry["table"], tables or {}, tensors) if entry.get("table") else None
         codes = enc_fns[1](enc_fns[2].from_tensors(arrays, meta, table=table))
     else:
         codes = codec.unpack_bits(codec.PackedCodes.from_tensors(arrays, meta))

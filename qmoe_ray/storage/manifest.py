@@ -75,8 +75,10 @@ def deserialize_shard(data: bytes, name: str = "shard") -> dict[str, torch.Tenso
     try:
         return st_load(data)
     except Exception as exc:  # safetensors raises its own error types
-        raise ValueError(f"{name}: not a valid safetensors file ({exc}); the shard is truncated "
-                         "or corrupted: re-run the compression job") from exc
+        raise ValueError(
+            f"{name}: not a valid safetensors file ({exc}); the shard is truncated "
+            "or corrupted: re-run the compression job"
+        ) from exc
 
 
 def verify(name: str, t: torch.Tensor, entry: Mapping[str, Any]) -> None:
@@ -101,8 +103,9 @@ def verify(name: str, t: torch.Tensor, entry: Mapping[str, Any]) -> None:
 
 def dumps(obj: Any) -> bytes:
     """Deterministic JSON bytes (sorted keys, no NaN)."""
-    return (json.dumps(obj, sort_keys=True, indent=1, allow_nan=False, default=_json_default)
-            + "\n").encode()
+    return (
+        json.dumps(obj, sort_keys=True, indent=1, allow_nan=False, default=_json_default) + "\n"
+    ).encode()
 
 
 def _json_default(o: Any) -> Any:
