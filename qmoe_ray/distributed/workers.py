@@ -11,12 +11,11 @@ splits the experts' outputs back per store.
 
 from __future__ import annotations
 
+import resource
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import resource
-import time
 
 import numpy as np
 import torch
@@ -104,8 +103,9 @@ class GroupWorker:
         t_read = time.perf_counter()
         weights = self.family.read_experts(layer, self.ckpt, experts)
         t0 = time.perf_counter()
-        res = quantize_group(self.family.expert_spec, weights, tokens, self.opts, cap, experts,
-                             device=self.device)
+        res = quantize_group(
+            self.family.expert_spec, weights, tokens, self.opts, cap, experts, device=self.device
+        )
         t1 = time.perf_counter()
         tensors: dict[str, torch.Tensor] = {}
         entries: dict[str, dict[str, Any]] = {}
@@ -133,10 +133,14 @@ class GroupWorker:
             per = []
             for i in range(len(experts)):
                 n = sizes[s][i]
-                per.append(res.outputs[i][starts[i]: starts[i] + n])
+                per.append(res.outputs[i][starts[i] : starts[i] + n])
                 starts[i] += n
             outputs.append(per)
         blob = st_save(tensors)
-        timings = {"read": t0 - t_read, **res.timings, "encode": time.perf_counter() - t1,
-                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        timings = {
+            "read": t0 - t_read,
+            **res.timings,
+            "encode": time.perf_counter() - t1,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
         return EncodedGroup(layer.index, group, blob, entries, res.stats, tables, timings), outputs
