@@ -144,10 +144,12 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
     kind, names = expert_layout(manifest, layout)
     ofs, oroot = url_to_fs(out_dir, **oo)
     oroot = oroot.rstrip("/")
+    with fs_errors(out_dir, "read", oo):
+        exists = ofs.exists(f"{oroot}/{INDEX}") or ofs.exists(f"{oroot}/config.json")
+    if exists and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds a checkpoint; choose another folder "
+                              "or pass overwrite=True (--overwrite)")
     with fs_errors(out_dir, "write", oo):
-        if not overwrite and (ofs.exists(f"{oroot}/{INDEX}") or ofs.exists(f"{oroot}/config.json")):
-            raise FileExistsError(f"{out_dir} already holds a checkpoint; choose another folder "
-                                  "or pass overwrite=True (--overwrite)")
         ofs.makedirs(oroot, exist_ok=True)
     quantized = manifest["quantized"]
     tables = manifest.get("tables", {})
