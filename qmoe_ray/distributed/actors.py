@@ -1,4 +1,15 @@
-"""Ray actor wrappers around the plain store, worker and writer classes."""
+"""Ray actor wrappers around the plain store, worker and writer classes, and their fault policy.
+
+- Workers are stateless between calls: ``max_restarts=-1`` and ``max_task_retries=-1``, so a
+  worker that dies mid-group (process crash, lost node) is restarted and the group is retried by
+  Ray itself; the result is the same bytes, since a group's quantization is deterministic.
+- Stores and the writer hold state that a restart loses (the residual stream; a layer's encoded
+  groups). They restart (``max_restarts=-1``) but their calls are *not* retried
+  (``max_task_retries=0``): the failure reaches the driver, which restores every store from the
+  last activation checkpoint and redoes the layer (``driver._recover``).
+- Stores are spread over the nodes (``SPREAD``), so their memory is too, and losing a node loses
+  only some of them.
+"""
 
 from __future__ import annotations
 
@@ -16,17 +27,27 @@ from qmoe_ray.distributed.stores import ActivationShard
 from qmoe_ray.distributed.workers import GroupWorker
 
 
-@ray.remote(num_cpus=0)
+def _node_id() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class ActivationStore(ActivationShard):
     """A store whose batches' state lives in Ray's object store (spilled to disk when full)."""
 
     def __init__(self, source: str, storage_options: Mapping[str, Any], inputs: Mapping[str, np.ndarray],
-                 calib: np.ndarray, batch_size: int):
+                 calib: np.ndarray, batch_size: int, first_batch: int, output: str,
+                 output_options: Mapping[str, Any]):
         super().__init__(source, storage_options, inputs, calib, batch_size,
-                         keep=lambda s: ray.put(s), fetch=lambda r: ray.get(r))
+                         keep=lambda s: ray.put(s), fetch=lambda r: ray.get(r),
+                         first_batch=first_batch, output=output, output_options=output_options)
+
+    def node_id(self) -> str:
+        """The Ray node this store runs on."""
+        return _node_id()
 
 
-@ray.remote
+@ray.remote(max_restarts=-1, max_task_retries=-1)
 class QuantWorker:
     """A quantization worker (its resources are set by ``make_actors``)."""
 
@@ -38,10 +59,22 @@ class QuantWorker:
         enc, outputs = self.worker.run(layer, group, experts, parts, cap)
         return (enc, *outputs)
 
+    def ping(self) -> str:
+        """Workers keep no state between calls: any incarnation will do."""
+        return "worker"
 
-@ray.remote(num_cpus=0)
+    def node_id(self) -> str:
+        """The Ray node this worker runs on."""
+        return _node_id()
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class Writer(CheckpointWriter):
     """The checkpoint writer."""
+
+    def node_id(self) -> str:
+        """The Ray node the writer runs on."""
+        return _node_id()
 
 
 @dataclass
@@ -58,10 +91,11 @@ def make_actors(cfg: CompressConfig, storage: StorageOptions, source: str, opts:
 
     n = len(is_calib)
     stores = []
-    for i, (a, b) in enumerate(split_batches(n, cfg.batch_size, cfg.num_stores)):
+    for a, b in split_batches(n, cfg.batch_size, cfg.num_stores):
         part = {k: np.ascontiguousarray(v[a:b]) for k, v in inputs.items()}
-        stores.append(ActivationStore.options(name=None, max_concurrency=1).remote(
-            source, storage.source, part, is_calib[a:b], cfg.batch_size))
+        stores.append(ActivationStore.options(max_concurrency=1, scheduling_strategy="SPREAD").remote(
+            source, storage.source, part, is_calib[a:b], cfg.batch_size, a // cfg.batch_size,
+            cfg.output, storage.output))
     device = "cuda" if cfg.gpus_per_worker > 0 else "cpu"
     workers = [
         QuantWorker.options(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker).remote(

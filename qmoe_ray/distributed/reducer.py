@@ -11,9 +11,9 @@ Plain class; the driver runs it in a Ray actor next to the output.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+import uuid
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -23,31 +23,12 @@ from qmoe_ray.models import LayerSpec, get_family
 from qmoe_ray.storage import manifest as mf
 from qmoe_ray.storage.checkpoint import open_checkpoint
 from qmoe_ray.storage.fs import url_to_fs
+from qmoe_ray.storage.progress import with_retries
 
-T = TypeVar("T")
-
-TRANSIENT = (TimeoutError, ConnectionError)
-
-
-def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.5) -> T:
-    """Run ``fn``, retrying transient storage errors with exponential backoff.
-
-    Raises:
-        OSError: after the last attempt, naming ``what`` and the cause.
-    """
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except TRANSIENT + (OSError,) as exc:
-            permanent = isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError,
-                                         NotADirectoryError))
-            if permanent or attempt == attempts - 1:
-                raise OSError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
-            time.sleep(base_delay * 2**attempt)
-    raise AssertionError("unreachable")
-
+__all__ = ["OTHER_SHARD", "CheckpointWriter", "layer_shard_name", "with_retries"]
 
 def layer_shard_name(layer: LayerSpec) -> str:
+    """The relative path of ``layer``'s shard."""
     return f"shards/layer-{layer.index:05d}.safetensors"
 
 
@@ -76,6 +57,26 @@ class CheckpointWriter:
                 expert_src.update(self.family.source_expert_names(layer))
         self.expert_src = expert_src
         self._groups: dict[int, dict[int, EncodedGroup]] = {}
+        self.incarnation = uuid.uuid4().hex  # changes when Ray restarts the actor
+
+    def ping(self) -> str:
+        """This writer's incarnation (a new one after a restart lost the groups it held)."""
+        return self.incarnation
+
+    def discard_layer(self, index: int) -> None:
+        """Drop the groups held for layer ``index`` (the layer is being redone)."""
+        self._groups.pop(index, None)
+
+    def remove(self, relname: str) -> None:
+        """Delete a file or folder under the output if present (transient errors retried)."""
+        path = self._path(relname)
+
+        def rm() -> None:
+            self.fs.invalidate_cache()
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+
+        with_retries(rm, f"deleting {self.output.rstrip('/')}/{relname}")
 
     def _path(self, relname: str) -> str:
         return f"{self.root.rstrip('/')}/{relname}"

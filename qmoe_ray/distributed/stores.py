@@ -13,12 +13,18 @@ at a time, as the driver asks:
 - ``post_moe``: adds the gate-weighted outputs in a fixed (group, expert) order, so the sums and
   hence the output bytes do not depend on which worker finished first, then finishes the block.
 
+- ``save_state`` / ``restore``: the stream after a finished layer goes to the output location
+  (``qmoe_ray.storage.progress``, one file per batch), and comes back from there when a job resumes
+  or when this store was restarted after losing its node: batches are numbered globally, so any
+  number of stores can restore any checkpoint.
+
 This class knows nothing about Ray: ``qmoe_ray.distributed.driver`` wraps it in an actor whose
 ``keep`` puts the batches' state into Ray's object store (which spills to disk when full).
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -28,6 +34,7 @@ import torch
 from qmoe_ray.models import LayerSpec, get_family
 from qmoe_ray.models.base import State
 from qmoe_ray.storage.checkpoint import open_checkpoint
+from qmoe_ray.storage.progress import Progress
 
 Holder = Callable[[State], Any]
 
@@ -75,6 +82,9 @@ class ActivationShard:
         batch_size: samples per forward batch.
         keep, fetch: how a batch's state is held between calls (identity by default; the Ray
             actor uses ``ray.put`` / ``ray.get``).
+        first_batch: global index of this shard's first batch (names its activation files).
+        output, output_options: where activation checkpoints go (None: ``save_state`` and
+            ``restore`` of a finished layer are unavailable).
     """
 
     def __init__(
@@ -86,28 +96,71 @@ class ActivationShard:
         batch_size: int,
         keep: Holder | None = None,
         fetch: Callable[[Any], State] | None = None,
+        first_batch: int = 0,
+        output: str | None = None,
+        output_options: Mapping[str, Any] | None = None,
     ):
         torch.manual_seed(0)
+        self.incarnation = uuid.uuid4().hex  # changes when Ray restarts the actor
+        self.first_batch = first_batch
+        self.progress = Progress(output, output_options) if output else None
         self.ckpt = open_checkpoint(source, **dict(storage_options or {}))
         self.family = get_family(self.ckpt.config)
         routers = {self.family.router_name(l) for l in self.family.layers() if l.moe}
         self.W = CachedWeights(self.ckpt, lambda n: n in routers)
-        n = len(calib)
         self._keep = keep or (lambda s: s)
         self._fetch = fetch or (lambda s: s)
-        self.batches: list[Any] = []
-        self.calib: list[torch.Tensor] = []
-        with torch.no_grad():
-            for start in range(0, n, batch_size):
-                sl = slice(start, min(start + batch_size, n))
-                batch = {k: torch.from_numpy(np.array(v[sl])) for k, v in inputs.items()}
-                self.batches.append(self._keep(self.family.embed(self.W, batch)))
-                self.calib.append(torch.from_numpy(np.array(calib[sl], dtype=bool)))
+        self.calib = [torch.from_numpy(np.array(calib[s: s + batch_size], dtype=bool))
+                      for s in range(0, len(calib), batch_size)]
         self.inputs = {k: np.asarray(v) for k, v in inputs.items()}
         self.batch_size = batch_size
+        self.batches: list[Any] = []
         self._moe: dict[str, Any] | None = None
         self._outputs: dict[int, tuple[list[int], list[np.ndarray]]] = {}
+        self.restore(None)
+
+    def ping(self) -> str:
+        """This store's incarnation (a new one after a restart lost its state)."""
+        return self.incarnation
+
+    def restore(self, after_layer: int | None) -> None:
+        """Reset the stream to the input of the layer after ``after_layer`` (None: the embedding
+        of the samples), dropping any half-done MoE layer.
+
+        Raises:
+            FileNotFoundError: the activation checkpoint of ``after_layer`` is missing.
+        """
+        self._moe = None
+        self._outputs = {}
+        n = len(self.calib)
+        if after_layer is not None:
+            if self.progress is None:
+                raise RuntimeError("restore of a finished layer needs the store's output location")
+            self.batches = [self._keep(self.progress.load_state(after_layer, self.first_batch + i))
+                            for i in range(n)]
+            return
+        self.batches = []
+        with torch.no_grad():
+            for i in range(n):
+                sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+                batch = {k: torch.from_numpy(np.array(v[sl])) for k, v in self.inputs.items()}
+                self.batches.append(self._keep(self.family.embed(self.W, batch)))
         self.W.clear()
+
+    def save_state(self, layer_index: int) -> int:
+        """Checkpoint every batch's stream after layer ``layer_index`` to the output location.
+
+        Returns:
+            Bytes written.
+        """
+        if self.progress is None:
+            raise RuntimeError("save_state needs the store's output location")
+        total = 0
+        for i, ref in enumerate(self.batches):
+            state = self._fetch(ref)
+            self.progress.save_state(layer_index, self.first_batch + i, state)
+            total += sum(t.numel() * t.element_size() for t in state.values())
+        return total
 
     # -- dense blocks ------------------------------------------------------------------------
     def dense_block(self, layer: LayerSpec) -> None:

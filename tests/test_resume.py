@@ -1,0 +1,153 @@
+"""Resume: progress lives in the output; a driver killed after a layer (a subprocess, killed by
+PID) is rerun and finishes with the bytes of an uninterrupted run; a rerun with another source,
+other options or against a newer format is refused, naming the difference."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from resume_helpers import assert_same_bytes, files, job_cfg, job_options, make_tiny_mixtral
+
+from qmoe_ray.storage import manifest as mf
+from qmoe_ray.storage.progress import JOB, Progress, check_same_job, layer_record_name
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return make_tiny_mixtral(tmp_path_factory.mktemp("mixtral"))
+
+
+@pytest.fixture(scope="module")
+def clean(model, tmp_path_factory) -> dict[str, bytes]:
+    """An uninterrupted run on 1 worker and 1 store."""
+    from qmoe_ray.distributed.driver import run_compression
+
+    out = tmp_path_factory.mktemp("clean")
+    rep = run_compression(job_cfg(model, out), progress=False)
+    assert rep["resumed_after_layers"] == 0 and not (out / "progress").exists()
+    return files(out)
+
+
+_CHILD = textwrap.dedent("""
+    import json, sys, time
+    from qmoe_ray.config import CompressConfig
+    from qmoe_ray.distributed.driver import run_compression
+
+    def hook(event, info):
+        if event == "layer_done" and info["layer"].index == 0:
+            print("LAYER0-DONE", flush=True)
+            time.sleep(600)  # the parent kills us here
+
+    run_compression(CompressConfig(**json.loads(sys.argv[1])), progress=False, hook=hook)
+""")
+
+
+def test_driver_killed_after_layer_then_rerun_is_identical(model, clean, tmp_path):
+    from qmoe_ray.distributed.driver import run_compression
+
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(job_options(model, out))],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        for line in child.stdout:
+            if "LAYER0-DONE" in line or time.monotonic() > deadline:
+                break
+        assert (out / layer_record_name(0)).exists(), "layer 0 was not recorded in the output"
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+        try:  # the Ray processes the killed driver had started (its own session, ours to end)
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not (out / "manifest.json").exists()
+    assert not (out / layer_record_name(1)).exists()
+    assert list((out / "progress" / "activations").iterdir())  # the stream after layer 0
+
+    # the same command, now on 2 workers and 2 stores: continues after layer 0
+    rep = run_compression(job_cfg(model, out, num_workers=2, num_stores=2), progress=False)
+    assert rep["resumed_after_layers"] == 1
+    assert not (out / "progress").exists()
+    assert_same_bytes(files(out), clean)
+
+
+def test_rerun_with_other_options_or_source_is_refused(model, tmp_path):
+    from qmoe_ray.distributed.driver import run_compression
+
+    out = tmp_path / "out"
+
+    def stop_after_first_layer(event, info):
+        if event == "layer_done":
+            raise KeyboardInterrupt  # stands in for a lost driver
+
+    with pytest.raises(KeyboardInterrupt):
+        run_compression(job_cfg(model, out), progress=False, hook=stop_after_first_layer)
+    assert (out / JOB).exists() and (out / layer_record_name(0)).exists()
+
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=r"scheme='ternary' \(now 'int2'\).*--overwrite"):
+        run_compression(job_cfg(model, out, scheme="int2"), progress=False)
+    with pytest.raises(ValueError, match=r"group_size=2 \(now 3\)"):
+        run_compression(job_cfg(model, out, group_size=3), progress=False)
+    other = make_tiny_mixtral(tmp_path / "other", layers=3)
+    with pytest.raises(ValueError, match="holds a job of source"):
+        run_compression(job_cfg(other, out, data=f"{model}/tokens.npy"), progress=False)
+    record = json.loads((out / JOB).read_text())
+    record["format_version"] = mf.FORMAT_VERSION + 1
+    (out / JOB).write_bytes(mf.dumps(record))
+    with pytest.raises(ValueError, match="newer qmoe-ray"):
+        run_compression(job_cfg(model, out), progress=False)
+    assert time.monotonic() - t0 < 20  # all refused before any cluster work
+
+
+def test_progress_check_start_and_overwrite(tmp_path):
+    """Without Ray: what ``check`` compares and what ``start(overwrite=True)`` clears."""
+    prog = Progress(str(tmp_path))
+    job = {"source": "s3://b/m", "source_fingerprint": "abc", "options": {"scheme": "ternary",
+                                                                         "seed": 0}}
+    assert prog.check(job, overwrite=False) is False  # nothing there yet
+    prog.start(job, overwrite=False)
+    assert prog.check(job, overwrite=False) is True  # a resume
+    prog.finish_layer(0, {"file": "shards/layer-00000.safetensors"}, previous=None)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "layer-00000.safetensors").write_bytes(b"x")
+    assert [r["file"] for r in prog.done_layers([0, 1, 2])] == ["shards/layer-00000.safetensors"]
+    with pytest.raises(ValueError, match="seed=0 \\(now 1\\)"):
+        prog.check({**job, "options": {"scheme": "ternary", "seed": 1}}, overwrite=False)
+    with pytest.raises(ValueError, match="another model"):
+        prog.check({**job, "source_fingerprint": "def"}, overwrite=False)
+    assert prog.check({**job, "source_fingerprint": "def"}, overwrite=True) is False
+    prog.start({**job, "source_fingerprint": "def"}, overwrite=True)
+    assert not (tmp_path / "shards").exists() and prog.done_layers([0]) == []
+    assert json.loads((tmp_path / JOB).read_text())["source_fingerprint"] == "def"
+    with pytest.raises(ValueError, match="not a qmoe-ray progress record"):
+        check_same_job({"format": "other"}, job, "x")
+
+
+def test_activation_checkpoint_round_trip_is_exact(tmp_path):
+    import torch
+
+    prog = Progress(f"file://{tmp_path}")
+    state = {"h": torch.randn(2, 5, 4), "mask": torch.tensor([[True, False]]),
+             "pos": torch.arange(10).reshape(2, 5)[:, ::2], "b": torch.randn(3).to(torch.bfloat16)}
+    prog.save_state(3, 7, state)
+    back = prog.load_state(3, 7)
+    assert set(back) == set(state)
+    for k in state:
+        assert back[k].dtype == state[k].dtype and torch.equal(back[k], state[k])
+    prog.finish_layer(4, {"x": 1}, previous=3)  # drops the activations of layer 3
+    with pytest.raises(FileNotFoundError, match="--overwrite"):
+        prog.load_state(3, 7)
