@@ -231,6 +231,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage-options", default=None, metavar="JSON",
                         help='fsspec options as JSON, e.g. \'{"endpoint_url": "..."}\'')
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--compare", nargs="?", const="source", default=None, metavar="ORIGINAL",
+                        help="MODEL is compressed: also evaluate the original (default: the "
+                             "manifest's source) on the same data, side by side")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -239,6 +242,14 @@ def main(args: argparse.Namespace) -> int:
         opts = json.loads(args.storage_options) if args.storage_options else None
         if opts is not None and not isinstance(opts, dict):
             raise ValueError("--storage-options must be a JSON object")
+        if getattr(args, "compare", None):
+            from qmoe_ray.load import compare_eval
+
+            both = compare_eval(args.model, None if args.compare == "source" else args.compare,
+                                args.data, args.samples, args.seq_len, args.batch_size, opts,
+                                split=args.split, seed=args.seed)
+            print(json.dumps(both) if args.json else _side_by_side(both))
+            return 0
         result = evaluate(args.model, args.data, args.samples, args.seq_len, args.batch_size,
                           opts, split=args.split, seed=args.seed,
                           tokenizer_source=args.tokenizer)
@@ -254,3 +265,13 @@ def main(args: argparse.Namespace) -> int:
               f"{result['perplexity']:.3f} over {result['tokens']} tokens "
               f"({result['samples']} samples x {result['seq_len']}) in {result['seconds']:.1f} s")
     return 0
+
+
+def _side_by_side(both: dict[str, Any]) -> str:
+    rows = [f"{'':<12}{'loss':>10}{'perplexity':>14}  model"]
+    for k in ("original", "compressed"):
+        r = both[k]
+        rows.append(f"{k:<12}{r['loss']:>10.4f}{r['perplexity']:>14.3f}  {r['model']}")
+    rows.append(f"delta loss {both['loss_delta']:+.4f}, perplexity x{both['perplexity_ratio']:.4f} "
+                f"over {both['compressed']['tokens']} tokens")
+    return "\n".join(rows)

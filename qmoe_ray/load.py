@@ -749,3 +749,37 @@ def load(url: str, device: str = "cpu", mode: str = "decode", workers: int = 4,
         torch.cuda.synchronize()
     t.wall = time.perf_counter() - t_start
     return CompressedModel(manifest, dense, experts, t.as_dict(), device=device, mode=mode)
+
+
+def compare_eval(compressed_url: str, original_url: str | None = None, data_spec: str = "embedded",
+                 num_samples: int | None = None, seq_len: int | None = None, batch_size: int = 8,
+                 storage_options: Mapping[str, Any] | None = None, **eval_kw: Any
+                 ) -> dict[str, Any]:
+    """Original vs compressed loss and perplexity on the same held-out data (side by side).
+
+    Args:
+        compressed_url: the compressed checkpoint.
+        original_url: the source model (default: the manifest's ``source``).
+        data_spec, num_samples, seq_len, batch_size, storage_options, **eval_kw: as
+            ``qmoe_ray.evaluate.evaluate`` (the same samples are drawn for both models).
+
+    Returns:
+        ``{"original": result, "compressed": result, "loss_delta", "perplexity_ratio"}``.
+
+    Raises:
+        ValueError: the compressed checkpoint does not name its source and none is given.
+    """
+    from qmoe_ray.evaluate import evaluate
+
+    opts = dict(storage_options or {})
+    source = original_url or read_manifest(compressed_url, **opts).get("source")
+    if not source:
+        raise ValueError(f"{compressed_url}: the manifest names no source model; pass the "
+                         "original model's URL")
+    args = (data_spec, num_samples, seq_len, batch_size, opts)
+    comp = evaluate(compressed_url, *args, **eval_kw)
+    orig = evaluate(source, *args, **eval_kw)
+    return {"original": {"model": source, **orig},
+            "compressed": {"model": compressed_url, **comp},
+            "loss_delta": comp["loss"] - orig["loss"],
+            "perplexity_ratio": comp["perplexity"] / orig["perplexity"]}

@@ -236,3 +236,17 @@ def test_evaluate_reads_a_compressed_checkpoint(ckpt, decoded):
 
     res = evaluate(str(ckpt), "embedded", num_samples=2, seq_len=16)
     assert res["tokens"] == 2 * 15 and np.isfinite(res["loss"])
+
+
+def test_side_by_side_eval(ckpt, capsys):
+    from qmoe_ray.cli import main
+    from qmoe_ray.load import compare_eval
+
+    both = compare_eval(str(ckpt), None, "embedded", 2, 16)
+    assert both["original"]["model"] == "embedded" and both["compressed"]["tokens"] == 30
+    assert both["original"]["tokens"] == both["compressed"]["tokens"]
+    assert both["loss_delta"] == pytest.approx(both["compressed"]["loss"]
+                                               - both["original"]["loss"])
+    assert main(["eval", str(ckpt), "--compare", "--samples", "2", "--seq-len", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "original" in out and "compressed" in out and "delta loss" in out
