@@ -114,7 +114,7 @@ def _prepare_w(W: torch.Tensor) -> tuple[torch.Tensor, bool]:
     if W.numel() == 0:
         raise ValueError(f"W is empty (shape {tuple(W.shape)}); nothing to quantize")
     W = W.to(torch.float32)
-    if not torch.isfinite(W).all():
+    if not _finite_per_expert(W).all():
         raise ValueError("W contains NaN or Inf; check the checkpoint tensor before quantizing")
     return W, squeeze
 
@@ -179,7 +179,7 @@ def rtn(
     scheme = parse_scheme(scheme)
     W, squeeze = _prepare_w(W)
     Hf = None if H is None else _prepare_h(H, W, squeeze)
-    if Hf is not None and not torch.isfinite(Hf).all():
+    if Hf is not None and not _finite_per_expert(Hf).all():
         raise ValueError("H contains NaN or Inf; recompute the Hessian (float64 accumulation)")
     tok = _prepare_tokens(tokens, W.shape[0])
     params = grid_params(W, scheme, scale_dtype)
@@ -223,11 +223,35 @@ def _inverse_factor(Hd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     M, info = torch.linalg.cholesky_ex(Hd.flip(-2, -1))  # lower M: flip(Hd) = M M^T
     ok = info == 0
     eye = torch.eye(C, dtype=Hd.dtype, device=Hd.device)
-    V = torch.where(ok[:, None, None], M.flip(-2, -1), eye)  # upper V: Hd = V V^T
+    V = M.flip(-2, -1)  # upper V: Hd = V V^T
+    if not ok.all():
+        V[~ok] = eye
     U = _triu_inverse(V)
-    ok = ok & torch.isfinite(U).all(dim=2).all(dim=1)
-    U = torch.where(ok[:, None, None], U, eye)
+    ok = ok & _finite_per_expert(U)
+    if not ok.all():
+        U[~ok] = eye
     return U, ok
+
+
+def _finite_per_expert(x: torch.Tensor) -> torch.Tensor:
+    """bool ``[E]``: whether ``x[e]`` is all finite.
+
+    A plain sum is the fast test (NaN/Inf propagate); only when it is not finite, which an
+    overflow of huge finite values can also cause, the elementwise test decides.
+    """
+    ok = torch.isfinite(x.sum(dim=(1, 2)))
+    if not ok.all():
+        ok = torch.isfinite(x).all(dim=2).all(dim=1)
+    return ok
+
+
+def _all_zero_per_expert(H: torch.Tensor) -> list[bool]:
+    """Per expert: whether ``H[e]`` is all zeros (cheap diagonal test, confirmed in full)."""
+    cand = H.diagonal(dim1=1, dim2=2).abs().sum(dim=1) == 0
+    out = [False] * H.shape[0]
+    for e in cand.nonzero().flatten().tolist():
+        out[e] = bool(torch.count_nonzero(H[e]) == 0)
+    return out
 
 
 def _aligned_blocksize(blocksize: int, group_size: int | None) -> int:
@@ -305,7 +329,7 @@ def gptq(
     H = _prepare_h(H, W, squeeze)
     E, R, C = W.shape
     tok = _prepare_tokens(tokens, E)
-    finite = torch.isfinite(H).all(dim=2).all(dim=1)
+    finite = _finite_per_expert(H)
     if on_nonfinite == "raise" and not finite.all():
         bad = (~finite).nonzero().flatten().tolist()
         raise ValueError(
@@ -314,7 +338,7 @@ def gptq(
         )
 
     reasons: list[str | None] = [None] * E
-    zero_h = (H == 0).all(dim=2).all(dim=1).tolist()
+    zero_h = _all_zero_per_expert(H)
     for e, fin in enumerate(finite.tolist()):
         if not fin:
             reasons[e] = NONFINITE_HESSIAN
@@ -325,15 +349,17 @@ def gptq(
     skip = torch.tensor([r is not None for r in reasons], device=W.device)
 
     eye = torch.eye(C, dtype=torch.float32, device=W.device)
-    Hd = torch.where(finite[:, None, None], H, eye)
+    Hd = H.clone()
+    if not finite.all():
+        Hd[~finite] = eye
     diag = Hd.diagonal(dim1=1, dim2=2)
     mean_diag = diag.mean(dim=1)
     damp = (percdamp * mean_diag).clamp(min=damp_floor)
     dead = diag == 0
     fill = torch.where(mean_diag > 0, mean_diag, torch.ones_like(mean_diag))
-    Hd = Hd.clone()
-    Hd.diagonal(dim1=1, dim2=2).copy_(torch.where(dead, fill[:, None], diag) + damp[:, None])
-    Hd = torch.where(skip[:, None, None], eye, Hd)
+    diag.copy_(torch.where(dead, fill[:, None], diag) + damp[:, None])
+    if skip.any():
+        Hd[skip] = eye
 
     perm = None
     if actorder:
@@ -348,7 +374,10 @@ def gptq(
 
     codes, params = _sweep(W, U, scheme, blocksize, perm, scale_dtype)
     Q = dequantize(scheme, codes, params)
-    loss = _proxy_loss(W, Q, torch.where(finite[:, None, None], H, torch.zeros_like(H)))
+    if not finite.all():
+        H = H.clone()
+        H[~finite] = 0.0
+    loss = _proxy_loss(W, Q, H)
     loss[~finite.cpu()] = float("nan")
     return QuantResult(
         scheme=scheme,
