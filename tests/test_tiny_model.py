@@ -28,7 +28,7 @@ def meta():
 def embedded_eval():
     from qmoe_ray.evaluate import evaluate
 
-    return evaluate("embedded", "embedded", num_samples=64, batch_size=32)
+    return evaluate("embedded", "embedded", num_samples=32, batch_size=32)
 
 
 def test_files_and_size(meta):
@@ -56,13 +56,13 @@ def test_files_and_size(meta):
 def test_heldout_loss_far_below_unigram(meta, embedded_eval):
     loss = embedded_eval["loss"]
     assert loss < meta["unigram_cross_entropy"] - 1.0, (loss, meta["unigram_cross_entropy"])
-    assert embedded_eval["tokens"] == 64 * (meta["seq_len"] - 1)
+    assert embedded_eval["tokens"] == 32 * (meta["seq_len"] - 1)
 
 
 def test_calib_and_heldout_losses_close(embedded_eval):
     from qmoe_ray.evaluate import evaluate
 
-    calib = evaluate("embedded", "embedded", num_samples=64, batch_size=32, split="calib")
+    calib = evaluate("embedded", "embedded", num_samples=32, batch_size=32, split="calib")
     assert abs(calib["loss"] - embedded_eval["loss"]) < 0.75  # not memorised, same domain
 
 
@@ -84,7 +84,7 @@ def test_experts_specialise():
 
     ckpt = open_checkpoint(str(ROOT))
     fam = get_family(ckpt.config)
-    arrays = load_samples("embedded", ckpt.config, 32, None, split="heldout")
+    arrays = load_samples("embedded", ckpt.config, 16, None, split="heldout")
     inputs = {k: torch.from_numpy(v) for k, v in arrays.items()}
     ids = arrays["input_ids"].ravel()
     n_exp = ckpt.config["num_local_experts"]
