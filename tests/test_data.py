@@ -214,3 +214,38 @@ def test_embedded_sets():
     held = load_samples("embedded", cfg, None, None, split="heldout")
     assert cal["input_ids"].shape == (16, 64)
     assert held["input_ids"].shape == np.load(root / "heldout.npy").shape
+
+
+def test_fsspec_url_memory_filesystem():
+    import io
+
+    import fsspec
+
+    buf = io.BytesIO()
+    np.save(buf, np.arange(40, dtype=np.int32).reshape(4, 10) % 64)
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/qmoe-data/ids.npy", buf.getvalue())
+    try:
+        out = load_samples("memory://qmoe-data/ids.npy", DECODER, 2, 10, split="all")
+        assert out["input_ids"].shape == (2, 10)
+    finally:
+        fs.rm("/qmoe-data", recursive=True)
+
+
+def test_text_with_checkpoint_tokenizer_on_embedded(tmp_path):
+    """Text is tokenized with the model's own tokenizer.json, read through the checkpoint."""
+    from qmoe_ray.data import embedded_model_path
+    from qmoe_ray.storage.checkpoint import open_checkpoint
+
+    root = embedded_model_path()
+    if not (root / "tokenizer.json").exists():
+        pytest.skip("embedded model not built yet (python jobs/train_tiny.py)")
+    ckpt = open_checkpoint(str(root))
+    text = "def add(a, b):\n    return a + b\n" * 40
+    (tmp_path / "code.txt").write_text(text)
+    out = load_samples(str(tmp_path / "code.txt"), ckpt.config, 2, 32, split="all",
+                       tokenizer_source=ckpt)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(root / "tokenizer.json"))
+    assert tok.decode(out["input_ids"][0].tolist()) in text
