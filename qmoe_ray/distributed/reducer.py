@@ -23,7 +23,7 @@ from qmoe_ray.models import LayerSpec, get_family
 from qmoe_ray.storage import manifest as mf
 from qmoe_ray.storage.checkpoint import open_checkpoint
 from qmoe_ray.storage.fs import url_to_fs
-from qmoe_ray.storage.progress import with_retries
+from qmoe_ray.storage.progress import put_file, with_retries
 
 __all__ = ["OTHER_SHARD", "CheckpointWriter", "layer_shard_name", "with_retries"]
 
@@ -84,13 +84,8 @@ class CheckpointWriter:
     def put_bytes(self, relname: str, data: bytes) -> None:
         """Write a whole file (retrying transient errors)."""
         path = self._path(relname)
-        parent = path.rsplit("/", 1)[0]
-
-        def write() -> None:
-            self.fs.makedirs(parent, exist_ok=True)
-            self.fs.pipe_file(path, data)
-
-        with_retries(write, f"writing {self.output.rstrip('/')}/{relname}")
+        with_retries(lambda: put_file(self.fs, path, data),
+                     f"writing {self.output.rstrip('/')}/{relname}")
 
     def dense_names(self, layer: LayerSpec | None) -> list[str]:
         """Source tensors stored densely in ``layer``'s shard (None: in the 'other' shard)."""

@@ -98,6 +98,16 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: 
     raise AssertionError("unreachable")
 
 
+def put_file(fs: Any, path: str, data: bytes) -> None:
+    """Write a whole file, creating its folder only when the write says it is missing (object
+    stores have no folders: one request per file instead of two)."""
+    try:
+        fs.pipe_file(path, data)
+    except FileNotFoundError:
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, data)
+
+
 def source_fingerprint(config: Mapping[str, Any], tensors: Mapping[str, Any]) -> str:
     """SHA-256 over the source's config and its tensor list (names, dtypes, shapes): changes
     when a different model sits at the same URL."""
@@ -141,12 +151,7 @@ class Progress:
     def put(self, rel: str, data: bytes) -> None:
         """Write a whole file (transient errors retried)."""
         path = self._path(rel)
-
-        def write() -> None:
-            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.pipe_file(path, data)
-
-        with_retries(write, f"writing {self._url(rel)}")
+        with_retries(lambda: put_file(self.fs, path, data), f"writing {self._url(rel)}")
 
     def get(self, rel: str) -> bytes | None:
         """A whole file's bytes, or None when it does not exist."""
