@@ -197,33 +197,41 @@ def rtn(
 
 
 # -- GPTQ -----------------------------------------------------------------------------------------
-def _triu_inverse(V: torch.Tensor, leaf: int = 256) -> torch.Tensor:
+def _triu_inverse(
+    V: torch.Tensor, leaf: int = 256, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Inverse of a batch of upper-triangular matrices ``[E, n, n]`` by 2x2 block recursion.
 
     ``[[A, B], [0, D]]^-1 = [[A^-1, -A^-1 B D^-1], [0, D^-1]]``: the work is matrix products,
-    which run several times faster than a triangular solve against the identity on CPU.
+    which run several times faster than a triangular solve against the identity on CPU. The
+    blocks are written into one output buffer (large fresh allocations are slow on CPU).
     """
+    if out is None:
+        out = torch.zeros_like(V)
     n = V.shape[-1]
     if n <= leaf:
         eye = torch.eye(n, dtype=V.dtype, device=V.device).expand_as(V)
-        return torch.linalg.solve_triangular(V, eye, upper=True)
+        out.copy_(torch.linalg.solve_triangular(V, eye, upper=True))
+        return out
     k = n // 2
-    Ai = _triu_inverse(V[:, :k, :k], leaf)
-    Di = _triu_inverse(V[:, k:, k:], leaf)
-    out = torch.zeros_like(V)
-    out[:, :k, :k] = Ai
-    out[:, k:, k:] = Di
-    out[:, :k, k:] = -torch.bmm(torch.bmm(Ai, V[:, :k, k:]), Di)
+    Ai = _triu_inverse(V[:, :k, :k], leaf, out[:, :k, :k])
+    Di = _triu_inverse(V[:, k:, k:], leaf, out[:, k:, k:])
+    out[:, :k, k:] = torch.bmm(torch.bmm(Ai, V[:, :k, k:]), Di).neg_()
     return out
 
 
-def _inverse_factor(Hd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper ``U`` with ``U^T U = Hd^-1`` per expert, and a bool ``[E]`` of which succeeded."""
-    E, C, _ = Hd.shape
-    M, info = torch.linalg.cholesky_ex(Hd.flip(-2, -1))  # lower M: flip(Hd) = M M^T
+def _inverse_factor(Hf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper ``U`` with ``U^T U = Hd^-1`` per expert, and a bool ``[E]`` of which succeeded.
+
+    Takes ``Hf``, the damped Hessian ``Hd`` with rows and columns reversed (built that way by the
+    caller, which saves a copy).
+    """
+    E, C, _ = Hf.shape
+    M, info = torch.linalg.cholesky_ex(Hf)  # lower M: Hf = M M^T
     ok = info == 0
-    eye = torch.eye(C, dtype=Hd.dtype, device=Hd.device)
+    eye = torch.eye(C, dtype=Hf.dtype, device=Hf.device)
     V = M.flip(-2, -1)  # upper V: Hd = V V^T
+    del M
     if not ok.all():
         V[~ok] = eye
     U = _triu_inverse(V)
@@ -348,26 +356,28 @@ def gptq(
             reasons[e] = FEW_TOKENS
     skip = torch.tensor([r is not None for r in reasons], device=W.device)
 
+    # Hf: the working Hessian in sweep order, reversed (see _inverse_factor); a fresh copy.
+    perm = None
+    if actorder:
+        order_by = torch.where(finite[:, None], H.diagonal(dim1=1, dim2=2), 0.0)
+        perm = torch.argsort(order_by, dim=1, descending=True, stable=True)
+        rev = perm.flip(1)
+        Hf = _gather_cols(_gather_cols(H, rev).transpose(1, 2), rev).transpose(1, 2)
+    else:
+        Hf = H.flip(-2, -1)
     eye = torch.eye(C, dtype=torch.float32, device=W.device)
-    Hd = H.clone()
     if not finite.all():
-        Hd[~finite] = eye
-    diag = Hd.diagonal(dim1=1, dim2=2)
+        Hf[~finite] = eye
+    diag = Hf.diagonal(dim1=1, dim2=2)
     mean_diag = diag.mean(dim=1)
     damp = (percdamp * mean_diag).clamp(min=damp_floor)
     dead = diag == 0
     fill = torch.where(mean_diag > 0, mean_diag, torch.ones_like(mean_diag))
     diag.copy_(torch.where(dead, fill[:, None], diag) + damp[:, None])
     if skip.any():
-        Hd[skip] = eye
-
-    perm = None
-    if actorder:
-        order_by = torch.where(finite[:, None], H.diagonal(dim1=1, dim2=2), 0.0)
-        perm = torch.argsort(order_by, dim=1, descending=True, stable=True)
-        Hd = _gather_cols(_gather_cols(Hd, perm).transpose(1, 2), perm).transpose(1, 2)
-
-    U, ok = _inverse_factor(Hd)
+        Hf[skip] = eye
+    U, ok = _inverse_factor(Hf)
+    del Hf
     for e in (~ok).nonzero().flatten().tolist():
         if reasons[e] is None:
             reasons[e] = CHOLESKY_FAILED
