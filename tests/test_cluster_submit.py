@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +38,7 @@ def _env(**extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """``ray start --head --block`` on loopback ports of its own; yields the job server URL."""
+    temp = tempfile.mkdtemp(prefix="qr-", dir="/tmp")  # short: Ray's socket paths live in it
     ports = {f: free_port() for f in ("port", "dashboard-port", "node-manager-port",
                                       "object-manager-port", "ray-client-server-port",
                                       "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
@@ -43,6 +46,9 @@ def head(tmp_path_factory):
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
            f"--object-store-memory={256 * 2**20}",
+           # a temp dir of its own: `ray start` records its address there, not in the shared
+           # /tmp/ray/ray_current_cluster that a plain ray.init() elsewhere would connect to
+           f"--temp-dir={temp}",
            *[f"--{flag}={port}" for flag, port in ports.items()]]
     # the node's environment is where the job (and its actors) get their S3 credentials from
     env = _env(AWS_ACCESS_KEY_ID=FAKE_KEY, AWS_SECRET_ACCESS_KEY=FAKE_SECRET,
@@ -79,6 +85,7 @@ def head(tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)  # anything of that node left in its session
         except ProcessLookupError:
             pass
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ray_job_submit_s3_to_s3(head, moto_endpoint, tmp_path, monkeypatch):  # noqa: F811

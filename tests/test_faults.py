@@ -129,7 +129,7 @@ def moto():
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              object_store_memory=256 * 2**20)
     yield
     ray.shutdown()

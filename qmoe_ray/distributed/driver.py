@@ -110,7 +110,10 @@ def _ray_init(cfg: CompressConfig) -> bool:
     # A local single-node cluster stays on loopback: Ray otherwise resolves 127.0.0.1 to the
     # machine's external address (this switch is read when ray's constants are first imported,
     # hence also set before `import ray` above when nothing imported Ray yet).
+    # address="local": always a new cluster of our own, never one that `ray start` (or a stale
+    # /tmp/ray/ray_current_cluster file) points at
     ray.init(
+        address="local",
         num_cpus=max(os.cpu_count() or 1, need),
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
