@@ -87,7 +87,6 @@ def recompute_stream(out: Path, source: str, cfg: CompressConfig, upto: int,
         tensors.update(st_load((out / rec["file"]).read_bytes()))
         quantized.update(rec["quantized"])
         tables.update(rec["tables"])
-    W = DictWeights(tensors)
     layers = [l for l in fam.layers() if l.index <= upto]
     experts = {}
     for layer in layers:
@@ -96,6 +95,10 @@ def recompute_stream(out: Path, source: str, cfg: CompressConfig, upto: int,
                 names = fam.expert_names(layer, e)
                 experts[(layer.index, e)] = {
                     r: dequantize_matrix(n, quantized[n], tensors, tables) for r, n in names.items()}
+    # decoded experts under their canonical names, so the family finds its layout in W
+    W = DictWeights({**tensors, **{fam.expert_names(l, e)[r]: w for l in layers if l.moe
+                                   for e in range(l.num_experts)
+                                   for r, w in experts[(l.index, e)].items()}})
     inputs = _inputs(cfg, source)
     n = len(next(iter(inputs.values())))
     states = []
@@ -212,7 +215,7 @@ def run(args: argparse.Namespace) -> BenchResult:
 | stream checkpoint size (per layer, whole job) | {stream_bytes / 2**20:.2f} MiB | |
 | one layer (mean, clean run) | {mean_layer:.2f} s | |
 | restart to the first new layer finished (stopped after layer {args.stop_after}) | {first_new.get('t', float('nan')):.2f} s = {ratio:.2f} layers | |
-| of which restoring the stores from the checkpoint | {resumed['timings']['restore']:.3f} s | |
+| of which starting the actors and restoring the stores from the checkpoint | {resumed['timings']['restore']:.3f} s | |
 | resumed output byte-identical to the clean run | {'yes' if identical else 'NO'} | yes |
 
 Checkpoint the stream or recompute it through the compressed layers (stream after layer {args.stop_after}):
