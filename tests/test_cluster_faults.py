@@ -109,3 +109,18 @@ def test_lost_store_node_mid_layer(cluster, model, clean, tmp_path):
     assert killer.removed
     assert rep["recoveries"] and rep["recoveries"][0]["layer"] == "model.layers.1"
     assert_same_bytes(files(out), clean)
+
+
+def test_missing_resources_are_named_not_waited_for(cluster, model, tmp_path, monkeypatch):
+    from qmoe_ray.distributed.driver import check_resources, run_compression
+
+    monkeypatch.setenv("QMOE_RESOURCE_WAIT_S", "0")
+    with pytest.raises(RuntimeError, match=r"has 0 GPU but 1 workers x 1 GPU"):
+        run_compression(job_cfg(model, tmp_path / "a", gpus_per_worker=1), progress=False)
+    # 3 CPUs in all, but one per node: a 2-CPU worker fits nowhere
+    with pytest.raises(RuntimeError, match=r"worker 1 of 1 fits on no node: each needs 2 CPU"):
+        run_compression(job_cfg(model, tmp_path / "b", cpus_per_worker=2), progress=False)
+    # with a wait, the autoscaler is asked for the bundles first, then the same message
+    with pytest.raises(RuntimeError, match="fits on no node"):
+        check_resources(job_cfg(model, tmp_path / "c", cpus_per_worker=2), wait_s=1.0)
+    assert not (tmp_path / "a" / "progress").exists()  # refused before the job was recorded
