@@ -12,7 +12,10 @@ from resume_helpers import assert_same_bytes, files, job_cfg, make_tiny_mixtral
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-NODE = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "object_store_memory": 100 * 2**20}
+# Every non-head node offers "store_slot"s and the stores ask for one (``_stores_off_head``): left to
+# SPREAD alone, the CPU-less head may hold every store, and then no node can be removed under one.
+NODE = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "object_store_memory": 100 * 2**20,
+        "resources": {"store_slot": 3}}
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +80,7 @@ class NodeKiller:
         self.cluster.remove_node(node, allow_graceful=False)
         self.removed = node_id
         self.cluster.add_node(**NODE)
+        self.cluster.wait_for_nodes()
 
 
 def test_lost_worker_node_mid_layer(cluster, model, clean, tmp_path):
@@ -94,13 +98,29 @@ def test_lost_worker_node_mid_layer(cluster, model, clean, tmp_path):
     assert rep["resumed_after_layers"] == 0
 
 
-def test_lost_store_node_mid_layer(cluster, model, clean, tmp_path):
+@pytest.fixture
+def _stores_off_head(monkeypatch):
+    """Make ``make_actors`` place each store on a non-head node (one "store_slot" each)."""
+    from qmoe_ray.distributed import actors
+
+    real = actors.ActivationStore
+
+    class Pinned:
+        @staticmethod
+        def options(**kw):
+            return real.options(resources={"store_slot": 1}, **kw)
+
+    monkeypatch.setattr(actors, "ActivationStore", Pinned)
+
+
+def test_lost_store_node_mid_layer(cluster, model, clean, tmp_path, _stores_off_head):
     from qmoe_ray.distributed.driver import run_compression
 
     def store_node(ray, info):  # a node holding a store (not the head)
         head = cluster.head_node.node_id
         nodes = ray.get([s.node_id.remote() for s in info["actors"].stores])
-        return next(n for n in nodes if n != head)
+        assert head not in nodes, "a store was placed on the head despite store_slot"
+        return nodes[0]
 
     killer = NodeKiller(cluster, store_node)
     out = tmp_path / "out"
