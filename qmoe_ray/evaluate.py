@@ -11,7 +11,7 @@ family steps as the compressor (``embed``, ``pre_moe``, ``route``, ``post_moe``,
 The weight source is pluggable: ``weights=`` replaces the checkpoint reader and ``experts_for=``
 replaces how the routed experts are obtained (a compressed checkpoint's decoded experts), so the
 same loop evaluates source and compressed models. A folder holding ``manifest.json`` (a
-compressed checkpoint) is loaded through ``qmoe_ray.load``.
+compressed checkpoint) is loaded through ``qmoe_ray.loader``.
 
 The loss is the token mean of the cross-entropy over all predicted positions, as transformers
 computes it with ``labels=input_ids`` (decoder-only) or ``labels=`` (Switch).
@@ -94,7 +94,7 @@ def _open_model(model_url: str, storage_options: Mapping[str, Any]):
 
     url = str(embedded_model_path()) if model_url == EMBEDDED else model_url
     if _is_compressed(url, storage_options):
-        from qmoe_ray.load import load
+        from qmoe_ray.loader import load
 
         cm = load(url, **storage_options)
         return cm.config, cm.W, cm.experts_for, url
@@ -243,7 +243,7 @@ def main(args: argparse.Namespace) -> int:
         if opts is not None and not isinstance(opts, dict):
             raise ValueError("--storage-options must be a JSON object")
         if getattr(args, "compare", None):
-            from qmoe_ray.load import compare_eval
+            from qmoe_ray.loader import compare_eval
 
             both = compare_eval(args.model, None if args.compare == "source" else args.compare,
                                 args.data, args.samples, args.seq_len, args.batch_size, opts,

@@ -7,7 +7,7 @@ round-to-nearest and why, calibration token coverage per MoE layer, and the chec
 Why it recomputes sizes from the manifest's tensor list instead of quoting the job's report: the
 tensor list is what a reader actually gets (and what the checksums cover), so the figures hold
 for a checkpoint whose report was lost or written by another version. Checksums are verified by
-streaming every shard through ``qmoe_ray.load.iter_shards`` (``verify=False`` skips the download
+streaming every shard through ``qmoe_ray.loader.iter_shards`` (``verify=False`` skips the download
 and reports ``"not checked"``). Named ``inspect_cmd`` so it never shadows the standard library's
 ``inspect``.
 """
@@ -176,7 +176,7 @@ def inspect(url: str, verify: bool = True, **storage_options: Any) -> dict[str, 
         FileNotFoundError / PermissionError / ValueError: no readable manifest or an unknown
             format version (a corrupted shard is reported in ``checksums``, not raised).
     """
-    from qmoe_ray.load import Timings, check_manifest, iter_shards, read_manifest
+    from qmoe_ray.loader import Timings, check_manifest, iter_shards, read_manifest
 
     manifest = read_manifest(url, **storage_options)
     check_manifest(manifest)

@@ -329,3 +329,19 @@ def test_legacy_config_keys(case):
         run_forward(fam, case.ckpt, inputs), run_forward(case.family, case.ckpt, inputs)
     )
     assert json.loads((case.folder / "config.json").read_text())["model_type"] == case.model_type
+
+
+def test_hessian_mask_drops_pad_bos_eos(case):
+    cfg = case.family.config
+    special = {cfg.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")} - {None}
+    assert special, "tiny configs carry bos/eos ids"
+    inputs = _inputs(seed=2)
+    ids = inputs["input_ids"].clone()
+    ids[:, 0] = min(special)  # a BOS-like token at the start of every row
+    ids[0, 4] = max(special)
+    inputs["input_ids"] = ids
+    layer = case.family.layers()[0]
+    state = case.family.embed(case.ckpt, inputs)
+    expect = inputs["attention_mask"].bool() & ~torch.isin(ids, torch.tensor(sorted(special)))
+    assert torch.equal(case.family.hessian_mask(layer, state), expect)
+    assert not expect[:, 0].any() and expect.any()

@@ -12,7 +12,7 @@ import torch
 from load_helpers import compressed_checkpoint
 
 from qmoe_ray.export import INDEX, expert_layout, export
-from qmoe_ray.load import load
+from qmoe_ray.loader import load
 
 
 @pytest.fixture(scope="session")

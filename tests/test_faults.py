@@ -152,7 +152,7 @@ def _storage(endpoint: str):
 @pytest.mark.s3
 def test_moto_outage_mid_job_is_ridden_out(model, moto, s3_credentials, ray_session):  # noqa: F811
     from qmoe_ray.distributed.driver import run_compression
-    from qmoe_ray.load import load
+    from qmoe_ray.loader import load
 
     fs = make_bucket(moto.url, "faults")
     outage = {}

@@ -18,7 +18,7 @@ from load_helpers import (
     edit_manifest,
 )
 
-from qmoe_ray.load import (
+from qmoe_ray.loader import (
     EncodedWeight,
     Timings,
     iter_shards,
@@ -240,7 +240,7 @@ def test_evaluate_reads_a_compressed_checkpoint(ckpt, decoded):
 
 def test_side_by_side_eval(ckpt, capsys):
     from qmoe_ray.cli import main
-    from qmoe_ray.load import compare_eval
+    from qmoe_ray.loader import compare_eval
 
     both = compare_eval(str(ckpt), None, "embedded", 2, 16)
     assert both["original"]["model"] == "embedded" and both["compressed"]["tokens"] == 30

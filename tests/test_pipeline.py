@@ -153,7 +153,7 @@ def _files(root: Path) -> dict[str, bytes]:
 @pytest.mark.ray
 def test_job_end_to_end_local(tiny_mixtral, tmp_path):
     from qmoe_ray.distributed.driver import run_compression
-    from qmoe_ray.load import load
+    from qmoe_ray.loader import load
 
     out1 = tmp_path / "w1"
     rep = run_compression(_cfg(tiny_mixtral, out1, num_workers=1), progress=False)
@@ -166,6 +166,7 @@ def test_job_end_to_end_local(tiny_mixtral, tmp_path):
 
     manifest = json.loads((out1 / "manifest.json").read_text())
     assert manifest["format_version"] == 1 and manifest["options"]["scheme"] == "ternary"
+    assert len(manifest["source_fingerprint"]) == 64  # the source's identity travels with it
     assert len(manifest["quantized"]) == 2 * 6 * 3  # 2 layers x 6 experts x 3 matrices
     assert (out1 / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "bits/param" in (out1 / "report.md").read_text()
@@ -208,6 +209,12 @@ def test_job_bad_input_before_work(tiny_mixtral, tmp_path):
     (dense / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="supported model types"):
         run_compression(_cfg(tiny_mixtral, tmp_path / "o2", source=str(dense)), progress=False)
+    # a config.json that does not match the weights is named before any layer runs
+    (dense / "config.json").write_text(json.dumps({**cfg, "model_type": "mixtral",
+                                                   "intermediate_size": 40}))
+    with pytest.raises(ValueError, match="config.json implies"):
+        run_compression(_cfg(tiny_mixtral, tmp_path / "o3", source=str(dense)), progress=False)
+    assert not (tmp_path / "o3" / "progress").exists()
 
 
 @pytest.mark.ray
@@ -216,7 +223,7 @@ def test_cli_s3_source_and_output(tiny_mixtral, moto_endpoint, s3_credentials, t
     from fixtures_s3 import make_bucket, upload_dir
 
     from qmoe_ray.cli import main
-    from qmoe_ray.load import load
+    from qmoe_ray.loader import load
 
     fs = make_bucket(moto_endpoint, "qmoe-test")
     upload_dir(fs, tiny_mixtral, "qmoe-test/src")

@@ -63,7 +63,7 @@ def _baseline_loss(source: str, data: str, n: int, seq_len: int) -> float:
 
 def _entropy_check(out: Path) -> dict[str, float]:
     """Written ternary expert bytes vs order-0 entropy of the codes plus the scales."""
-    from qmoe_ray.load import read_manifest, read_verified
+    from qmoe_ray.loader import read_manifest, read_verified
     from qmoe_ray.report import order0_entropy_bits
     from qmoe_ray.storage.layout import unpack_matrix
 

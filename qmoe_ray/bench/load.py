@@ -82,7 +82,7 @@ def synthetic_checkpoint(out: Path, hidden: int = 1024, ff: int = 2048, layers: 
 
 def run(url: str, mode: str = "decode", device: str = "cpu", repeat: int = 2) -> dict[str, Any]:
     """Load ``url`` ``repeat`` times; the best wall time's timings, and throughput figures."""
-    from qmoe_ray.load import load
+    from qmoe_ray.loader import load
 
     best = None
     for _ in range(repeat):

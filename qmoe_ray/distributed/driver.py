@@ -231,12 +231,13 @@ def run_compression(
     if not moe_layers:
         raise ValueError(f"{cfg.source}: the model has no mixture-of-experts layers; "
                          "qmoe-ray compresses MoE models only")
+    if hasattr(family, "check_weights"):  # a missing tensor or a wrong shape: now, not at layer 30
+        family.check_weights(ckpt.names, ckpt.shape)
     scheme = parse_scheme(cfg.scheme, cfg.quant_group_size)
     check_output_writable(cfg.output, storage.output, cfg.overwrite)
     prog = Progress(cfg.output, storage.output)
     job = {"source": source_label(cfg.source),
-           "source_fingerprint": source_fingerprint(
-               ckpt.config, {n: f"{ckpt.dtype(n)}{list(ckpt.shape(n))}" for n in ckpt.names}),
+           "source_fingerprint": _fingerprint(ckpt),
            "options": cfg.output_options()}
     resuming = prog.check(job, cfg.overwrite)
 
@@ -511,6 +512,12 @@ def _sum_timings(parts: Any) -> dict[str, float]:
     return out
 
 
+def _fingerprint(ckpt: Any) -> str:
+    """The source's identity for resume checks and the manifest: config + tensor names/shapes."""
+    return source_fingerprint(
+        ckpt.config, {n: f"{ckpt.dtype(n)}{list(ckpt.shape(n))}" for n in ckpt.names})
+
+
 def _finish(cfg: CompressConfig, ckpt: Any, family: Any, actors: Any, result: dict[str, Any],
             t_start: float) -> dict[str, Any]:
     """Held-out loss, the 'other' shard, copied source files, the report, and the manifest last."""
@@ -575,6 +582,7 @@ def _finish(cfg: CompressConfig, ckpt: Any, family: Any, actors: Any, result: di
         "format_version": mf.FORMAT_VERSION,
         "created_by": f"qmoe-ray {__version__}",
         "source": source_label(cfg.source),
+        "source_fingerprint": _fingerprint(ckpt),
         "model_type": family.model_type,
         "config": ckpt.config,
         "options": cfg.output_options(),

@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from qmoe_ray.data.samples import special_token_ids
 from qmoe_ray.models import layers as L
 from qmoe_ray.models.base import (
     ExpertSpec,
@@ -492,10 +493,14 @@ class DecoderMoE(MoEFamily):
             )
         emb = self._w(W, "model.embed_tokens.weight", (s.vocab_size, s.hidden_size))
         b, n = ids.shape
+        special = torch.tensor(special_token_ids(self.config), dtype=torch.int64)
         return {
             "hidden": emb[ids],
             "attention_mask": mask,
             "position_ids": torch.arange(n, dtype=torch.int64).expand(b, n).contiguous(),
+            # pad / BOS / EOS stay out of the Hessians (attention-sink tokens carry outlier
+            # activations unlike the text's; QMoE masks Switch's specials the same way)
+            "hessian_ok": mask & ~torch.isin(ids, special),
         }
 
     def _attention(self, i: int, W: WeightSource, x: torch.Tensor, state: State) -> torch.Tensor:
@@ -616,6 +621,11 @@ class DecoderMoE(MoEFamily):
 
     def token_mask(self, layer: LayerSpec, state: State) -> torch.Tensor:
         return state["attention_mask"].to(torch.bool)
+
+    def hessian_mask(self, layer: LayerSpec, state: State) -> torch.Tensor:
+        """Real tokens other than the config's pad / BOS / EOS ids."""
+        ok = state.get("hessian_ok")
+        return self.token_mask(layer, state) if ok is None else ok.to(torch.bool)
 
 
 class Mixtral(DecoderMoE):

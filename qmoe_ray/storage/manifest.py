@@ -6,12 +6,13 @@ Layout under the output URL::
     tokenizer.json              copied from the source when present
     shards/layer-00003.safetensors   one shard per block: its dense tensors (bf16) and its encoded
                                 experts; shards/other.safetensors for embeddings, final norms, head
-    progress/layer-00003.json   per-layer completion records (resume)
+    progress/                   while the job runs: its record, per-layer completion records and
+                                activation checkpoints (resume); removed when the job finishes
     report.json, report.md, report.png
     manifest.json               written LAST: without it the folder is not a checkpoint
 
 The manifest lists every tensor with its shard, dtype, shape and SHA-256 of its raw bytes, the
-format version, the source and options, per-expert statistics and the sizes. A reader refuses a
+format version, the source (label and fingerprint of its config and tensor shapes) and options, per-expert statistics and the sizes. A reader refuses a
 folder without a manifest, a newer format version, a file name that leaves the folder, and any
 checksum mismatch.
 """
