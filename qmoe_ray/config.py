@@ -33,7 +33,9 @@ class CompressConfig:
         token_cap: Hessian tokens per expert capped at ``token_cap`` x the mean (0: no cap).
         percdamp: GPTQ damping as a fraction of the mean Hessian diagonal.
         blocksize: GPTQ block size (columns).
-        actorder: GPTQ with columns in descending Hessian-diagonal order.
+        actorder: GPTQ with columns in descending Hessian-diagonal order (default on: on the
+            embedded model it cuts the ternary loss rise by a quarter for ~2% more bits; the
+            QMoE reference runs without it).
         sequential_experts: quantize an expert's output matrix on the hidden activation through
             its already-quantized input matrices (False: through the original ones, as the QMoE
             reference does).
@@ -60,7 +62,7 @@ class CompressConfig:
     token_cap: float = 4.0
     percdamp: float = 0.1
     blocksize: int = 128
-    actorder: bool = False
+    actorder: bool = True
     sequential_experts: bool = True
     quant_group_size: int | None = None
     num_samples: int = 256

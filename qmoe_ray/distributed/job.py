@@ -27,7 +27,8 @@ _HELP = {
     "token_cap": "Hessian tokens per expert capped at this x the mean (0: no cap)",
     "percdamp": "GPTQ damping, fraction of the mean Hessian diagonal",
     "blocksize": "GPTQ block size",
-    "actorder": "GPTQ act-order (columns by descending Hessian diagonal)",
+    "actorder": "GPTQ act-order, columns by descending Hessian diagonal (default: on; "
+                "--no-actorder: the QMoE reference's order)",
     "sequential_experts": "quantize wo/down on the outputs of the quantized wi/gate/up "
                           "(--no-sequential-experts: the QMoE reference recipe)",
     "quant_group_size": "int schemes: scale groups along the input dimension",
