@@ -158,7 +158,10 @@ def _switch_base_layer(outliers: bool, tokens: int = 8192) -> dict[str, Any]:
             x[:, :8] *= 6
         toks.append(ExpertTokens(x.numpy(), np.ones(T, dtype=bool)))
     t0 = time.perf_counter()
-    res = quantize_group(spec, W, toks, QuantOptions(parse_scheme("ternary")))
+    job = CompressConfig()  # the job's defaults (act-order on, sequential experts)
+    opts = QuantOptions(parse_scheme("ternary"), actorder=job.actorder,
+                        sequential=job.sequential_experts)
+    res = quantize_group(spec, W, toks, opts)
     t1 = time.perf_counter()
     nbytes = 0
     zeros = []
@@ -337,7 +340,7 @@ def _markdown(f: dict[str, Any]) -> str:
         lines += [
             "",
             "Synthetic switch-base layer (16 experts, 768x3072 + 3072x768, Gaussian weights, ternary "
-            "GPTQ), bits per expert parameter as written (codes, segment lengths, shared tables, bf16 "
+            "GPTQ with the job's defaults), bits per expert parameter as written (codes, segment lengths, shared tables, bf16 "
             "row scales; target < 0.85 with a realistic calibration set):",
             "",
             "| calibration activations | tokens per expert | bits/param | zeros | GPTQ on the group |",
