@@ -469,10 +469,10 @@ class EncodedWeight:
         """The bf16 weight ``[rows, cols]``, decoded now (on the GPU when resident there)."""
         if self.device == "cuda" and self._gpu_ok():
             return _gpu_dequantize(self)
-        codes = self.codes()
-        if self.scheme.name == "ternary":
-            w = _ternary_bf16(codes, self.params["lo"], self.params["hi"])
+        if isinstance(self.enc, codec.EncodedTernary):
+            w = _ternary_bf16(self.enc, self.params["lo"], self.params["hi"])
         else:
+            codes = self.codes()
             p = {k: v.float()[None] for k, v in self.params.items()}
             w = dequantize(self.scheme, torch.from_numpy(codes)[None], p)[0].to(torch.bfloat16)
         return w.to(self.device) if self.device != "cpu" else w
@@ -492,15 +492,13 @@ class EncodedWeight:
         return x @ self.dense().to(device=x.device, dtype=x.dtype).T
 
 
-def _ternary_bf16(codes: np.ndarray, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """bf16 ``hi[row]`` / 0 / ``lo[row]`` for codes +1 / 0 / -1 by one table lookup (lo/hi are
-    stored in bf16, so this equals the float32 dequantization rounded to bf16, bit for bit, and
-    is ~10x faster than ``torch.where``)."""
-    rows = codes.shape[0]
+def _ternary_bf16(enc: Any, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """bf16 ``hi[row]`` / 0 / ``lo[row]`` for codes +1 / 0 / -1, decoded straight from the stream
+    through a per-row lookup table (lo/hi are stored in bf16, so this equals the float32
+    dequantization rounded to bf16, bit for bit; no code matrix, no ``torch.where``)."""
     lut = torch.stack([lo.to(torch.bfloat16), torch.zeros_like(lo, dtype=torch.bfloat16),
-                       hi.to(torch.bfloat16)], 1).view(torch.int16).numpy().reshape(-1)
-    base = (np.arange(rows, dtype=np.int32) * 3 + 1)[:, None]
-    return torch.from_numpy(np.take(lut, base + codes)).view(torch.bfloat16)
+                       hi.to(torch.bfloat16)], 1).view(torch.int16).numpy()
+    return torch.from_numpy(codec.decode_ternary_lut(enc, lut)).view(torch.bfloat16)
 
 
 class _Transposed:

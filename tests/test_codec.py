@@ -63,6 +63,26 @@ def test_ternary_round_trip_across_sparsity(backend, p0):
     np.testing.assert_array_equal(out, c)
 
 
+@pytest.mark.parametrize("shape, group, seg", [((37, 515), 5, 97), ((1, 1), 5, 4096),
+                                               ((3, 7), 4, 2), ((64, 300), 3, 500)])
+def test_decode_ternary_lut_equals_lookup_of_codes(backend, shape, group, seg):
+    rng = np.random.default_rng(sum(shape))
+    c = ternary(rng, shape, 0.85)
+    enc = codec.encode_ternary(c, segment_symbols=seg, group=group)
+    lut = rng.integers(-(2**15), 2**15, size=(shape[0], 3), dtype=np.int16)
+    out = codec.decode_ternary_lut(enc, lut)
+    assert out.dtype == np.int16 and out.shape == shape
+    np.testing.assert_array_equal(out, np.take_along_axis(lut, c.astype(np.int64) + 1, axis=1))
+    with pytest.raises(ValueError, match="lut must be int16"):
+        codec.decode_ternary_lut(enc, lut[:, :2])
+    s = enc.stream.copy()
+    s[-1] ^= 0x0F0F
+    bad = codec.EncodedTernary._make(enc.shape, enc.table, s, enc.seg_words,
+                                     enc.segment_symbols, True)
+    with pytest.raises(ValueError, match="corrupted stream"):
+        codec.decode_ternary_lut(bad, lut)
+
+
 @pytest.mark.parametrize("group", [1, 2, 3, 4])
 def test_int2_round_trip(backend, group):
     rng = np.random.default_rng(group)

@@ -1,9 +1,9 @@
 """Load-time benchmark: read / verify / decode split for a compressed checkpoint.
 
-``python -m qmoe_ray.bench.load [URL]`` loads an existing checkpoint; without a URL it writes a
-synthetic Mixtral-shaped checkpoint (random ternary experts at the paper's P(0)=0.885, a shared
-table per layer and role, random bf16 dense weights) of a chosen size to a temporary folder and
-loads that. The synthetic writer mirrors the job's layout (``storage.layout`` + ``manifest``)
+``python jobs/benchmark.py load [URL] [--device cuda]`` loads an existing checkpoint; without a URL
+it compresses the embedded model and writes a synthetic Mixtral-shaped checkpoint (random ternary
+experts at the paper's P(0)=0.885, a shared table per layer and role, random bf16 dense weights)
+of a chosen size to a temporary folder, and loads both. The synthetic writer mirrors the job's layout (``storage.layout`` + ``manifest``)
 without Ray or GPTQ, so hundreds of millions of expert weights take seconds to make.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qmoe_ray.bench import BenchResult
 from qmoe_ray.quant import parse_scheme
 from qmoe_ray.storage import manifest as mf
 from qmoe_ray.storage.layout import pack_matrix, shared_table, table_tensors
@@ -80,47 +82,139 @@ def synthetic_checkpoint(out: Path, hidden: int = 1024, ff: int = 2048, layers: 
     return manifest
 
 
-def run(url: str, mode: str = "decode", device: str = "cpu", repeat: int = 2) -> dict[str, Any]:
-    """Load ``url`` ``repeat`` times; the best wall time's timings, and throughput figures."""
+def load_timings(url: str, mode: str = "decode", device: str = "cpu", repeat: int = 3
+                 ) -> dict[str, Any]:
+    """Load ``url`` ``repeat`` times; the median of each timing, and throughput figures."""
     from qmoe_ray.loader import load
 
-    best = None
+    runs = []
     for _ in range(repeat):
         m = load(url, device=device, mode=mode)
-        if best is None or m.timings["wall"] < best["wall"]:
-            best = dict(m.timings)
+        runs.append(dict(m.timings))
         n = sum(int(np.prod(e["shape"])) for e in m.manifest["quantized"].values())
         del m
-    assert best is not None
-    best.update(expert_weights=n, mode=mode, device=device,
-                decode_mweights_per_s=n / max(best["decode"], 1e-9) / 1e6,
-                read_mib_per_s=best["bytes"] / 2**20 / max(best["read"], 1e-9))
-    return best
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    med.update(expert_weights=n, mode=mode, device=device, repeats=repeat,
+               decode_mweights_per_s=n / max(med["decode"], 1e-9) / 1e6,
+               load_mweights_per_s=n / max(med["wall"], 1e-9) / 1e6)
+    return med
+
+
+def _embedded_checkpoint(out: Path) -> str:
+    """Compress the embedded tiny model (ternary GPTQ, local Ray) into ``out``."""
+    from qmoe_ray.config import CompressConfig
+    from qmoe_ray.distributed.driver import run_compression
+
+    run_compression(CompressConfig(output=str(out), overwrite=True, eval_samples=0),
+                    progress=False)
+    return str(out)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("url", nargs="?", default=None,
+                        help="a compressed checkpoint (default: the embedded model compressed "
+                             "now, and a synthetic Mixtral-shaped one)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--ff", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=3)
+
+
+def run(args: argparse.Namespace) -> BenchResult:
+    """Load-time split (read / wait / verify / decode) for decode and resident modes."""
+    figures: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        targets: list[tuple[str, str]] = []
+        if args.url:
+            targets.append(("given checkpoint", args.url))
+        else:
+            targets.append(("embedded tiny model (ternary GPTQ, 4 layers x 8 experts x 3 of "
+                            "192x128)", _embedded_checkpoint(Path(tmp) / "embedded")))
+            syn = Path(tmp) / "synthetic"
+            synthetic_checkpoint(syn, args.hidden, args.ff, args.layers, args.experts)
+            targets.append((f"synthetic Mixtral-shaped ({args.layers} layers x {args.experts} "
+                            f"experts x 3 of {args.ff}x{args.hidden}, P(0)=0.885)", str(syn)))
+        for label, url in targets:
+            for mode in ("decode", "resident"):
+                figures[f"{label} | {mode}"] = load_timings(url, mode, args.device, args.repeat)
+        baseline = _bf16_baseline(targets[-1][1], Path(tmp) / "bf16", args.repeat)
+    return BenchResult(figures, _markdown(figures, args.device, targets[-1][0], baseline))
+
+
+def _bf16_baseline(url: str, out: Path, repeat: int) -> dict[str, float]:
+    """The same model (dense tensors and decoded experts) as one plain bf16 safetensors file,
+    what an uncompressed checkpoint holds: median seconds to read the file and build its tensors, from the same disk."""
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save_file
+
+    from qmoe_ray.loader import load
+
+    m = load(url)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in m.weights.items()}, str(path))
+    nbytes = path.stat().st_size
+    del m
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        st_load(path.read_bytes())  # read every byte (load_file would only map the file)
+        times.append(time.perf_counter() - t0)
+    return {"seconds": statistics.median(times), "bytes": nbytes}
+
+
+def _markdown(f: dict[str, Any], device: str, base_label: str, base: dict[str, float]) -> str:
+    lines = [
+        f"Loading with `qmoe_ray.load(url, device={device!r}, mode=...)`, medians of "
+        f"{next(iter(f.values()))['repeats']} loads (local disk, page cache warm). `read` is "
+        "thread-seconds of range reads (overlapped with verify/decode), `wait` the time the "
+        "consumer waited for bytes, `decode` includes building the experts (resident: only "
+        "checking and keeping them encoded).",
+        "",
+        "| checkpoint | mode | expert weights | bytes read | read | wait | verify | decode | wall "
+        "| M weights/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, r in f.items():
+        label, mode = key.rsplit(" | ", 1)
+        lines.append(
+            f"| {label} | {mode} | {r['expert_weights'] / 1e6:.1f} M | {r['bytes'] / 2**20:.1f} MiB "
+            f"| {r['read']:.3f} s | {r['wait']:.3f} s | {r['verify']:.3f} s | {r['decode']:.3f} s "
+            f"| {r['wall']:.3f} s | {r['load_mweights_per_s']:.0f} |")
+    dec = f[f"{base_label} | decode"]
+    lines += [
+        "",
+        f"Baseline, same disk: the {base_label.split(' (')[0]} model as one plain bf16 "
+        f"safetensors file ({base['bytes'] / 2**20:.0f} MiB) loads in {base['seconds']:.3f} s; the "
+        f"compressed checkpoint ({dec['bytes'] / 2**20:.0f} MiB, "
+        f"{base['bytes'] / dec['bytes']:.1f}x fewer bytes) loads and decodes in {dec['wall']:.3f} s "
+        f"(**{dec['wall'] / base['seconds']:.2f}x** the bf16 load time); decode is "
+        f"{100 * dec['decode'] / dec['wall']:.0f}% of its wall time.",
+        "",
+        "- CPU decode is the numba rANS loop writing bf16 straight through a per-row lookup "
+        "table (`codec.decode_ternary_lut`), segments spread over the cores; on this 2-core "
+        "machine it still dominates a local-disk load. From object storage, where the job "
+        "writes, bytes dominate instead: at 1 GB/s the bf16 file takes "
+        f"{base['bytes'] / 1e9:.2f} s to arrive, the compressed one {dec['bytes'] / 1e9:.2f} s "
+        f"plus {dec['decode']:.2f} s of decode that overlaps the download.",
+        "- Resident mode only verifies and keeps the experts encoded; on a CPU each product "
+        "then decodes its matrix again (a test path; on a GPU the fused kernel runs).",
+    ]
+    if device == "cpu":
+        lines.append("- GPU decode-at-load and resident-vs-decode per-token latency: not measured "
+                     "here (no GPU); `python jobs/benchmark.py load --device cuda`.")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``python -m qmoe_ray.bench.load [URL] [--mode ...] [--hidden ...]``."""
+    """``python -m qmoe_ray.bench.load [URL] [--device ...]``: print, record nothing."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("url", nargs="?", default=None)
-    ap.add_argument("--mode", choices=("decode", "resident"), default="decode")
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--ff", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--repeat", type=int, default=2)
-    args = ap.parse_args(argv)
-    url = args.url
-    tmp = None
-    if url is None:
-        tmp = tempfile.TemporaryDirectory()
-        t0 = time.perf_counter()
-        synthetic_checkpoint(Path(tmp.name), args.hidden, args.ff, args.layers, args.experts)
-        print(f"synthetic checkpoint written in {time.perf_counter() - t0:.1f} s")
-        url = tmp.name
-    print(json.dumps(run(url, args.mode, args.device, args.repeat)))
-    if tmp is not None:
-        tmp.cleanup()
+    add_arguments(ap)
+    res = run(ap.parse_args(argv))
+    print(json.dumps(res.figures, indent=1))
+    print(res.markdown)
     return 0
 
 

@@ -38,8 +38,12 @@ if AVAILABLE:
         seg_sym,
         out,
         status,
+        lut,
+        cols,
+        levels,
     ):
         group = expand.shape[1]
+        direct = lut.shape[0] == 0
         mask = (1 << prob_bits) - 1
         nwords = stream.shape[0]
         for seg in numba.prange(seg_lo, seg_hi):
@@ -61,9 +65,21 @@ if AVAILABLE:
                     x = (x << 16) | np.int64(stream[pos])
                     pos += 1
                 w = i * group - w_lo
-                for j in range(group):
-                    if 0 <= w + j < n_weights:
-                        out[w + j] = expand[s, j]
+                if direct:
+                    for j in range(group):
+                        if 0 <= w + j < n_weights:
+                            out[w + j] = expand[s, j]
+                else:  # the dequantized value: the row's level for this code (e.g. bf16 bits)
+                    g = i * group
+                    base = (g // cols) * levels + levels // 2
+                    col = g % cols
+                    for j in range(group):
+                        if 0 <= w + j < n_weights:
+                            out[w + j] = lut[base + expand[s, j]]
+                        col += 1
+                        if col == cols:
+                            col = 0
+                            base += levels
             status[seg - seg_lo] = 1 if (bad or x != 65536 or pos != end) else 0
 
     @numba.njit(cache=True, parallel=True, nogil=True)
@@ -131,8 +147,14 @@ def decode_weights(
     prob_bits,
     segment_symbols,
     expand,
+    lut=None,
+    cols=1,
+    levels=3,
 ):
-    """Decode weights ``w_lo:w_hi`` (they must lie in segments ``seg_lo:seg_hi``) to int8 codes.
+    """Decode weights ``w_lo:w_hi`` (they must lie in segments ``seg_lo:seg_hi``) to int8 codes,
+    or, given ``lut`` (``int16 [rows * levels]``, ``levels`` = 3 for ternary), straight to the
+    value ``lut[row * levels + levels // 2 + code]`` of each weight (``row = index // cols``):
+    dequantization fused into the decode loop, no code array in between.
 
     Raises:
         ValueError: a segment is corrupted (reads past its end or misses its final state).
@@ -141,7 +163,9 @@ def decode_weights(
     c = np.zeros_like(f)
     np.cumsum(f[:-1], out=c[1:])
     sym_tab = np.repeat(np.arange(freqs.size, dtype=np.uint8), freqs.astype(np.int64))
-    out = np.empty(w_hi - w_lo, np.int8)
+    direct = lut is None
+    out = np.empty(w_hi - w_lo, np.int8 if direct else np.int16)
+    lut = np.zeros(0, np.int16) if direct else np.ascontiguousarray(lut, dtype=np.int16)
     status = np.zeros(seg_hi - seg_lo, np.uint8)
     _decode_weights(
         stream,
@@ -159,6 +183,9 @@ def decode_weights(
         segment_symbols,
         out,
         status,
+        lut,
+        cols,
+        levels,
     )
     if status.any():
         bad = seg_lo + int(np.flatnonzero(status)[0])

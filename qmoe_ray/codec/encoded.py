@@ -380,6 +380,40 @@ def decode_ternary(enc: EncodedTernary) -> np.ndarray:
     return _decode_range(enc, 0, enc.num_weights).reshape(enc.shape).copy()
 
 
+def decode_ternary_lut(enc: EncodedTernary, lut: np.ndarray) -> np.ndarray:
+    """Decode straight to per-row values: ``out[r, c] = lut[r, code[r, c] + 1]``.
+
+    The load path's dequantization: ``lut`` holds each row's values for codes -1 / 0 / +1 (e.g.
+    the bf16 bits of ``lo``, 0, ``hi`` viewed as ``int16``), so no code matrix is materialised.
+
+    Args:
+        enc: ternary data.
+        lut: ``int16 [rows, 3]``.
+
+    Returns:
+        ``int16 [rows, cols]``, bit-identical to indexing ``lut`` with ``decode_ternary``'s codes.
+
+    Raises:
+        ValueError: not ternary data, a ``lut`` of the wrong shape or dtype, or a corrupted stream.
+    """
+    if not isinstance(enc, EncodedTernary):
+        raise ValueError(f"decode_ternary_lut needs an EncodedTernary, got {type(enc).__name__}")
+    rows, cols = enc.shape
+    lut = np.asarray(lut)
+    if lut.dtype != np.int16 or lut.shape != (rows, 3):
+        raise ValueError(f"lut must be int16 [{rows}, 3], got {lut.dtype}{list(lut.shape)}")
+    flat = np.ascontiguousarray(lut).reshape(-1)
+    if not _use_fast():
+        base = (np.arange(rows, dtype=np.int32) * 3 + 1)[:, None]
+        return np.take(flat, base + decode_ternary(enc))
+    t, S = enc.table, enc.segment_symbols
+    nseg = enc.seg_words.size
+    out = _fast.decode_weights(enc.stream, enc.segment_starts(), 0, nseg, enc.num_symbols, 0,
+                               enc.num_weights, t.freqs, t.prob_bits, S,
+                               expansion_table(t.kind, t.group), lut=flat, cols=cols, levels=3)
+    return out.reshape(rows, cols)
+
+
 def decode_int2(enc: EncodedInt2) -> np.ndarray:
     """Decode to ``uint8[rows, cols]`` codes 0..3, bit-exact.
 
