@@ -260,3 +260,37 @@ def test_cli_s3_source_and_output(tiny_mixtral, moto_endpoint, s3_credentials, t
     assert len(model.manifest["quantized"]) == 2 * 6 * 3
     text = fs.cat_file("qmoe-test/out/manifest.json").decode()
     assert s3_credentials["AWS_SECRET_ACCESS_KEY"] not in text
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+def test_embedded_model_s3_to_s3_meets_loss_target(moto_endpoint, s3_credentials, tmp_path,
+                                                   capsys):
+    """The trained embedded model, source and output on moto's s3, through the CLI: the output
+    verifies on load, and ternary GPTQ raises the held-out loss by at most a quarter of what
+    ternary RTN does (the issue's target; measured ~0.16 with these sample counts)."""
+    from fixtures_s3 import make_bucket, upload_dir
+
+    from qmoe_ray.bench.job import _baseline_loss
+    from qmoe_ray.cli import main
+    from qmoe_ray.data import embedded_model_path
+    from qmoe_ray.distributed.driver import run_compression
+    from qmoe_ray.loader import load
+
+    src = embedded_model_path()
+    fs = make_bucket(moto_endpoint, "qmoe-embedded")
+    upload_dir(fs, src, "qmoe-embedded/src")
+    opts = ["--num-samples", "64", "--eval-samples", "32", "--seq-len", "128"]
+    rc = main(["compress", "--source", "s3://qmoe-embedded/src", "--output",
+               "s3://qmoe-embedded/out", "--data", "embedded", "--quiet", *opts,
+               "--source-option", f"endpoint_url={moto_endpoint}",
+               "--output-option", f"endpoint_url={moto_endpoint}"])
+    assert rc == 0 and "s3://qmoe-embedded/out/report.md" in capsys.readouterr().out
+    model = load("s3://qmoe-embedded/out", endpoint_url=moto_endpoint)  # every checksum verified
+    gptq_loss = model.manifest["heldout_loss"]
+    rtn = run_compression(CompressConfig(source="embedded", output=str(tmp_path / "rtn"),
+                                         method="rtn", num_samples=64, eval_samples=32,
+                                         seq_len=128), progress=False)
+    base = _baseline_loss(str(src), "embedded", 32, 128)
+    gptq_rise, rtn_rise = gptq_loss - base, rtn["heldout_loss"] - base
+    assert 0 < rtn_rise and gptq_rise <= 0.25 * rtn_rise, (base, gptq_loss, rtn["heldout_loss"])
