@@ -430,9 +430,10 @@ def _log_layer(layer: LayerSpec, res: dict[str, Any], progress: bool) -> None:
     routed = int(np.sum(res["routed"]))
     fallbacks = sum(1 for s in res["stats"] if s["fallback"])
     loss = sum(sum(s["proxy_loss"].values()) for s in res["stats"])
-    log.info("layer %s: %d experts, %d tokens routed, %d fallbacks, proxy loss %.4g, %.1fs",
-             layer.name, layer.num_experts, routed, fallbacks, loss, res["seconds"])
-    if progress:
+    if not progress:  # with progress on, the line is printed (and logging would repeat it)
+        log.info("layer %s: %d experts, %d tokens routed, %d fallbacks, proxy loss %.4g, %.1fs",
+                 layer.name, layer.num_experts, routed, fallbacks, loss, res["seconds"])
+    else:
         print(f"[qmoe-ray] layer {layer.name}: {layer.num_experts} experts, "
               f"{routed} tokens, {fallbacks} RTN fallbacks, "
               f"proxy loss {loss:.4g}, {res['seconds']:.1f}s", flush=True)
