@@ -54,6 +54,10 @@ if AVAILABLE:
             s0 = seg * seg_sym
             s1 = min(s0 + seg_sym, n_sym_total)
             bad = False
+            # lut path: the row's base index and column of the symbol's first weight, carried
+            # from symbol to symbol (no division in the loop)
+            base = (s0 * group // cols) * levels + levels // 2
+            col = s0 * group % cols
             for i in range(s0, s1):
                 slot = x & mask
                 s = sym_tab[slot]
@@ -65,14 +69,20 @@ if AVAILABLE:
                     x = (x << 16) | np.int64(stream[pos])
                     pos += 1
                 w = i * group - w_lo
+                inside = w >= 0 and w + group <= n_weights
                 if direct:
-                    for j in range(group):
-                        if 0 <= w + j < n_weights:
+                    if inside:
+                        for j in range(group):
                             out[w + j] = expand[s, j]
+                    else:
+                        for j in range(group):
+                            if 0 <= w + j < n_weights:
+                                out[w + j] = expand[s, j]
+                elif inside and col + group < cols:  # the common case: one row, all wanted
+                    for j in range(group):
+                        out[w + j] = lut[base + expand[s, j]]
+                    col += group
                 else:  # the dequantized value: the row's level for this code (e.g. bf16 bits)
-                    g = i * group
-                    base = (g // cols) * levels + levels // 2
-                    col = g % cols
                     for j in range(group):
                         if 0 <= w + j < n_weights:
                             out[w + j] = lut[base + expand[s, j]]
