@@ -5,6 +5,7 @@ undisturbed run; and the same bytes on 1, 2 and 3 workers/stores."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,27 @@ def test_missing_resources_are_named_not_waited_for(cluster, model, tmp_path, mo
     with pytest.raises(RuntimeError, match="fits on no node"):
         check_resources(job_cfg(model, tmp_path / "c", cpus_per_worker=2), wait_s=1.0)
     assert not (tmp_path / "a" / "progress").exists()  # refused before the job was recorded
+
+
+def test_failed_job_releases_its_actors(cluster, model, tmp_path):
+    """On a shared cluster a job that fails frees its workers' CPUs at once, even while the
+    caller still holds the exception (whose traceback references the driver's frames)."""
+    import ray
+
+    from qmoe_ray.distributed.driver import run_compression
+
+    def boom(event, info):
+        if event == "group_dispatched":
+            raise ValueError("injected failure")
+
+    with pytest.raises(RuntimeError, match="injected failure") as held:
+        run_compression(job_cfg(model, tmp_path / "o", num_workers=2, num_stores=2),
+                        progress=False, hook=boom)
+    free = None
+    for _ in range(100):  # kills are asynchronous: up to 10 s
+        free = ray.available_resources().get("CPU", 0)
+        if free == ray.cluster_resources().get("CPU"):
+            break
+        time.sleep(0.1)
+    assert free == ray.cluster_resources().get("CPU"), (free, held.value)
+    assert not (tmp_path / "o" / "manifest.json").exists()

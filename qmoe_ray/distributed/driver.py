@@ -258,6 +258,7 @@ def run_compression(
     is_calib[: len(next(iter(calib.values())))] = True
 
     started = _ray_init(cfg)
+    actors = None
     try:
         from qmoe_ray.distributed.actors import make_actors
 
@@ -274,10 +275,16 @@ def run_compression(
         report = _finish(cfg, ckpt, family, actors, result, t_start)
         prog.remove(PROGRESS)  # the manifest is written: the checkpoint no longer needs it
     finally:
-        if started:
-            import ray
+        import ray
 
+        if started:
             ray.shutdown()
+        elif actors is not None:  # a shared cluster: free the job's CPUs/GPUs now, not at GC
+            for a in [*actors.stores, *actors.workers, actors.writer]:
+                try:
+                    ray.kill(a, no_restart=True)
+                except Exception:  # noqa: BLE001 - already dead is fine
+                    pass
     return report
 
 
