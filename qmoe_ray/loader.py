@@ -53,8 +53,9 @@ MODES = ("decode", "resident")
 CHUNK_BYTES = 16 * 2**20  # range-read size: big enough for object stores, small enough to overlap
 PREFETCH_SHARDS = 2  # shards being fetched ahead of the one being verified/decoded
 FUSED_MAX_TOKENS = 64  # resident mode on GPU: above this, decode transiently and use a GEMM
-GPU_INSTALL = ("install the GPU extra: pip install 'qmoe-ray[gpu]' (CuPy for CUDA 12/13) on a "
-               "machine with an NVIDIA GPU, or load with device='cpu'")
+GPU_INSTALL = ("install the GPU extra: pip install 'qmoe-ray[gpu]' (CuPy for CUDA 12, which CUDA 13 "
+               "drivers run too; 'qmoe-ray[gpu-cuda13]' for a CUDA 13 toolkit) on a machine with "
+               "an NVIDIA GPU, or load with device='cpu'")
 
 _ST_DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
