@@ -14,7 +14,7 @@ Layout under the output URL::
 The manifest lists every tensor with its shard, dtype, shape and SHA-256 of its raw bytes, the
 format version, the source (label and fingerprint of its config and tensor shapes) and options, per-expert statistics and the sizes. A reader refuses a
 folder without a manifest, a newer format version, a file name that leaves the folder, and any
-checksum mismatch.
+checksum mismatch. The full description for other readers: docs/CHECKPOINT.md.
 """
 
 from __future__ import annotations
