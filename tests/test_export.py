@@ -82,15 +82,16 @@ def test_cli_export(ckpt, tmp_path, capsys):
 
 
 @pytest.mark.ray
-def test_transformers_saved_qwen2_moe_round_trip(tmp_path):
-    """A tiny Qwen2-MoE saved by transformers (shared expert, a dense layer): compress, export,
-    load with transformers, same logits as our decoded model."""
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe", "olmoe"])
+def test_transformers_saved_round_trip(tmp_path, model_type):
+    """A tiny decoder MoE of each other family saved by transformers (Qwen2-MoE: shared expert,
+    a dense layer): compress, export, load with transformers, same logits as our decoded model."""
     from fixtures_s3 import save_tiny, tiny_model
 
     from qmoe_ray.config import CompressConfig
     from qmoe_ray.distributed.driver import run_compression
 
-    src = save_tiny(tiny_model("qwen2_moe"), tmp_path / "src", dtype=torch.bfloat16)
+    src = save_tiny(tiny_model(model_type), tmp_path / "src", dtype=torch.bfloat16)
     rng = np.random.default_rng(0)
     np.save(src / "tokens.npy", rng.integers(3, 97, size=(48, 16)).astype(np.int64))
     out = tmp_path / "c"
