@@ -90,9 +90,10 @@ def _is_compressed(url: str, storage_options: Mapping[str, Any]) -> bool:
 
 def _open_model(model_url: str, storage_options: Mapping[str, Any]):
     """``(config, WeightSource, experts_for or None, tokenizer source)`` for a model URL."""
-    from qmoe_ray.data import embedded_model_path
+    from qmoe_ray.data import EMBEDDED_SWITCH, embedded_model_path, embedded_switch_path
 
-    url = str(embedded_model_path()) if model_url == EMBEDDED else model_url
+    url = {EMBEDDED: str(embedded_model_path()),
+           EMBEDDED_SWITCH: str(embedded_switch_path())}.get(model_url, model_url)
     if _is_compressed(url, storage_options):
         from qmoe_ray.loader import load
 
@@ -122,7 +123,8 @@ def evaluate(
     """Mean cross-entropy and perplexity of a model on held-out data, walking layer by layer.
 
     Args:
-        model_url: checkpoint folder/URL (HF layout or compressed), or ``"embedded"``.
+        model_url: checkpoint folder/URL (HF layout or compressed), ``"embedded"`` or
+            ``"embedded-switch"`` (the packaged tiny Mixtral / SwitchTransformers).
         data_spec: ``"embedded"`` or a data file (see ``qmoe_ray.data.load_samples``).
         num_samples: samples to evaluate (``None``: all of the split).
         seq_len: tokens per sample (``None``: the data's row length).
@@ -161,6 +163,11 @@ def evaluate(
     family = get_family(config)
     if hasattr(family, "bind") and hasattr(weights, "names"):
         family.bind(list(weights.names))
+    if data_spec == EMBEDDED and model_url == "embedded-switch":  # that model's own windows
+        from qmoe_ray.data import embedded_switch_path
+
+        data_spec = str(embedded_switch_path() / "tokens.npy")
+        split = split or "heldout"
     if split is None:
         split = "heldout" if data_spec == EMBEDDED else "all"
     arrays = load_samples(data_spec, config, num_samples, seq_len, seed=seed, split=split,

@@ -189,10 +189,45 @@ def _switch_base_layer(outliers: bool, tokens: int = 8192) -> dict[str, Any]:
     }
 
 
+def _variant_runs(base: dict[str, Any], variants: list[tuple[str, dict[str, Any]]],
+                  base_loss: float, tmp: Path) -> dict[str, dict[str, Any]]:
+    """One job per variant: held-out loss, its rise over ``base_loss``, expert bits, wall time."""
+    from qmoe_ray.distributed.driver import run_compression
+
+    runs: dict[str, dict[str, Any]] = {}
+    for label, kw in variants:
+        out = tmp / label.replace(" ", "_").replace(",", "")
+        t0 = time.perf_counter()
+        rep = run_compression(CompressConfig(**base, output=str(out), **kw), progress=False)
+        runs[label] = {
+            "loss": rep["heldout_loss"],
+            "rise": rep["heldout_loss"] - base_loss,
+            "bits": rep["sizes"]["expert_bits_per_param"],
+            "wall": time.perf_counter() - t0,
+            "report": rep,
+            "out": out,
+        }
+    return runs
+
+
+def _loss_table(runs: dict[str, dict[str, Any]]) -> list[str]:
+    rtn_rise = runs["ternary rtn"]["rise"]
+    lines = [
+        "| variant | held-out loss | rise over bf16 | rise / ternary-RTN rise | expert bits/param |",
+        "|---|---|---|---|---|",
+    ]
+    for label, r in runs.items():
+        frac = r["rise"] / rtn_rise if rtn_rise > 0 else math.nan
+        lines.append(
+            f"| {label} | {r['loss']:.4f} | {r['rise']:+.4f} | {frac:.2f} | {r['bits']:.3f} |"
+        )
+    return lines
+
+
 def run(args) -> BenchResult:
     import ray
 
-    from qmoe_ray.data import embedded_model_path
+    from qmoe_ray.data import embedded_model_path, embedded_switch_path
     from qmoe_ray.distributed.driver import _ray_init, run_compression
 
     src = embedded_model_path()
@@ -221,19 +256,7 @@ def run(args) -> BenchResult:
             ("int2 gptq", dict(scheme="int2", method="gptq")),
             ("int2 rtn", dict(scheme="int2", method="rtn")),
         ]
-        runs: dict[str, dict[str, Any]] = {}
-        for label, kw in variants:
-            out = tmp / label.replace(" ", "_").replace(",", "")
-            t0 = time.perf_counter()
-            rep = run_compression(CompressConfig(**base, output=str(out), **kw), progress=False)
-            runs[label] = {
-                "loss": rep["heldout_loss"],
-                "rise": rep["heldout_loss"] - base_loss,
-                "bits": rep["sizes"]["expert_bits_per_param"],
-                "wall": time.perf_counter() - t0,
-                "report": rep,
-                "out": out,
-            }
+        runs = _variant_runs(base, variants, base_loss, tmp)
         t0 = time.perf_counter()
         run_compression(
             CompressConfig(**base, output=str(tmp / "two"), num_workers=2, num_stores=2),
@@ -260,6 +283,17 @@ def run(args) -> BenchResult:
         figures["entropy"] = _entropy_check(runs["ternary gptq"]["out"])
         figures["driver_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         figures["worker_peak_rss_mb"] = main["worker_timings"].get("peak_rss_mb")
+        switch = embedded_switch_path()
+        if (switch / "model.safetensors").exists():
+            sw_base = dict(base, source="embedded-switch", eval_samples=48, seq_len=112)
+            figures["switch_baseline_loss"] = _baseline_loss(
+                str(switch), str(switch / "tokens.npy"), 48, 112)
+            sw_runs = _variant_runs(sw_base, [v for v in variants if "act-order" not in v[0]],
+                                    figures["switch_baseline_loss"], tmp / "switch")
+            figures["switch_runs"] = {
+                k: {kk: vv for kk, vv in v.items() if kk not in ("report", "out")}
+                for k, v in sw_runs.items()
+            }
         if not args.skip_synthetic:
             ray.shutdown()
             _ray_init(CompressConfig(num_workers=2))
@@ -281,22 +315,24 @@ def run(args) -> BenchResult:
 
 
 def _markdown(f: dict[str, Any]) -> str:
-    runs = f["runs"]
-    rtn_rise = runs["ternary rtn"]["rise"]
     lines = [
         "Embedded tiny MoE (4 MoE layers x 8 experts of 128x192), calibration and held-out sets "
         "shipped with it; one in-process Ray cluster.",
         "",
         f"Uncompressed held-out loss: **{f['baseline_loss']:.4f}**.",
         "",
-        "| variant | held-out loss | rise over bf16 | rise / ternary-RTN rise | expert bits/param |",
-        "|---|---|---|---|---|",
+        *_loss_table(f["runs"]),
     ]
-    for label, r in runs.items():
-        frac = r["rise"] / rtn_rise if rtn_rise > 0 else math.nan
-        lines.append(
-            f"| {label} | {r['loss']:.4f} | {r['rise']:+.4f} | {frac:.2f} | {r['bits']:.3f} |"
-        )
+    if "switch_runs" in f:
+        lines += [
+            "",
+            "The paper's family: the embedded tiny SwitchTransformers (`--source embedded-switch`: "
+            "4 encoder + 4 decoder blocks, every other one sparse with 8 top-1 experts of 128x192; "
+            "span-corrupted held-out windows). Uncompressed held-out loss: "
+            f"**{f['switch_baseline_loss']:.4f}**.",
+            "",
+            *_loss_table(f["switch_runs"]),
+        ]
     e = f["entropy"]
     t = f["timings"]
     lines += [

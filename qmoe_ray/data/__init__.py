@@ -7,8 +7,10 @@
 from qmoe_ray.data.corruption import SpanCorruption, choose_windows, corrupt_batch, span_corrupt
 from qmoe_ray.data.samples import (
     EMBEDDED,
+    EMBEDDED_SWITCH,
     SPLITS,
     embedded_model_path,
+    embedded_switch_path,
     hessian_token_mask,
     is_encoder_decoder,
     load_samples,
@@ -19,12 +21,14 @@ from qmoe_ray.data.sources import TokenData, load_tokenizer, read_tokens
 
 __all__ = [
     "EMBEDDED",
+    "EMBEDDED_SWITCH",
     "SPLITS",
     "SpanCorruption",
     "TokenData",
     "choose_windows",
     "corrupt_batch",
     "embedded_model_path",
+    "embedded_switch_path",
     "hessian_token_mask",
     "is_encoder_decoder",
     "load_samples",

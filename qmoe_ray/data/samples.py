@@ -32,9 +32,18 @@ NUM_SENTINELS = 100  # T5's <extra_id_0> ... <extra_id_99>
 T5_PADDED_VOCAB, T5_TOKENIZER_SIZE = 32128, 32100  # released T5/Switch: 28 unused padding rows
 
 
+EMBEDDED_SWITCH = "embedded-switch"
+
+
 def embedded_model_path() -> Path:
     """The folder of the embedded tiny MoE (HF layout plus ``calib.npy`` / ``heldout.npy``)."""
     return Path(str(resources.files("qmoe_ray") / "assets" / "tiny_moe"))
+
+
+def embedded_switch_path() -> Path:
+    """The folder of the embedded tiny SwitchTransformers (HF layout plus ``tokens.npy``: raw
+    windows whose last 10% come from held-out files; ``jobs/train_tiny_switch.py``)."""
+    return Path(str(resources.files("qmoe_ray") / "assets" / "tiny_switch"))
 
 
 def is_encoder_decoder(config: Mapping[str, Any]) -> bool:

@@ -58,12 +58,25 @@ Hook = Callable[[str, dict[str, Any]], None]
 
 
 def resolve_source(source: str) -> str:
-    """``"embedded"`` -> the packaged tiny model's folder; anything else unchanged."""
-    if source == EMBEDDED:
-        from qmoe_ray.data import embedded_model_path
+    """``"embedded"`` / ``"embedded-switch"`` -> the packaged tiny models' folders; anything else
+    unchanged."""
+    from qmoe_ray.data import EMBEDDED_SWITCH, embedded_model_path, embedded_switch_path
 
+    if source == EMBEDDED:
         return str(embedded_model_path())
+    if source == EMBEDDED_SWITCH:
+        return str(embedded_switch_path())
     return source
+
+
+def resolve_data(data: str, source: str) -> str:
+    """``--data embedded`` with ``--source embedded-switch`` -> that model's own token windows
+    (the default data set belongs to the default Mixtral)."""
+    from qmoe_ray.data import EMBEDDED_SWITCH, embedded_switch_path
+
+    if data == EMBEDDED and source == EMBEDDED_SWITCH:
+        return str(embedded_switch_path() / "tokens.npy")
+    return data
 
 
 def check_output_writable(output: str, options: Mapping[str, Any], overwrite: bool) -> None:
@@ -241,7 +254,7 @@ def run_compression(
            "options": cfg.output_options()}
     resuming = prog.check(job, cfg.overwrite)
 
-    data_spec = cfg.data
+    data_spec = resolve_data(cfg.data, cfg.source)
     calib = load_samples(data_spec, ckpt.config, cfg.num_samples, cfg.seq_len, seed=cfg.seed,
                          split="calib", tokenizer_source=source, storage_options=storage.source)
     held = (load_samples(data_spec, ckpt.config, cfg.eval_samples, cfg.seq_len, seed=cfg.seed,

@@ -1,0 +1,201 @@
+"""Train the tiny SwitchTransformers of ``qmoe_ray/assets/tiny_switch``:
+``python jobs/train_tiny_switch.py``.
+
+The paper's family (T5 encoder-decoder, top-1 routed experts every other block), trained the way
+QMoE calibrates it: T5 span corruption (noise density 0.15, mean span 3) of windows of the same
+corpus as the embedded Mixtral (the Python stdlib sources, split by file) with the same byte-level
+BPE tokenizer (``tiny_moe/tokenizer.json``, ids 0/1/2 = ``<pad>``/``<s>``/``</s>``). The vocabulary
+is the tokenizer's 2048 ids plus 100 sentinels at the top (``<extra_id_k>`` = 2147 - k, T5's
+layout), so ``qmoe_ray.data`` finds them by the ``vocab_size - 1 - k`` rule.
+
+Outputs: bf16 safetensors + config.json + tokenizer.json, ``tokens.npy`` (uint16 raw windows
+``[calib + heldout, seq_len]``: the last ``--heldout`` rows come from held-out files, so the
+job's default 10% held-out split of this one file is held-out text), ``metadata.json``.
+
+transformers is a development dependency: ``pip install '.[test]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_tiny import (  # noqa: E402  (the Mixtral script's corpus and tokenizer helpers)
+    EOS_ID,
+    PAD_ID,
+    corpus_files,
+    read_texts,
+    split_files,
+    token_stream,
+    unigram_cross_entropy,
+    windows,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "qmoe_ray" / "assets" / "tiny_switch"
+TOKENIZER = REPO / "qmoe_ray" / "assets" / "tiny_moe" / "tokenizer.json"
+SENTINELS = 100
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--max-minutes", type=float, default=9.0)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128, help="raw tokens per window")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--d-ff", type=int, default=192)
+    p.add_argument("--layers", type=int, default=4, help="encoder blocks (and decoder blocks)")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--calib", type=int, default=512)
+    p.add_argument("--heldout", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        from tokenizers import Tokenizer
+        from transformers import (
+            SwitchTransformersConfig,
+            SwitchTransformersForConditionalGeneration,
+        )
+    except ImportError:
+        print("train_tiny_switch.py needs transformers: pip install '.[test]'", file=sys.stderr)
+        return 2
+    from qmoe_ray.data.corruption import corrupt_batch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    train_files, held_files = split_files(corpus_files(stdlib), 0.05, args.seed)
+    tok = Tokenizer.from_file(str(TOKENIZER))
+    base_vocab = tok.get_vocab_size()
+    train_stream = token_stream(tok, read_texts(train_files))
+    held_stream = token_stream(tok, read_texts(held_files))
+    vocab = base_vocab + SENTINELS
+    sentinels = [vocab - 1 - k for k in range(SENTINELS)]
+    print(f"tokens: {len(train_stream)} train, {len(held_stream)} held-out; vocab {vocab}",
+          flush=True)
+
+    calib = windows(train_stream, args.calib, args.seq_len, rng)
+    heldout = windows(held_stream, args.heldout, args.seq_len, rng)
+
+    config = SwitchTransformersConfig(
+        vocab_size=vocab, d_model=args.d_model, d_kv=args.d_model // 4, d_ff=args.d_ff,
+        num_layers=args.layers, num_decoder_layers=args.layers,
+        num_sparse_encoder_layers=args.layers // 2, num_sparse_decoder_layers=args.layers // 2,
+        num_heads=4, num_experts=args.experts, expert_capacity=args.seq_len,
+        router_aux_loss_coef=0.01, router_z_loss_coef=0.001, dropout_rate=0.0,
+        pad_token_id=PAD_ID, eos_token_id=EOS_ID, decoder_start_token_id=PAD_ID,
+        tie_word_embeddings=False,
+    )
+    model = SwitchTransformersForConditionalGeneration(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    print(f"model: {n_params / 1e6:.2f} M parameters, {n_expert / n_params:.0%} in experts",
+          flush=True)
+
+    def batch(segments: np.ndarray, r: np.random.Generator) -> dict[str, torch.Tensor]:
+        b = corrupt_batch(segments, r, sentinels, EOS_ID, PAD_ID, PAD_ID)
+        return {k: torch.from_numpy(v) for k, v in b.items()}
+
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, args.steps // 20)
+    budget = 60 * args.max_minutes
+
+    def lr_at(step: int, elapsed: float) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = max((step - warmup) / max(1, args.steps - warmup), elapsed / budget)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    n_windows = len(train_stream) - args.seq_len
+    model.train()
+    t_train = time.perf_counter()
+    steps_done = 0
+    for step in range(args.steps):
+        elapsed = time.perf_counter() - t_train
+        if elapsed > budget:
+            print(f"time limit of {args.max_minutes} min reached after {step} steps", flush=True)
+            break
+        for group in opt.param_groups:
+            group["lr"] = args.lr * lr_at(step, elapsed)
+        starts = rng.integers(0, n_windows, size=args.batch)
+        seg = np.stack([train_stream[s : s + args.seq_len] for s in starts]).astype(np.int64)
+        b = batch(seg, rng)
+        loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                     decoder_input_ids=b["decoder_input_ids"],
+                     decoder_attention_mask=b["decoder_attention_mask"], labels=b["labels"]).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0:
+            print(f"step {step:5d}/{args.steps} loss {loss.item():.3f} "
+                  f"{time.perf_counter() - t_train:.0f} s", flush=True)
+        steps_done = step + 1
+    train_seconds = time.perf_counter() - t_train
+
+    model.eval()
+    model = model.to(torch.bfloat16).to(torch.float32)  # evaluate exactly the shipped weights
+    b = batch(heldout.astype(np.int64), np.random.default_rng(args.seed + 1))
+    with torch.no_grad():
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                       decoder_input_ids=b["decoder_input_ids"],
+                       decoder_attention_mask=b["decoder_attention_mask"]).logits
+    lab = b["labels"]
+    held_loss = float(torch.nn.functional.cross_entropy(
+        logits.reshape(-1, vocab), lab.reshape(-1), ignore_index=-100))
+    # unigram baseline over the same kind of targets: counts from corrupted train windows
+    train_targets = batch(calib.astype(np.int64), np.random.default_rng(args.seed + 2))["labels"]
+    unigram = unigram_cross_entropy(train_targets[train_targets >= 0].numpy(),
+                                    lab[lab >= 0].numpy(), vocab)
+
+    model.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
+    (out / "generation_config.json").unlink(missing_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    np.save(out / "tokens.npy", np.concatenate([calib, heldout]).astype(np.uint16))
+    meta = {
+        "python": sys.version.split()[0],
+        "train_tokens": int(len(train_stream)),
+        "parameters": n_params,
+        "expert_parameters": n_expert,
+        "steps_done": steps_done,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "train_seconds": round(train_seconds, 1),
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+        "heldout_loss": round(held_loss, 4),
+        "unigram_cross_entropy": round(unigram, 4),
+        "tokens_shape": [len(calib) + len(heldout), args.seq_len],
+        "heldout_rows": len(heldout),
+    }
+    meta["asset_bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    (out / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(json.dumps(meta, indent=2), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
