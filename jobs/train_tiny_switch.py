@@ -63,11 +63,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--heldout", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-record", action="store_true", help="leave BENCHMARKS.md alone")
+    p.add_argument("--render-only", action="store_true",
+                   help="record BENCHMARKS.md from --out/metadata.json; no training")
     return p.parse_args(argv)
+
+
+def bench_markdown(meta: dict) -> str:
+    return (
+        f"Tiny SwitchTransformers trained by `python jobs/train_tiny_switch.py` on the Python "
+        f"{meta['python']} stdlib sources ({meta['train_tokens']:,} train tokens, T5 span "
+        f"corruption), shipped in `qmoe_ray/assets/tiny_switch` (`--source embedded-switch`).\n\n"
+        f"| figure | value |\n|---|---|\n"
+        f"| parameters | {meta['parameters']:,} "
+        f"({meta['expert_parameters'] / meta['parameters']:.0%} in experts) |\n"
+        f"| asset size (bf16 + tokenizer + token windows) | {meta['asset_bytes'] / 2**20:.2f} MiB |\n"
+        f"| training | {meta['steps_done']} steps x {meta['batch']} windows of {meta['seq_len']} "
+        f"tokens, {meta['train_seconds']:.0f} s ({meta['total_seconds']:.0f} s with data) |\n"
+        f"| held-out loss, span-corruption targets (bf16 weights) | {meta['heldout_loss']:.4f} "
+        f"nats |\n"
+        f"| unigram baseline over the same kind of targets | "
+        f"{meta['unigram_cross_entropy']:.4f} nats |\n"
+    )
+
+
+def record_bench(meta: dict) -> None:
+    from qmoe_ray.bench import BenchResult, record
+
+    record("tiny_switch", BenchResult(figures=meta, markdown=bench_markdown(meta)),
+           REPO / "BENCHMARKS.md")
+    print("recorded in BENCHMARKS.md")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render_only:
+        record_bench(json.loads((Path(args.out) / "metadata.json").read_text()))
+        return 0
     try:
         from tokenizers import Tokenizer
         from transformers import (
@@ -193,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     meta["asset_bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     (out / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(json.dumps(meta, indent=2), flush=True)
+    if not args.no_record:
+        record_bench(meta)
     return 0
 
 
