@@ -6,6 +6,8 @@ On the embedded tiny MoE (one in-process Ray cluster for all runs, so start-up i
   RTN, ternary GPTQ without act-order, and the QMoE reference recipe (``--no-sequential-experts
   --no-actorder``: each expert's output matrix quantized on the hidden activation of the
   *original* input matrices, columns in order), as rises over the baseline;
+- the same variants (less the no-act-order row) on the embedded tiny SwitchTransformers, the
+  paper's family;
 - bytes of the ternary experts on disk vs the order-0 entropy of their codes plus their scales;
 - wall time split into dense forward / Hessians / GPTQ / encode / write, weights per second, and the
   same job on 1 vs 2 workers as a ratio (one run each, same machine, same session);
