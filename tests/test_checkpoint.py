@@ -27,15 +27,7 @@ from qmoe_ray.models import get_family, run_forward  # noqa: E402
 from qmoe_ray.storage.checkpoint import Checkpoint, open_checkpoint, parse_header  # noqa: E402
 from qmoe_ray.storage.fs import fs_errors, join, safe_join, url_to_fs  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared 2-core box idle-spinning intra-op
-    threads made this file 6x slower; restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,15 +22,7 @@ from qmoe_ray.models import SUPPORTED, DictWeights, get_family, moe_dense, run_f
 from qmoe_ray.models.decoder_moe import DecoderMoE, Mixtral  # noqa: E402
 from qmoe_ray.storage.checkpoint import open_checkpoint  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared 2-core box idle-spinning intra-op
-    threads made this file 6x slower; restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
