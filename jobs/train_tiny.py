@@ -148,6 +148,17 @@ def mean_loss(model, data: torch.Tensor, batch: int) -> float:
     return total / count
 
 
+def lr_factor(step: int, elapsed: float, steps: int, budget: float) -> float:
+    """Warm-up over 5% of ``steps``, then cosine to 10% over the steps or the time ``budget``
+    (seconds), whichever ends first (on a busy machine the schedule still completes; on an idle
+    one it is step-exact)."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return (step + 1) / warmup
+    t = max((step - warmup) / max(1, steps - warmup), elapsed / budget)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: the package)")
@@ -225,17 +236,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = max(1, args.steps // 20)
-
     budget = 60 * args.max_minutes
-
-    def lr_at(step: int, elapsed: float) -> float:
-        """Warm-up, then cosine to 10% over the steps or the time budget, whichever ends first
-        (on a busy machine the schedule still completes; on an idle one it is step-exact)."""
-        if step < warmup:
-            return (step + 1) / warmup
-        t = max((step - warmup) / max(1, args.steps - warmup), elapsed / budget)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
     n_windows = len(train_stream) - args.seq_len
     stream_t = torch.from_numpy(train_stream.astype(np.int64))
     model.train()
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"time limit of {args.max_minutes} min reached after {step} steps", flush=True)
             break
         for group in opt.param_groups:
-            group["lr"] = args.lr * lr_at(step, elapsed)
+            group["lr"] = args.lr * lr_factor(step, elapsed, args.steps, budget)
         starts = torch.from_numpy(rng.integers(0, n_windows, size=args.batch))
         x = torch.stack([stream_t[s : s + args.seq_len] for s in starts.tolist()])
         loss = model(x, labels=x).loss

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import sysconfig
@@ -34,6 +33,7 @@ from train_tiny import (  # noqa: E402  (the Mixtral script's corpus and tokeniz
     EOS_ID,
     PAD_ID,
     corpus_files,
+    lr_factor,
     read_texts,
     split_files,
     token_stream,
@@ -152,14 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         return {k: torch.from_numpy(v) for k, v in b.items()}
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = max(1, args.steps // 20)
     budget = 60 * args.max_minutes
-
-    def lr_at(step: int, elapsed: float) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = max((step - warmup) / max(1, args.steps - warmup), elapsed / budget)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
     n_windows = len(train_stream) - args.seq_len
     model.train()
@@ -171,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"time limit of {args.max_minutes} min reached after {step} steps", flush=True)
             break
         for group in opt.param_groups:
-            group["lr"] = args.lr * lr_at(step, elapsed)
+            group["lr"] = args.lr * lr_factor(step, elapsed, args.steps, budget)
         starts = rng.integers(0, n_windows, size=args.batch)
         seg = np.stack([train_stream[s : s + args.seq_len] for s in starts]).astype(np.int64)
         b = batch(seg, rng)
