@@ -90,10 +90,9 @@ def _is_compressed(url: str, storage_options: Mapping[str, Any]) -> bool:
 
 def _open_model(model_url: str, storage_options: Mapping[str, Any]):
     """``(config, WeightSource, experts_for or None, tokenizer source)`` for a model URL."""
-    from qmoe_ray.data import EMBEDDED_SWITCH, embedded_model_path, embedded_switch_path
+    from qmoe_ray.data import resolve_source
 
-    url = {EMBEDDED: str(embedded_model_path()),
-           EMBEDDED_SWITCH: str(embedded_switch_path())}.get(model_url, model_url)
+    url = resolve_source(model_url)
     if _is_compressed(url, storage_options):
         from qmoe_ray.loader import load
 
@@ -147,7 +146,7 @@ def evaluate(
     import numpy as np
     import torch
 
-    from qmoe_ray.data import load_samples
+    from qmoe_ray.data import load_samples, resolve_data
     from qmoe_ray.models import get_family
 
     if batch_size < 1:
@@ -163,13 +162,9 @@ def evaluate(
     family = get_family(config)
     if hasattr(family, "bind") and hasattr(weights, "names"):
         family.bind(list(weights.names))
-    if data_spec == EMBEDDED and model_url == "embedded-switch":  # that model's own windows
-        from qmoe_ray.data import embedded_switch_path
-
-        data_spec = str(embedded_switch_path() / "tokens.npy")
-        split = split or "heldout"
-    if split is None:
+    if split is None:  # the embedded sets' default is their held-out part
         split = "heldout" if data_spec == EMBEDDED else "all"
+    data_spec = resolve_data(data_spec, model_url)
     arrays = load_samples(data_spec, config, num_samples, seq_len, seed=seed, split=split,
                           tokenizer_source=tokenizer_source, storage_options=opts)
     n = len(arrays["input_ids"])

@@ -237,7 +237,7 @@ def _loss_table(runs: dict[str, dict[str, Any]]) -> list[str]:
 def run(args) -> BenchResult:
     import ray
 
-    from qmoe_ray.data import embedded_model_path, embedded_switch_path
+    from qmoe_ray.data import embedded_model_path, embedded_switch_path, resolve_data
     from qmoe_ray.distributed.driver import _ray_init, run_compression
 
     src = embedded_model_path()
@@ -297,7 +297,7 @@ def run(args) -> BenchResult:
         if (switch / "model.safetensors").exists():
             sw_base = dict(base, source="embedded-switch", eval_samples=48, seq_len=112)
             figures["switch_baseline_loss"] = _baseline_loss(
-                str(switch), str(switch / "tokens.npy"), 48, 112)
+                str(switch), resolve_data("embedded", "embedded-switch"), 48, 112)
             sw_runs = _variant_runs(sw_base, [v for v in variants if "act-order" not in v[0]],
                                     figures["switch_baseline_loss"], tmp / "switch")
             figures["switch_runs"] = {

@@ -14,6 +14,8 @@ from qmoe_ray.data.samples import (
     hessian_token_mask,
     is_encoder_decoder,
     load_samples,
+    resolve_data,
+    resolve_source,
     sentinel_ids,
     special_token_ids,
 )
@@ -32,6 +34,8 @@ __all__ = [
     "hessian_token_mask",
     "is_encoder_decoder",
     "load_samples",
+    "resolve_data",
+    "resolve_source",
     "load_tokenizer",
     "read_tokens",
     "sentinel_ids",

@@ -46,6 +46,24 @@ def embedded_switch_path() -> Path:
     return Path(str(resources.files("qmoe_ray") / "assets" / "tiny_switch"))
 
 
+def resolve_source(source: str) -> str:
+    """``"embedded"`` / ``"embedded-switch"`` -> the packaged tiny models' folders; anything else
+    unchanged."""
+    if source == EMBEDDED:
+        return str(embedded_model_path())
+    if source == EMBEDDED_SWITCH:
+        return str(embedded_switch_path())
+    return source
+
+
+def resolve_data(data: str, source: str) -> str:
+    """``data="embedded"`` with ``source="embedded-switch"`` -> that model's own token windows
+    (the default data set belongs to the default Mixtral); anything else unchanged."""
+    if data == EMBEDDED and source == EMBEDDED_SWITCH:
+        return str(embedded_switch_path() / "tokens.npy")
+    return data
+
+
 def is_encoder_decoder(config: Mapping[str, Any]) -> bool:
     """Whether the family takes encoder and decoder inputs (Switch / T5)."""
     return bool(config.get("is_encoder_decoder")) or config.get("model_type") == (

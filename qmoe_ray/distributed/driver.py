@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 
 from qmoe_ray.compress import QuantOptions
-from qmoe_ray.config import EMBEDDED, CompressConfig, StorageOptions
+from qmoe_ray.config import CompressConfig, StorageOptions
+from qmoe_ray.data import resolve_data, resolve_source
 from qmoe_ray.models import LayerSpec, get_family
 from qmoe_ray.quant import parse_scheme
 from qmoe_ray.storage import manifest as mf
@@ -55,28 +56,6 @@ RESTART_TIMEOUT_S = float(os.environ.get("QMOE_RESTART_TIMEOUT_S", "180"))
 """How long to wait for restarted actors (a lost node's actors need room elsewhere)."""
 
 Hook = Callable[[str, dict[str, Any]], None]
-
-
-def resolve_source(source: str) -> str:
-    """``"embedded"`` / ``"embedded-switch"`` -> the packaged tiny models' folders; anything else
-    unchanged."""
-    from qmoe_ray.data import EMBEDDED_SWITCH, embedded_model_path, embedded_switch_path
-
-    if source == EMBEDDED:
-        return str(embedded_model_path())
-    if source == EMBEDDED_SWITCH:
-        return str(embedded_switch_path())
-    return source
-
-
-def resolve_data(data: str, source: str) -> str:
-    """``--data embedded`` with ``--source embedded-switch`` -> that model's own token windows
-    (the default data set belongs to the default Mixtral)."""
-    from qmoe_ray.data import EMBEDDED_SWITCH, embedded_switch_path
-
-    if data == EMBEDDED and source == EMBEDDED_SWITCH:
-        return str(embedded_switch_path() / "tokens.npy")
-    return data
 
 
 def check_output_writable(output: str, options: Mapping[str, Any], overwrite: bool) -> None:
