@@ -18,16 +18,11 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def switch_model(tmp_path_factory) -> Path:
-    """A tiny SwitchTransformers (sparse encoder and decoder blocks, 8 experts) in bf16."""
-    path = tmp_path_factory.mktemp("switch")
-    torch.manual_seed(0)
-    cfg = transformers.SwitchTransformersConfig(
-        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
-        num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, num_heads=4, num_experts=8,
-        expert_capacity=64, relative_attention_num_buckets=8, relative_attention_max_distance=16,
-        dropout_rate=0.0, decoder_start_token_id=0)
-    model = transformers.SwitchTransformersForConditionalGeneration(cfg).eval()
-    model.to(torch.bfloat16).save_pretrained(path)
+    """test_switch's tiny SwitchTransformers (a sparse encoder and decoder block) with 8 experts,
+    saved in bf16, plus token data."""
+    from test_switch import _save
+
+    path = _save(tmp_path_factory.mktemp("switch"), dtype=torch.bfloat16, num_experts=8)
     rng = np.random.default_rng(0)
     np.save(path / "tokens.npy", rng.integers(3, 100, size=(96, 40)).astype(np.int64))
     return path
