@@ -168,3 +168,13 @@ def save_tiny(
     m.save_pretrained(path, safe_serialization=True, **kw)
     (path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "WordLevel"}}')
     return path
+
+
+def moto_checks_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on (this test only) the in-process moto server refuses the fake credentials, as a
+    real endpoint refuses wrong keys."""
+    import moto.core.authorization as auth
+    from moto import settings
+
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    monkeypatch.setattr(auth.ActionAuthenticatorMixin, "request_count", 0)

@@ -329,13 +329,11 @@ def test_s3_env_endpoint_and_missing_things(
 
 @pytest.mark.s3
 def test_s3_wrong_credentials(moto_endpoint, s3_credentials, monkeypatch, single):  # noqa: F811
-    import moto.core.authorization as auth
-    from moto import settings
+    from fixtures_s3 import moto_checks_keys
 
     fs = make_bucket(moto_endpoint, "ckpt-auth")
     upload_dir(fs, single, "ckpt-auth/tiny")
-    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto now checks keys
-    monkeypatch.setattr(auth.ActionAuthenticatorMixin, "request_count", 0)
+    moto_checks_keys(monkeypatch)
     with pytest.raises(PermissionError) as ei:
         open_checkpoint("s3://ckpt-auth/tiny", endpoint_url=moto_endpoint, skip_instance_cache=True)
     msg = str(ei.value)

@@ -256,17 +256,14 @@ def test_side_by_side_eval(ckpt, capsys):
 def test_s3_load_and_wrong_credentials(ckpt, moto_endpoint, s3_credentials, monkeypatch):
     """From a bucket: loads with the right keys; with keys the server refuses, a PermissionError
     that names the URL and the credential variables, and never the secret."""
-    import moto.core.authorization as auth
-    from fixtures_s3 import FAKE_SECRET, make_bucket, upload_dir
-    from moto import settings
+    from fixtures_s3 import FAKE_SECRET, make_bucket, moto_checks_keys, upload_dir
 
     fs = make_bucket(moto_endpoint, "load-auth")
     upload_dir(fs, ckpt, "load-auth/ck")
     url = "s3://load-auth/ck"
     m = load(url, endpoint_url=moto_endpoint, skip_instance_cache=True)
     assert set(m.experts) == set(m.manifest["quantized"])
-    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto now checks keys
-    monkeypatch.setattr(auth.ActionAuthenticatorMixin, "request_count", 0)
+    moto_checks_keys(monkeypatch)
     with pytest.raises(PermissionError) as ei:
         load(url, endpoint_url=moto_endpoint, skip_instance_cache=True)
     msg = str(ei.value)
