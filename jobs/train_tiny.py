@@ -159,6 +159,23 @@ def lr_factor(step: int, elapsed: float, steps: int, budget: float) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
+def start_run(args: argparse.Namespace) -> tuple:
+    """Seeds, threads, the output folder and the corpus split shared by the training scripts.
+
+    Returns:
+        ``(rng, out, t_start, stdlib, train_files, held_files)``.
+    """
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    train_files, held_files = split_files(corpus_files(stdlib), 0.05, args.seed)
+    return rng, out, t_start, stdlib, train_files, held_files
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: the package)")
@@ -198,15 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("train_tiny.py needs transformers: pip install '.[test]'", file=sys.stderr)
         return 2
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    train_files, held_files = split_files(corpus_files(stdlib), 0.05, args.seed)
+    rng, out, t_start, stdlib, train_files, held_files = start_run(args)
     train_texts, held_texts = read_texts(train_files), read_texts(held_files)
     print(f"corpus: {stdlib}: {len(train_files)} train files, {len(held_files)} held-out files",
           flush=True)

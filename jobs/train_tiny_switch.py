@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -32,10 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_tiny import (  # noqa: E402  (the Mixtral script's corpus and tokenizer helpers)
     EOS_ID,
     PAD_ID,
-    corpus_files,
     lr_factor,
     read_texts,
-    split_files,
+    start_run,
     token_stream,
     unigram_cross_entropy,
     windows,
@@ -111,15 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from qmoe_ray.data.corruption import corrupt_batch
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    train_files, held_files = split_files(corpus_files(stdlib), 0.05, args.seed)
+    rng, out, t_start, _, train_files, held_files = start_run(args)
     tok = Tokenizer.from_file(str(TOKENIZER))
     base_vocab = tok.get_vocab_size()
     train_stream = token_stream(tok, read_texts(train_files))
