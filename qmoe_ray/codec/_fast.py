@@ -2,7 +2,9 @@
 
 Why: the numpy lock-step coder pays a fixed cost per vector operation per symbol position, which
 caps CPU decoding near 50-60M weights/s on c2048-sized matrices; a compiled loop per segment, with
-segments spread over cores (``prange``), reaches several hundred M/s. numba is optional: when it is
+segments spread over cores (``prange``), reaches several hundred M/s per core. The decoder runs two
+segments in lock-step with a branch-free renormalisation and one 2-bit-digit word per symbol
+(measured 1.3x the one-segment loop on one core, same output). numba is optional: when it is
 missing, ``AVAILABLE`` is False and the numpy coder is used (same bytes, same results).
 """
 
@@ -21,76 +23,112 @@ except ImportError:  # pragma: no cover
 
 if AVAILABLE:
 
+    @numba.njit(inline="always")
+    def _step(x, pos, end, stream, mask, prob_bits, freq, cum, sym_tab):
+        """One rANS decode step. The renormalisation is branch-free (a data-dependent branch here
+        mispredicts about once in four symbols) and its read is clamped inside the segment, so a
+        corrupted segment never reads out of bounds: it ends with ``pos != end`` instead."""
+        slot = x & mask
+        s = sym_tab[slot]
+        x = np.int64(freq[s]) * (x >> prob_bits) + slot - np.int64(cum[s])
+        n = np.int64(x < 65536)
+        p = pos if pos < end else end - 1
+        x = (x << (n << 4)) | (np.int64(stream[p]) & -n)
+        return s, x, pos + n
+
+    @numba.njit(inline="always")
+    def _emit(out, w, pk, base, col, cols, levels, lut, group):
+        """Write one symbol's ``group`` values: ``lut[base + digit]`` per weight, the row's base
+        (and column) carried along, no division."""
+        if col + group < cols:  # the common case: the symbol does not end its row
+            for j in range(group):
+                out[w + j] = lut[base + ((pk >> (2 * j)) & 3)]
+            return base, col + group
+        for j in range(group):
+            out[w + j] = lut[base + ((pk >> (2 * j)) & 3)]
+            col += 1
+            if col == cols:
+                col = 0
+                base += levels
+        return base, col
+
+    @numba.njit(inline="always")
+    def _seg_start(stream, starts, seg, seg_sym, group, cols, levels):
+        st = starts[seg]
+        x = (np.int64(stream[st]) << 16) | np.int64(stream[st + 1])
+        w0 = seg * seg_sym * group
+        return x, st + 2, starts[seg + 1], (w0 // cols) * levels, w0 % cols
+
+    @numba.njit(inline="always")
+    def _pair(stream, starts, a, seg_sym, freq, cum, sym_tab, pk, mask, prob_bits, out, w_lo,
+              lut, cols, levels, group, status, k):
+        """Segments ``a`` and ``a + 1`` (both full and wanted) decoded in lock-step: two
+        independent state chains per iteration keep the core busy while each waits on its table
+        loads. Inlined with ``group`` a constant, so the emit loops unroll. Their status (1 = bad)
+        goes to ``status[k]`` and ``status[k + 1]``."""
+        b = a + 1
+        xa, pa, ea, base_a, col_a = _seg_start(stream, starts, a, seg_sym, group, cols, levels)
+        xb, pb, eb, base_b, col_b = _seg_start(stream, starts, b, seg_sym, group, cols, levels)
+        wa = a * seg_sym * group - w_lo
+        wb = b * seg_sym * group - w_lo
+        for i in range(seg_sym):
+            sa, xa, pa = _step(xa, pa, ea, stream, mask, prob_bits, freq, cum, sym_tab)
+            sb, xb, pb = _step(xb, pb, eb, stream, mask, prob_bits, freq, cum, sym_tab)
+            base_a, col_a = _emit(out, wa + i * group, pk[sa], base_a, col_a, cols, levels, lut, group)
+            base_b, col_b = _emit(out, wb + i * group, pk[sb], base_b, col_b, cols, levels, lut, group)
+        status[k] = 1 if (xa != 65536 or pa != ea) else 0
+        status[k + 1] = 1 if (xb != 65536 or pb != eb) else 0
+
+    @numba.njit(inline="always")
+    def _single(stream, starts, seg, seg_sym, n_sym_total, freq, cum, sym_tab, pk, mask,
+                prob_bits, out, w_lo, n_weights, lut, cols, levels, group):
+        """One segment, any length, writing only the wanted weights (the edges of a range)."""
+        x, pos, end, base, col = _seg_start(stream, starts, seg, seg_sym, group, cols, levels)
+        s0 = seg * seg_sym
+        for i in range(s0, min(s0 + seg_sym, n_sym_total)):
+            s, x, pos = _step(x, pos, end, stream, mask, prob_bits, freq, cum, sym_tab)
+            d = pk[s]
+            w = i * group - w_lo
+            for j in range(group):
+                if 0 <= w + j < n_weights:
+                    out[w + j] = lut[base + ((d >> (2 * j)) & 3)]
+                col += 1
+                if col == cols:
+                    col = 0
+                    base += levels
+        return x != 65536 or pos != end
+
     @numba.njit(cache=True, parallel=True, nogil=True)
-    def _decode_weights(
-        stream,
-        starts,
-        seg_lo,
-        seg_hi,
-        n_sym_total,
-        n_weights,
-        w_lo,
-        freq,
-        cum,
-        sym_tab,
-        expand,
-        prob_bits,
-        seg_sym,
-        out,
-        status,
-        lut,
-        cols,
-        levels,
-    ):
-        group = expand.shape[1]
-        direct = lut.shape[0] == 0
+    def _decode_weights(stream, starts, seg_lo, seg_hi, n_sym_total, n_weights, w_lo, freq, cum,
+                        sym_tab, pk, group, prob_bits, seg_sym, out, status, lut, cols, levels):
         mask = (1 << prob_bits) - 1
-        nwords = stream.shape[0]
-        for seg in numba.prange(seg_lo, seg_hi):
-            st = starts[seg]
-            end = starts[seg + 1]
-            x = (np.int64(stream[st]) << 16) | np.int64(stream[st + 1])
-            pos = st + 2
-            s0 = seg * seg_sym
-            s1 = min(s0 + seg_sym, n_sym_total)
-            bad = False
-            # lut path: the row's base index and column of the symbol's first weight, carried
-            # from symbol to symbol (no division in the loop)
-            base = (s0 * group // cols) * levels + levels // 2
-            col = s0 * group % cols
-            for i in range(s0, s1):
-                slot = x & mask
-                s = sym_tab[slot]
-                x = np.int64(freq[s]) * (x >> prob_bits) + slot - np.int64(cum[s])
-                if x < 65536:
-                    if pos >= end or pos >= nwords:
-                        bad = True
-                        break
-                    x = (x << 16) | np.int64(stream[pos])
-                    pos += 1
-                w = i * group - w_lo
-                inside = w >= 0 and w + group <= n_weights
-                if direct:
-                    if inside:
-                        for j in range(group):
-                            out[w + j] = expand[s, j]
-                    else:
-                        for j in range(group):
-                            if 0 <= w + j < n_weights:
-                                out[w + j] = expand[s, j]
-                elif inside and col + group < cols:  # the common case: one row, all wanted
-                    for j in range(group):
-                        out[w + j] = lut[base + expand[s, j]]
-                    col += group
-                else:  # the dequantized value: the row's level for this code (e.g. bf16 bits)
-                    for j in range(group):
-                        if 0 <= w + j < n_weights:
-                            out[w + j] = lut[base + expand[s, j]]
-                        col += 1
-                        if col == cols:
-                            col = 0
-                            base += levels
-            status[seg - seg_lo] = 1 if (bad or x != 65536 or pos != end) else 0
+        seg_w = seg_sym * group
+        for p in numba.prange((seg_hi - seg_lo + 1) // 2):
+            a = seg_lo + 2 * p
+            b = a + 1
+            if (b < seg_hi and (b + 1) * seg_sym <= n_sym_total and a * seg_w >= w_lo
+                    and (b + 1) * seg_w <= w_lo + n_weights):
+                # one inlined copy per group size: a constant group unrolls the emit loops
+                if group == 5:
+                    _pair(stream, starts, a, seg_sym, freq, cum, sym_tab, pk, mask, prob_bits,
+                          out, w_lo, lut, cols, levels, 5, status, a - seg_lo)
+                elif group == 4:
+                    _pair(stream, starts, a, seg_sym, freq, cum, sym_tab, pk, mask, prob_bits,
+                          out, w_lo, lut, cols, levels, 4, status, a - seg_lo)
+                elif group == 3:
+                    _pair(stream, starts, a, seg_sym, freq, cum, sym_tab, pk, mask, prob_bits,
+                          out, w_lo, lut, cols, levels, 3, status, a - seg_lo)
+                elif group == 2:
+                    _pair(stream, starts, a, seg_sym, freq, cum, sym_tab, pk, mask, prob_bits,
+                          out, w_lo, lut, cols, levels, 2, status, a - seg_lo)
+                else:
+                    _pair(stream, starts, a, seg_sym, freq, cum, sym_tab, pk, mask, prob_bits,
+                          out, w_lo, lut, cols, levels, group, status, a - seg_lo)
+            else:
+                for seg in range(a, min(b + 1, seg_hi)):
+                    status[seg - seg_lo] = _single(
+                        stream, starts, seg, seg_sym, n_sym_total, freq, cum, sym_tab, pk, mask,
+                        prob_bits, out, w_lo, n_weights, lut, cols, levels, group)
 
     @numba.njit(cache=True, parallel=True, nogil=True)
     def _encode(symbols, freq, cum, prob_bits, seg_sym, nseg, words, counts, states):
@@ -163,7 +201,7 @@ def decode_weights(
 ):
     """Decode weights ``w_lo:w_hi`` (they must lie in segments ``seg_lo:seg_hi``) to int8 codes,
     or, given ``lut`` (``int16 [rows * levels]``, ``levels`` = 3 for ternary), straight to the
-    value ``lut[row * levels + levels // 2 + code]`` of each weight (``row = index // cols``):
+    value ``lut[row * levels + code - min_code]`` of each weight (``row = index // cols``):
     dequantization fused into the decode loop, no code array in between.
 
     Raises:
@@ -173,30 +211,20 @@ def decode_weights(
     c = np.zeros_like(f)
     np.cumsum(f[:-1], out=c[1:])
     sym_tab = np.repeat(np.arange(freqs.size, dtype=np.uint8), freqs.astype(np.int64))
-    direct = lut is None
-    out = np.empty(w_hi - w_lo, np.int8 if direct else np.int16)
-    lut = np.zeros(0, np.int16) if direct else np.ascontiguousarray(lut, dtype=np.int16)
+    group = expand.shape[1]
+    low = int(expand.min())
+    # each symbol's weights as 2-bit digits (code - lowest code): one load per symbol, not group
+    pk = ((expand.astype(np.int64) - low) << (2 * np.arange(group))).sum(1).astype(np.int32)
+    if lut is None:  # codes: a one-row table of the codes themselves that never advances
+        out = np.empty(w_hi - w_lo, np.int8)
+        lut = np.arange(low, low + 4, dtype=np.int8)
+        cols, levels = 1 << 62, 0
+    else:
+        out = np.empty(w_hi - w_lo, np.int16)
+        lut = np.ascontiguousarray(lut, dtype=np.int16)
     status = np.zeros(seg_hi - seg_lo, np.uint8)
-    _decode_weights(
-        stream,
-        starts,
-        seg_lo,
-        seg_hi,
-        n_sym_total,
-        w_hi - w_lo,
-        w_lo,
-        f,
-        c,
-        sym_tab,
-        expand,
-        prob_bits,
-        segment_symbols,
-        out,
-        status,
-        lut,
-        cols,
-        levels,
-    )
+    _decode_weights(stream, starts, seg_lo, seg_hi, n_sym_total, w_hi - w_lo, w_lo, f, c,
+                    sym_tab, pk, group, prob_bits, segment_symbols, out, status, lut, cols, levels)
     if status.any():
         bad = seg_lo + int(np.flatnonzero(status)[0])
         raise ValueError(
