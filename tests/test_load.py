@@ -268,3 +268,34 @@ def test_s3_load_and_wrong_credentials(ckpt, moto_endpoint, s3_credentials, monk
         load(url, endpoint_url=moto_endpoint, skip_instance_cache=True)
     msg = str(ei.value)
     assert url in msg and "AWS_ACCESS_KEY_ID" in msg and FAKE_SECRET not in msg
+
+
+def test_load_benchmark_pieces_on_a_small_synthetic_checkpoint(tmp_path):
+    """The load benchmark's synthetic writer gives a checkpoint the loader accepts (ternary codes
+    at P(0) near 0.885 decode to the stored levels), and its report states the split."""
+    from qmoe_ray.bench.load import (
+        _fresh_memory_seconds,
+        _markdown,
+        load_timings,
+        synthetic_checkpoint,
+    )
+
+    synthetic_checkpoint(tmp_path, hidden=64, ff=96, layers=2, experts=2, vocab=128)
+    m = load(str(tmp_path))
+    w = m.weights
+    expert = w["model.layers.1.mlp.experts.1.down_proj.weight"]
+    assert expert.shape == (64, 96) and expert.dtype == torch.bfloat16
+    zero = float((expert == 0).float().mean())
+    assert 0.8 < zero < 0.95
+    per_row = [set(r.tolist()) - {0.0} for r in expert.float()]
+    assert all(len(s) <= 2 for s in per_row)  # each row: its lo, 0, its hi
+    n = 2 * 2 * (3 * 64 * 96)
+    t = load_timings(str(tmp_path), "decode", repeat=2)
+    assert t["expert_weights"] == n and t["wall"] >= t["decode"] > 0
+    r = load_timings(str(tmp_path), "resident", repeat=1)
+    touch = _fresh_memory_seconds(str(tmp_path), 2)
+    assert touch > 0
+    label = "synthetic"
+    text = _markdown({f"{label} | decode": t, f"{label} | resident": r}, "cpu", label,
+                     {"seconds": 0.5, "bytes": 2 * n, "touch": touch})
+    assert "| synthetic | decode | 0.1 M |" in text and "x** the bf16 load time" in text
