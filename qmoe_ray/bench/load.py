@@ -119,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ff", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
 
 
 def run(args: argparse.Namespace) -> BenchResult:
