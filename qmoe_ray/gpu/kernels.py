@@ -9,6 +9,7 @@ from the number of segments and the device's SM count; any shape is accepted.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from importlib import resources
@@ -83,8 +84,9 @@ class DeviceEncoded:
 
     Attributes:
         kind, shape, group, prob_bits, segment_symbols, num_symbols, num_segments: as the host copy.
-        stream: cupy ``uint16`` words; seg_start: cupy ``int64[segments + 1]`` word offsets.
-        slot_sym, freq, expand: cupy decode tables (uint8, uint16, uint64).
+        stream: ``uint16`` words; seg_start: ``int64[segments + 1]`` word offsets.
+        slot_sym, freq, expand: decode tables (uint8, uint16, uint64).
+        The arrays are cupy after ``upload``, numpy from ``host_encoded``.
     """
 
     kind: str
@@ -119,18 +121,15 @@ def _host_tables(table: Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return _TABLE_CACHE[key]
 
 
-def upload(enc: _Encoded) -> DeviceEncoded:
-    """Validate an encoded matrix on the host and copy it to the current device.
+def host_encoded(enc: _Encoded) -> DeviceEncoded:
+    """Validate an encoded matrix and lay it out as the kernels take it, in host (numpy) arrays:
+    what ``upload`` copies to the device.
 
     Raises:
-        ValueError: inconsistent segment lengths (offsets outside the stream) or table.
-        RuntimeError: no cupy/GPU.
+        ValueError: not ternary/int2 data, or segment lengths that do not tile the stream.
     """
-    if isinstance(enc, DeviceEncoded):
-        return enc
     if not isinstance(enc, EncodedTernary | EncodedInt2):
         raise ValueError(f"expected EncodedTernary or EncodedInt2, got {type(enc).__name__}")
-    cp = _cupy()
     starts = enc.segment_starts()  # raises when lengths do not tile the stream
     slot_sym, freq, expand = _host_tables(enc.table)
     return DeviceEncoded(
@@ -141,12 +140,47 @@ def upload(enc: _Encoded) -> DeviceEncoded:
         segment_symbols=enc.segment_symbols,
         num_symbols=enc.num_symbols,
         num_segments=enc.num_segments,
-        stream=cp.asarray(enc.stream),
-        seg_start=cp.asarray(starts),
-        slot_sym=cp.asarray(slot_sym),
-        freq=cp.asarray(freq),
-        expand=cp.asarray(expand),
+        stream=np.ascontiguousarray(enc.stream),
+        seg_start=starts,
+        slot_sym=slot_sym,
+        freq=freq,
+        expand=expand,
     )
+
+
+def upload(enc: _Encoded) -> DeviceEncoded:
+    """Validate an encoded matrix on the host and copy it to the current device.
+
+    Raises:
+        ValueError: inconsistent segment lengths (offsets outside the stream) or table.
+        RuntimeError: no cupy/GPU.
+    """
+    if isinstance(enc, DeviceEncoded):
+        return enc
+    host = host_encoded(enc)
+    cp = _cupy()
+    arrays = ("stream", "seg_start", "slot_sym", "freq", "expand")
+    return dataclasses.replace(host, **{f: cp.asarray(getattr(host, f)) for f in arrays})
+
+
+def shared_bytes(prob_bits: int) -> int:
+    """Dynamic shared memory per block: packed codes (8 B), freq and cum (4 B each) for up to 256
+    symbols, and the slot -> symbol table (1 B per slot)."""
+    return 8 * 256 + 4 * 256 * 2 + (1 << prob_bits)
+
+
+def kernel_args(name: str, d: DeviceEncoded, tail: tuple, err: Any) -> tuple:
+    """The argument list of kernel ``name`` for matrix ``d`` (``DECODE_ARGS`` / ``MATVEC_ARGS``
+    in the CUDA source): ``tail`` is ``(p0, p1, out)`` for a decode, ``(p0, p1, x, y)`` for a
+    product; ``err`` the error flag."""
+    rows, cols = d.shape
+    head = (d.stream, d.seg_start, np.int64(d.num_segments), np.int32(d.segment_symbols),
+            np.int64(d.num_symbols))
+    size = ((np.int64(rows * cols), np.int64(cols)) if "decode" in name
+            else (np.int64(rows), np.int64(cols)))
+    mid = (d.slot_sym, d.freq, d.expand, np.int32(d.freq.size), np.int32(d.prob_bits),
+           np.int32(d.group))
+    return head + size + mid + tuple(tail) + (err,)
 
 
 def _launch(name: str, d: DeviceEncoded, tail: tuple) -> None:
@@ -154,29 +188,8 @@ def _launch(name: str, d: DeviceEncoded, tail: tuple) -> None:
     dev = cp.cuda.Device()
     grid, block = launch_geometry(d.num_segments, dev.attributes["MultiProcessorCount"])
     err = cp.zeros(1, cp.int32)
-    rows, cols = d.shape
-    shared = 8 * 256 + 4 * 256 * 2 + (1 << d.prob_bits)
-    head = (
-        d.stream,
-        d.seg_start,
-        np.int64(d.num_segments),
-        np.int32(d.segment_symbols),
-        np.int64(d.num_symbols),
-    )
-    mid = (
-        d.slot_sym,
-        d.freq,
-        d.expand,
-        np.int32(d.freq.size),
-        np.int32(d.prob_bits),
-        np.int32(d.group),
-    )
-    size = (
-        (np.int64(rows * cols), np.int64(cols))
-        if "decode" in name
-        else (np.int64(rows), np.int64(cols))
-    )
-    _kernel(name)((grid,), (block,), head + size + mid + tail + (err,), shared_mem=shared)
+    _kernel(name)((grid,), (block,), kernel_args(name, d, tail, err),
+                  shared_mem=shared_bytes(d.prob_bits))
     if int(err.get()[0]):
         raise ValueError(
             "corrupted stream: a segment read past its end or did not return to its initial "
