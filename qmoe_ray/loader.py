@@ -472,6 +472,8 @@ class EncodedWeight:
             return _gpu_dequantize(self)
         if isinstance(self.enc, codec.EncodedTernary):
             w = _ternary_bf16(self.enc, self.params["lo"], self.params["hi"])
+        elif isinstance(self.enc, codec.EncodedInt2) and self.scheme.group_size is None:
+            w = _int2_bf16(self.enc, self.scheme, self.params)
         else:
             codes = self.codes()
             p = {k: v.float()[None] for k, v in self.params.items()}
@@ -500,6 +502,15 @@ def _ternary_bf16(enc: Any, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     lut = torch.stack([lo.to(torch.bfloat16), torch.zeros_like(lo, dtype=torch.bfloat16),
                        hi.to(torch.bfloat16)], 1).view(torch.int16).numpy()
     return torch.from_numpy(codec.decode_ternary_lut(enc, lut)).view(torch.bfloat16)
+
+
+def _int2_bf16(enc: Any, scheme: Any, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """bf16 weights of per-row 2-bit codes through a per-row table of the four values, each
+    computed by ``dequantize`` itself (so equal, bit for bit, to dequantizing the code matrix)."""
+    rows = enc.shape[0]
+    q = torch.arange(4, dtype=torch.uint8).expand(rows, 4)
+    lut = dequantize(scheme, q, dict(params)).to(torch.bfloat16).view(torch.int16).numpy()
+    return torch.from_numpy(codec.decode_int2_lut(enc, lut)).view(torch.bfloat16)
 
 
 class _Transposed:

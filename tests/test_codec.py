@@ -83,6 +83,22 @@ def test_decode_ternary_lut_equals_lookup_of_codes(backend, shape, group, seg):
         codec.decode_ternary_lut(bad, lut)
 
 
+@pytest.mark.parametrize("shape, group, seg", [((19, 333), 4, 50), ((1, 1), 4, 4096),
+                                               ((5, 9), 3, 2), ((64, 301), 1, 700)])
+def test_decode_int2_lut_equals_lookup_of_codes(backend, shape, group, seg):
+    rng = np.random.default_rng(sum(shape) + group)
+    q = rng.choice(np.arange(4, dtype=np.uint8), size=shape, p=[0.1, 0.76, 0.09, 0.05])
+    enc = codec.encode_int2(q, segment_symbols=seg, group=group)
+    lut = rng.integers(-(2**15), 2**15, size=(shape[0], 4), dtype=np.int16)
+    out = codec.decode_int2_lut(enc, lut)
+    assert out.dtype == np.int16 and out.shape == shape
+    np.testing.assert_array_equal(out, np.take_along_axis(lut, q.astype(np.int64), axis=1))
+    with pytest.raises(ValueError, match=r"lut must be int16 \[\d+, 4\]"):
+        codec.decode_int2_lut(enc, lut[:, :3])
+    with pytest.raises(ValueError, match="needs an EncodedInt2"):
+        codec.decode_int2_lut(codec.encode_ternary(q.astype(np.int8) % 2), lut)
+
+
 @pytest.mark.parametrize("group", [1, 2, 3, 4])
 def test_int2_round_trip(backend, group):
     rng = np.random.default_rng(group)

@@ -299,3 +299,22 @@ def test_load_benchmark_pieces_on_a_small_synthetic_checkpoint(tmp_path):
     text = _markdown({f"{label} | decode": t, f"{label} | resident": r}, "cpu", label,
                      {"seconds": 0.5, "bytes": 2 * n, "touch": touch})
     assert "| synthetic | decode | 0.1 M |" in text and "x** the bf16 load time" in text
+
+
+@pytest.mark.parametrize("group_size", [None, 64])
+def test_int2_dense_equals_dequantized_codes(group_size):
+    """The int2 load path (per-row table when one scale per row; the generic path with groups)
+    gives exactly the bf16 of ``dequantize`` on the decoded codes."""
+    from qmoe_ray import codec
+    from qmoe_ray.quant import dequantize, parse_scheme
+
+    rng = np.random.default_rng(3)
+    rows, cols = 37, 300
+    q = rng.integers(0, 4, (rows, cols), dtype=np.uint8)
+    scheme = parse_scheme("int2", group_size)
+    groups = scheme.num_groups(cols)
+    params = {"scale": (torch.rand(rows, groups) * 0.1).to(torch.bfloat16),
+              "zero": torch.randint(0, 4, (rows, groups), dtype=torch.uint8)}
+    w = EncodedWeight("w", scheme, codec.encode_int2(q, segment_symbols=333), params, "cpu")
+    ref = dequantize(scheme, torch.from_numpy(q), params).to(torch.bfloat16)
+    assert torch.equal(w.dense().view(torch.int16), ref.view(torch.int16))

@@ -396,21 +396,44 @@ def decode_ternary_lut(enc: EncodedTernary, lut: np.ndarray) -> np.ndarray:
     Raises:
         ValueError: not ternary data, a ``lut`` of the wrong shape or dtype, or a corrupted stream.
     """
-    if not isinstance(enc, EncodedTernary):
-        raise ValueError(f"decode_ternary_lut needs an EncodedTernary, got {type(enc).__name__}")
+    return _decode_lut(enc, lut, EncodedTernary, "decode_ternary_lut")
+
+
+def decode_int2_lut(enc: EncodedInt2, lut: np.ndarray) -> np.ndarray:
+    """Decode 2-bit codes straight to per-row values: ``out[r, c] = lut[r, q[r, c]]``.
+
+    Args:
+        enc: int2 data.
+        lut: ``int16 [rows, 4]`` (e.g. the bf16 bits of ``scale * (q - zero)`` for q = 0..3).
+
+    Returns:
+        ``int16 [rows, cols]``, bit-identical to indexing ``lut`` with ``decode_int2``'s codes.
+
+    Raises:
+        ValueError: not int2 data, a ``lut`` of the wrong shape or dtype, or a corrupted stream.
+    """
+    return _decode_lut(enc, lut, EncodedInt2, "decode_int2_lut")
+
+
+def _decode_lut(enc: _Encoded, lut: np.ndarray, cls: type, fn: str) -> np.ndarray:
+    if not isinstance(enc, cls):
+        raise ValueError(f"{fn} needs an {cls.__name__}, got {type(enc).__name__}")
     rows, cols = enc.shape
+    levels = KINDS[enc.KIND]
     lut = np.asarray(lut)
-    if lut.dtype != np.int16 or lut.shape != (rows, 3):
-        raise ValueError(f"lut must be int16 [{rows}, 3], got {lut.dtype}{list(lut.shape)}")
+    if lut.dtype != np.int16 or lut.shape != (rows, levels):
+        raise ValueError(f"lut must be int16 [{rows}, {levels}], got {lut.dtype}{list(lut.shape)}")
     flat = np.ascontiguousarray(lut).reshape(-1)
+    low = -1 if enc.KIND == "ternary" else 0  # the code that indexes column 0
     if not _use_fast():
-        base = (np.arange(rows, dtype=np.int32) * 3 + 1)[:, None]
-        return np.take(flat, base + decode_ternary(enc))
+        codes = _decode_range(enc, 0, enc.num_weights).reshape(rows, cols).astype(np.int32)
+        base = (np.arange(rows, dtype=np.int32) * levels - low)[:, None]
+        return np.take(flat, base + codes)
     t, S = enc.table, enc.segment_symbols
-    nseg = enc.seg_words.size
-    out = _fast.decode_weights(enc.stream, enc.segment_starts(), 0, nseg, enc.num_symbols, 0,
-                               enc.num_weights, t.freqs, t.prob_bits, S,
-                               expansion_table(t.kind, t.group), lut=flat, cols=cols, levels=3)
+    out = _fast.decode_weights(enc.stream, enc.segment_starts(), 0, enc.seg_words.size,
+                               enc.num_symbols, 0, enc.num_weights, t.freqs, t.prob_bits, S,
+                               expansion_table(t.kind, t.group), lut=flat, cols=cols,
+                               levels=levels)
     return out.reshape(rows, cols)
 
 
