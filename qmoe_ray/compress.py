@@ -40,6 +40,8 @@ class QuantOptions:
     sequential: bool = True
     """Hessian of the output matrix from the hidden activation through the *quantized* input
     matrices (ours). False: through the original ones, as the QMoE reference does."""
+    segment_symbols: int = 4096
+    """Symbols per rANS segment when the worker encodes the codes (see ``CompressConfig``)."""
 
 
 @dataclass

@@ -40,6 +40,10 @@ class CompressConfig:
             its already-quantized input matrices (False: through the original ones, as the QMoE
             reference does).
         quant_group_size: int schemes only: scale groups along the input dim (None: per row).
+        segment_symbols: symbols per rANS segment of an encoded matrix (ternary/int2): the unit
+            of decode parallelism (one GPU thread or CPU loop each) against a few bytes of
+            overhead per segment; 4096 costs +0.6% over the entropy at P(0)=0.885, 1024 +1.6%.
+            Smaller segments make the GPU's resident (fused) product more parallel.
         num_samples: calibration samples.
         seq_len: tokens per calibration sample.
         eval_samples: held-out samples carried through the compressed layers for the report's loss.
@@ -65,6 +69,7 @@ class CompressConfig:
     actorder: bool = True
     sequential_experts: bool = True
     quant_group_size: int | None = None
+    segment_symbols: int = 4096
     num_samples: int = 256
     seq_len: int = 128
     eval_samples: int = 64
@@ -97,6 +102,10 @@ class CompressConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise bad(name, value, "an integer >= 1")
+        if (not isinstance(self.segment_symbols, int) or isinstance(self.segment_symbols, bool)
+                or not 1 <= self.segment_symbols <= 65533):
+            raise bad("segment_symbols", self.segment_symbols,
+                      "an integer in 1..65533 (default 4096)")
         if not isinstance(self.eval_samples, int) or self.eval_samples < 0:
             raise bad("eval_samples", self.eval_samples, "an integer >= 0")
         if self.token_cap < 0:

@@ -130,11 +130,38 @@ def test_group_worker_without_ray(tiny_mixtral):
     assert set(np.unique(codes)) <= {-1, 0, 1}
 
 
+def test_group_worker_segment_symbols_change_the_layout_not_the_codes(tiny_mixtral):
+    from qmoe_ray.distributed.workers import GroupWorker
+    from qmoe_ray.storage.layout import unpack_matrix
+
+    rng = np.random.default_rng(1)
+    runs = []
+    for seg in (4096, 7):
+        worker = GroupWorker(str(tiny_mixtral), {},
+                             QuantOptions(parse_scheme("ternary"), segment_symbols=seg))
+        layer = [l for l in worker.family.layers() if l.moe][0]
+        d = worker.ckpt.config["hidden_size"]
+        if not runs:
+            store = [(rng.normal(size=(n, d)).astype(np.float32), np.ones(n, bool))
+                     for n in (40, 30)]
+        runs.append(worker.run(layer, 0, [0, 1], [store], cap=None)[0])
+    name = worker.family.expert_names(layer, 1)["gate"]
+    a, b = (r.entries[name] for r in runs)
+    assert a["codec"]["segment_symbols"] == "4096" and b["codec"]["segment_symbols"] == "7"
+    assert b["code_bytes"] > a["code_bytes"]  # more segments: more state words
+    ca = unpack_matrix(name, a, runs[0].tensors, runs[0].tables)[1]
+    cb = unpack_matrix(name, b, runs[1].tensors, runs[1].tables)[1]
+    np.testing.assert_array_equal(ca, cb)
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="scheme"):
         CompressConfig(scheme="int5")
     with pytest.raises(ValueError, match="group_size"):
         CompressConfig(group_size=0)
+    for bad in (0, 70000, 2.5, True):
+        with pytest.raises(ValueError, match=r"segment_symbols=.*1\.\.65533"):
+            CompressConfig(segment_symbols=bad)
     with pytest.raises(ValueError, match="unknown config key 'grup_size'"):
         CompressConfig.from_mapping({"grup_size": 4})
     assert CompressConfig.from_mapping({"group-size": 4}).group_size == 4

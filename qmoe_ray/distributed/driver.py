@@ -261,7 +261,8 @@ def run_compression(
             prog.start(job, cfg.overwrite)
         opts = QuantOptions(scheme=scheme, method=cfg.method, blocksize=cfg.blocksize,
                             percdamp=cfg.percdamp, actorder=cfg.actorder,
-                            sequential=cfg.sequential_experts)
+                            sequential=cfg.sequential_experts,
+                            segment_symbols=cfg.segment_symbols)
         actors = make_actors(cfg, storage, source, opts, inputs, is_calib)
         result = _walk(cfg, layers, actors, prog, done, progress, hook)
         report = _finish(cfg, ckpt, family, actors, result, t_start)

@@ -32,6 +32,8 @@ _HELP = {
     "sequential_experts": "quantize wo/down on the outputs of the quantized wi/gate/up "
                           "(--no-sequential-experts: the QMoE reference recipe)",
     "quant_group_size": "int schemes: scale groups along the input dimension",
+    "segment_symbols": "symbols per rANS segment: smaller = more decode parallelism (GPU resident "
+                       "mode), larger = smaller files",
     "num_samples": "calibration samples",
     "seq_len": "tokens per sample",
     "eval_samples": "held-out samples for the report's loss (0: none)",

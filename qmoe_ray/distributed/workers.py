@@ -122,7 +122,8 @@ class GroupWorker:
             names = self.family.expert_names(layer, e)
             for role, qr in res.results.items():
                 params = {k: v[i] for k, v in qr.params.items()}
-                t, entry = pack_matrix(names[role], qr.scheme, qr.codes[i], params, *shared[role])
+                t, entry = pack_matrix(names[role], qr.scheme, qr.codes[i], params, *shared[role],
+                                       segment_symbols=self.opts.segment_symbols)
                 entry.update(layer=layer.index, expert=int(e), role=role)
                 tensors.update(t)
                 entries[names[role]] = entry

@@ -69,6 +69,7 @@ def pack_matrix(
     params: Mapping[str, torch.Tensor],
     table: codec.Table | None = None,
     table_name: str | None = None,
+    segment_symbols: int = codec.DEFAULT_SEGMENT_SYMBOLS,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Encode one quantized matrix.
 
@@ -80,6 +81,7 @@ def pack_matrix(
             ``scale``/``zero`` ``[rows, groups]``).
         table: a shared code table (see ``shared_table``); None embeds a per-matrix table.
         table_name: the name the shared table is stored under (required with ``table``).
+        segment_symbols: symbols per rANS segment (ternary/int2).
 
     Returns:
         ``(tensors, entry)``: tensors to write (name -> tensor) and the manifest entry, with
@@ -92,7 +94,7 @@ def pack_matrix(
     if enc_fns is not None:
         if table is not None and not table_name:
             raise ValueError("pack_matrix: a shared table needs its table_name")
-        enc = enc_fns[0](codes_np, table=table)
+        enc = enc_fns[0](codes_np, table=table, segment_symbols=segment_symbols)
         arrays, meta, code_bytes = enc.to_tensors(), enc.metadata(), int(enc.nbytes)
     else:
         packed = codec.pack_bits(codes_np.astype(np.uint8), scheme.bits)
