@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -154,14 +153,12 @@ def check_manifest(manifest: Mapping[str, Any], where: str = "manifest") -> None
 # -- streaming reader --------------------------------------------------------------------------
 @dataclass
 class Timings:
-    """Seconds spent in each step of a load (thread-seconds for ``read`` and ``verify``, which
-    run in background threads and overlap the decode).
+    """Seconds spent in each step of a load (thread-seconds for ``read``, which overlaps).
 
     Attributes:
-        read: fetching bytes (summed over reader threads).
-        wait: time the consumer waited for verified shards (what reading and verifying did not
-            hide behind the decode).
-        verify: assembling, parsing headers and hashing (summed over verifier threads).
+        read: fetching bytes (summed over reader threads; overlaps verify/decode).
+        wait: time the consumer waited for bytes (the part of ``read`` not hidden).
+        verify: parsing headers and hashing.
         decode: decoding experts (or preparing them for resident use).
         wall: the whole load.
         bytes: bytes read.
@@ -298,9 +295,8 @@ def iter_shards(
 ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """Stream the verified shards of a checkpoint in manifest order.
 
-    Byte ranges of up to ``prefetch`` shards ahead are fetched by ``workers`` threads and each
-    shard is assembled and verified in a background thread while the caller works on an earlier
-    one.
+    Byte ranges of up to ``prefetch`` shards ahead are fetched by ``workers`` threads while the
+    caller works on the current one.
 
     Args:
         url: the checkpoint folder (any fsspec URL).
@@ -339,64 +335,45 @@ def iter_shards(
                 "is incomplete; copy it again or re-run the job"
             ) from None
 
-    lock = threading.Lock()  # timings are summed from several threads
-
     def read_range(path: str, rel: str, start: int, end: int) -> bytes:
         t0 = time.perf_counter()
         with fs_errors(f"{url}/{rel}", "read", storage_options):
             data = fs.cat_file(path, start=start, end=end)
-        with lock:
-            t.read += time.perf_counter() - t0
+        t.read += time.perf_counter() - t0
         return data
 
-    def assemble_and_verify(rel: str, size: int, futs: list[tuple[int, Future[bytes]]]
-                            ) -> dict[str, torch.Tensor]:
-        buf = bytearray(size)
-        for s, fut in futs:
-            data = fut.result()
-            if len(data) != min(chunk_bytes, size - s):
-                raise ValueError(f"{rel}: short read at byte {s} (the shard changed while "
-                                 "being read?); retry the load")
-            buf[s : s + len(data)] = data
-        t0 = time.perf_counter()
-        tensors = verify_shard(buf, rel, by_file[rel])  # hashing releases the GIL
-        with lock:
-            t.verify += time.perf_counter() - t0
-        return tensors
-
-    pending: deque[tuple[str, int, list[tuple[int, Future[bytes]]], Future]] = deque()
-    # two pools: a verifier waits on reads, so it must never hold a reader's thread
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="qmoe-read") as pool, \
-            ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="qmoe-verify"
-                               ) as verifiers:
+    pending: deque[tuple[str, int, list[tuple[int, Future[bytes]]]]] = deque()
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="qmoe-read") as pool:
 
         def submit(rel: str) -> None:
             path = safe_join(root, rel)
             size = size_of(rel)
             futs = [(s, pool.submit(read_range, path, rel, s, min(s + chunk_bytes, size)))
                     for s in range(0, size, max(1, chunk_bytes))]
-            pending.append((rel, size, futs, verifiers.submit(assemble_and_verify, rel, size,
-                                                                futs)))
+            pending.append((rel, size, futs))
 
         queue = deque(files)
-
-        def refill() -> None:
-            while queue and len(pending) < max(1, prefetch):
-                submit(queue.popleft())
-
         try:
-            refill()
-            while pending:
-                rel, size, _, verified = pending.popleft()
-                refill()  # ``prefetch`` shards in flight while the caller works on this one
+            while queue or pending:
+                while queue and len(pending) < max(1, prefetch):
+                    submit(queue.popleft())
+                rel, size, futs = pending.popleft()
                 t0 = time.perf_counter()
-                tensors = verified.result()
-                t.wait += time.perf_counter() - t0
+                buf = bytearray(size)
+                for s, fut in futs:
+                    data = fut.result()
+                    if len(data) != min(chunk_bytes, size - s):
+                        raise ValueError(f"{rel}: short read at byte {s} (the shard changed while "
+                                         "being read?); retry the load")
+                    buf[s : s + len(data)] = data
+                t1 = time.perf_counter()
+                tensors = verify_shard(buf, rel, by_file[rel])
+                t.wait += t1 - t0
+                t.verify += time.perf_counter() - t1
                 t.bytes += size
                 yield rel, tensors
         finally:
-            for _, _, futs, verified in pending:
-                verified.cancel()
+            for _, _, futs in pending:
                 for _, fut in futs:
                     fut.cancel()
 

@@ -185,10 +185,10 @@ def _bf16_baseline(url: str, out: Path, repeat: int) -> dict[str, float]:
 def _markdown(f: dict[str, Any], device: str, base_label: str, base: dict[str, float]) -> str:
     lines = [
         f"Loading with `qmoe_ray.load(url, device={device!r}, mode=...)`, medians of "
-        f"{next(iter(f.values()))['repeats']} loads (local disk, page cache warm). `read` and "
-        "`verify` (hashing) are thread-seconds in background threads, overlapped with the "
-        "decode; `wait` is the time the decoding thread waited for verified shards; `decode` "
-        "includes building the experts (resident: only checking and keeping them encoded).",
+        f"{next(iter(f.values()))['repeats']} loads (local disk, page cache warm). `read` is "
+        "thread-seconds of range reads (overlapped with verify/decode), `wait` the time the "
+        "consumer waited for bytes, `decode` includes building the experts (resident: only "
+        "checking and keeping them encoded).",
         "",
         "| checkpoint | mode | expert weights | bytes read | read | wait | verify | decode | wall "
         "| M weights/s |",
