@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -82,22 +83,31 @@ def synthetic_checkpoint(out: Path, hidden: int = 1024, ff: int = 2048, layers: 
     return manifest
 
 
-def load_timings(url: str, mode: str = "decode", device: str = "cpu", repeat: int = 3
-                 ) -> dict[str, Any]:
-    """Load ``url`` ``repeat`` times; the median of each timing, and throughput figures."""
+def _one_load(url: str, mode: str, device: str) -> tuple[dict[str, float], int]:
+    """One load's timings and its number of expert weights."""
     from qmoe_ray.loader import load
 
-    runs = []
-    for _ in range(repeat):
-        m = load(url, device=device, mode=mode)
-        runs.append(dict(m.timings))
-        n = sum(int(np.prod(e["shape"])) for e in m.manifest["quantized"].values())
-        del m
+    m = load(url, device=device, mode=mode)
+    n = sum(int(np.prod(e["shape"])) for e in m.manifest["quantized"].values())
+    return dict(m.timings), n
+
+
+def _summary(runs: list[dict[str, float]], n: int, mode: str, device: str) -> dict[str, Any]:
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    med.update(expert_weights=n, mode=mode, device=device, repeats=repeat,
+    med.update(expert_weights=n, mode=mode, device=device, repeats=len(runs),
                decode_mweights_per_s=n / max(med["decode"], 1e-9) / 1e6,
                load_mweights_per_s=n / max(med["wall"], 1e-9) / 1e6)
     return med
+
+
+def load_timings(url: str, mode: str = "decode", device: str = "cpu", repeat: int = 3
+                 ) -> dict[str, Any]:
+    """Load ``url`` ``repeat`` times; the median of each timing, and throughput figures."""
+    runs = []
+    for _ in range(repeat):
+        t, n = _one_load(url, mode, device)
+        runs.append(t)
+    return _summary(runs, n, mode, device)
 
 
 def _embedded_checkpoint(out: Path) -> str:
@@ -123,8 +133,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> BenchResult:
-    """Load-time split (read / wait / verify / decode) for decode and resident modes."""
-    figures: dict[str, Any] = {}
+    """Load-time split (read / wait / verify / decode) for decode and resident modes, with the
+    same model as plain bf16 safetensors as the baseline. Everything is written first; then
+    every repeat loads each checkpoint in each mode, the bf16 file, and fresh memory once, in
+    turn, so a noisy machine slows all of them alike."""
     with tempfile.TemporaryDirectory() as tmp:
         targets: list[tuple[str, str]] = []
         if args.url:
@@ -136,12 +148,49 @@ def run(args: argparse.Namespace) -> BenchResult:
             synthetic_checkpoint(syn, args.hidden, args.ff, args.layers, args.experts)
             targets.append((f"synthetic Mixtral-shaped ({args.layers} layers x {args.experts} "
                             f"experts x 3 of {args.ff}x{args.hidden}, P(0)=0.885)", str(syn)))
-        for label, url in targets:
-            for mode in ("decode", "resident"):
-                figures[f"{label} | {mode}"] = load_timings(url, mode, args.device, args.repeat)
-        baseline = _bf16_baseline(targets[-1][1], Path(tmp) / "bf16", args.repeat)
-        baseline["touch"] = _fresh_memory_seconds(targets[-1][1], args.repeat)
+        bf16_path = _bf16_file(targets[-1][1], Path(tmp) / "bf16")
+        os.sync()
+        time.sleep(5)  # the compression's Ray processes wind down; the writes settle
+        keys = [(label, url, mode) for label, url in targets for mode in ("decode", "resident")]
+        runs: dict[str, list[dict[str, float]]] = {f"{k[0]} | {k[2]}": [] for k in keys}
+        sizes: dict[str, int] = {}
+        base_times, touch_times = [], []
+        for _, url in targets:  # warm-up: numba kernels, page cache
+            _one_load(url, "decode", args.device)
+        for _ in range(args.repeat):
+            for label, url, mode in keys:
+                t, sizes[label] = _one_load(url, mode, args.device)
+                runs[f"{label} | {mode}"].append(t)
+            base_times.append(_bf16_seconds(bf16_path))
+            touch_times.append(_fresh_memory_seconds(targets[-1][1], 1))
+        figures = {k: _summary(v, sizes[k.rsplit(" | ", 1)[0]], k.rsplit(" | ", 1)[1],
+                               args.device) for k, v in runs.items()}
+        baseline = {"seconds": statistics.median(base_times), "bytes": bf16_path.stat().st_size,
+                    "touch": statistics.median(touch_times)}
     return BenchResult(figures, _markdown(figures, args.device, targets[-1][0], baseline))
+
+
+def _bf16_file(url: str, out: Path) -> Path:
+    """The same model (dense tensors and decoded experts) as one plain bf16 safetensors file:
+    what an uncompressed checkpoint holds."""
+    from safetensors.torch import save_file
+
+    from qmoe_ray.loader import load
+
+    m = load(url)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in m.weights.items()}, str(path))
+    return path
+
+
+def _bf16_seconds(path: Path) -> float:
+    """Seconds to read the bf16 file and build its tensors, from the same disk."""
+    from safetensors.torch import load as st_load
+
+    t0 = time.perf_counter()
+    st_load(path.read_bytes())  # read every byte (load_file would only map the file)
+    return time.perf_counter() - t0
 
 
 def _fresh_memory_seconds(url: str, repeat: int) -> float:
@@ -160,32 +209,11 @@ def _fresh_memory_seconds(url: str, repeat: int) -> float:
     return statistics.median(times)
 
 
-def _bf16_baseline(url: str, out: Path, repeat: int) -> dict[str, float]:
-    """The same model (dense tensors and decoded experts) as one plain bf16 safetensors file,
-    what an uncompressed checkpoint holds: median seconds to read the file and build its tensors, from the same disk."""
-    from safetensors.torch import load as st_load
-    from safetensors.torch import save_file
-
-    from qmoe_ray.loader import load
-
-    m = load(url)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in m.weights.items()}, str(path))
-    nbytes = path.stat().st_size
-    del m
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        st_load(path.read_bytes())  # read every byte (load_file would only map the file)
-        times.append(time.perf_counter() - t0)
-    return {"seconds": statistics.median(times), "bytes": nbytes}
-
-
 def _markdown(f: dict[str, Any], device: str, base_label: str, base: dict[str, float]) -> str:
     lines = [
         f"Loading with `qmoe_ray.load(url, device={device!r}, mode=...)`, medians of "
-        f"{next(iter(f.values()))['repeats']} loads (local disk, page cache warm). `read` is "
+        f"{next(iter(f.values()))['repeats']} loads (local disk, page cache warm; each round "
+        "loads every checkpoint and mode and the bf16 baseline in turn). `read` is "
         "thread-seconds of range reads (overlapped with verify/decode), `wait` the time the "
         "consumer waited for bytes, `decode` includes building the experts (resident: only "
         "checking and keeping them encoded).",
