@@ -130,6 +130,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=8,
+                        help="sequence length of the latency measurement (batch 1)")
 
 
 def run(args: argparse.Namespace) -> BenchResult:
@@ -167,7 +169,41 @@ def run(args: argparse.Namespace) -> BenchResult:
                                args.device) for k, v in runs.items()}
         baseline = {"seconds": statistics.median(base_times), "bytes": bf16_path.stat().st_size,
                     "touch": statistics.median(touch_times)}
+        latency = {label: token_latency(url, args.device, args.tokens, 3 * args.repeat)
+                   for label, url in targets}
+    figures["latency"] = latency
     return BenchResult(figures, _markdown(figures, args.device, targets[-1][0], baseline))
+
+
+def token_latency(url: str, device: str, tokens: int = 8, repeat: int = 15) -> dict[str, float]:
+    """Forward latency of a short sequence (``tokens`` ids, batch 1), decode mode (dense bf16
+    experts) against resident mode (experts kept encoded: the fused kernel on a GPU, a decode
+    per product on a CPU), timed in alternation; medians in milliseconds and their ratio."""
+    import torch
+
+    from qmoe_ray.loader import load
+
+    models = {mode: load(url, device=device, mode=mode) for mode in ("decode", "resident")}
+    vocab = int(models["decode"].config["vocab_size"])
+    ids = torch.randint(3, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
+    times: dict[str, list[float]] = {mode: [] for mode in models}
+
+    def once(m: Any) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        m.logits(ids)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for m in models.values():  # warm-up: kernels compiled, caches filled
+        once(m)
+    for _ in range(repeat):
+        for mode, m in models.items():
+            times[mode].append(once(m))
+    dec, res = (1e3 * statistics.median(times[k]) for k in ("decode", "resident"))
+    return {"tokens": tokens, "decode_ms": dec, "resident_ms": res, "ratio": res / dec}
 
 
 def _bf16_file(url: str, out: Path) -> Path:
@@ -223,12 +259,23 @@ def _markdown(f: dict[str, Any], device: str, base_label: str, base: dict[str, f
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in f.items():
+        if key == "latency":
+            continue
         label, mode = key.rsplit(" | ", 1)
         lines.append(
             f"| {label} | {mode} | {r['expert_weights'] / 1e6:.1f} M | {r['bytes'] / 2**20:.1f} MiB "
             f"| {r['read']:.3f} s | {r['wait']:.3f} s | {r['verify']:.3f} s | {r['decode']:.3f} s "
             f"| {r['wall']:.3f} s | {r['load_mweights_per_s']:.0f} |")
     dec = f[f"{base_label} | decode"]
+    if f.get("latency"):
+        lines += ["", "Forward latency, batch 1 (medians, decode and resident timed in turn; both run "
+                  "the project's float32 block code, so decode mode converts each bf16 expert it "
+                  "uses to float32 per product):", "",
+                  "| checkpoint | tokens | decode mode (bf16 experts) | resident (encoded experts) "
+                  "| resident / decode |", "|---|---|---|---|---|"]
+        for label, r in f["latency"].items():
+            lines.append(f"| {label} | {r['tokens']} | {r['decode_ms']:.1f} ms | "
+                         f"{r['resident_ms']:.1f} ms | **{r['ratio']:.2f}x** |")
     lines += [
         "",
         f"Baseline, same disk: the {base_label.split(' (')[0]} model as one plain bf16 "
@@ -252,8 +299,10 @@ def _markdown(f: dict[str, Any], device: str, base_label: str, base: dict[str, f
         "then decodes its matrix again (a test path; on a GPU the fused kernel runs).",
     ]
     if device == "cpu":
-        lines.append("- GPU decode-at-load and resident-vs-decode per-token latency: not measured "
-                     "here (no GPU); `python jobs/benchmark.py load --device cuda`.")
+        lines.append("- On a CPU the resident latency is that test path's (every product decodes "
+                     "its matrix again), not the fused kernel's. GPU decode-at-load and the "
+                     "GPU resident-vs-decode latency: not measured here (no GPU); "
+                     "`python jobs/benchmark.py load --device cuda`.")
     return "\n".join(lines)
 
 
