@@ -88,7 +88,7 @@ def _is_compressed(url: str, storage_options: Mapping[str, Any]) -> bool:
         return False
 
 
-def _open_model(model_url: str, storage_options: Mapping[str, Any]):
+def _open_model(model_url: str, storage_options: Mapping[str, Any], progress: bool = False):
     """``(config, WeightSource, experts_for or None, tokenizer source)`` for a model URL."""
     from qmoe_ray.data import resolve_source
 
@@ -96,7 +96,7 @@ def _open_model(model_url: str, storage_options: Mapping[str, Any]):
     if _is_compressed(url, storage_options):
         from qmoe_ray.loader import load
 
-        cm = load(url, **storage_options)
+        cm = load(url, progress=progress, **storage_options)
         return cm.config, cm.W, cm.experts_for, url
     from qmoe_ray.storage.checkpoint import open_checkpoint
 
@@ -118,6 +118,7 @@ def evaluate(
     config: Mapping[str, Any] | None = None,
     experts_for: ExpertsFor | None = None,
     tokenizer_source: Any = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Mean cross-entropy and perplexity of a model on held-out data, walking layer by layer.
 
@@ -136,6 +137,7 @@ def evaluate(
         config: the model's ``config.json`` (with ``weights``).
         experts_for: ``layer -> (expert id -> {role: weight})``; default reads them from weights.
         tokenizer_source: tokenizer for text data (default: the model's ``tokenizer.json``).
+        progress: show a progress bar while a compressed checkpoint loads.
 
     Returns:
         ``{"loss", "perplexity", "tokens", "samples", "seconds", "seq_len", "batch_size"}``.
@@ -154,7 +156,7 @@ def evaluate(
     t0 = time.perf_counter()
     opts = dict(storage_options or {})
     if weights is None:
-        config, weights, hook, tok = _open_model(model_url, opts)
+        config, weights, hook, tok = _open_model(model_url, opts, progress)
         experts_for = experts_for or hook
         tokenizer_source = tokenizer_source if tokenizer_source is not None else tok
     elif config is None:
@@ -233,6 +235,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage-options", default=None, metavar="JSON",
                         help='fsspec options as JSON, e.g. \'{"endpoint_url": "..."}\'')
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--compare", nargs="?", const="source", default=None, metavar="ORIGINAL",
                         help="MODEL is compressed: also evaluate the original (default: the "
                              "manifest's source) on the same data, side by side")
@@ -249,12 +252,12 @@ def main(args: argparse.Namespace) -> int:
 
             both = compare_eval(args.model, None if args.compare == "source" else args.compare,
                                 args.data, args.samples, args.seq_len, args.batch_size, opts,
-                                split=args.split, seed=args.seed)
+                                split=args.split, seed=args.seed, progress=not args.quiet)
             print(json.dumps(both) if args.json else _side_by_side(both))
             return 0
         result = evaluate(args.model, args.data, args.samples, args.seq_len, args.batch_size,
                           opts, split=args.split, seed=args.seed,
-                          tokenizer_source=args.tokenizer)
+                          tokenizer_source=args.tokenizer, progress=not args.quiet)
     except (ValueError, FileNotFoundError, KeyError, json.JSONDecodeError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"qmoe-ray eval: error: {msg}", file=sys.stderr)

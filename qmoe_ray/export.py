@@ -110,7 +110,8 @@ def _fuse(parts: dict[str, dict[tuple[int, str], torch.Tensor]]) -> dict[str, to
 
 def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False,
            storage_options: Mapping[str, Any] | None = None,
-           output_options: Mapping[str, Any] | None = None, workers: int = 4) -> dict[str, Any]:
+           output_options: Mapping[str, Any] | None = None, workers: int = 4,
+           progress: bool = False) -> dict[str, Any]:
     """Write a plain HF bf16 checkpoint of the decompressed model.
 
     Args:
@@ -120,6 +121,7 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
         overwrite: replace an existing checkpoint in ``out_dir``.
         storage_options, output_options: fsspec options for ``url`` and ``out_dir``.
         workers: concurrent range reads.
+        progress: show a progress bar on stderr.
 
     Returns:
         ``{"files", "tensors", "bytes", "layout", "seconds"}``.
@@ -160,8 +162,9 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
     weight_map: dict[str, str] = {}
     total = 0
     timings = Timings()
-    for i, (_, part) in enumerate(iter_shards(url, manifest, workers=workers, timings=timings,
-                                              **so)):
+    shards = iter_shards(url, manifest, workers=workers, timings=timings,
+                         progress="exporting" if progress else False, **so)
+    for i, (_, part) in enumerate(shards):
         out: dict[str, torch.Tensor] = {}
         fused: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
         for name, t in part.items():
@@ -216,6 +219,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", choices=LAYOUTS, default="auto",
                         help="expert tensor layout (default: what transformers saves)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--storage-options", default=None, metavar="JSON",
                         help="fsspec options for URL as JSON")
     parser.add_argument("--output-options", default=None, metavar="JSON",
@@ -236,7 +240,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         res = export(args.url, args.out_dir, args.layout, args.overwrite,
                      _json_opts(args.storage_options, "--storage-options"),
-                     _json_opts(args.output_options, "--output-options"))
+                     _json_opts(args.output_options, "--output-options"),
+                     progress=not args.quiet)
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"qmoe-ray export: error: {msg}", file=sys.stderr)

@@ -160,12 +160,14 @@ def _experts(manifest: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str
     return {"experts": len(items), "of": total, "by_reason": reasons, "list": items}, coverage
 
 
-def inspect(url: str, verify: bool = True, **storage_options: Any) -> dict[str, Any]:
+def inspect(url: str, verify: bool = True, progress: bool = False,
+            **storage_options: Any) -> dict[str, Any]:
     """What is inside the compressed checkpoint at ``url``.
 
     Args:
         url: the checkpoint folder (any fsspec URL).
         verify: stream every shard and verify every checksum (else ``"not checked"``).
+        progress: show a progress bar of the verification on stderr.
         **storage_options: fsspec options.
 
     Returns:
@@ -185,7 +187,9 @@ def inspect(url: str, verify: bool = True, **storage_options: Any) -> dict[str, 
     if verify:
         t = Timings()
         try:
-            for _, part in iter_shards(url, manifest, timings=t, **storage_options):
+            for _, part in iter_shards(url, manifest, timings=t,
+                                       progress="verifying" if progress else False,
+                                       **storage_options):
                 status["files"] += 1
                 status["tensors"] += len(part)
             status["status"] = "ok"
@@ -257,6 +261,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--no-verify", action="store_true",
                         help="do not read the shards to verify their checksums")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--storage-options", default=None, metavar="JSON",
                         help='fsspec options as JSON, e.g. \'{"endpoint_url": "..."}\'')
 
@@ -267,7 +272,7 @@ def main(args: argparse.Namespace) -> int:
         opts = json.loads(args.storage_options) if args.storage_options else {}
         if not isinstance(opts, dict):
             raise ValueError("--storage-options must be a JSON object")
-        info = inspect(args.url, verify=not args.no_verify, **opts)
+        info = inspect(args.url, verify=not args.no_verify, progress=not args.quiet, **opts)
     except (ValueError, FileNotFoundError, PermissionError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"qmoe-ray inspect: error: {msg}", file=sys.stderr)

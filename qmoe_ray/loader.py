@@ -291,6 +291,7 @@ def iter_shards(
     prefetch: int = PREFETCH_SHARDS,
     chunk_bytes: int = CHUNK_BYTES,
     timings: Timings | None = None,
+    progress: bool | str = False,
     **storage_options: Any,
 ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """Stream the verified shards of a checkpoint in manifest order.
@@ -305,6 +306,7 @@ def iter_shards(
         prefetch: shards fetched ahead of the one being consumed (>= 1).
         chunk_bytes: size of one range read.
         timings: accumulates read/wait/verify seconds and bytes when given.
+        progress: a progress bar over the tensor bytes on stderr (a string: its label).
         **storage_options: fsspec options.
 
     Yields:
@@ -353,6 +355,7 @@ def iter_shards(
             pending.append((rel, size, futs))
 
         queue = deque(files)
+        bar = _progress_bar(progress, sum(int(e["nbytes"]) for e in manifest["tensors"].values()))
         try:
             while queue or pending:
                 while queue and len(pending) < max(1, prefetch):
@@ -371,11 +374,21 @@ def iter_shards(
                 t.wait += t1 - t0
                 t.verify += time.perf_counter() - t1
                 t.bytes += size
+                bar.update(sum(int(e["nbytes"]) for e in by_file[rel].values()))
                 yield rel, tensors
         finally:
+            bar.close()
             for _, _, futs in pending:
                 for _, fut in futs:
                     fut.cancel()
+
+
+def _progress_bar(progress: bool | str, total: int) -> Any:
+    from tqdm.auto import tqdm
+
+    label = progress if isinstance(progress, str) else "reading"
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
+                disable=not progress, leave=False)
 
 
 def read_verified(url: str, manifest: Mapping[str, Any], workers: int = 4,
@@ -709,7 +722,7 @@ class CompressedModel:
 
 
 def load(url: str, device: str = "cpu", mode: str = "decode", workers: int = 4,
-         **storage_options: Any) -> CompressedModel:
+         progress: bool = False, **storage_options: Any) -> CompressedModel:
     """Load a compressed checkpoint, streaming and verifying its shards.
 
     Args:
@@ -718,6 +731,7 @@ def load(url: str, device: str = "cpu", mode: str = "decode", workers: int = 4,
         mode: ``"decode"``: experts decoded once into dense bf16 weights; ``"resident"``: experts
             kept encoded and decoded inside each product (fused kernel on a GPU).
         workers: concurrent range reads.
+        progress: show a progress bar (bytes read, verified and decoded) on stderr.
         **storage_options: fsspec options (credentials, endpoint).
 
     Returns:
@@ -752,7 +766,9 @@ def load(url: str, device: str = "cpu", mode: str = "decode", workers: int = 4,
     held: dict[str, torch.Tensor] = {}  # stored pieces of matrices not yet complete
     table_cache: dict[str, codec.Table] = {}
     todo = dict(quantized)
-    for _, part in iter_shards(url, manifest, workers=workers, timings=t, **storage_options):
+    label = "loading" if progress else False
+    for _, part in iter_shards(url, manifest, workers=workers, timings=t, progress=label,
+                               **storage_options):
         t0 = time.perf_counter()
         for name, tensor in part.items():
             if name in stored:

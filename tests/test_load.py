@@ -4,6 +4,7 @@ every kind of bad checkpoint refused with a clear error."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -318,3 +319,15 @@ def test_int2_dense_equals_dequantized_codes(group_size):
     w = EncodedWeight("w", scheme, codec.encode_int2(q, segment_symbols=333), params, "cpu")
     ref = dequantize(scheme, torch.from_numpy(q), params).to(torch.bfloat16)
     assert torch.equal(w.dense().view(torch.int16), ref.view(torch.int16))
+
+
+def test_progress_bar_only_when_asked(ckpt, capsys):
+    from qmoe_ray.inspect_cmd import inspect
+
+    load(str(ckpt))
+    assert "loading" not in capsys.readouterr().err
+    load(str(ckpt), progress=True)
+    err = capsys.readouterr().err
+    assert re.search(r"loading:\s+\d+%\|.*B/s", err)  # a bar over the tensor bytes
+    assert inspect(str(ckpt), progress=True)["checksums"]["status"] == "ok"
+    assert "verifying" in capsys.readouterr().err
