@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kernel_refs import int2_weights, ternary_codes, ternary_weights
 
 from qmoe_ray import codec
 from qmoe_ray.gpu import kernels as K
@@ -65,11 +66,6 @@ def _run(lib, name: str, d: K.DeviceEncoded, tail: tuple) -> int:
     return int(err[0])
 
 
-def _ternary(rng, shape, p0=0.88):
-    p = (1 - p0) / 2
-    return rng.choice(np.array([-1, 0, 1], np.int8), size=shape, p=[p, p0, p])
-
-
 def _none() -> np.ndarray:
     return np.zeros(1, np.float32)
 
@@ -78,7 +74,7 @@ def _none() -> np.ndarray:
                                        ((64, 4099), 4096), ((5, 4099), 3)])
 def test_decode_codes_bit_exact(lib, shape, seg):
     rng = np.random.default_rng(shape[0] * 7 + seg)
-    enc = codec.encode_ternary(_ternary(rng, shape), segment_symbols=seg)
+    enc = codec.encode_ternary(ternary_codes(rng, shape), segment_symbols=seg)
     out = np.full(shape, 9, np.int8)
     assert _run(lib, "qmoe_decode_codes", K.host_encoded(enc), (_none(), _none(), out)) == 0
     np.testing.assert_array_equal(out, codec.decode_ternary(enc))
@@ -91,7 +87,7 @@ def test_decode_codes_bit_exact(lib, shape, seg):
 def test_dequantize_equals_the_cpu_loader_bit_for_bit(lib):
     rng = np.random.default_rng(1)
     rows, cols = 97, 1031
-    c = _ternary(rng, (rows, cols))
+    c = ternary_codes(rng, (rows, cols))
     enc = codec.encode_ternary(c, segment_symbols=300)
     lo = -torch.rand(rows).to(torch.bfloat16)
     hi = torch.rand(rows).to(torch.bfloat16)
@@ -110,7 +106,7 @@ def test_dequantize_equals_the_cpu_loader_bit_for_bit(lib):
     e2 = codec.encode_int2(q, segment_symbols=64)
     assert _run(lib, "qmoe_decode_int2_bf16", K.host_encoded(e2),
                 (scale.numpy(), zero.numpy(), out2)) == 0
-    ref2 = (scale[:, None] * (torch.from_numpy(q).float() - zero[:, None])).to(torch.bfloat16)
+    ref2 = int2_weights(q, scale, zero).to(torch.bfloat16)
     assert torch.equal(torch.from_numpy(out2.view(np.int16)), ref2.view(torch.int16))
 
 
@@ -119,7 +115,7 @@ def test_dequantize_equals_the_cpu_loader_bit_for_bit(lib):
 def test_fused_product_matches_torch(lib, tokens, shape):
     rng = np.random.default_rng(tokens)
     rows, cols = shape
-    c = _ternary(rng, shape)
+    c = ternary_codes(rng, shape)
     lo, hi = -torch.rand(rows), torch.rand(rows)
     x = torch.randn(tokens, cols).to(torch.bfloat16)
     batch = next(b for b in K.MATVEC_BATCHES if b >= tokens)
@@ -129,9 +125,7 @@ def test_fused_product_matches_torch(lib, tokens, shape):
     y = np.zeros((batch, rows), np.float32)
     assert _run(lib, f"qmoe_matvec_ternary_b{batch}", K.host_encoded(enc),
                 (lo.numpy(), hi.numpy(), bits, y)) == 0
-    ct = torch.from_numpy(c)
-    w = torch.where(ct > 0, hi[:, None], torch.where(ct < 0, lo[:, None], 0))
-    ref = x.float() @ w.T
+    ref = x.float() @ ternary_weights(c, lo, hi).T
     torch.testing.assert_close(torch.from_numpy(y[:tokens]), ref, rtol=2e-3, atol=2e-3 * cols**0.5)
     assert not y[tokens:].any()
 
@@ -140,13 +134,13 @@ def test_fused_product_matches_torch(lib, tokens, shape):
     y2 = np.zeros((batch, rows), np.float32)
     assert _run(lib, f"qmoe_matvec_int2_b{batch}", K.host_encoded(codec.encode_int2(q)),
                 (scale.numpy(), zero.numpy(), bits, y2)) == 0
-    w2 = scale[:, None] * (torch.from_numpy(q).float() - zero[:, None])
+    w2 = int2_weights(q, scale, zero)
     torch.testing.assert_close(torch.from_numpy(y2[:tokens]), x.float() @ w2.T, rtol=2e-3,
                                atol=2e-3 * cols**0.5)
 
 
 def test_corrupted_segments_set_the_error_flag(lib):
-    c = _ternary(np.random.default_rng(2), (64, 300))
+    c = ternary_codes(np.random.default_rng(2), (64, 300))
     enc = codec.encode_ternary(c, segment_symbols=500)
     t = enc.to_tensors()
     w = t["seg_words"].copy()
