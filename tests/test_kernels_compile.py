@@ -72,3 +72,16 @@ def test_gpu_calls_raise_clearly_without_a_device():
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match=r"pip install 'qmoe-ray\[gpu\]'"):
         gpu.decode_ternary(None)
+
+
+def test_kernel_source_from_an_uninstalled_checkout(monkeypatch):
+    """Run from source (PYTHONPATH, no install: the GPU image), the kernels come from kernels/."""
+    from qmoe_ray.gpu import kernels as K
+
+    def missing(name):
+        raise ModuleNotFoundError(name)
+
+    monkeypatch.setattr(K.resources, "files", missing)
+    text = K.kernel_source()
+    assert text == (Path(__file__).resolve().parents[1] / "kernels" / "qmoe_codec.cu").read_text()
+    assert "qmoe_decode_codes" in text

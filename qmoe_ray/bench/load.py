@@ -110,6 +110,12 @@ def load_timings(url: str, mode: str = "decode", device: str = "cpu", repeat: in
     return _summary(runs, n, mode, device)
 
 
+def _has_ray() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
+
+
 def _embedded_checkpoint(out: Path) -> str:
     """Compress the embedded tiny model (ternary GPTQ, local Ray) into ``out``."""
     from qmoe_ray.config import CompressConfig
@@ -139,13 +145,19 @@ def run(args: argparse.Namespace) -> BenchResult:
     same model as plain bf16 safetensors as the baseline. Everything is written first; then
     every repeat loads each checkpoint in each mode, the bf16 file, and fresh memory once, in
     turn, so a noisy machine slows all of them alike."""
+    from qmoe_ray.loader import _check_device
+
+    _check_device(args.device)  # no GPU: say so before minutes of writing checkpoints
     with tempfile.TemporaryDirectory() as tmp:
         targets: list[tuple[str, str]] = []
         if args.url:
             targets.append(("given checkpoint", args.url))
         else:
-            targets.append(("embedded tiny model (ternary GPTQ, 4 layers x 8 experts x 3 of "
-                            "192x128)", _embedded_checkpoint(Path(tmp) / "embedded")))
+            if _has_ray():
+                targets.append(("embedded tiny model (ternary GPTQ, 4 layers x 8 experts x 3 of "
+                                "192x128)", _embedded_checkpoint(Path(tmp) / "embedded")))
+            else:  # e.g. a GPU image without Ray: the synthetic checkpoint needs no job
+                print("ray is not installed: skipping the embedded model (it needs the job)")
             syn = Path(tmp) / "synthetic"
             synthetic_checkpoint(syn, args.hidden, args.ff, args.layers, args.experts)
             targets.append((f"synthetic Mixtral-shaped ({args.layers} layers x {args.experts} "

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,8 +46,12 @@ def available() -> bool:
 
 
 def kernel_source() -> str:
-    """The CUDA source text shipped with the package."""
-    return resources.files("qmoe_ray.kernels").joinpath(SOURCE).read_text()
+    """The CUDA source text shipped with the package (or, run from a source checkout that is
+    not installed, the repository's ``kernels/`` folder)."""
+    try:
+        return resources.files("qmoe_ray.kernels").joinpath(SOURCE).read_text()
+    except ModuleNotFoundError:
+        return (Path(__file__).resolve().parents[2] / "kernels" / SOURCE).read_text()
 
 
 @functools.lru_cache(maxsize=8)

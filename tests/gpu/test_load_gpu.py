@@ -17,14 +17,23 @@ from qmoe_ray.loader import EncodedWeight, load  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=["embedded", "synthetic"])
+def ckpt(request, tmp_path_factory) -> Path:
+    """The embedded model compressed by the job (needs Ray), and a synthetic Mixtral-shaped
+    checkpoint written without Ray or GPTQ (runs on a GPU image that has no Ray)."""
     try:
         import cupy
     except Exception:  # noqa: BLE001
         pytest.skip("cupy not importable")
     if not cupy.cuda.is_available() or not torch.cuda.is_available():
         pytest.skip("no CUDA device")
+    if request.param == "synthetic":
+        from qmoe_ray.bench.load import synthetic_checkpoint
+
+        out = tmp_path_factory.mktemp("synthetic")
+        synthetic_checkpoint(out, hidden=256, ff=512, layers=2, experts=4, vocab=512)
+        return out
+    pytest.importorskip("ray", reason="the embedded checkpoint is made by the Ray job")
     return compressed_checkpoint(tmp_path_factory)
 
 
