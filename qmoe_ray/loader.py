@@ -50,6 +50,7 @@ from qmoe_ray.storage.layout import CODE_PREFIX
 
 DEVICES = ("cpu", "cuda")
 MODES = ("decode", "resident")
+COMPUTE = ("float32", "bf16")  # decode mode's expert products
 CHUNK_BYTES = 16 * 2**20  # range-read size: big enough for object stores, small enough to overlap
 PREFETCH_SHARDS = 2  # shards being fetched ahead of the one being verified/decoded
 FUSED_MAX_TOKENS = 64  # resident mode on GPU: above this, decode transiently and use a GEMM
@@ -526,12 +527,33 @@ def _int2_bf16(enc: Any, scheme: Any, params: Mapping[str, torch.Tensor]) -> tor
     return torch.from_numpy(codec.decode_int2_lut(enc, lut)).view(torch.bfloat16)
 
 
-class _Transposed:
-    """``w.T`` of an ``EncodedWeight``: only ``x @ w.T`` is supported."""
+class Bf16Product:
+    """A dense bf16 weight used in bf16: ``x @ w.T`` casts ``x`` to bf16, multiplies, and
+    returns ``x``'s dtype (decode mode with ``compute="bf16"``)."""
 
     __slots__ = ("w",)
 
-    def __init__(self, w: EncodedWeight):
+    def __init__(self, w: torch.Tensor):
+        self.w = w
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.w.shape)  # type: ignore[return-value]
+
+    @property
+    def T(self) -> _Transposed:
+        return _Transposed(self)
+
+    def matmul_t(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(torch.bfloat16) @ self.w.T).to(x.dtype)
+
+
+class _Transposed:
+    """``w.T`` of an ``EncodedWeight`` or ``Bf16Product``: only ``x @ w.T`` is supported."""
+
+    __slots__ = ("w",)
+
+    def __init__(self, w: EncodedWeight | Bf16Product):
         self.w = w
 
     def __rmatmul__(self, x: torch.Tensor) -> torch.Tensor:
@@ -660,12 +682,13 @@ class CompressedModel:
 
     def __init__(self, manifest: dict[str, Any], dense: dict[str, torch.Tensor],
                  experts: dict[str, Any], timings: dict[str, float],
-                 device: str = "cpu", mode: str = "decode"):
+                 device: str = "cpu", mode: str = "decode", compute: str = "float32"):
         self.manifest = manifest
         self.config = manifest["config"]
         self.family = get_family(self.config)
         self.device = device
         self.mode = mode
+        self.compute = compute
         self.dense = dense
         self.experts = experts
         self.weights = {**dense, **experts}
@@ -676,14 +699,19 @@ class CompressedModel:
 
     def experts_for(self, layer: LayerSpec):
         """``expert id -> {role: weight}`` for one MoE layer (float32 tensors in decode mode,
-        ``EncodedWeight`` in resident mode; both work with ``x @ w.T``)."""
+        ``Bf16Product`` with ``compute="bf16"``, ``EncodedWeight`` in resident mode; all work
+        with ``x @ w.T``)."""
         fam = self.family
+        bf16 = self.compute == "bf16"
 
         def get(e: int) -> dict[str, Any]:
             out = {}
             for r, n in fam.expert_names(layer, e).items():
                 w = self.experts[n]
-                out[r] = w if isinstance(w, EncodedWeight) else w.float()
+                if isinstance(w, EncodedWeight):
+                    out[r] = w
+                else:
+                    out[r] = Bf16Product(w) if bf16 else w.float()
             return out
 
         return get
@@ -722,7 +750,8 @@ class CompressedModel:
 
 
 def load(url: str, device: str = "cpu", mode: str = "decode", workers: int = 4,
-         progress: bool = False, **storage_options: Any) -> CompressedModel:
+         progress: bool = False, compute: str = "float32", **storage_options: Any
+         ) -> CompressedModel:
     """Load a compressed checkpoint, streaming and verifying its shards.
 
     Args:
@@ -732,6 +761,10 @@ def load(url: str, device: str = "cpu", mode: str = "decode", workers: int = 4,
             kept encoded and decoded inside each product (fused kernel on a GPU).
         workers: concurrent range reads.
         progress: show a progress bar (bytes read, verified and decoded) on stderr.
+        compute: decode mode's expert products: ``"float32"`` (the weights widened per
+            product, the job's arithmetic; the default) or ``"bf16"`` (bf16 activations times
+            the bf16 weights, as a bf16 serving stack runs them: the fair baseline for resident
+            mode's latency on a GPU).
         **storage_options: fsspec options (credentials, endpoint).
 
     Returns:
@@ -744,6 +777,8 @@ def load(url: str, device: str = "cpu", mode: str = "decode", workers: int = 4,
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+    if compute not in COMPUTE:
+        raise ValueError(f"compute={compute!r}: expected one of {COMPUTE}")
     _check_device(device)
     t_start = time.perf_counter()
     manifest = read_manifest(url, **storage_options)
@@ -788,7 +823,8 @@ def load(url: str, device: str = "cpu", mode: str = "decode", workers: int = 4,
     if device == "cuda":
         torch.cuda.synchronize()
     t.wall = time.perf_counter() - t_start
-    return CompressedModel(manifest, dense, experts, t.as_dict(), device=device, mode=mode)
+    return CompressedModel(manifest, dense, experts, t.as_dict(), device=device, mode=mode,
+                           compute=compute)
 
 
 def compare_eval(compressed_url: str, original_url: str | None = None, data_spec: str = "embedded",

@@ -279,6 +279,7 @@ def test_load_benchmark_pieces_on_a_small_synthetic_checkpoint(tmp_path):
         _markdown,
         load_timings,
         synthetic_checkpoint,
+        token_latency,
     )
 
     synthetic_checkpoint(tmp_path, hidden=64, ff=96, layers=2, experts=2, vocab=128)
@@ -296,10 +297,15 @@ def test_load_benchmark_pieces_on_a_small_synthetic_checkpoint(tmp_path):
     r = load_timings(str(tmp_path), "resident", repeat=1)
     touch = _fresh_memory_seconds(str(tmp_path), 2)
     assert touch > 0
+    lat = token_latency(str(tmp_path), "cpu", tokens=4, repeat=2)
+    assert lat["tokens"] == 4 and min(lat["decode_f32_ms"], lat["decode_bf16_ms"],
+                                      lat["resident_ms"]) > 0
+    assert lat["ratio_bf16"] == pytest.approx(lat["resident_ms"] / lat["decode_bf16_ms"])
     label = "synthetic"
-    text = _markdown({f"{label} | decode": t, f"{label} | resident": r}, "cpu", label,
-                     {"seconds": 0.5, "bytes": 2 * n, "touch": touch})
+    text = _markdown({f"{label} | decode": t, f"{label} | resident": r, "latency": {label: lat}},
+                     "cpu", label, {"seconds": 0.5, "bytes": 2 * n, "touch": touch})
     assert "| synthetic | decode | 0.1 M |" in text and "x** the bf16 load time" in text
+    assert f"| synthetic | 4 | {lat['decode_f32_ms']:.1f} ms |" in text
 
 
 @pytest.mark.parametrize("group_size", [None, 64])
@@ -331,3 +337,16 @@ def test_progress_bar_only_when_asked(ckpt, capsys):
     assert re.search(r"loading:\s+\d+%\|.*B/s", err)  # a bar over the tensor bytes
     assert inspect(str(ckpt), progress=True)["checksums"]["status"] == "ok"
     assert "verifying" in capsys.readouterr().err
+
+
+def test_bf16_compute_is_close_to_float32(ckpt, decoded):
+    """``compute="bf16"`` runs decode mode's expert products in bf16: same weights, logits within
+    bf16 rounding of the float32 ones (and not identical: the products really changed)."""
+    m = load(str(ckpt), compute="bf16")
+    ids = torch.randint(3, m.config["vocab_size"], (2, 12), generator=torch.Generator()
+                        .manual_seed(1))
+    a, b = decoded.logits(ids), m.logits(ids)
+    assert b.dtype == torch.float32 and not torch.equal(a, b)
+    torch.testing.assert_close(b, a, rtol=2e-2, atol=5e-2)
+    with pytest.raises(ValueError, match="compute='fp8'"):
+        load(str(ckpt), compute="fp8")

@@ -188,17 +188,20 @@ def run(args: argparse.Namespace) -> BenchResult:
 
 
 def token_latency(url: str, device: str, tokens: int = 8, repeat: int = 15) -> dict[str, float]:
-    """Forward latency of a short sequence (``tokens`` ids, batch 1), decode mode (dense bf16
-    experts) against resident mode (experts kept encoded: the fused kernel on a GPU, a decode
-    per product on a CPU), timed in alternation; medians in milliseconds and their ratio."""
+    """Forward latency of a short sequence (``tokens`` ids, batch 1): decode mode with the expert
+    products in float32 and in bf16 (the dense bf16 model), and resident mode (experts kept
+    encoded: the fused kernel on a GPU, a decode per product on a CPU), timed in turn; medians
+    in milliseconds and resident's ratio to each."""
     import torch
 
     from qmoe_ray.loader import load
 
-    models = {mode: load(url, device=device, mode=mode) for mode in ("decode", "resident")}
-    vocab = int(models["decode"].config["vocab_size"])
+    models = {"decode_f32": load(url, device=device),
+              "decode_bf16": load(url, device=device, compute="bf16"),
+              "resident": load(url, device=device, mode="resident")}
+    vocab = int(models["resident"].config["vocab_size"])
     ids = torch.randint(3, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
-    times: dict[str, list[float]] = {mode: [] for mode in models}
+    times: dict[str, list[float]] = {k: [] for k in models}
 
     def once(m: Any) -> float:
         if device == "cuda":
@@ -212,10 +215,11 @@ def token_latency(url: str, device: str, tokens: int = 8, repeat: int = 15) -> d
     for m in models.values():  # warm-up: kernels compiled, caches filled
         once(m)
     for _ in range(repeat):
-        for mode, m in models.items():
-            times[mode].append(once(m))
-    dec, res = (1e3 * statistics.median(times[k]) for k in ("decode", "resident"))
-    return {"tokens": tokens, "decode_ms": dec, "resident_ms": res, "ratio": res / dec}
+        for k, m in models.items():
+            times[k].append(once(m))
+    ms = {f"{k}_ms": 1e3 * statistics.median(v) for k, v in times.items()}
+    return {"tokens": tokens, **ms, "ratio_bf16": ms["resident_ms"] / ms["decode_bf16_ms"],
+            "ratio_f32": ms["resident_ms"] / ms["decode_f32_ms"]}
 
 
 def _bf16_file(url: str, out: Path) -> Path:
@@ -280,14 +284,15 @@ def _markdown(f: dict[str, Any], device: str, base_label: str, base: dict[str, f
             f"| {r['wall']:.3f} s | {r['load_mweights_per_s']:.0f} |")
     dec = f[f"{base_label} | decode"]
     if f.get("latency"):
-        lines += ["", "Forward latency, batch 1 (medians, decode and resident timed in turn; both run "
-                  "the project's float32 block code, so decode mode converts each bf16 expert it "
-                  "uses to float32 per product):", "",
-                  "| checkpoint | tokens | decode mode (bf16 experts) | resident (encoded experts) "
-                  "| resident / decode |", "|---|---|---|---|---|"]
+        lines += ["", "Forward latency, batch 1 (medians; the three models timed in turn; the "
+                  "project's block code, expert products as named):", "",
+                  "| checkpoint | tokens | decode, float32 products | decode, bf16 products "
+                  "(dense bf16) | resident (encoded experts) | resident / dense bf16 "
+                  "| resident / float32 |", "|---|---|---|---|---|---|---|"]
         for label, r in f["latency"].items():
-            lines.append(f"| {label} | {r['tokens']} | {r['decode_ms']:.1f} ms | "
-                         f"{r['resident_ms']:.1f} ms | **{r['ratio']:.2f}x** |")
+            lines.append(f"| {label} | {r['tokens']} | {r['decode_f32_ms']:.1f} ms | "
+                         f"{r['decode_bf16_ms']:.1f} ms | {r['resident_ms']:.1f} ms | "
+                         f"**{r['ratio_bf16']:.2f}x** | {r['ratio_f32']:.2f}x |")
     lines += [
         "",
         f"Baseline, same disk: the {base_label.split(' (')[0]} model as one plain bf16 "
