@@ -64,10 +64,64 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-record", action="store_true", help="leave BENCHMARKS.md alone")
     p.add_argument("--render-only", action="store_true",
                    help="record BENCHMARKS.md from --out/metadata.json; no training")
+    p.add_argument("--routing-only", action="store_true",
+                   help="add the routing figures of the model in --out to its metadata.json and "
+                        "BENCHMARKS.md; no training")
     return p.parse_args(argv)
 
 
+def make_batch(segments: np.ndarray, r: np.random.Generator, vocab: int
+               ) -> dict[str, torch.Tensor]:
+    """A span-corrupted batch of raw token windows (the sentinels are the top of the vocab)."""
+    from qmoe_ray.data.corruption import corrupt_batch
+
+    sentinels = [vocab - 1 - k for k in range(SENTINELS)]
+    b = corrupt_batch(segments, r, sentinels, EOS_ID, PAD_ID, PAD_ID)
+    return {k: torch.from_numpy(v) for k, v in b.items()}
+
+
+def forward(model, b: dict[str, torch.Tensor], **kw):
+    return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                 decoder_input_ids=b["decoder_input_ids"],
+                 decoder_attention_mask=b["decoder_attention_mask"], **kw)
+
+
+def routing_stats(model, b: dict[str, torch.Tensor]) -> dict[str, list[dict]]:
+    """Per sparse block of the encoder and the decoder: the fraction of (non-pad) tokens each
+    expert gets (top-1) and that distribution's entropy normalized by log(experts)."""
+    with torch.no_grad():
+        out = forward(model, b, output_router_logits=True)
+    stats: dict[str, list[dict]] = {}
+    for side, layers, mask in (("encoder", out.encoder_router_logits, b["attention_mask"]),
+                               ("decoder", out.decoder_router_logits,
+                                b["decoder_attention_mask"])):
+        rows = []
+        for logits in layers:
+            top = logits.argmax(-1)[mask.bool()].numpy()
+            n = logits.shape[-1]
+            frac = np.bincount(top, minlength=n) / max(top.size, 1)
+            nz = frac[frac > 0]
+            rows.append({"expert_fraction": [round(float(f), 4) for f in frac],
+                         "normalized_entropy": round(float(-(nz * np.log(nz)).sum() / np.log(n)),
+                                                     4)})
+        stats[side] = rows
+    return stats
+
+
+def routing_table(meta: dict) -> str:
+    lines = ["| sparse block | fraction of tokens per expert (top-1) | norm. entropy |",
+             "|---|---|---|"]
+    for side in ("encoder", "decoder"):
+        for i, r in enumerate(meta["routing"][side]):
+            frac = " ".join(f"{f:.3f}" for f in r["expert_fraction"])
+            lines.append(f"| {side} {i} | {frac} | {r['normalized_entropy']:.3f} |")
+    return "\n".join(lines)
+
+
 def bench_markdown(meta: dict) -> str:
+    routing = ("" if "routing" not in meta else
+               "\nRouting on the held-out windows (non-pad tokens):\n\n" + routing_table(meta)
+               + "\n")
     return (
         f"Tiny SwitchTransformers trained by `python jobs/train_tiny_switch.py` on the Python "
         f"{meta['python']} stdlib sources ({meta['train_tokens']:,} train tokens, T5 span "
@@ -82,6 +136,7 @@ def bench_markdown(meta: dict) -> str:
         f"nats |\n"
         f"| unigram baseline over the same kind of targets | "
         f"{meta['unigram_cross_entropy']:.4f} nats |\n"
+        + routing
     )
 
 
@@ -98,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.render_only:
         record_bench(json.loads((Path(args.out) / "metadata.json").read_text()))
         return 0
+    if args.routing_only:
+        return add_routing(args)
     try:
         from tokenizers import Tokenizer
         from transformers import (
@@ -107,15 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("train_tiny_switch.py needs transformers: pip install '.[test]'", file=sys.stderr)
         return 2
-    from qmoe_ray.data.corruption import corrupt_batch
-
     rng, out, t_start, _, train_files, held_files = start_run(args)
     tok = Tokenizer.from_file(str(TOKENIZER))
     base_vocab = tok.get_vocab_size()
     train_stream = token_stream(tok, read_texts(train_files))
     held_stream = token_stream(tok, read_texts(held_files))
     vocab = base_vocab + SENTINELS
-    sentinels = [vocab - 1 - k for k in range(SENTINELS)]
     print(f"tokens: {len(train_stream)} train, {len(held_stream)} held-out; vocab {vocab}",
           flush=True)
 
@@ -137,10 +191,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {n_params / 1e6:.2f} M parameters, {n_expert / n_params:.0%} in experts",
           flush=True)
 
-    def batch(segments: np.ndarray, r: np.random.Generator) -> dict[str, torch.Tensor]:
-        b = corrupt_batch(segments, r, sentinels, EOS_ID, PAD_ID, PAD_ID)
-        return {k: torch.from_numpy(v) for k, v in b.items()}
-
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     budget = 60 * args.max_minutes
 
@@ -157,10 +207,10 @@ def main(argv: list[str] | None = None) -> int:
             group["lr"] = args.lr * lr_factor(step, elapsed, args.steps, budget)
         starts = rng.integers(0, n_windows, size=args.batch)
         seg = np.stack([train_stream[s : s + args.seq_len] for s in starts]).astype(np.int64)
-        b = batch(seg, rng)
-        loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                     decoder_input_ids=b["decoder_input_ids"],
-                     decoder_attention_mask=b["decoder_attention_mask"], labels=b["labels"]).loss
+        b = make_batch(seg, rng, vocab)
+        # the router losses (load balancing, z-loss) are added only with the router logits:
+        # without them the routers collapse onto one expert per block
+        loss = forward(model, b, labels=b["labels"], output_router_logits=True).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -173,16 +223,15 @@ def main(argv: list[str] | None = None) -> int:
 
     model.eval()
     model = model.to(torch.bfloat16).to(torch.float32)  # evaluate exactly the shipped weights
-    b = batch(heldout.astype(np.int64), np.random.default_rng(args.seed + 1))
+    b = make_batch(heldout.astype(np.int64), np.random.default_rng(args.seed + 1), vocab)
     with torch.no_grad():
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                       decoder_input_ids=b["decoder_input_ids"],
-                       decoder_attention_mask=b["decoder_attention_mask"]).logits
+        logits = forward(model, b).logits
     lab = b["labels"]
     held_loss = float(torch.nn.functional.cross_entropy(
         logits.reshape(-1, vocab), lab.reshape(-1), ignore_index=-100))
     # unigram baseline over the same kind of targets: counts from corrupted train windows
-    train_targets = batch(calib.astype(np.int64), np.random.default_rng(args.seed + 2))["labels"]
+    train_targets = make_batch(calib.astype(np.int64), np.random.default_rng(args.seed + 2),
+                               vocab)["labels"]
     unigram = unigram_cross_entropy(train_targets[train_targets >= 0].numpy(),
                                     lab[lab >= 0].numpy(), vocab)
 
@@ -204,10 +253,39 @@ def main(argv: list[str] | None = None) -> int:
         "unigram_cross_entropy": round(unigram, 4),
         "tokens_shape": [len(calib) + len(heldout), args.seq_len],
         "heldout_rows": len(heldout),
+        "routing": routing_stats(model, b),
     }
     meta["asset_bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     (out / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(json.dumps(meta, indent=2), flush=True)
+    if not args.no_record:
+        record_bench(meta)
+    return 0
+
+
+def add_routing(args: argparse.Namespace) -> int:
+    """Routing figures of the shipped model on its held-out windows (the same corrupted batch the
+    training run evaluated: its loss must come out as recorded), into metadata.json and
+    BENCHMARKS.md."""
+    from transformers import SwitchTransformersForConditionalGeneration
+
+    out = Path(args.out)
+    meta = json.loads((out / "metadata.json").read_text())
+    model = SwitchTransformersForConditionalGeneration.from_pretrained(
+        str(out), dtype=torch.float32).eval()
+    heldout = np.load(out / "tokens.npy")[-meta["heldout_rows"]:].astype(np.int64)
+    b = make_batch(heldout, np.random.default_rng(args.seed + 1), model.config.vocab_size)
+    with torch.no_grad():
+        logits = forward(model, b).logits
+    loss = float(torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), b["labels"].reshape(-1), ignore_index=-100))
+    if abs(loss - meta["heldout_loss"]) > 1e-3:
+        print(f"held-out loss {loss:.4f} differs from the recorded {meta['heldout_loss']}: not "
+              "the batch the training run evaluated", file=sys.stderr)
+        return 1
+    meta["routing"] = routing_stats(model, b)
+    (out / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(routing_table(meta), flush=True)
     if not args.no_record:
         record_bench(meta)
     return 0

@@ -40,3 +40,31 @@ def test_heldout_loss_far_below_unigram(meta):
     res = evaluate("embedded-switch", "embedded", num_samples=32, batch_size=32)
     assert res["loss"] < meta["unigram_cross_entropy"] - 1.0, (res, meta)
     assert res["loss"] == pytest.approx(meta["heldout_loss"], abs=0.5)  # other samples, same model
+
+
+def test_routing_is_spread_over_the_experts(meta):
+    """Trained with the router losses, every sparse block uses several experts (a collapsed
+    router would make expert quantization barely matter); recomputed here with transformers on
+    the held-out span-corrupted windows the job evaluates."""
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import SwitchTransformersForConditionalGeneration
+
+    from qmoe_ray.data import load_samples, resolve_data
+
+    model = SwitchTransformersForConditionalGeneration.from_pretrained(
+        str(ROOT), dtype=torch.float32).eval()
+    cfg = json.loads((ROOT / "config.json").read_text())
+    b = {k: torch.from_numpy(v).long() for k, v in load_samples(
+        resolve_data("embedded", "embedded-switch"), cfg, 32, 112, split="heldout").items()}
+    with torch.no_grad():
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                    decoder_input_ids=b["decoder_input_ids"],
+                    decoder_attention_mask=b["decoder_attention_mask"], output_router_logits=True)
+    blocks = [(lg, b["attention_mask"]) for lg in out.encoder_router_logits]
+    blocks += [(lg, b["decoder_attention_mask"]) for lg in out.decoder_router_logits]
+    for logits, mask in blocks:
+        top = logits.argmax(-1)[mask.bool()].numpy()
+        frac = np.bincount(top, minlength=cfg["num_experts"]) / top.size
+        assert frac.max() < 0.5 and (frac > 0.05).sum() >= 4, frac
+    assert len(meta["routing"]["encoder"]) == len(meta["routing"]["decoder"]) == 2
