@@ -337,7 +337,7 @@ def _markdown(f: dict[str, Any]) -> str:
         lines += [
             "",
             "The paper's family: the embedded tiny SwitchTransformers (`--source embedded-switch`: "
-            "4 encoder + 4 decoder blocks, every other one sparse with 8 top-1 experts of 128x192; "
+            "4 encoder + 4 decoder blocks, each sparse with 8 top-1 experts of 128x128; "
             "span-corrupted held-out windows). Uncompressed held-out loss: "
             f"**{f['switch_baseline_loss']:.4f}**.",
             "",
