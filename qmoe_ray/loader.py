@@ -672,7 +672,7 @@ class CompressedModel:
     Attributes:
         manifest: the checkpoint's manifest; config: the source model's config.
         family: the model family adapter.
-        device, mode: as passed to ``load``.
+        device, mode, compute: as passed to ``load``.
         dense: non-expert tensors (as stored, bf16) by name.
         experts: expert matrices by canonical name: bf16 tensors (decode) or ``EncodedWeight``.
         weights: ``dense`` and ``experts`` in one dict.
