@@ -1,9 +1,9 @@
 """Train the tiny SwitchTransformers of ``qmoe_ray/assets/tiny_switch``:
 ``python jobs/train_tiny_switch.py``.
 
-The paper's family (T5 encoder-decoder with top-1 routed experts; here every block is sparse, as
-with every other block, the released models' layout, a model this small learned to leave its
-experts almost idle: zeroing them all cost 0.016 nats), trained the way
+The paper's family (T5 encoder-decoder with top-1 routed experts; here every block is sparse:
+with every other block sparse, the released models' layout, a model this small learned to leave
+its experts almost idle, zeroing them all cost 0.016 nats), trained the way
 QMoE calibrates it: T5 span corruption (noise density 0.15, mean span 3) of windows of the same
 corpus as the embedded Mixtral (the Python stdlib sources, split by file) with the same byte-level
 BPE tokenizer (``tiny_moe/tokenizer.json``, ids 0/1/2 = ``<pad>``/``<s>``/``</s>``). The vocabulary
