@@ -102,6 +102,15 @@ def windows(stream: np.ndarray, n: int, length: int, rng: np.random.Generator) -
     return np.stack([stream[i * length : (i + 1) * length] for i in pick])
 
 
+def count_parameters(model) -> tuple[int, int]:
+    """``(all parameters, expert parameters)`` of a transformers MoE, printed as one line."""
+    n_params = sum(p.numel() for p in model.parameters())
+    n_expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    print(f"model: {n_params / 1e6:.2f} M parameters, {n_expert / n_params:.0%} in experts",
+          flush=True)
+    return n_params, n_expert
+
+
 def unigram_cross_entropy(train: np.ndarray, held: np.ndarray, vocab: int) -> float:
     """Cross-entropy (nats) of held-out tokens under the train split's add-one unigram model."""
     counts = np.bincount(train, minlength=vocab).astype(np.float64) + 1.0
@@ -239,10 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         tie_word_embeddings=False, output_router_logits=True, router_aux_loss_coef=0.02,
     )
     model = MixtralForCausalLM(config)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    print(f"model: {n_params / 1e6:.2f} M parameters, {n_expert / n_params:.0%} in experts",
-          flush=True)
+    n_params, n_expert = count_parameters(model)
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     budget = 60 * args.max_minutes

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_tiny import (  # noqa: E402  (the Mixtral script's corpus and tokenizer helpers)
     EOS_ID,
     PAD_ID,
+    count_parameters,
     lr_factor,
     read_texts,
     start_run,
@@ -194,10 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         tie_word_embeddings=False,
     )
     model = SwitchTransformersForConditionalGeneration(config)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    print(f"model: {n_params / 1e6:.2f} M parameters, {n_expert / n_params:.0%} in experts",
-          flush=True)
+    n_params, n_expert = count_parameters(model)
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     budget = 60 * args.max_minutes
