@@ -271,14 +271,15 @@ def test_s3_load_and_wrong_credentials(ckpt, moto_endpoint, s3_credentials, monk
     assert url in msg and "AWS_ACCESS_KEY_ID" in msg and FAKE_SECRET not in msg
 
 
+@pytest.mark.s3
 def test_load_benchmark_pieces_on_a_small_synthetic_checkpoint(tmp_path):
     """The load benchmark's synthetic writer gives a checkpoint the loader accepts (ternary codes
     at P(0) near 0.885 decode to the stored levels), and its report states the split."""
     from qmoe_ray.bench.load import (
-        _fresh_memory_seconds,
         _markdown,
         evict,
         load_timings,
+        s3_timings,
         synthetic_checkpoint,
         token_latency,
     )
@@ -301,20 +302,23 @@ def test_load_benchmark_pieces_on_a_small_synthetic_checkpoint(tmp_path):
     assert torch.equal(load(str(tmp_path)).weights[name].view(torch.int16),
                        expert.view(torch.int16))
     cold = load_timings(str(tmp_path), "decode", repeat=1)
-    touch = _fresh_memory_seconds(str(tmp_path), 2)
-    assert touch > 0
+    s3 = s3_timings(tmp_path, repeat=1)  # a moto server process, stopped on return
+    assert s3["load"]["bytes"] == t["bytes"] and s3["load"]["decode"] > 0
+    assert s3["read_verify_s"] > 0
     lat = token_latency(str(tmp_path), "cpu", tokens=4, repeat=2)
     assert lat["tokens"] == 4 and min(lat["decode_f32_ms"], lat["decode_bf16_ms"],
                                       lat["resident_ms"]) > 0
     assert lat["ratio_bf16"] == pytest.approx(lat["resident_ms"] / lat["decode_bf16_ms"])
     label = "synthetic"
     text = _markdown({f"{label} | decode": t, f"{label} | resident": r,
-                      f"{label} | decode, cold cache": cold, "latency": {label: lat}},
-                     "cpu", label, {"seconds": 0.5, "bytes": 2 * n, "touch": touch,
+                      f"{label} | decode, cold cache": cold, "latency": {label: lat},
+                      "s3": s3},
+                     "cpu", label, {"seconds": 0.5, "bytes": 2 * n,
                                     "cold_seconds": 0.8})
     assert "| synthetic | decode | 0.1 M |" in text and "x** the bf16 load time" in text
     assert "| synthetic | decode, cold cache | 0.1 M |" in text
     assert f"(**{cold['wall'] / 0.8:.2f}x**)" in text
+    assert f"in full in {s3['load']['wall']:.3f} s with {s3['load']['decode']:.3f} s" in text
     assert f"| synthetic | 4 | {lat['decode_f32_ms']:.1f} ms |" in text
 
 
