@@ -364,3 +364,54 @@ def test_bf16_compute_is_close_to_float32(ckpt, decoded):
     torch.testing.assert_close(b, a, rtol=2e-2, atol=5e-2)
     with pytest.raises(ValueError, match="compute='fp8'"):
         load(str(ckpt), compute="fp8")
+
+
+def test_decoding_overlaps_the_download(tmp_path, monkeypatch):
+    """Shards are fetched ahead while earlier ones decode: on a store whose every read takes
+    0.2 s, some decode runs while a later shard's read is in flight (the reads would all come
+    before or after the decodes if the load read and decoded in turn)."""
+    import threading
+    import time as _time
+
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    import qmoe_ray.loader as loader_mod
+    from qmoe_ray.bench.load import synthetic_checkpoint
+
+    reads: list[tuple[float, float]] = []
+    decodes: list[tuple[float, float]] = []
+    lock = threading.Lock()
+
+    class SlowFS(LocalFileSystem):
+        protocol = ("slowfile",)
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return super()._strip_protocol(str(path).removeprefix("slowfile://"))
+
+        def cat_file(self, path, start=None, end=None, **kwargs):
+            t0 = _time.perf_counter()
+            _time.sleep(0.2)
+            data = super().cat_file(path, start=start, end=end, **kwargs)
+            with lock:
+                reads.append((t0, _time.perf_counter()))
+            return data
+
+    fsspec.register_implementation("slowfile", SlowFS, clobber=True)
+    real = loader_mod._ternary_bf16
+
+    def timed(*args, **kwargs):
+        t0 = _time.perf_counter()
+        out = real(*args, **kwargs)
+        decodes.append((t0, _time.perf_counter()))
+        return out
+
+    monkeypatch.setattr(loader_mod, "_ternary_bf16", timed)
+    synthetic_checkpoint(tmp_path, hidden=64, ff=96, layers=4, experts=2, vocab=128)
+    m = load(f"slowfile://{tmp_path}", workers=2)
+    assert len(decodes) == len(m.experts) == 4 * 2 * 3 and len(reads) >= 5  # 4 layers + rest
+    assert any(r0 < d1 and d0 < r1 for r0, r1 in reads for d0, d1 in decodes)
+    ref = load(str(tmp_path))
+    assert all(torch.equal(m.weights[k].view(torch.int16), ref.weights[k].view(torch.int16))
+               for k in ref.experts)
