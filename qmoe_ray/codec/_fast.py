@@ -13,6 +13,8 @@ missing, ``AVAILABLE`` is False and the numpy coder is used (same bytes, same re
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 try:  # pragma: no cover - exercised when numba is installed
@@ -192,6 +194,21 @@ def encode_segments(symbols, freqs, prob_bits, segment_symbols):
     return stream, (counts + 2).astype(np.uint16)
 
 
+@functools.lru_cache(maxsize=256)
+def _decode_tables(freqs: bytes, dtype: str, expand: bytes, group: int):
+    """The decoder's tables for one rANS table and expansion (the same for every matrix that
+    shares them, so a load builds them once per table; the kernels only read them):
+    frequencies, cumulative frequencies, the symbol of each slot, and each symbol's weights as
+    2-bit digits (code - lowest code), one load per symbol instead of ``group``."""
+    f = np.frombuffer(freqs, dtype).astype(np.int64)
+    c = np.zeros_like(f)
+    np.cumsum(f[:-1], out=c[1:])
+    sym_tab = np.repeat(np.arange(f.size, dtype=np.uint8), f)
+    exp = np.frombuffer(expand, np.int8).reshape(-1, group).astype(np.int64)
+    pk = ((exp - exp.min()) << (2 * np.arange(group))).sum(1).astype(np.int32)
+    return f, c, sym_tab, pk
+
+
 def decode_weights(
     stream,
     starts,
@@ -216,14 +233,9 @@ def decode_weights(
     Raises:
         ValueError: a segment is corrupted (reads past its end or misses its final state).
     """
-    f = freqs.astype(np.int64)
-    c = np.zeros_like(f)
-    np.cumsum(f[:-1], out=c[1:])
-    sym_tab = np.repeat(np.arange(freqs.size, dtype=np.uint8), freqs.astype(np.int64))
     group = expand.shape[1]
-    low = int(expand.min())
-    # each symbol's weights as 2-bit digits (code - lowest code): one load per symbol, not group
-    pk = ((expand.astype(np.int64) - low) << (2 * np.arange(group))).sum(1).astype(np.int32)
+    f, c, sym_tab, pk = _decode_tables(np.ascontiguousarray(freqs).tobytes(), freqs.dtype.str,
+                                       np.ascontiguousarray(expand, np.int8).tobytes(), group)
     direct = lut is None
     if direct:  # codes: each symbol's codes straight from the flat expansion table
         out = np.empty(w_hi - w_lo, np.int8)

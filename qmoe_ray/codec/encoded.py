@@ -9,6 +9,7 @@ format is specified in ``docs/FORMAT.md``.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -88,6 +89,11 @@ def to_symbols(codes: np.ndarray, kind: str, group: int) -> np.ndarray:
 
 def expansion_table(kind: str, group: int) -> np.ndarray:
     """``int8[alphabet**group, group]``: the codes each symbol stands for (ternary: -1/0/+1)."""
+    return _expansion_table(kind, group).copy()  # a load asks once per matrix: built once
+
+
+@functools.lru_cache(maxsize=32)
+def _expansion_table(kind: str, group: int) -> np.ndarray:
     a = KINDS[kind]
     s = np.arange(a**group)
     d = np.stack([(s // a**j) % a for j in range(group)], axis=1)
