@@ -85,3 +85,55 @@ def test_kernel_source_from_an_uninstalled_checkout(monkeypatch):
     text = K.kernel_source()
     assert text == (Path(__file__).resolve().parents[1] / "kernels" / "qmoe_codec.cu").read_text()
     assert "qmoe_decode_codes" in text
+
+
+def _nvrtc() -> str | None:
+    """libnvrtc: NVIDIA's wheel (the test extra), a CUDA toolkit, or the loader's path."""
+    import ctypes.util
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        for pattern in ("cu*/lib/libnvrtc.so*", "cuda_nvrtc/lib/libnvrtc.so*"):
+            found = sorted(p for p in Path(base).glob(pattern) if "builtins" not in p.name)
+            if found:
+                return str(found[-1])
+    for root in sorted(Path("/usr/local").glob("cuda*"), reverse=True):
+        found = sorted(p for p in (root / "lib64").glob("libnvrtc.so*"))
+        if found:
+            return str(found[-1])
+    return ctypes.util.find_library("nvrtc")
+
+
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+def test_kernels_compile_with_nvrtc_as_cupy_does(arch):
+    """CuPy compiles the source at run time with NVRTC, which (unlike nvcc) includes no CUDA
+    headers: the source must compile on its own with the wrapper's options, and its entry
+    points must be exactly the kernels the wrapper launches (unmangled)."""
+    import ctypes
+    import re
+
+    from qmoe_ray.gpu.kernels import KERNEL_NAMES, NVRTC_OPTIONS
+
+    path = _nvrtc()
+    if path is None:
+        pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc)")
+    lib = ctypes.CDLL(path)
+    prog = ctypes.c_void_p()
+    src = gpu.kernel_source().encode()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"qmoe_codec.cu", 0, None, None) == 0
+    try:
+        opts = [o.encode() for o in (*NVRTC_OPTIONS, f"--gpu-architecture={arch}")]
+        rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        assert rc == 0, log.value.decode(errors="replace")[-4000:]
+        assert lib.nvrtcGetPTXSize(prog, ctypes.byref(size)) == 0
+        ptx = ctypes.create_string_buffer(size.value)
+        assert lib.nvrtcGetPTX(prog, ptx) == 0
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    entries = set(re.findall(r"\.entry\s+(\w+)", ptx.value.decode()))
+    assert entries == set(KERNEL_NAMES)

@@ -23,6 +23,9 @@ from qmoe_ray.codec.table import Table
 
 SOURCE = "qmoe_codec.cu"
 MATVEC_BATCHES = (1, 2, 4, 8, 16)
+NVRTC_OPTIONS = ("--std=c++14",)  # what CuPy's RawModule is given (it compiles with NVRTC)
+KERNEL_NAMES = ("qmoe_decode_codes", "qmoe_decode_ternary_bf16", "qmoe_decode_int2_bf16",
+                *(f"qmoe_matvec_{k}_b{b}" for k in ("ternary", "int2") for b in MATVEC_BATCHES))
 _INSTALL = "install the GPU extra: pip install 'qmoe-ray[gpu]' (needs a CUDA device)"
 
 
@@ -58,7 +61,7 @@ def kernel_source() -> str:
 def _module(device_id: int):
     cp = _cupy()
     with cp.cuda.Device(device_id):
-        mod = cp.RawModule(code=kernel_source(), options=("--std=c++14",))
+        mod = cp.RawModule(code=kernel_source(), options=NVRTC_OPTIONS)
         mod.compile()
     return mod
 
