@@ -409,8 +409,9 @@ def _markdown(f: dict[str, Any], device: str, base_label: str, base: dict[str, f
             f"file loads in {base['cold_seconds']:.3f} s, the compressed checkpoint in "
             f"{cold['wall']:.3f} s (**{cold['wall'] / base['cold_seconds']:.2f}x**); its "
             f"decode, {cold['decode']:.3f} s, is **{cold['decode'] / base['cold_seconds']:.2f}x"
-            "** the bf16 load's time: decoding costs less than reading the weights it "
-            "replaces would.",
+            "** the bf16 load's time: decoding costs "
+            f"{'less' if cold['decode'] < base['cold_seconds'] else 'more'} than reading the "
+            "weights it replaces would.",
         ]
     s3 = f.get("s3")
     if s3:
@@ -418,7 +419,7 @@ def _markdown(f: dict[str, Any], device: str, base_label: str, base: dict[str, f
         lines += [
             "",
             f"From an S3 endpoint (a moto server in its own process on 127.0.0.1, sharing "
-            f"the 2 cores; the {base_label.split(' (')[0]} checkpoint; medians of "
+            f"the {os.cpu_count()} cores; the {base_label.split(' (')[0]} checkpoint; medians of "
             f"{s3['repeats']}): read and verified only in {s3['read_verify_s']:.3f} s, loaded in "
             f"full in {ld['wall']:.3f} s with {ld['decode']:.3f} s of decode: "
             f"{max(0.0, s3['read_verify_s'] + ld['decode'] - ld['wall']):.3f} s of the decode "
