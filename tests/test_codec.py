@@ -424,3 +424,23 @@ def test_pack_bits_exact_bytes_and_errors():
         codec.pack_bits(np.array([[1]], np.uint8), 9)
     with pytest.raises(ValueError, match="truncated"):
         codec.PackedCodes.from_tensors({"packed": p.data[:1]}, p.metadata())
+
+
+@pytest.mark.parametrize("kind,dtype", [("ternary", np.int8), ("ternary", np.int32),
+                                         ("ternary", np.int64), ("int2", np.uint8),
+                                         ("int2", np.int8), ("int2", np.int64)])
+def test_compiled_symbols_equal_numpy(monkeypatch, kind, dtype):
+    """The compiled grouping (encode's first pass) gives the numpy one's symbols for every
+    group, integer dtype and padded tail."""
+    if not _fast.AVAILABLE:
+        pytest.skip("numba not installed")
+    rng = np.random.default_rng(5)
+    values = np.array([-1, 0, 1] if kind == "ternary" else [0, 1, 2, 3])
+    for group in (1, 2, 3, 4, 5) if kind == "ternary" else (1, 2, 3, 4):
+        for shape in ((1, 1), (7, 13), (33, 101)):
+            c = rng.choice(values, size=shape).astype(dtype)
+            monkeypatch.setenv("QMOE_CODEC_BACKEND", "numpy")
+            want = to_symbols(c, kind, group)
+            monkeypatch.delenv("QMOE_CODEC_BACKEND")
+            got = to_symbols(c, kind, group)
+            assert got.dtype == np.uint8 and np.array_equal(got, want), (group, shape)

@@ -139,6 +139,20 @@ if AVAILABLE:
         return decoder
 
     @numba.njit(cache=True, parallel=True, nogil=True)
+    def _symbols(codes, group, alphabet, ternary, out):
+        n = codes.shape[0]
+        for i in numba.prange(out.shape[0]):
+            acc = 0
+            for j in range(group - 1, -1, -1):
+                k = i * group + j
+                d = 0
+                if k < n:
+                    v = np.int64(codes[np.uint64(k)])
+                    d = (v + 3) % 3 if ternary else v  # ternary digits: 0 -> 0, +1 -> 1, -1 -> 2
+                acc = acc * alphabet + d
+            out[np.uint64(i)] = acc
+
+    @numba.njit(cache=True, parallel=True, nogil=True)
     def _encode(symbols, freq, cum, prob_bits, seg_sym, nseg, words, counts, states):
         n = symbols.shape[0]
         shift = 32 - prob_bits
@@ -192,6 +206,14 @@ def encode_segments(symbols, freqs, prob_bits, segment_symbols):
     stream = np.empty(int(starts[-1]), np.uint16)
     _assemble(words, counts, states, starts, segment_symbols, stream)
     return stream, (counts + 2).astype(np.uint16)
+
+
+def to_symbols(codes, ternary, group, alphabet):
+    """Compiled twin of ``encoded.to_symbols`` for checked codes (same symbols, one pass)."""
+    flat = np.ascontiguousarray(codes).reshape(-1)
+    out = np.empty(-(-flat.size // group), np.uint8)
+    _symbols(flat, group, alphabet, ternary, out)
+    return out
 
 
 @functools.lru_cache(maxsize=256)

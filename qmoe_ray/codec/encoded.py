@@ -73,6 +73,8 @@ def _digits(codes: np.ndarray, kind: str) -> np.ndarray:
 
 def to_symbols(codes: np.ndarray, kind: str, group: int) -> np.ndarray:
     """Group row-major weights into symbols (``uint8[ceil(n / group)]``), zero-digit padded."""
+    if _use_fast():
+        return _fast.to_symbols(codes, kind == "ternary", group, KINDS[kind])
     d = _digits(codes, kind)
     n = d.size
     nsym = -(-n // group)
