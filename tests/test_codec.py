@@ -75,6 +75,15 @@ def test_decode_ternary_lut_equals_lookup_of_codes(backend, shape, group, seg):
     np.testing.assert_array_equal(out, np.take_along_axis(lut, c.astype(np.int64) + 1, axis=1))
     with pytest.raises(ValueError, match="lut must be int16"):
         codec.decode_ternary_lut(enc, lut[:, :2])
+    # into the caller's memory (the loader's torch tensors): same values, that memory returned
+    mem = np.full(shape, 7, np.int16)
+    assert np.shares_memory(codec.decode_ternary_lut(enc, lut, out=mem), mem)
+    np.testing.assert_array_equal(mem, out)
+    strided = np.empty((shape[0], 2 * shape[1]), np.int16)[:, ::2]
+    for wrong in (np.empty(shape, np.int32), np.empty((shape[0] + 1, shape[1]), np.int16),
+                  *([strided] if not strided.flags.c_contiguous else [])):
+        with pytest.raises(ValueError, match="out must be"):
+            codec.decode_ternary_lut(enc, lut, out=wrong)
     s = enc.stream.copy()
     s[-1] ^= 0x0F0F
     bad = codec.EncodedTernary._make(enc.shape, enc.table, s, enc.seg_words,
@@ -95,6 +104,11 @@ def test_decode_int2_lut_equals_lookup_of_codes(backend, shape, group, seg):
     np.testing.assert_array_equal(out, np.take_along_axis(lut, q.astype(np.int64), axis=1))
     with pytest.raises(ValueError, match=r"lut must be int16 \[\d+, 4\]"):
         codec.decode_int2_lut(enc, lut[:, :3])
+    mem = np.zeros(shape, np.int16)
+    assert np.shares_memory(codec.decode_int2_lut(enc, lut, out=mem), mem)
+    np.testing.assert_array_equal(mem, out)
+    with pytest.raises(ValueError, match="out must be"):
+        codec.decode_int2_lut(enc, lut, out=np.zeros(shape, np.uint16))
     with pytest.raises(ValueError, match="needs an EncodedInt2"):
         codec.decode_int2_lut(codec.encode_ternary(q.astype(np.int8) % 2), lut)
 
@@ -444,3 +458,15 @@ def test_compiled_symbols_equal_numpy(monkeypatch, kind, dtype):
             monkeypatch.delenv("QMOE_CODEC_BACKEND")
             got = to_symbols(c, kind, group)
             assert got.dtype == np.uint8 and np.array_equal(got, want), (group, shape)
+
+
+def test_warm_up_and_backend_switch(monkeypatch):
+    """``warm_up`` (the loader runs it in a thread) leaves the coder working; the numpy switch
+    turns the compiled backend off."""
+    codec.warm_up()
+    assert codec.compiled_backend() == _fast.AVAILABLE
+    c = ternary(np.random.default_rng(0), (9, 31), 0.8)
+    np.testing.assert_array_equal(codec.decode_ternary(codec.encode_ternary(c)), c)
+    monkeypatch.setenv("QMOE_CODEC_BACKEND", "numpy")
+    assert codec.compiled_backend() is False
+    codec.warm_up()  # a no-op there

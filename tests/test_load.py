@@ -272,12 +272,13 @@ def test_s3_load_and_wrong_credentials(ckpt, moto_endpoint, s3_credentials, monk
 
 
 @pytest.mark.s3
-def test_load_benchmark_pieces_on_a_small_synthetic_checkpoint(tmp_path):
+def test_load_benchmark_pieces_on_a_small_synthetic_checkpoint(tmp_path, tmp_path_factory):
     """The load benchmark's synthetic writer gives a checkpoint the loader accepts (ternary codes
     at P(0) near 0.885 decode to the stored levels), and its report states the split."""
     from qmoe_ray.bench.load import (
         _markdown,
         evict,
+        fresh_process,
         load_timings,
         s3_timings,
         synthetic_checkpoint,
@@ -302,6 +303,16 @@ def test_load_benchmark_pieces_on_a_small_synthetic_checkpoint(tmp_path):
     assert torch.equal(load(str(tmp_path)).weights[name].view(torch.int16),
                        expert.view(torch.int16))
     cold = load_timings(str(tmp_path), "decode", repeat=1)
+    fresh = {"compressed": fresh_process("compressed", str(tmp_path))}  # a new process each
+    assert fresh["compressed"]["seconds"] >= fresh["compressed"]["decode"] > 0
+    bf16 = tmp_path_factory.mktemp("bf16") / "model.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in m.weights.items()}, str(bf16))
+    fresh["bf16"] = fresh_process("bf16", str(bf16))
+    assert fresh["bf16"]["seconds"] > 0
+    with pytest.raises(RuntimeError, match="fresh-process compressed load failed"):
+        fresh_process("compressed", str(tmp_path / "missing"))
     s3 = s3_timings(tmp_path, repeat=1)  # a moto server process, stopped on return
     assert s3["load"]["bytes"] == t["bytes"] and s3["load"]["decode"] > 0
     assert s3["read_verify_s"] > 0
@@ -314,10 +325,12 @@ def test_load_benchmark_pieces_on_a_small_synthetic_checkpoint(tmp_path):
                       f"{label} | decode, cold cache": cold, "latency": {label: lat},
                       "s3": s3},
                      "cpu", label, {"seconds": 0.5, "bytes": 2 * n,
-                                    "cold_seconds": 0.8})
+                                    "cold_seconds": 0.8, "fresh": fresh})
     assert "| synthetic | decode | 0.1 M |" in text and "x** the bf16 load time" in text
     assert "| synthetic | decode, cold cache | 0.1 M |" in text
     assert f"(**{cold['wall'] / 0.8:.2f}x**)" in text
+    ratio = fresh["compressed"]["seconds"] / fresh["bf16"]["seconds"]
+    assert f"the bf16 file in {fresh['bf16']['seconds']:.3f} s: **{ratio:.2f}x**" in text
     assert f"in full in {s3['load']['wall']:.3f} s with {s3['load']['decode']:.3f} s" in text
     assert f"| synthetic | 4 | {lat['decode_f32_ms']:.1f} ms |" in text
 

@@ -208,6 +208,13 @@ def encode_segments(symbols, freqs, prob_bits, segment_symbols):
     return stream, (counts + 2).astype(np.uint16)
 
 
+def warm_up():
+    """Make numba's first dispatch in this process now (its typing machinery: ~0.25 s on the
+    2-core VM even when every kernel comes from the disk cache), e.g. in a thread while a load
+    reads its first bytes."""
+    _symbols(np.zeros(1, np.int8), 1, 3, True, np.empty(1, np.uint8))
+
+
 def to_symbols(codes, ternary, group, alphabet):
     """Compiled twin of ``encoded.to_symbols`` for checked codes (same symbols, one pass)."""
     flat = np.ascontiguousarray(codes).reshape(-1)
@@ -246,11 +253,13 @@ def decode_weights(
     lut=None,
     cols=1,
     levels=3,
+    out=None,
 ):
     """Decode weights ``w_lo:w_hi`` (they must lie in segments ``seg_lo:seg_hi``) to int8 codes,
     or, given ``lut`` (``int16 [rows * levels]``, ``levels`` = 3 for ternary), straight to the
     value ``lut[row * levels + code - min_code]`` of each weight (``row = index // cols``):
-    dequantization fused into the decode loop, no code array in between.
+    dequantization fused into the decode loop, no code array in between. ``out`` (values only:
+    contiguous ``int16 [w_hi - w_lo]``) receives them when given (the caller's memory).
 
     Raises:
         ValueError: a segment is corrupted (reads past its end or misses its final state).
@@ -264,7 +273,11 @@ def decode_weights(
         lut = np.ascontiguousarray(expand, dtype=np.int8).reshape(-1)
         cols, levels = 1 << 62, 0
     else:
-        out = np.empty(w_hi - w_lo, np.int16)
+        if out is None:
+            out = np.empty(w_hi - w_lo, np.int16)
+        elif out.dtype != np.int16 or out.shape != (w_hi - w_lo,) or not out.flags.c_contiguous:
+            raise ValueError(f"out must be contiguous int16 [{w_hi - w_lo}], got "
+                             f"{out.dtype}{list(out.shape)}")
         lut = np.ascontiguousarray(lut, dtype=np.int16)
     status = np.zeros(seg_hi - seg_lo, np.uint8)
     key = (int(group), bool(direct))

@@ -345,6 +345,19 @@ def _use_fast() -> bool:
     return _fast.AVAILABLE and os.environ.get("QMOE_CODEC_BACKEND", "") != "numpy"
 
 
+def compiled_backend() -> bool:
+    """True when the compiled (numba) coder is in use (not forced off by
+    ``QMOE_CODEC_BACKEND=numpy``)."""
+    return _use_fast()
+
+
+def warm_up() -> None:
+    """Do the compiled coder's one-time start-up now (a no-op on the numpy backend): a loader
+    calls it in a thread so that it overlaps reading."""
+    if _use_fast():
+        _fast.warm_up()
+
+
 def _decode_range(enc: _Encoded, w_lo: int, w_hi: int) -> np.ndarray:
     t = enc.table
     g, S = t.group, enc.segment_symbols
@@ -388,7 +401,8 @@ def decode_ternary(enc: EncodedTernary) -> np.ndarray:
     return _decode_range(enc, 0, enc.num_weights).reshape(enc.shape).copy()
 
 
-def decode_ternary_lut(enc: EncodedTernary, lut: np.ndarray) -> np.ndarray:
+def decode_ternary_lut(enc: EncodedTernary, lut: np.ndarray, out: np.ndarray | None = None
+                       ) -> np.ndarray:
     """Decode straight to per-row values: ``out[r, c] = lut[r, code[r, c] + 1]``.
 
     The load path's dequantization: ``lut`` holds each row's values for codes -1 / 0 / +1 (e.g.
@@ -397,33 +411,42 @@ def decode_ternary_lut(enc: EncodedTernary, lut: np.ndarray) -> np.ndarray:
     Args:
         enc: ternary data.
         lut: ``int16 [rows, 3]``.
+        out: where to write (contiguous ``int16 [rows, cols]``, e.g. a torch tensor's
+            ``.numpy()``: memory the caller allocated its own way); a new array when omitted.
 
     Returns:
-        ``int16 [rows, cols]``, bit-identical to indexing ``lut`` with ``decode_ternary``'s codes.
+        ``int16 [rows, cols]`` (``out`` when given), bit-identical to indexing ``lut`` with
+        ``decode_ternary``'s codes.
 
     Raises:
-        ValueError: not ternary data, a ``lut`` of the wrong shape or dtype, or a corrupted stream.
+        ValueError: not ternary data, a ``lut`` or ``out`` of the wrong shape or dtype, or a
+            corrupted stream.
     """
-    return _decode_lut(enc, lut, EncodedTernary, "decode_ternary_lut")
+    return _decode_lut(enc, lut, EncodedTernary, "decode_ternary_lut", out)
 
 
-def decode_int2_lut(enc: EncodedInt2, lut: np.ndarray) -> np.ndarray:
+def decode_int2_lut(enc: EncodedInt2, lut: np.ndarray, out: np.ndarray | None = None
+                    ) -> np.ndarray:
     """Decode 2-bit codes straight to per-row values: ``out[r, c] = lut[r, q[r, c]]``.
 
     Args:
         enc: int2 data.
         lut: ``int16 [rows, 4]`` (e.g. the bf16 bits of ``scale * (q - zero)`` for q = 0..3).
+        out: as ``decode_ternary_lut``'s.
 
     Returns:
-        ``int16 [rows, cols]``, bit-identical to indexing ``lut`` with ``decode_int2``'s codes.
+        ``int16 [rows, cols]`` (``out`` when given), bit-identical to indexing ``lut`` with
+        ``decode_int2``'s codes.
 
     Raises:
-        ValueError: not int2 data, a ``lut`` of the wrong shape or dtype, or a corrupted stream.
+        ValueError: not int2 data, a ``lut`` or ``out`` of the wrong shape or dtype, or a
+            corrupted stream.
     """
-    return _decode_lut(enc, lut, EncodedInt2, "decode_int2_lut")
+    return _decode_lut(enc, lut, EncodedInt2, "decode_int2_lut", out)
 
 
-def _decode_lut(enc: _Encoded, lut: np.ndarray, cls: type, fn: str) -> np.ndarray:
+def _decode_lut(enc: _Encoded, lut: np.ndarray, cls: type, fn: str,
+                out: np.ndarray | None = None) -> np.ndarray:
     if not isinstance(enc, cls):
         raise ValueError(f"{fn} needs an {cls.__name__}, got {type(enc).__name__}")
     rows, cols = enc.shape
@@ -431,18 +454,24 @@ def _decode_lut(enc: _Encoded, lut: np.ndarray, cls: type, fn: str) -> np.ndarra
     lut = np.asarray(lut)
     if lut.dtype != np.int16 or lut.shape != (rows, levels):
         raise ValueError(f"lut must be int16 [{rows}, {levels}], got {lut.dtype}{list(lut.shape)}")
+    if out is not None and (not isinstance(out, np.ndarray) or out.dtype != np.int16
+                            or out.shape != (rows, cols) or not out.flags.c_contiguous
+                            or not out.flags.writeable):
+        raise ValueError(f"out must be a writeable contiguous int16 [{rows}, {cols}] array, got "
+                         f"{getattr(out, 'dtype', type(out).__name__)}"
+                         f"{list(getattr(out, 'shape', []))}")
     flat = np.ascontiguousarray(lut).reshape(-1)
     low = -1 if enc.KIND == "ternary" else 0  # the code that indexes column 0
     if not _use_fast():
         codes = _decode_range(enc, 0, enc.num_weights).reshape(rows, cols).astype(np.int32)
         base = (np.arange(rows, dtype=np.int32) * levels - low)[:, None]
-        return np.take(flat, base + codes)
+        return np.take(flat, base + codes, out=out)
     t, S = enc.table, enc.segment_symbols
-    out = _fast.decode_weights(enc.stream, enc.segment_starts(), 0, enc.seg_words.size,
+    res = _fast.decode_weights(enc.stream, enc.segment_starts(), 0, enc.seg_words.size,
                                enc.num_symbols, 0, enc.num_weights, t.freqs, t.prob_bits, S,
                                expansion_table(t.kind, t.group), lut=flat, cols=cols,
-                               levels=levels)
-    return out.reshape(rows, cols)
+                               levels=levels, out=None if out is None else out.reshape(-1))
+    return res.reshape(rows, cols)
 
 
 def decode_int2(enc: EncodedInt2) -> np.ndarray:
