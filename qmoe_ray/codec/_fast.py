@@ -269,6 +269,8 @@ def decode_weights(
                                        np.ascontiguousarray(expand, np.int8).tobytes(), group)
     direct = lut is None
     if direct:  # codes: each symbol's codes straight from the flat expansion table
+        if out is not None:
+            raise ValueError("out is for decoding to values (with a lut), not to codes")
         out = np.empty(w_hi - w_lo, np.int8)
         lut = np.ascontiguousarray(expand, dtype=np.int8).reshape(-1)
         cols, levels = 1 << 62, 0
