@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -789,9 +788,6 @@ def load(url: str, device: str = "cpu", mode: str = "decode", workers: int = 4,
         raise ValueError(f"compute={compute!r}: expected one of {COMPUTE}")
     _check_device(device)
     t_start = time.perf_counter()
-    if mode == "decode" and device == "cpu" and codec.compiled_backend():
-        # numba's one-time start-up overlaps the manifest and first shard's reads
-        threading.Thread(target=codec.warm_up, name="qmoe-warm-up", daemon=True).start()
     manifest = read_manifest(url, **storage_options)
     check_manifest(manifest, f"{redact(url)}/{mf.MANIFEST}")
     quantized = manifest["quantized"]

@@ -458,15 +458,3 @@ def test_compiled_symbols_equal_numpy(monkeypatch, kind, dtype):
             monkeypatch.delenv("QMOE_CODEC_BACKEND")
             got = to_symbols(c, kind, group)
             assert got.dtype == np.uint8 and np.array_equal(got, want), (group, shape)
-
-
-def test_warm_up_and_backend_switch(monkeypatch):
-    """``warm_up`` (the loader runs it in a thread) leaves the coder working; the numpy switch
-    turns the compiled backend off."""
-    codec.warm_up()
-    assert codec.compiled_backend() == _fast.AVAILABLE
-    c = ternary(np.random.default_rng(0), (9, 31), 0.8)
-    np.testing.assert_array_equal(codec.decode_ternary(codec.encode_ternary(c)), c)
-    monkeypatch.setenv("QMOE_CODEC_BACKEND", "numpy")
-    assert codec.compiled_backend() is False
-    codec.warm_up()  # a no-op there

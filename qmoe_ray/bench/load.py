@@ -456,9 +456,9 @@ def _markdown(f: dict[str, Any], device: str, base_label: str, base: dict[str, f
             "process does; interpreter start and imports not counted; in the same rounds): "
             f"the compressed checkpoint loads in {c['seconds']:.3f} s (decode {c['decode']:.3f}"
             f" s), the bf16 file in {b['seconds']:.3f} s: **{c['seconds'] / b['seconds']:.2f}x"
-            "**. A new process pays numba's one-time start-up (~0.25 s here, begun in a thread "
-            "as the load starts) and fresh memory for every decoded weight, where a long-lived "
-            "process reuses freed memory.",
+            "**. A new process pays numba's one-time start-up (~0.25-0.3 s here, even with every "
+            "kernel in its disk cache) and fresh memory for every decoded weight, where a "
+            "long-lived process reuses freed memory.",
         ]
     s3 = f.get("s3")
     if s3:

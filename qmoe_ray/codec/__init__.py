@@ -10,7 +10,6 @@ from qmoe_ray.codec.encoded import (
     DEFAULT_SEGMENT_SYMBOLS,
     EncodedInt2,
     EncodedTernary,
-    compiled_backend,
     decode_int2,
     decode_int2_lut,
     decode_rows,
@@ -20,7 +19,6 @@ from qmoe_ray.codec.encoded import (
     encode_ternary,
     expansion_table,
     symbol_counts,
-    warm_up,
 )
 from qmoe_ray.codec.packbits import PackedCodes, pack_bits, unpack_bits
 from qmoe_ray.codec.table import FORMAT_NAME, FORMAT_VERSION, Table, build_table, check_format
@@ -35,7 +33,6 @@ __all__ = [
     "Table",
     "build_table",
     "check_format",
-    "compiled_backend",
     "decode_int2",
     "decode_int2_lut",
     "decode_rows",
@@ -47,5 +44,4 @@ __all__ = [
     "pack_bits",
     "symbol_counts",
     "unpack_bits",
-    "warm_up",
 ]

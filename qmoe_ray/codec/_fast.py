@@ -208,13 +208,6 @@ def encode_segments(symbols, freqs, prob_bits, segment_symbols):
     return stream, (counts + 2).astype(np.uint16)
 
 
-def warm_up():
-    """Make numba's first dispatch in this process now (its typing machinery: ~0.25 s on the
-    2-core VM even when every kernel comes from the disk cache), e.g. in a thread while a load
-    reads its first bytes."""
-    _symbols(np.zeros(1, np.int8), 1, 3, True, np.empty(1, np.uint8))
-
-
 def to_symbols(codes, ternary, group, alphabet):
     """Compiled twin of ``encoded.to_symbols`` for checked codes (same symbols, one pass)."""
     flat = np.ascontiguousarray(codes).reshape(-1)

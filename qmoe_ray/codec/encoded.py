@@ -345,19 +345,6 @@ def _use_fast() -> bool:
     return _fast.AVAILABLE and os.environ.get("QMOE_CODEC_BACKEND", "") != "numpy"
 
 
-def compiled_backend() -> bool:
-    """True when the compiled (numba) coder is in use (not forced off by
-    ``QMOE_CODEC_BACKEND=numpy``)."""
-    return _use_fast()
-
-
-def warm_up() -> None:
-    """Do the compiled coder's one-time start-up now (a no-op on the numpy backend): a loader
-    calls it in a thread so that it overlaps reading."""
-    if _use_fast():
-        _fast.warm_up()
-
-
 def _decode_range(enc: _Encoded, w_lo: int, w_hi: int) -> np.ndarray:
     t = enc.table
     g, S = t.group, enc.segment_symbols
