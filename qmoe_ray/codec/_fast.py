@@ -268,11 +268,8 @@ def decode_weights(
         lut = np.ascontiguousarray(expand, dtype=np.int8).reshape(-1)
         cols, levels = 1 << 62, 0
     else:
-        if out is None:
+        if out is None:  # (a given one is checked by its caller, encoded._decode_lut)
             out = np.empty(w_hi - w_lo, np.int16)
-        elif out.dtype != np.int16 or out.shape != (w_hi - w_lo,) or not out.flags.c_contiguous:
-            raise ValueError(f"out must be contiguous int16 [{w_hi - w_lo}], got "
-                             f"{out.dtype}{list(out.shape)}")
         lut = np.ascontiguousarray(lut, dtype=np.int16)
     status = np.zeros(seg_hi - seg_lo, np.uint8)
     key = (int(group), bool(direct))
