@@ -115,10 +115,10 @@ def load_timings(url: str, mode: str = "decode", device: str = "cpu", repeat: in
     return _summary(runs, n, mode, device)
 
 
-def _has_ray() -> bool:
+def _installed(*modules: str) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("ray") is not None
+    return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
 def _embedded_checkpoint(out: Path) -> str:
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> BenchResult:
         if args.url:
             targets.append(("given checkpoint", args.url))
         else:
-            if _has_ray():
+            if _installed("ray"):
                 targets.append(("embedded tiny model (ternary GPTQ, 4 layers x 8 experts x 3 of "
                                 "192x128)", _embedded_checkpoint(Path(tmp) / "embedded")))
             else:  # e.g. a GPU image without Ray: the synthetic checkpoint needs no job
@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> BenchResult:
                               for k, v in fresh.items()}}
         if args.url or args.no_s3:
             s3 = None
-        elif not _has_s3_server():
+        elif not _installed("moto", "s3fs", "flask"):
             print("moto/s3fs are not installed: skipping the S3 loads (pip install -e '.[test]')")
             s3 = None
         else:
@@ -283,27 +283,24 @@ def _bf16_file(url: str, out: Path) -> Path:
 
 
 _FRESH = """
-import json, sys, time
+import json, sys
 from pathlib import Path
+from qmoe_ray.bench.load import _bf16_seconds, _one_load
 kind, target, device = sys.argv[1:4]
 if kind == "compressed":
-    from qmoe_ray.loader import load
-    t0 = time.perf_counter()
-    m = load(target, device=device)
-    out = {"seconds": time.perf_counter() - t0, "decode": m.timings["decode"]}
+    t, _ = _one_load(target, "decode", device)
+    out = {"seconds": t["wall"], "decode": t["decode"]}
 else:
-    from safetensors.torch import load
-    t0 = time.perf_counter()
-    load(Path(target).read_bytes())
-    out = {"seconds": time.perf_counter() - t0}
+    out = {"seconds": _bf16_seconds(Path(target))}
 print(json.dumps(out))
 """
 
 
 def fresh_process(kind: str, target: str, device: str = "cpu") -> dict[str, float]:
     """One load in a new Python process, as a program that loads its model once does (the
-    interpreter and imports not counted): ``kind`` ``"compressed"`` (``load(target)``; its
-    seconds and decode seconds) or ``"bf16"`` (the safetensors file ``target``, read whole)."""
+    interpreter and imports not counted): ``kind`` ``"compressed"`` (``_one_load``: the load's
+    wall and decode seconds) or ``"bf16"`` (``_bf16_seconds`` on the file ``target``), the same
+    code as the in-process rows."""
     proc = subprocess.run([sys.executable, "-c", _FRESH, kind, target, device],
                           capture_output=True, text=True, timeout=600, check=False)
     if proc.returncode != 0:
@@ -348,12 +345,6 @@ def moto_server(timeout: float = 60.0) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
-
-
-def _has_s3_server() -> bool:
-    import importlib.util
-
-    return all(importlib.util.find_spec(m) is not None for m in ("moto", "s3fs", "flask"))
 
 
 def s3_timings(checkpoint: Path, repeat: int, workers: int = 4) -> dict[str, Any]:
