@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
+
+from qmoe_ray.errors import USER_ERRORS, one_line
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -30,10 +33,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run(prog: str, command: Callable[[argparse.Namespace], int | None],
+        args: argparse.Namespace) -> int:
+    """Run one command; a user error (``qmoe_ray.errors.USER_ERRORS``) becomes one line on
+    stderr and exit status 2, any other exception keeps its traceback (an internal error).
+
+    Args:
+        prog: the command's name in messages (``qmoe-ray compress``).
+        command: the command's ``main(args)``.
+        args: its parsed arguments.
+
+    Returns:
+        The exit status.
+    """
+    try:
+        return int(command(args) or 0)
+    except USER_ERRORS as exc:
+        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``qmoe-ray`` console script."""
+    """Entry point of the ``qmoe-ray`` console script (and ``python -m qmoe_ray``)."""
     args = build_parser().parse_args(argv)
-    return int(importlib.import_module(args._module).main(args) or 0)
+    command = importlib.import_module(args._module).main
+    return run(f"qmoe-ray {args.command}", command, args)
 
 
 if __name__ == "__main__":

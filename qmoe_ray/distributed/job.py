@@ -126,4 +126,6 @@ def cli(argv: list[str] | None = None) -> int:
     """Standalone entry (``python jobs/compress.py ...``)."""
     parser = argparse.ArgumentParser(prog="compress", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return main(parser.parse_args(argv))
+    from qmoe_ray.cli import run
+
+    return run("compress", main, parser.parse_args(argv))
