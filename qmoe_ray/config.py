@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from qmoe_ray.errors import InputError
 
 SCHEMES = ("ternary", "int2", "int3", "int4", "int8")
 METHODS = ("gptq", "rtn")
@@ -83,8 +86,10 @@ class CompressConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        def bad(name: str, value: Any, expected: str) -> ValueError:
-            return ValueError(f"{name}={value!r}: expected {expected}")
+        def bad(name: str, value: Any, expected: str) -> InputError:
+            flag = "--" + name.replace("_", "-")
+            return InputError(f"{name}={value!r}: expected {expected} ({flag} / config key "
+                              f"{name})")
 
         if self.scheme not in SCHEMES:
             raise bad("scheme", self.scheme, f"one of {', '.join(SCHEMES)}")
@@ -108,6 +113,11 @@ class CompressConfig:
                       "an integer in 1..65533 (default 4096)")
         if not isinstance(self.eval_samples, int) or self.eval_samples < 0:
             raise bad("eval_samples", self.eval_samples, "an integer >= 0")
+        for name in ("token_cap", "percdamp", "cpus_per_worker", "gpus_per_worker"):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value)):
+                raise bad(name, value, "a finite number")
         if self.token_cap < 0:
             raise bad("token_cap", self.token_cap, "a number >= 0 (0 disables the cap)")
         if not 0 <= self.percdamp < 10:
@@ -140,7 +150,12 @@ class CompressConfig:
             "address",
             "overwrite",
         }
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in runtime}
+        from qmoe_ray.storage.fs import redact
+
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in runtime}
+        # recorded in the manifest, the reports and the progress record: no credentials
+        out["source"], out["data"] = redact(self.source), redact(self.data)
+        return out
 
     def to_json(self) -> str:
         """The config as JSON (safe to write: holds no credentials)."""
@@ -158,7 +173,7 @@ class CompressConfig:
         for key, value in values.items():
             k = str(key).replace("-", "_")
             if k not in names:
-                raise ValueError(
+                raise InputError(
                     f"unknown config key {key!r}; valid keys: {', '.join(sorted(names))}"
                 )
             clean[k] = value

@@ -172,10 +172,13 @@ def _read(spec: str, split: str, tokenizer: Any, storage_options) -> tuple[Token
     return TokenData(f"embedded {'+'.join(names)}", rows=rows), "all"
 
 
-def _pick_rows(data: TokenData, num: int | None, rng: np.random.Generator) -> np.ndarray:
+def _pick_rows(data: TokenData, num: int | None, rng: np.random.Generator,
+               fewer_ok: bool = False) -> np.ndarray:
     rows = data.rows
     if num is None:
         return rows
+    if fewer_ok:
+        num = min(num, len(rows))
     if num > len(rows):
         raise ValueError(f"{data.origin}: {num} samples asked, the split holds {len(rows)}; "
                          f"ask for at most {len(rows)} samples or give more data")
@@ -192,7 +195,7 @@ def _stream(data: TokenData, eos: int | None) -> np.ndarray:
 
 
 def _segments(data: TokenData, num: int | None, length: int | None, eos: int | None,
-              rng: np.random.Generator, what: str) -> np.ndarray:
+              rng: np.random.Generator, what: str, fewer_ok: bool = False) -> np.ndarray:
     """``[N, length]`` raw segments: whole rows (cropped) or windows of the joined documents."""
     if data.rows is not None:
         have = data.rows.shape[1]
@@ -200,11 +203,13 @@ def _segments(data: TokenData, num: int | None, length: int | None, eos: int | N
             raise ValueError(f"{data.origin}: samples are {have} tokens long, {what} needs "
                              f"{length}; pass a shorter sequence length (--seq-len) or longer "
                              f"samples")
-        return _pick_rows(data, num, rng)[:, : length or have]
+        return _pick_rows(data, num, rng, fewer_ok)[:, : length or have]
     if length is None:
         raise ValueError(f"{data.origin}: documents have no fixed length; pass seq_len "
                          f"(--seq-len)")
     stream = _stream(data, eos)
+    if fewer_ok and num is not None:
+        num = max(1, min(num, len(stream) // length))
     try:
         return choose_windows(stream, num, length, rng)
     except ValueError as e:
@@ -224,6 +229,7 @@ def load_samples(
     heldout_fraction: float = 0.1,
     corruption: SpanCorruption | None = None,
     storage_options: dict[str, Any] | None = None,
+    fewer_ok: bool = False,
 ) -> dict[str, np.ndarray]:
     """Model inputs for calibration or evaluation.
 
@@ -240,6 +246,8 @@ def load_samples(
         heldout_fraction: share of documents held out.
         corruption: span-corruption settings (Switch only; default 0.15 / 3).
         storage_options: fsspec options for ``spec`` and the tokenizer.
+        fewer_ok: return all the split holds when it holds fewer than ``num_samples`` (the
+            caller sees how many from the arrays' length) instead of raising.
 
     Returns:
         ``int64`` arrays: decoder-only ``input_ids``, ``attention_mask`` ``[N, S]``; Switch also
@@ -274,13 +282,13 @@ def load_samples(
     rng = np.random.default_rng(seed)
     eos = _first_id(family_config.get("eos_token_id"), None)
     if not is_encoder_decoder(family_config):
-        ids = _segments(data, num_samples, seq_len, eos, rng, f"seq_len {seq_len}")
+        ids = _segments(data, num_samples, seq_len, eos, rng, f"seq_len {seq_len}", fewer_ok)
         return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     if seq_len is None and data.rows is not None:
         seq_len = corruption.lengths(data.rows.shape[1])[0]
     raw = corruption.raw_length(seq_len) if seq_len is not None else None
     segs = _segments(data, num_samples, raw, eos, rng,
-                     f"span corruption to {seq_len} input tokens ({raw} raw tokens)")
+                     f"span corruption to {seq_len} input tokens ({raw} raw tokens)", fewer_ok)
     pad = _first_id(family_config.get("pad_token_id"), 0)
     start = _first_id(family_config.get("decoder_start_token_id"), pad)
     return corrupt_batch(segs, rng, sentinel_ids(family_config, tokenizer),

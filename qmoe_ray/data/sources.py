@@ -17,6 +17,8 @@ from typing import Any
 import fsspec
 import numpy as np
 
+from qmoe_ray.errors import InputError
+
 TOKEN_SUFFIXES = (".npy", ".safetensors")
 TEXT_SUFFIXES = (".jsonl", ".txt")
 
@@ -101,7 +103,12 @@ def load_tokenizer(source: Any, storage_options: dict[str, Any] | None = None):
 
 
 def _texts(url: str, raw: bytes) -> list[str]:
-    text = raw.decode("utf-8", errors="replace")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:  # never tokenize replacement characters silently
+        raise InputError(f"{url}: not UTF-8 text (invalid byte at offset {e.start}); convert it "
+                         "to UTF-8 (e.g. iconv -f latin1 -t utf-8) or give token ids "
+                         "(.npy/.safetensors)") from None
     if url.lower().endswith(".txt"):
         return [text]
     texts = []

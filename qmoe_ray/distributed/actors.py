@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from qmoe_ray.config import CompressConfig, StorageOptions
 from qmoe_ray.distributed.reducer import CheckpointWriter
 from qmoe_ray.distributed.stores import ActivationShard
 from qmoe_ray.distributed.workers import GroupWorker
+from qmoe_ray.storage.progress import Progress
 
 
 def _node_id() -> str:
@@ -33,11 +35,21 @@ def _node_id() -> str:
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class ActivationStore(ActivationShard):
-    """A store whose batches' state lives in Ray's object store (spilled to disk when full)."""
+    """A store whose batches' state lives in Ray's object store (spilled to disk when full).
 
-    def __init__(self, source: str, storage_options: Mapping[str, Any], inputs: Mapping[str, np.ndarray],
-                 calib: np.ndarray, batch_size: int, first_batch: int, output: str,
+    Its constructor arguments are small (URLs, options, a batch range), so Ray keeps them inline
+    and can always restart it: the samples themselves are read from the job's progress folder at
+    the output (``Progress.save_inputs``, written by the driver), on the first start and after a
+    restart alike.
+    """
+
+    def __init__(self, source: str, storage_options: Mapping[str, Any], batch_size: int,
+                 first_batch: int, num_batches: int, output: str,
                  output_options: Mapping[str, Any]):
+        prog = Progress(output, output_options)
+        parts = [prog.load_inputs(first_batch + i) for i in range(num_batches)]
+        inputs = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
+        calib = np.concatenate([p[1] for p in parts])
         super().__init__(source, storage_options, inputs, calib, batch_size,
                          keep=lambda s: ray.put(s), fetch=lambda r: ray.get(r),
                          first_batch=first_batch, output=output, output_options=output_options)
@@ -45,6 +57,10 @@ class ActivationStore(ActivationShard):
     def node_id(self) -> str:
         """The Ray node this store runs on."""
         return _node_id()
+
+    def pid(self) -> int:
+        """The store's process id (for fault tests and operators)."""
+        return os.getpid()
 
 
 @ray.remote(max_restarts=-1, max_task_retries=-1)
@@ -67,6 +83,10 @@ class QuantWorker:
         """The Ray node this worker runs on."""
         return _node_id()
 
+    def pid(self) -> int:
+        """The worker's process id."""
+        return os.getpid()
+
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class Writer(CheckpointWriter):
@@ -76,6 +96,10 @@ class Writer(CheckpointWriter):
         """The Ray node the writer runs on."""
         return _node_id()
 
+    def pid(self) -> int:
+        """The writer's process id."""
+        return os.getpid()
+
 
 @dataclass
 class Actors:
@@ -84,17 +108,31 @@ class Actors:
     writer: Any
 
 
+def save_inputs(prog: Progress, inputs: Mapping[str, np.ndarray], is_calib: np.ndarray,
+                batch_size: int) -> int:
+    """Write every batch's inputs to the job's progress folder (see ``ActivationStore``).
+
+    Returns:
+        The number of batches.
+    """
+    n = len(is_calib)
+    for i, a in enumerate(range(0, n, batch_size)):
+        prog.save_inputs(i, {k: v[a: a + batch_size] for k, v in inputs.items()},
+                         is_calib[a: a + batch_size])
+    return -(-n // batch_size)
+
+
 def make_actors(cfg: CompressConfig, storage: StorageOptions, source: str, opts: QuantOptions,
-                inputs: Mapping[str, np.ndarray], is_calib: np.ndarray) -> Actors:
-    """Create the stores (contiguous whole batches each), the workers and the writer."""
+                num_samples: int) -> Actors:
+    """Create the stores (contiguous whole batches each, their samples read from the progress
+    folder that ``save_inputs`` wrote), the workers and the writer."""
     from qmoe_ray.distributed.driver import split_batches
 
-    n = len(is_calib)
     stores = []
-    for a, b in split_batches(n, cfg.batch_size, cfg.num_stores):
-        part = {k: np.ascontiguousarray(v[a:b]) for k, v in inputs.items()}
+    for a, b in split_batches(num_samples, cfg.batch_size, cfg.num_stores):
+        first = a // cfg.batch_size
         stores.append(ActivationStore.options(max_concurrency=1, scheduling_strategy="SPREAD").remote(
-            source, storage.source, part, is_calib[a:b], cfg.batch_size, a // cfg.batch_size,
+            source, storage.source, cfg.batch_size, first, -(-b // cfg.batch_size) - first,
             cfg.output, storage.output))
     device = "cuda" if cfg.gpus_per_worker > 0 else "cpu"
     workers = [

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -40,11 +41,12 @@ import numpy as np
 from qmoe_ray.compress import QuantOptions
 from qmoe_ray.config import CompressConfig, StorageOptions
 from qmoe_ray.data import resolve_data, resolve_source
+from qmoe_ray.errors import InputError
 from qmoe_ray.models import LayerSpec, get_family
 from qmoe_ray.quant import parse_scheme
 from qmoe_ray.storage import manifest as mf
 from qmoe_ray.storage.checkpoint import open_checkpoint
-from qmoe_ray.storage.fs import url_to_fs
+from qmoe_ray.storage.fs import redact, url_to_fs
 from qmoe_ray.storage.progress import PROGRESS, Progress, source_fingerprint
 
 log = logging.getLogger("qmoe_ray")
@@ -61,6 +63,10 @@ Hook = Callable[[str, dict[str, Any]], None]
 def check_output_writable(output: str, options: Mapping[str, Any], overwrite: bool) -> None:
     """Fail fast when ``output`` cannot be written or already holds a checkpoint.
 
+    Changes nothing at the output (a probe file is written and removed; a folder made for it is
+    removed again): an existing checkpoint is replaced only once every check has passed
+    (``Progress.start``).
+
     Raises:
         PermissionError / OSError: the output cannot be written (names the URL).
         FileExistsError: a checkpoint (manifest) is already there and ``overwrite`` is False.
@@ -69,21 +75,22 @@ def check_output_writable(output: str, options: Mapping[str, Any], overwrite: bo
     root = root.rstrip("/")
     if fs.exists(f"{root}/manifest.json") and not overwrite:
         raise FileExistsError(
-            f"{output} already holds a compressed checkpoint; choose another output or pass "
-            "--overwrite to replace it"
+            f"{redact(output)} already holds a compressed checkpoint; choose another output or "
+            "pass --overwrite to replace it"
         )
     probe = f"{root}/.qmoe-write-probe"
+    made = not fs.exists(root)
     try:
         fs.makedirs(root, exist_ok=True)
         fs.pipe_file(probe, b"ok")
         fs.rm_file(probe)
+        if made and fs.isdir(root) and not fs.ls(root):
+            fs.rmdir(root)
     except Exception as exc:  # noqa: BLE001 - any backend error means "cannot write here"
         raise PermissionError(
-            f"cannot write to output {output}: {type(exc).__name__}: {exc}. Check the URL and "
-            "the credentials/storage options for it."
-        ) from exc
-    if overwrite and fs.exists(f"{root}/manifest.json"):
-        fs.rm_file(f"{root}/manifest.json")
+            f"cannot write to output {redact(output)}: {type(exc).__name__}: {exc}. Check the URL "
+            "and the credentials/storage options for it."
+        ) from None
 
 
 def _ray_init(cfg: CompressConfig) -> bool:
@@ -98,21 +105,33 @@ def _ray_init(cfg: CompressConfig) -> bool:
     if cfg.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=cfg.address or os.environ["RAY_ADDRESS"], log_to_driver=True)
         return True
-    need = math.ceil(cfg.num_workers * cfg.cpus_per_worker)
     # A local single-node cluster stays on loopback: Ray otherwise resolves 127.0.0.1 to the
     # machine's external address (this switch is read when ray's constants are first imported,
     # hence also set before `import ray` above when nothing imported Ray yet).
     # address="local": always a new cluster of our own, never one that `ray start` (or a stale
-    # /tmp/ray/ray_current_cluster file) points at
+    # /tmp/ray/ray_current_cluster file) points at. It is sized to the machine (its cores), so
+    # that check_resources refuses a request beyond it instead of starting 1000 workers.
+    # Ray's notice that it made a token for the local cluster is not the user's business.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR)
     ray.init(
         address="local",
-        num_cpus=max(os.cpu_count() or 1, need),
+        num_cpus=local_cpus(),
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
         object_store_memory=512 * 2**20,
         log_to_driver=True,
+        logging_level=logging.WARNING,
     )
     return True
+
+
+def local_cpus() -> int:
+    """CPUs of the in-process local cluster: the cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def _resource_problem(cfg: CompressConfig) -> str | None:
@@ -216,6 +235,15 @@ def run_compression(
     storage = storage or StorageOptions()
     t_start = time.perf_counter()
     source = resolve_source(cfg.source)
+    ray_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    if not (cfg.address or os.environ.get("RAY_ADDRESS") or ray_up):
+        need = cfg.num_workers * cfg.cpus_per_worker
+        if need > local_cpus():  # refuse before any work, not after starting Ray
+            raise InputError(
+                f"--num-workers {cfg.num_workers} x --cpus-per-worker {cfg.cpus_per_worker:g} = "
+                f"{need:g} CPUs, but the local cluster has {local_cpus()} (this machine's cores); "
+                "lower --num-workers / --cpus-per-worker, or pass --address of a larger Ray "
+                "cluster")
     ckpt = open_checkpoint(source, **storage.source)
     family = get_family(ckpt.config)
     layers = family.layers()
@@ -238,10 +266,15 @@ def run_compression(
                          split="calib", tokenizer_source=source, storage_options=storage.source)
     held = (load_samples(data_spec, ckpt.config, cfg.eval_samples, cfg.seq_len, seed=cfg.seed,
                          split="heldout", tokenizer_source=source,
-                         storage_options=storage.source) if cfg.eval_samples else None)
+                         storage_options=storage.source, fewer_ok=True)
+            if cfg.eval_samples else None)
+    if held is not None and len(held["input_ids"]) < cfg.eval_samples:
+        log.warning("--eval-samples %d: the held-out split of %s holds %d samples of this "
+                    "length; the report's loss uses those %d", cfg.eval_samples,
+                    redact(cfg.data), len(held["input_ids"]), len(held["input_ids"]))
     n_tok = int(np.asarray(calib["attention_mask"]).sum()) if "attention_mask" in calib else 0
     if n_tok < MIN_CALIB_TOKENS:
-        raise ValueError(
+        raise InputError(
             f"only {n_tok} calibration tokens ({cfg.num_samples} samples x {cfg.seq_len}); at "
             f"least {MIN_CALIB_TOKENS} are needed: raise --num-samples or --seq-len"
         )
@@ -252,18 +285,21 @@ def run_compression(
     started = _ray_init(cfg)
     actors = None
     try:
-        from qmoe_ray.distributed.actors import make_actors
+        from qmoe_ray.distributed.actors import make_actors, save_inputs
 
         remote = not started or bool(cfg.address or os.environ.get("RAY_ADDRESS"))
         check_resources(cfg, float(os.environ.get("QMOE_RESOURCE_WAIT_S", 300 if remote else 0)))
         done = prog.done_layers([l.index for l in layers]) if resuming else []
+        # every check has passed: from here on the output is this job's (an old checkpoint
+        # is replaced only now)
         if not resuming:
             prog.start(job, cfg.overwrite)
+        save_inputs(prog, inputs, is_calib, cfg.batch_size)
         opts = QuantOptions(scheme=scheme, method=cfg.method, blocksize=cfg.blocksize,
                             percdamp=cfg.percdamp, actorder=cfg.actorder,
                             sequential=cfg.sequential_experts,
                             segment_symbols=cfg.segment_symbols)
-        actors = make_actors(cfg, storage, source, opts, inputs, is_calib)
+        actors = make_actors(cfg, storage, source, opts, len(is_calib))
         result = _walk(cfg, layers, actors, prog, done, progress, hook)
         report = _finish(cfg, ckpt, family, actors, result, t_start)
         prog.remove(PROGRESS)  # the manifest is written: the checkpoint no longer needs it
@@ -282,8 +318,9 @@ def run_compression(
 
 
 def source_label(source: str) -> str:
-    """The source as recorded in the manifest and progress (a URL's query string dropped)."""
-    return source if "://" not in source else source.split("?")[0]
+    """The source as recorded in the manifest, the reports and progress: no credentials (the
+    URL's userinfo and query string dropped)."""
+    return redact(source)
 
 
 # -- faults ----------------------------------------------------------------------------------------

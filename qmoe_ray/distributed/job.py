@@ -12,10 +12,10 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
 from typing import Any
 
 from qmoe_ray.config import CompressConfig, StorageOptions
+from qmoe_ray.errors import InputError
 
 _HELP = {
     "source": "model URL or path (HF layout), or 'embedded' for the packaged tiny MoE",
@@ -86,10 +86,14 @@ def config_from_args(args: argparse.Namespace) -> tuple[CompressConfig, StorageO
     if args.config:
         import yaml
 
-        with open(args.config) as fh:
-            loaded = yaml.safe_load(fh) or {}
+        try:
+            with open(args.config, encoding="utf-8") as fh:
+                loaded = yaml.safe_load(fh) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise InputError(f"--config {args.config}: not a YAML file "
+                             f"({type(exc).__name__}); write one option: value per line") from None
         if not isinstance(loaded, dict):
-            raise ValueError(f"--config {args.config}: expected a mapping of option: value")
+            raise InputError(f"--config {args.config}: expected a mapping of option: value")
         values.update(loaded)
     for f in dataclasses.fields(CompressConfig):
         v = getattr(args, f.name, None)
@@ -101,16 +105,24 @@ def config_from_args(args: argparse.Namespace) -> tuple[CompressConfig, StorageO
     return cfg, storage
 
 
+def _console_logging() -> None:
+    """The job's own messages (``qmoe_ray`` logger) on stderr; other libraries' INFO chatter
+    (matplotlib's font cache, Ray's start-up notices) stays out of a user's console."""
+    logger = logging.getLogger("qmoe_ray")
+    if not any(getattr(h, "_qmoe_console", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[qmoe-ray] %(message)s"))
+        handler._qmoe_console = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the job; prints where the report is."""
     from qmoe_ray.distributed.driver import run_compression
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cfg, storage = config_from_args(args)
-    except (ValueError, OSError) as exc:
-        print(f"qmoe-ray compress: {exc}", file=sys.stderr)
-        return 2
+    _console_logging()
+    cfg, storage = config_from_args(args)  # bad options: qmoe_ray.cli.run says so, exit 2
     report = run_compression(cfg, storage, progress=not args.quiet)
     s = report["sizes"]
     out = cfg.output.rstrip("/")

@@ -115,6 +115,8 @@ class ActivationShard:
         self.inputs = {k: np.asarray(v) for k, v in inputs.items()}
         self.batch_size = batch_size
         self.batches: list[Any] = []
+        self._prev = _previous_layers(self.family.layers())
+        self.at: int | None = None  # the last layer applied to the stream (None: the embedding)
         self._moe: dict[str, Any] | None = None
         self._outputs: dict[int, tuple[list[int], list[np.ndarray]]] = {}
         self.restore(None)
@@ -138,7 +140,9 @@ class ActivationShard:
                 raise RuntimeError("restore of a finished layer needs the store's output location")
             self.batches = [self._keep(self.progress.load_state(after_layer, self.first_batch + i))
                             for i in range(n)]
+            self.at = after_layer
             return
+        self.at = None
         self.batches = []
         with torch.no_grad():
             for i in range(n):
@@ -147,12 +151,22 @@ class ActivationShard:
                 self.batches.append(self._keep(self.family.embed(self.W, batch)))
         self.W.clear()
 
+    def _expect(self, at: int | None, what: str) -> None:
+        """Refuse a call made for a stream this store does not hold: a store that Ray restarted
+        (its stream back at the embedding) must fail the call, never compute on the wrong
+        activations; the driver then restores every store and redoes the layer."""
+        if self.at != at:
+            raise StaleStoreError(
+                f"{what}: the store's stream is after layer {self.at}, the call needs it after "
+                f"layer {at} (the store was restarted: its state is being restored)")
+
     def save_state(self, layer_index: int) -> int:
         """Checkpoint every batch's stream after layer ``layer_index`` to the output location.
 
         Returns:
             Bytes written.
         """
+        self._expect(layer_index, "save_state")
         if self.progress is None:
             raise RuntimeError("save_state needs the store's output location")
         total = 0
@@ -165,9 +179,11 @@ class ActivationShard:
     # -- dense blocks ------------------------------------------------------------------------
     def dense_block(self, layer: LayerSpec) -> None:
         """Run a non-MoE block over every batch."""
+        self._expect(self._prev[layer.index], f"dense_block({layer.name})")
         with torch.no_grad():
             for i, ref in enumerate(self.batches):
                 self.batches[i] = self._keep(self.family.dense_block(layer, self.W, self._fetch(ref)))
+        self.at = layer.index
         self.W.clear()
 
     # -- MoE blocks --------------------------------------------------------------------------
@@ -178,6 +194,7 @@ class ActivationShard:
             ``{"routed": int64 [E], "hessian": int64 [E]}``: tokens routed to each expert, and how
             many of them may enter Hessians.
         """
+        self._expect(self._prev[layer.index], f"pre_moe({layer.name})")
         fam = self.family
         xs, idxs, gates, hmasks, where = [], [], [], [], []
         with torch.no_grad():
@@ -246,6 +263,8 @@ class ActivationShard:
     def post_moe(self, layer: LayerSpec, expected_groups: int) -> None:
         """Sum the gate-weighted expert outputs (fixed order) and finish the block."""
         m = self._require_moe()
+        if m["layer"] != layer.index:
+            raise StaleStoreError(f"post_moe({layer.name}): the store holds layer {m['layer']}")
         if len(self._outputs) != expected_groups:
             raise RuntimeError(
                 f"layer {layer.name}: store has outputs of {len(self._outputs)} expert groups, "
@@ -272,13 +291,14 @@ class ActivationShard:
                 full[pos] = y_t[start: start + len(pos)]
                 start += len(pos)
                 self.batches[i] = self._keep(self.family.post_moe(layer, self.W, state, full.reshape(B, S, d)))
+        self.at = layer.index
         self._moe = None
         self._outputs = {}
         self.W.clear()
 
     def _require_moe(self) -> dict[str, Any]:
         if self._moe is None:
-            raise RuntimeError("pre_moe must run before expert_tokens/add_outputs/post_moe")
+            raise StaleStoreError("pre_moe must run before expert_tokens/add_outputs/post_moe")
         return self._moe
 
     # -- the end -----------------------------------------------------------------------------
@@ -288,6 +308,7 @@ class ActivationShard:
         Returns:
             ``{"ce_sum": float, "tokens": int}`` (held-out samples only).
         """
+        self._expect(self.family.layers()[-1].index, "loss")
         ce, count = 0.0, 0
         with torch.no_grad():
             for i, ref in enumerate(self.batches):
@@ -303,6 +324,20 @@ class ActivationShard:
                 count += int(c)
         self.W.clear()
         return {"ce_sum": ce, "tokens": count}
+
+
+class StaleStoreError(RuntimeError):
+    """A call reached a store whose stream is not the one the call is for (a restarted store)."""
+
+
+def _previous_layers(layers: Sequence[LayerSpec]) -> dict[int, int | None]:
+    """Each layer's index -> the index of the layer before it (None for the first)."""
+    out: dict[int, int | None] = {}
+    prev = None
+    for layer in layers:
+        out[layer.index] = prev
+        prev = layer.index
+    return out
 
 
 def state_shape(family: Any, layer: LayerSpec, state: State) -> tuple[int, int]:

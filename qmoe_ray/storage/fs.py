@@ -42,8 +42,13 @@ def scheme(url: str) -> str:
 
 
 def redact(url: str) -> str:
-    """``url`` with any ``user:password@`` part removed (for messages)."""
-    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.\-]*://)[^/@]*@", r"\1", url)
+    """``url`` without what may carry a credential: the ``user:password@`` part, and for a URL
+    with a protocol the query string and fragment (signed URLs, ``?token=...``). For messages and
+    for every URL the job records (manifest, progress, reports)."""
+    url = re.sub(r"^([a-zA-Z][a-zA-Z0-9+.\-]*://)[^/@]*@", r"\1", url)
+    if _SCHEME.match(url):
+        url = re.split(r"[?#]", url, maxsplit=1)[0]
+    return url
 
 
 def url_to_fs(url: str, **storage_options: Any) -> tuple[AbstractFileSystem, str]:

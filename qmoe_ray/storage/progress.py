@@ -6,10 +6,18 @@ already are. Layout under the output URL while a job runs::
 
     progress/job.json                         source, its config hash, the output-determining
                                               options and the format version, written first
+    progress/inputs/batch-00007.safetensors   batch 7's model inputs (token ids, masks) and
+                                              calibration mask, written before the stores start
     progress/layer-00003.json                 written after layer 3's shard and activations:
                                               the shard's index entries, expert stats, timings
     progress/activations/layer-00003/batch-00007.safetensors
                                               the residual stream of batch 7 after layer 3
+
+Why the inputs are written here rather than handed to the store actors: a store's constructor
+arguments of realistic size (2048 x 512 token ids: 8 MiB) would live in Ray's object store, and
+Ray cannot restart an actor whose arguments are gone; a store killed by the OOM killer would end
+the job. Its constructor takes only a URL and a batch range, and a restarted store (on any node)
+reads its samples back from the output location.
 
 Why activations are checkpointed (rather than recomputed through the compressed layers): the
 recomputed stream must equal the original bit for bit, or the layers after the resume point would
@@ -33,7 +41,10 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
+from safetensors.numpy import load as np_load
+from safetensors.numpy import save as np_save
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -115,6 +126,10 @@ def source_fingerprint(config: Mapping[str, Any], tensors: Mapping[str, Any]) ->
     for name in sorted(tensors):
         h.update(f"\n{name}:{tensors[name]}".encode())
     return h.hexdigest()
+
+
+def inputs_file(batch: int) -> str:
+    return f"{PROGRESS}/inputs/batch-{batch:05d}.safetensors"
 
 
 def layer_record_name(index: int) -> str:
@@ -202,7 +217,8 @@ class Progress:
     def start(self, job: Mapping[str, Any], overwrite: bool) -> None:
         """Record ``job`` as the output's job (after ``check``); ``overwrite`` first clears
         earlier progress and shards."""
-        if overwrite:
+        if overwrite:  # the old manifest first: a half-removed checkpoint is never loadable
+            self.remove(mf.MANIFEST)
             self.remove(PROGRESS)
             self.remove("shards")
         record = {"format": mf.FORMAT_NAME, "format_version": mf.FORMAT_VERSION, **job}
@@ -224,6 +240,31 @@ class Progress:
         self.put(layer_record_name(index), mf.dumps(record))
         if previous is not None:
             self.remove(activations_dir(previous))
+
+    # -- calibration inputs ------------------------------------------------------------------
+    def save_inputs(self, batch: int, inputs: Mapping[str, np.ndarray], calib: np.ndarray) -> None:
+        """Write one batch's model inputs and its calibration mask (written by the driver before
+        the stores start, so that a store restarted anywhere rebuilds its samples from here)."""
+        arrays = {f"input.{k}": np.ascontiguousarray(v) for k, v in sorted(inputs.items())}
+        arrays["calib"] = np.ascontiguousarray(calib, dtype=bool)
+        self.put(inputs_file(batch), np_save(arrays))
+
+    def load_inputs(self, batch: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """One batch's ``(inputs, calib)`` as ``save_inputs`` wrote them.
+
+        Raises:
+            FileNotFoundError: the batch's inputs are missing (progress deleted by hand): rerun
+                with ``--overwrite``.
+        """
+        raw = self.get(inputs_file(batch))
+        if raw is None:
+            raise FileNotFoundError(
+                f"{self._url(inputs_file(batch))} is missing: the job's progress is incomplete; "
+                "rerun with --overwrite to start over"
+            )
+        arrays = np_load(raw)
+        inputs = {k[len("input."):]: v for k, v in arrays.items() if k.startswith("input.")}
+        return inputs, arrays["calib"]
 
     # -- activations -------------------------------------------------------------------------
     def save_state(self, index: int, batch: int, state: Mapping[str, torch.Tensor]) -> None:
