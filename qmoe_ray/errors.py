@@ -8,6 +8,7 @@ working):
 - ``CheckpointError``: a compressed (or source) checkpoint that is malformed, inconsistent with its
   own config, corrupted or of a kind this reader does not decode; the message names the file or
   tensor. ``qmoe_ray.load`` raises only this for a bad checkpoint, whatever is wrong with it.
+- ``ResourceError`` (a ``RuntimeError``): the Ray cluster cannot host what the job asks for.
 
 The command line (``qmoe_ray.cli.run``) prints these, and the plain ``ValueError`` /
 ``FileNotFoundError`` / ``FileExistsError`` / ``PermissionError`` the library raises for bad input,
@@ -27,6 +28,11 @@ class InputError(QmoeError, ValueError):
 
 class CheckpointError(QmoeError, ValueError):
     """A checkpoint that is malformed, inconsistent or not decodable: the message names it."""
+
+
+class ResourceError(QmoeError, RuntimeError):
+    """The cluster lacks what the job asks for (CPUs, GPUs, room to restart lost actors): the
+    message names the resource, what was asked and what the cluster has."""
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (

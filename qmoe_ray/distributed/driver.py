@@ -41,7 +41,7 @@ import numpy as np
 from qmoe_ray.compress import QuantOptions
 from qmoe_ray.config import CompressConfig, StorageOptions
 from qmoe_ray.data import resolve_data, resolve_source
-from qmoe_ray.errors import InputError
+from qmoe_ray.errors import InputError, ResourceError
 from qmoe_ray.models import LayerSpec, get_family
 from qmoe_ray.quant import parse_scheme
 from qmoe_ray.storage import manifest as mf
@@ -172,7 +172,7 @@ def check_resources(cfg: CompressConfig, wait_s: float = 0.0) -> None:
             up to this long for them to appear.
 
     Raises:
-        RuntimeError: naming the resource, what is asked and what the cluster has.
+        ResourceError: naming the resource, what is asked and what the cluster has.
     """
     deadline = time.monotonic() + wait_s
     asked = False
@@ -181,7 +181,7 @@ def check_resources(cfg: CompressConfig, wait_s: float = 0.0) -> None:
         if problem is None:
             return
         if time.monotonic() >= deadline:
-            raise RuntimeError(problem)
+            raise ResourceError(problem)
         if not asked:
             from ray.autoscaler.sdk import request_resources
 
@@ -383,7 +383,7 @@ def _recover(actors: Any, redo: LayerSpec | None, after: int | None) -> list[str
             break
         except Exception as exc:  # noqa: BLE001 - restarting actors answer with several errors
             if time.monotonic() >= deadline:
-                raise RuntimeError(
+                raise ResourceError(
                     f"actors lost with their node(s) were not restarted within "
                     f"{RESTART_TIMEOUT_S:.0f}s ({type(exc).__name__}); the cluster has "
                     f"{ray.available_resources()} available: add nodes or lower --num-workers"

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import sys
 from typing import Any
 
 from qmoe_ray.config import CompressConfig, StorageOptions
@@ -109,12 +110,24 @@ def _console_logging() -> None:
     """The job's own messages (``qmoe_ray`` logger) on stderr; other libraries' INFO chatter
     (matplotlib's font cache, Ray's start-up notices) stays out of a user's console."""
     logger = logging.getLogger("qmoe_ray")
-    if not any(getattr(h, "_qmoe_console", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("[qmoe-ray] %(message)s"))
-        handler._qmoe_console = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is at each message (not the one at creation: the
+    CLI may run several times in one process, under redirections)."""
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it
+        pass
 
 
 def main(args: argparse.Namespace) -> int:
