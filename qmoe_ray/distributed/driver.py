@@ -282,6 +282,12 @@ def run_compression(
     is_calib = np.zeros(len(next(iter(inputs.values()))), dtype=bool)
     is_calib[: len(next(iter(calib.values())))] = True
 
+    if progress:
+        print(f"[qmoe-ray] compressing {source_label(cfg.source)} ({family.model_type}, "
+              f"{len(moe_layers)} MoE layers x {moe_layers[0].num_experts} experts) to "
+              f"{redact(cfg.output)}: {cfg.scheme} {cfg.method}, {int(is_calib.sum())} calibration + "
+              f"{int((~is_calib).sum())} held-out samples x {cfg.seq_len} tokens; starting Ray",
+              flush=True)
     started = _ray_init(cfg)
     actors = None
     try:
