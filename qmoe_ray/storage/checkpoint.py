@@ -27,6 +27,7 @@ from typing import IO, Any
 
 import torch
 
+from qmoe_ray.errors import CheckpointError
 from qmoe_ray.storage.fs import fs_errors, join, redact, safe_join, url_to_fs
 
 CONFIG = "config.json"
@@ -67,7 +68,12 @@ class TensorInfo:
 
 
 def parse_header(raw: bytes, file: str, file_size: int | None = None) -> dict[str, TensorInfo]:
-    """Parse and validate a safetensors JSON header.
+    """Parse and validate a safetensors JSON header (untrusted: every field is checked).
+
+    Shapes are lists of non-negative integers (not bools or floats) whose byte size is computed
+    in exact integer arithmetic, offsets are two integers ``0 <= begin <= end``, so no shape can
+    wrap around to pass the size check. Messages name the file and the tensor, never quote the
+    file's bytes. The compressed-checkpoint loader uses this parser too (one parser).
 
     Args:
         raw: the header bytes (after the 8-byte length).
@@ -78,18 +84,25 @@ def parse_header(raw: bytes, file: str, file_size: int | None = None) -> dict[st
         ``name -> TensorInfo`` with absolute byte offsets in the file.
 
     Raises:
-        ValueError: the header is not valid JSON or a tensor entry is malformed, has an unknown
-            dtype, a byte size that disagrees with its shape, or overlaps/exceeds the data.
+        CheckpointError (a ``ValueError``): the header is not valid JSON or a tensor entry is
+            malformed, has an unknown dtype, a byte size that disagrees with its shape, or
+            overlaps/exceeds the data.
     """
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(
-            f"{file}: safetensors header is not valid JSON ({e}); the file is "
+    except UnicodeDecodeError:
+        raise CheckpointError(
+            f"{file}: safetensors header is not UTF-8 text; the file is corrupt or not a "
+            "safetensors file: re-download or re-save it"
+        ) from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise CheckpointError(
+            f"{file}: safetensors header is not valid JSON ({why}); the file is "
             "corrupt or not a safetensors file: re-download or re-save it"
         ) from None
     if not isinstance(header, dict):
-        raise ValueError(f"{file}: safetensors header is not a JSON object; re-save the file")
+        raise CheckpointError(f"{file}: safetensors header is not a JSON object; re-save the file")
     base = 8 + len(raw)
     data_size = None if file_size is None else file_size - base
     out: dict[str, TensorInfo] = {}
@@ -97,38 +110,45 @@ def parse_header(raw: bytes, file: str, file_size: int | None = None) -> dict[st
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dt, shape, (b, e) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(
-                f"{file}: header entry for {name!r} lacks dtype/shape/data_offsets; "
+        shown = repr(name) if len(name) <= 120 else repr(name[:117] + "...")
+        if not isinstance(entry, dict) or not all(
+            k in entry for k in ("dtype", "shape", "data_offsets")
+        ):
+            raise CheckpointError(
+                f"{file}: header entry for {shown} lacks dtype/shape/data_offsets; "
                 "the file is corrupt: re-save it"
-            ) from None
-        if dt not in DTYPES:
-            raise ValueError(
-                f"{file}: tensor {name!r} has unsupported dtype {dt!r}; supported: "
+            )
+        dt, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dt, str) or dt not in DTYPES:
+            raise CheckpointError(
+                f"{file}: tensor {shown} has unsupported dtype {str(dt)[:16]!r}; supported: "
                 f"{', '.join(DTYPES)}"
             )
         if (
             not isinstance(shape, list)
-            or not all(isinstance(s, int) and s >= 0 for s in shape)
-            or not all(isinstance(o, int) for o in (b, e))
-            or not 0 <= b <= e
+            or not all(type(s) is int and s >= 0 for s in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
         ):
-            raise ValueError(
-                f"{file}: tensor {name!r} has a bad shape {shape!r} or data_offsets "
-                f"{[b, e]!r}; the file is corrupt: re-save it"
+            raise CheckpointError(
+                f"{file}: tensor {shown} has a bad shape or data_offsets (shape: a list of "
+                "non-negative integers; data_offsets: [begin, end] with 0 <= begin <= end); "
+                "the file is corrupt: re-save it"
             )
+        b, e = offsets
         dtype = DTYPES[dt]
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()  # exact int
         if e - b != nbytes:
-            raise ValueError(
-                f"{file}: tensor {name!r} spans {e - b} bytes but shape {shape} of "
+            dims = str(shape) if len(str(shape)) <= 80 else f"of {len(shape)} dimensions"
+            raise CheckpointError(
+                f"{file}: tensor {shown} spans {e - b} bytes but shape {dims} of "
                 f"{dt} needs {nbytes}; the file is corrupt: re-save it"
             )
         if data_size is not None and e > data_size:
-            raise ValueError(
-                f"{file}: tensor {name!r} ends at byte {e} of the data section but the "
+            raise CheckpointError(
+                f"{file}: tensor {shown} ends at byte {e} of the data section but the "
                 f"file holds only {data_size}; the file is truncated: re-download it"
             )
         spans.append((b, e, name))
@@ -136,8 +156,8 @@ def parse_header(raw: bytes, file: str, file_size: int | None = None) -> dict[st
     spans.sort()
     for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
         if b1 < e0:
-            raise ValueError(
-                f"{file}: tensors {n0!r} and {n1!r} overlap in the data section; "
+            raise CheckpointError(
+                f"{file}: tensors {n0[:120]!r} and {n1[:120]!r} overlap in the data section; "
                 "the file is corrupt: re-save it"
             )
     return out
