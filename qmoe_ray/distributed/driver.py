@@ -582,9 +582,9 @@ def _finish(cfg: CompressConfig, ckpt: Any, family: Any, actors: Any, result: di
     ce = sum(l["ce_sum"] for l in losses)
     ntok = sum(l["tokens"] for l in losses)
     other = ray.get(writer.write_other.remote())
-    copied = [f for f in ("config.json", "tokenizer.json", "tokenizer_config.json",
-                          "generation_config.json")
-              if ray.get(writer.copy_source_file.remote(f))]
+    copied = {f: c for f in ("config.json", "tokenizer.json", "tokenizer_config.json",
+                             "generation_config.json")
+              if (c := ray.get(writer.copy_source_file.remote(f))) is not None}
     tensors: dict[str, Any] = dict(other["tensors"])
     quantized: dict[str, Any] = {}
     tables: dict[str, Any] = {}

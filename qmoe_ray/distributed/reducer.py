@@ -148,10 +148,19 @@ class CheckpointWriter:
         return {"file": relname, "bytes": len(data), "tensors": index, "quantized": quantized,
                 "stats": stats, "tables": {}}
 
-    def copy_source_file(self, relname: str) -> bool:
-        """Copy a small source file (config.json, tokenizer.json) if the source has it."""
+    def copy_source_file(self, relname: str) -> dict[str, Any] | None:
+        """Copy a small source file (config.json, tokenizer.json) if the source has it.
+
+        Returns:
+            ``{"sha256", "bytes"}`` of the bytes written (its manifest ``copied_files`` entry,
+            which ``qmoe-ray export`` checks before copying the file on), or None when the
+            source has no such file.
+        """
+        import hashlib
+
         if not self.ckpt.has_file(relname):
-            return False
+            return None
         with self.ckpt.open_file(relname) as f:
-            self.put_bytes(relname, f.read())
-        return True
+            data = f.read()
+        self.put_bytes(relname, data)
+        return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
