@@ -22,24 +22,56 @@ from where the source kept its router (kept verbatim among the dense tensors):
 - SwitchTransformers: ``experts.expert_E.{wi,wo}.weight`` (our canonical names are its names).
 
 ``layout="per-expert"`` / ``"fused"`` overrides the choice for decoder families.
+
+Why it trusts nothing it reads: a checkpoint in a bucket may have been written by anyone, who can
+recompute every hash. So, before any byte reaches the output:
+
+- every expert the config's family has must be a quantized matrix of the manifest, and every
+  quantized matrix an expert of the family, each stored whole in one shard (an incomplete
+  checkpoint is refused, naming the expert, never exported with a hole);
+- a copied file (``copied_files``: tokenizer files) must have a plain name of an allowed kind that
+  cannot collide with the export's own output, and match its manifest SHA-256 and size; it is
+  read without following links (a local symlink is refused) and only if it is a regular file
+  under ``COPIED_MAX_BYTES``.
+
+Why it stages: the export is written to a hidden folder next to the destination
+(``.NAME.export-XXXX.tmp``, or that prefix on an object store) and moved into place only when
+everything is written and verified; any failure removes it, so a failed export leaves nothing at
+the destination (and ``overwrite`` keeps the old export until the new one is complete).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import hashlib
 import json
-import sys
+import os
+import re
+import shutil
+import stat
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
 
+from qmoe_ray.errors import CheckpointError
 from qmoe_ray.storage import manifest as mf
-from qmoe_ray.storage.fs import check_relname, fs_errors, join, url_to_fs
+from qmoe_ray.storage.fs import check_relname, fs_errors, join, redact, url_to_fs
 
 LAYOUTS = ("auto", "per-expert", "fused")
 INDEX = "model.safetensors.index.json"
+COPIED_MAX_BYTES = 128 * 2**20
+"""The largest copied file an export reads (tokenizer.json files are a few to ~35 MB)."""
+COPIED_SUFFIXES = (".json", ".txt", ".model", ".jinja")
+"""The kinds of file an export copies: JSON, vocab/merges text, sentencepiece models, chat
+templates; never weights, pickles or code."""
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def expert_layout(manifest: Mapping[str, Any], layout: str = "auto"
@@ -108,51 +140,355 @@ def _fuse(parts: dict[str, dict[tuple[int, str], torch.Tensor]]) -> dict[str, to
     return out
 
 
+def check_experts(manifest: Mapping[str, Any], where: str = "manifest") -> dict[str, str]:
+    """Check that the manifest holds exactly the family's experts, each whole in one shard.
+
+    Args:
+        manifest: a manifest that passed ``qmoe_ray.loader.check_manifest``.
+        where: the manifest's location, for messages.
+
+    Returns:
+        Each quantized matrix's shard (``name -> file``).
+
+    Raises:
+        CheckpointError: an expert of the config's family is not a quantized matrix of the
+            manifest (named: layer, expert, role), a quantized matrix is no expert of the family,
+            or a matrix's stored tensors (codes, parameters, code table) span several shards.
+    """
+    from qmoe_ray.models import get_family
+
+    family = get_family(manifest["config"])
+    expected: dict[str, tuple[str, int, str]] = {}
+    for lay in family.layers():
+        if lay.moe:
+            for e in range(lay.num_experts):
+                for role, n in family.expert_names(lay, e).items():
+                    expected[n] = (lay.name, e, role)
+    quantized = manifest["quantized"]
+    missing = [n for n in expected if n not in quantized]
+    if missing:
+        lay_name, e, role = expected[missing[0]]
+        raise CheckpointError(
+            f"{where}: expert {e} of {lay_name} ({role}) is missing: its quantized matrix "
+            f"{missing[0]!r} is not in the manifest ({len(missing)} expert matrices missing); "
+            "the checkpoint is incomplete: re-run the compression job")
+    extra = sorted(set(quantized) - set(expected))
+    if extra:
+        raise CheckpointError(
+            f"{where}: quantized matrix {extra[0]!r} is no expert of this "
+            f"{manifest['config'].get('model_type')} config ({len(extra)} such matrices); the "
+            "manifest does not match its config")
+    tensors = manifest["tensors"]
+    file_of: dict[str, str] = {}
+    for n, entry in quantized.items():
+        keys = [f"{n}.q.{f}" for f in entry["fields"]] + [f"{n}.{p}" for p in entry["params"]]
+        keys += [f"{entry['table']}.freqs"] if entry.get("table") else []
+        files = sorted({tensors[k]["file"] for k in keys})
+        if len(files) != 1:
+            raise CheckpointError(
+                f"{where}: expert matrix {n!r} has its stored tensors in {len(files)} shards "
+                f"({files}); each is stored whole in one shard: the manifest is damaged")
+        file_of[n] = files[0]
+    return file_of
+
+
+def check_copied_name(name: Any, where: str = "manifest") -> str:
+    """Validate a ``copied_files`` name before it is used as a path, in the source or the export.
+
+    Allowed: a plain file name (letters, digits, ``.``, ``_``, ``-``; no path separator, no
+    ``..``) ending in one of ``COPIED_SUFFIXES``, never a name the export writes itself (its
+    shards, ``model.safetensors.index.json``) nor ``manifest.json``.
+
+    Raises:
+        CheckpointError: naming the file and why it is refused.
+    """
+    low = name.lower() if isinstance(name, str) else ""
+    bad = None
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or ".." in name:
+        bad = ("it is not a plain file name (letters, digits, '.', '_', '-'; no path separator, "
+               "no '..')")
+    elif (low in (INDEX, mf.MANIFEST) or low.endswith(".safetensors")
+          or (low == "config.json" and name != "config.json")):
+        bad = "it collides with the export's own output (its shards and index) or the manifest"
+    elif not low.endswith(COPIED_SUFFIXES):
+        bad = f"only {', '.join(COPIED_SUFFIXES)} files are copied (never weights, pickles, code)"
+    if bad:
+        raise CheckpointError(f"{where}: copied file {name!r} refused: {bad}")
+    return name
+
+
+def copied_files(manifest: Mapping[str, Any], where: str = "manifest",
+                 ) -> dict[str, dict[str, int | str]]:
+    """The files an export copies from the checkpoint, from its manifest's ``copied_files``.
+
+    ``copied_files`` maps each file name to ``{"sha256", "bytes"}`` of the file the job wrote.
+    ``config.json`` is left out: the export writes its own from the manifest's ``config``.
+
+    Returns:
+        ``name -> {"sha256", "bytes"}``, every name checked with ``check_copied_name``.
+
+    Raises:
+        CheckpointError: ``copied_files`` is not such a mapping (an older checkpoint's plain list
+            has no hashes: refused, with the way to export without the files), a name is refused,
+            or an entry is not a SHA-256 and a size of at most ``COPIED_MAX_BYTES``.
+    """
+    raw = manifest.get("copied_files", {})
+    if isinstance(raw, list):
+        raise CheckpointError(
+            f"{where}: copied_files is a list without hashes (a checkpoint written before "
+            "qmoe-ray hashed them), so its copied files cannot be verified; export the weights "
+            "and config without them (copy_files=False, --no-copied-files) and take the "
+            "tokenizer files from the source model")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{where}: copied_files is a {type(raw).__name__}, expected an "
+                              "object of name -> {sha256, bytes}: the manifest is damaged")
+    out: dict[str, dict[str, int | str]] = {}
+    for name, entry in raw.items():
+        check_copied_name(name, where)
+        ok = (isinstance(entry, dict) and set(entry) == {"sha256", "bytes"}
+              and isinstance(entry["sha256"], str) and bool(_SHA256.fullmatch(entry["sha256"]))
+              and type(entry["bytes"]) is int and 0 <= entry["bytes"] <= COPIED_MAX_BYTES)
+        if not ok:
+            raise CheckpointError(
+                f"{where}: copied file {name!r}: entry {json.dumps(entry)[:120]} is not "
+                "{\"sha256\": 64 hex digits, \"bytes\": a size of at most "
+                f"{COPIED_MAX_BYTES} bytes}}")
+        if name != "config.json":
+            out[name] = {"sha256": entry["sha256"], "bytes": entry["bytes"]}
+    return out
+
+
+def _read_local_file(path: str, size: int, where: str) -> bytes:
+    """A local file's bytes, without following a symbolic link (refused instead)."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise CheckpointError(f"{where}: listed in the manifest's copied_files but missing; "
+                              "the checkpoint is incomplete") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CheckpointError(f"{where} is a symbolic link: refused, never followed out of "
+                                  "the checkpoint folder; replace it with the file itself") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{where} is not a regular file: refused")
+        if st.st_size != size:
+            raise CheckpointError(f"{where} has {st.st_size} bytes, the manifest says {size}: "
+                                  "the file was changed or replaced; refused")
+        chunks, got = [], 0
+        while got <= size:  # one byte past the size: a file grown since fstat is caught
+            chunk = os.read(fd, size + 1 - got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _read_copied(fs: AbstractFileSystem, root: str, url: str, name: str,
+                 entry: Mapping[str, Any], opts: Mapping[str, Any]) -> bytes:
+    """Read one copied file of the checkpoint and check its size and SHA-256 against ``entry``."""
+    path, where, size = join(root, check_copied_name(name)), f"{redact(url)}/{name}", entry["bytes"]
+    if isinstance(fs, LocalFileSystem):
+        data = _read_local_file(path, size, where)
+    else:  # object stores have no links: check what the path is and its size before reading
+        try:
+            with fs_errors(f"{url}/{name}", "read", opts):
+                info = fs.info(path)
+        except FileNotFoundError:
+            raise CheckpointError(f"{where}: listed in the manifest's copied_files but missing; "
+                                  "the checkpoint is incomplete") from None
+        if info.get("type") != "file":
+            raise CheckpointError(f"{where} is a {info.get('type')}, not a file: refused")
+        if info.get("size") != size:
+            raise CheckpointError(f"{where} has {info.get('size')} bytes, the manifest says "
+                                  f"{size}: the file was changed or replaced; refused")
+        with fs_errors(f"{url}/{name}", "read", opts):
+            data = fs.cat_file(path, start=0, end=size + 1) if size else b""
+    got = hashlib.sha256(data).hexdigest()
+    if len(data) != size or got != entry["sha256"]:
+        raise CheckpointError(f"{where} fails its checksum ({len(data)} bytes, sha256 "
+                              f"{got[:12]}...; manifest {size} bytes, {entry['sha256'][:12]}...): "
+                              "the file was changed or replaced; refused")
+    return data
+
+
+def _check_destination(fs: AbstractFileSystem, root: str, out_dir: str, overwrite: bool,
+                       opts: Mapping[str, Any]) -> bool:
+    """Refuse a destination the export must not replace; returns whether it exists.
+
+    Raises:
+        FileExistsError: a non-empty folder without ``overwrite``; with it, a folder holding a
+            qmoe-ray checkpoint or anything but an HF checkpoint; a file.
+    """
+    with fs_errors(out_dir, "read", opts):
+        if not fs.exists(root):
+            return False
+        if not fs.isdir(root):
+            raise FileExistsError(f"{redact(out_dir)} is a file; choose a folder for the export")
+        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+    if not names:
+        return True
+    if mf.MANIFEST in names:
+        raise FileExistsError(f"{redact(out_dir)} holds a qmoe-ray checkpoint ({mf.MANIFEST}); "
+                              "an export never replaces one: choose another folder")
+    if not overwrite:
+        raise FileExistsError(f"{redact(out_dir)} is not empty; choose another folder or pass "
+                              "overwrite=True (--overwrite) to replace the export there")
+    if INDEX not in names and "config.json" not in names:
+        raise FileExistsError(f"{redact(out_dir)} holds files but no HF checkpoint ({INDEX} or "
+                              "config.json); overwrite replaces only an earlier export: choose "
+                              "an empty or new folder")
+    return True
+
+
+def _staging_dir(root: str, out_dir: str) -> str:
+    """A fresh hidden folder next to ``root`` (same filesystem: the final move is a rename)."""
+    parent, sep, name = root.rstrip("/").rpartition("/")
+    if not sep or not name or name in (".", ".."):
+        raise ValueError(f"cannot export to {redact(out_dir)!r}: choose a folder (inside a bucket "
+                         "for an object store)")
+    return f"{parent}/.{name}.export-{uuid.uuid4().hex[:12]}.tmp"
+
+
+def _remove(fs: AbstractFileSystem, path: str) -> None:
+    """Delete ``path`` (a staging or replaced folder) if it exists; errors are not raised."""
+    try:
+        if isinstance(fs, LocalFileSystem):
+            if os.path.islink(path):
+                os.unlink(path)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+        elif fs.exists(path):
+            fs.rm(path, recursive=True)
+    except Exception:  # noqa: BLE001 - cleanup after the real error, which is the one to report
+        pass
+
+
+def _move_into_place(fs: AbstractFileSystem, staging: str, root: str, names: list[str],
+                     exists: bool) -> None:
+    """Move the complete export from ``staging`` to ``root`` (replacing what is there).
+
+    Local: two renames (the old folder aside, the new one in), put back if the second fails.
+    Object stores: the old files removed, then the new ones moved, config and index last.
+    """
+    if isinstance(fs, LocalFileSystem):
+        old = f"{staging}.old"
+        if exists:
+            os.rename(root, old)
+        try:
+            os.rename(staging, root)
+        except BaseException:
+            if exists:
+                os.rename(old, root)
+            raise
+        if exists:
+            _remove(fs, old)
+        return
+    if exists:
+        fs.rm(root, recursive=True)
+    for rel in names:
+        fs.mv(f"{staging}/{rel}", f"{root}/{rel}")
+    _remove(fs, staging)
+
+
 def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False,
            storage_options: Mapping[str, Any] | None = None,
            output_options: Mapping[str, Any] | None = None, workers: int = 4,
-           progress: bool = False) -> dict[str, Any]:
+           progress: bool = False, copy_files: bool = True) -> dict[str, Any]:
     """Write a plain HF bf16 checkpoint of the decompressed model.
 
     Args:
         url: the compressed checkpoint (any fsspec URL).
-        out_dir: the output folder (any fsspec URL).
+        out_dir: the output folder (any fsspec URL); written in a staging folder next to it and
+            moved there when complete.
         layout: expert tensor layout (see ``expert_layout``).
-        overwrite: replace an existing checkpoint in ``out_dir``.
+        overwrite: replace an earlier export in ``out_dir``.
         storage_options, output_options: fsspec options for ``url`` and ``out_dir``.
         workers: concurrent range reads.
         progress: show a progress bar on stderr.
+        copy_files: copy the checkpoint's ``copied_files`` (tokenizer files), each checked
+            against its hash; False writes only the weights, index and config.
 
     Returns:
-        ``{"files", "tensors", "bytes", "layout", "seconds"}``.
+        ``{"files", "copied", "tensors", "bytes", "layout", "seconds", "timings"}``.
 
     Raises:
-        FileExistsError: ``out_dir`` already holds a checkpoint and ``overwrite`` is False.
+        FileExistsError: ``out_dir`` is not empty and ``overwrite`` is False, or holds something
+            other than an earlier export (see ``_check_destination``).
+        CheckpointError: the checkpoint is damaged, incomplete (a missing expert) or has a
+            refused or altered copied file (see ``check_experts``, ``copied_files``).
         ValueError / FileNotFoundError / PermissionError: see ``qmoe_ray.loader.load``.
     """
-    from qmoe_ray.loader import (
-        Timings,
-        check_manifest,
-        decode_matrix,
-        encoded_matrix,
-        iter_shards,
-        read_manifest,
-    )
+    from qmoe_ray.loader import check_manifest, read_manifest
 
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
     t0 = time.perf_counter()
     so, oo = dict(storage_options or {}), dict(output_options or {})
-    manifest = read_manifest(url, **so)
-    check_manifest(manifest, f"{url}/{mf.MANIFEST}")
-    kind, names = expert_layout(manifest, layout)
     ofs, oroot = url_to_fs(out_dir, **oo)
     oroot = oroot.rstrip("/")
-    with fs_errors(out_dir, "read", oo):
-        exists = ofs.exists(f"{oroot}/{INDEX}") or ofs.exists(f"{oroot}/config.json")
-    if exists and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds a checkpoint; choose another folder "
-                              "or pass overwrite=True (--overwrite)")
-    with fs_errors(out_dir, "write", oo):
-        ofs.makedirs(oroot, exist_ok=True)
+    exists = _check_destination(ofs, oroot, out_dir, overwrite, oo)
+    where = f"{redact(url)}/{mf.MANIFEST}"
+    manifest = read_manifest(url, **so)
+    try:
+        check_manifest(manifest, where)
+        kind, names = expert_layout(manifest, layout)
+        file_of = check_experts(manifest, where)
+        copied = copied_files(manifest, where) if copy_files else {}
+    except KeyError as exc:
+        raise CheckpointError(exc.args[0] if exc.args else f"{where}: damaged ({exc!r})") from None
+    staging = _staging_dir(oroot, out_dir)
+    try:
+        with fs_errors(out_dir, "write", oo):
+            ofs.makedirs(staging, exist_ok=False)
+        src_fs, src_root = url_to_fs(url, **so)
+        for rel, entry in copied.items():  # verified before anything else is written
+            data = _read_copied(src_fs, src_root, url, rel, entry, so)
+            with fs_errors(out_dir, "write", oo):
+                ofs.pipe_file(f"{staging}/{rel}", data)
+        weight_map, total, timings = _write_weights(url, manifest, names, file_of, ofs,
+                                                    staging, out_dir, so, oo, workers, progress)
+        config = dict(manifest["config"])
+        config["dtype"] = "bfloat16"
+        config.pop("torch_dtype", None)
+        index_doc = {"metadata": {"total_size": total, "format": "pt"},
+                     "weight_map": dict(sorted(weight_map.items()))}
+        with fs_errors(out_dir, "write", oo):
+            ofs.pipe_file(f"{staging}/config.json", (json.dumps(config, indent=2) + "\n").encode())
+            ofs.pipe_file(f"{staging}/{INDEX}", (json.dumps(index_doc, indent=2) + "\n").encode())
+        written = sorted(set(weight_map.values())) + sorted(copied) + ["config.json", INDEX]
+        with fs_errors(out_dir, "write", oo):
+            _move_into_place(ofs, staging, oroot, written, exists)
+    except BaseException:
+        _remove(ofs, staging)
+        raise
+    timings.wall = time.perf_counter() - t0
+    return {"files": sorted(set(weight_map.values())), "copied": sorted(copied),
+            "tensors": len(weight_map), "bytes": total, "layout": kind,
+            "seconds": time.perf_counter() - t0, "timings": timings.as_dict()}
+
+
+def _write_weights(url: str, manifest: Mapping[str, Any],
+                   names: Mapping[str, tuple[str, int | None, str | None]],
+                   file_of: Mapping[str, str], ofs: AbstractFileSystem, staging: str,
+                   out_dir: str, so: Mapping[str, Any], oo: Mapping[str, Any], workers: int,
+                   progress: bool) -> tuple[dict[str, str], int, Any]:
+    """Decode each verified shard into one output shard under ``staging``.
+
+    Returns:
+        ``(weight_map, total bytes, timings)``.
+
+    Raises:
+        CheckpointError: a shard fails verification (a missing tensor, a checksum) or decoding.
+    """
+    from qmoe_ray.loader import Timings, decode_matrix, encoded_matrix, iter_shards
+
     quantized = manifest["quantized"]
     tables = manifest.get("tables", {})
     stored = {f"{n}.q.{f}" for n, e in quantized.items() for f in e["fields"]}
@@ -164,52 +500,41 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
     timings = Timings()
     shards = iter_shards(url, manifest, workers=workers, timings=timings,
                          progress="exporting" if progress else False, **so)
-    for i, (_, part) in enumerate(shards):
-        out: dict[str, torch.Tensor] = {}
-        fused: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
-        for name, t in part.items():
-            if name not in stored:
-                out[name] = t.to(torch.bfloat16) if t.is_floating_point() else t
-        cache: dict[str, Any] = {}
-        t_dec = time.perf_counter()
-        for name, entry in quantized.items():
-            if f"{name}.{entry['params'][0]}" not in part:
+    try:
+        for i, (rel, part) in enumerate(shards):
+            out: dict[str, torch.Tensor] = {}
+            fused: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
+            for name, t in part.items():
+                if name not in stored:
+                    out[name] = t.to(torch.bfloat16) if t.is_floating_point() else t
+            cache: dict[str, Any] = {}
+            t_dec = time.perf_counter()
+            for name, entry in quantized.items():
+                if file_of[name] != rel:
+                    continue
+                w = decode_matrix(encoded_matrix(name, entry, part, tables, cache)).contiguous()
+                target, e, role = names[name]
+                if e is None:
+                    out[target] = w
+                else:
+                    fused.setdefault(target, {})[(e, role)] = w
+            out.update(_fuse(fused))
+            timings.decode += time.perf_counter() - t_dec
+            if not out:
                 continue
-            w = decode_matrix(encoded_matrix(name, entry, part, tables, cache)).contiguous()
-            target, e, role = names[name]
-            if e is None:
-                out[target] = w
-            else:
-                fused.setdefault(target, {})[(e, role)] = w
-        out.update(_fuse(fused))
-        timings.decode += time.perf_counter() - t_dec
-        if not out:
-            continue
-        fname = check_relname(f"model-{i + 1:05d}-of-{len(files):05d}.safetensors")
-        data, index = mf.serialize_shard(out)
-        with fs_errors(out_dir, "write", oo):
-            ofs.pipe_file(f"{oroot}/{fname}", data)
-        for n in index:
-            weight_map[n] = fname
-        total += sum(v["nbytes"] for v in index.values())
-    config = dict(manifest["config"])
-    config["dtype"] = "bfloat16"
-    config.pop("torch_dtype", None)
-    src_fs, src_root = url_to_fs(url, **so)
-    with fs_errors(out_dir, "write", oo):
-        for rel in manifest.get("copied_files", []):
-            if rel == "config.json":
-                continue
-            data = src_fs.cat_file(join(src_root, check_relname(rel)))
-            ofs.pipe_file(f"{oroot}/{rel}", data)
-        ofs.pipe_file(f"{oroot}/config.json", (json.dumps(config, indent=2) + "\n").encode())
-        index_doc = {"metadata": {"total_size": total, "format": "pt"},
-                     "weight_map": dict(sorted(weight_map.items()))}
-        ofs.pipe_file(f"{oroot}/{INDEX}", (json.dumps(index_doc, indent=2) + "\n").encode())
-    timings.wall = time.perf_counter() - t0
-    return {"files": sorted(set(weight_map.values())), "tensors": len(weight_map),
-            "bytes": total, "layout": kind, "seconds": time.perf_counter() - t0,
-            "timings": timings.as_dict()}
+            fname = check_relname(f"model-{i + 1:05d}-of-{len(files):05d}.safetensors")
+            data, index = mf.serialize_shard(out)
+            with fs_errors(out_dir, "write", oo):
+                ofs.pipe_file(f"{staging}/{fname}", data)
+            for n in index:
+                weight_map[n] = fname
+            total += sum(v["nbytes"] for v in index.values())
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError) as exc:  # the loader's plain errors: a bad checkpoint
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise CheckpointError(f"{redact(url)}: {msg}") from None
+    return weight_map, total, timings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -219,6 +544,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", choices=LAYOUTS, default="auto",
                         help="expert tensor layout (default: what transformers saves)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    parser.add_argument("--no-copied-files", action="store_true",
+                        help="write only the weights, index and config, not the tokenizer files "
+                        "the job copied (for a checkpoint whose copied files have no hashes)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--storage-options", default=None, metavar="JSON",
                         help="fsspec options for URL as JSON")
@@ -236,16 +564,12 @@ def _json_opts(text: str | None, flag: str) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run ``qmoe-ray export``; returns the exit status (2 on bad input)."""
-    try:
-        res = export(args.url, args.out_dir, args.layout, args.overwrite,
-                     _json_opts(args.storage_options, "--storage-options"),
-                     _json_opts(args.output_options, "--output-options"),
-                     progress=not args.quiet)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"qmoe-ray export: error: {msg}", file=sys.stderr)
-        return 2
+    """Run ``qmoe-ray export``; returns the exit status (bad input: raised, and shown as one
+    line with exit status 2 by ``qmoe_ray.cli.run``)."""
+    res = export(args.url, args.out_dir, args.layout, args.overwrite,
+                 _json_opts(args.storage_options, "--storage-options"),
+                 _json_opts(args.output_options, "--output-options"),
+                 progress=not args.quiet, copy_files=not args.no_copied_files)
     print(f"wrote {res['tensors']} tensors ({res['bytes'] / 2**20:.1f} MiB bf16, "
           f"{res['layout']} experts) in {len(res['files'])} files to {args.out_dir} in "
           f"{res['seconds']:.1f} s")

@@ -39,7 +39,9 @@ def test_export_loads_in_transformers_with_our_logits(ckpt, tmp_path, layout):
     res = export(str(ckpt), str(out), layout=layout)
     index = json.loads((out / INDEX).read_text())
     assert set(index["weight_map"].values()) == set(res["files"])
-    assert (out / "tokenizer.json").exists()
+    assert res["copied"] == ["tokenizer.json"]  # verified against its manifest hash
+    assert (out / "tokenizer.json").read_bytes() == (ckpt / "tokenizer.json").read_bytes()
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # the staging folder is gone
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and config["model_type"] == "mixtral"
     ours = load(str(ckpt))
