@@ -22,12 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from qmoe_ray.errors import InputError
+
 EMBEDDED = "embedded"
+ASK_SOURCE = "\0ask"  # bare ``--compare``: name the manifest's source, evaluate nothing
 
 ExpertsFor = Callable[[Any], Callable[[int], Mapping[str, Any]]]
 
@@ -236,32 +238,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='fsspec options as JSON, e.g. \'{"endpoint_url": "..."}\'')
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--compare", nargs="?", const="source", default=None, metavar="ORIGINAL",
-                        help="MODEL is compressed: also evaluate the original (default: the "
-                             "manifest's source) on the same data, side by side")
+    parser.add_argument("--compare", nargs="?", const=ASK_SOURCE, default=None,
+                        metavar="ORIGINAL",
+                        help="MODEL is compressed: also evaluate ORIGINAL (the source model's "
+                             "folder or URL) on the same data, side by side. ORIGINAL must be "
+                             "given: bare --compare prints the source the manifest names and "
+                             "stops (a checkpoint does not choose what is read with your "
+                             "storage options)")
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run ``qmoe-ray eval``; returns the exit status (2 on bad input)."""
-    try:
-        opts = json.loads(args.storage_options) if args.storage_options else None
-        if opts is not None and not isinstance(opts, dict):
-            raise ValueError("--storage-options must be a JSON object")
-        if getattr(args, "compare", None):
-            from qmoe_ray.loader import compare_eval
+    """Run ``qmoe-ray eval``; returns the exit status. Bad input (``InputError``,
+    ``CheckpointError``, ...) is raised, and ``qmoe_ray.cli.run`` shows it as one line with exit
+    status 2; so is a bare ``--compare`` (the message names the manifest's source to pass)."""
+    opts = json.loads(args.storage_options) if args.storage_options else None
+    if opts is not None and not isinstance(opts, dict):
+        raise InputError("--storage-options must be a JSON object")
+    compare = getattr(args, "compare", None)
+    if compare is not None:
+        from qmoe_ray.loader import compare_eval
 
-            both = compare_eval(args.model, None if args.compare == "source" else args.compare,
-                                args.data, args.samples, args.seq_len, args.batch_size, opts,
-                                split=args.split, seed=args.seed, progress=not args.quiet)
-            print(json.dumps(both) if args.json else _side_by_side(both))
-            return 0
-        result = evaluate(args.model, args.data, args.samples, args.seq_len, args.batch_size,
-                          opts, split=args.split, seed=args.seed,
-                          tokenizer_source=args.tokenizer, progress=not args.quiet)
-    except (ValueError, FileNotFoundError, KeyError, json.JSONDecodeError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"qmoe-ray eval: error: {msg}", file=sys.stderr)
-        return 2
+        both = compare_eval(args.model, None if compare is ASK_SOURCE else compare, args.data,
+                            args.samples, args.seq_len, args.batch_size, opts, split=args.split,
+                            seed=args.seed, progress=not args.quiet)
+        print(json.dumps(both) if args.json else _side_by_side(both))
+        return 0
+    result = evaluate(args.model, args.data, args.samples, args.seq_len, args.batch_size,
+                      opts, split=args.split, seed=args.seed,
+                      tokenizer_source=args.tokenizer, progress=not args.quiet)
     result = {"model": args.model, "data": args.data, **result}
     if args.json:
         print(json.dumps(result))

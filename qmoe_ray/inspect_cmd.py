@@ -18,10 +18,10 @@ import argparse
 import json
 import re
 import statistics
-import sys
 from collections.abc import Mapping
 from typing import Any
 
+from qmoe_ray.errors import InputError
 from qmoe_ray.storage.fs import redact
 
 KINDS = ("expert codes", "expert scales", "code tables", "router", "embeddings/head",
@@ -175,13 +175,15 @@ def inspect(url: str, verify: bool = True, progress: bool = False,
         "not checked", "files", "tensors", "bytes", "error"}``.
 
     Raises:
-        FileNotFoundError / PermissionError / ValueError: no readable manifest or an unknown
-            format version (a corrupted shard is reported in ``checksums``, not raised).
+        FileNotFoundError / PermissionError: no readable manifest.
+        CheckpointError: a manifest that is malformed, too large, of an unknown format version or
+            inconsistent with its config (``qmoe_ray.loader.read_manifest``; nothing is reported
+            from a manifest that fails these checks). A shard that fails verification is reported
+            in ``checksums``, not raised.
     """
-    from qmoe_ray.loader import Timings, check_manifest, iter_shards, read_manifest
+    from qmoe_ray.loader import Timings, iter_shards, read_manifest
 
-    manifest = read_manifest(url, **storage_options)
-    check_manifest(manifest)
+    manifest = read_manifest(url, **storage_options)  # checked: check_manifest
     info = {"url": redact(url), **summarize(manifest)}
     status: dict[str, Any] = {"status": "not checked", "files": 0, "tensors": 0, "bytes": 0}
     if verify:
@@ -189,7 +191,7 @@ def inspect(url: str, verify: bool = True, progress: bool = False,
         try:
             for _, part in iter_shards(url, manifest, timings=t,
                                        progress="verifying" if progress else False,
-                                       **storage_options):
+                                       checked=True, **storage_options):
                 status["files"] += 1
                 status["tensors"] += len(part)
             status["status"] = "ok"
@@ -267,15 +269,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run ``qmoe-ray inspect``; exit status 0, 1 when a checksum fails, 2 on bad input."""
-    try:
-        opts = json.loads(args.storage_options) if args.storage_options else {}
-        if not isinstance(opts, dict):
-            raise ValueError("--storage-options must be a JSON object")
-        info = inspect(args.url, verify=not args.no_verify, progress=not args.quiet, **opts)
-    except (ValueError, FileNotFoundError, PermissionError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"qmoe-ray inspect: error: {msg}", file=sys.stderr)
-        return 2
+    """Run ``qmoe-ray inspect``; exit status 0, 1 when a checksum fails. Bad input (a bad
+    checkpoint: ``CheckpointError``) is raised, and ``qmoe_ray.cli.run`` shows it as one line
+    with exit status 2."""
+    opts = json.loads(args.storage_options) if args.storage_options else {}
+    if not isinstance(opts, dict):
+        raise InputError("--storage-options must be a JSON object")
+    info = inspect(args.url, verify=not args.no_verify, progress=not args.quiet, **opts)
     print(json.dumps(info, indent=1) if args.json else format_text(info))
     return 1 if info["checksums"]["status"] == "failed" else 0

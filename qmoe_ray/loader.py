@@ -1,12 +1,19 @@
 """Loading compressed checkpoints: read, verify, decode, and run.
 
 ``load(url)`` reads ``manifest.json`` (no manifest: not a checkpoint) and checks everything it
-can before reading a shard: the format version, every file name (relative, inside the folder),
-every tensor's shard, every quantized matrix's codec version, parameters and code table. Then it
-*streams* the shards in manifest order: a thread pool fetches byte ranges of the next shards
-while the current one is verified and decoded, so decoding overlaps the download. Each shard's
-safetensors header is parsed here (strictly: offsets inside the file, no gaps, no extra or missing
-tensors) and every tensor's SHA-256 is computed over the raw bytes in place, before any byte is
+can before reading a shard (``read_manifest`` / ``check_manifest``). A checkpoint comes from a
+store, not from a trusted party, and whoever writes its manifest can recompute every checksum, so
+checksums prove integrity only, and the manifest is checked as hostile input: its size (against
+what the folder's config.json implies) before it is read, its nesting, the type of every field,
+every file name (relative, inside the folder), every quantized matrix's codec and the exact shape
+of each of its stored tensors, and every declared shape against the model config and the family's
+rules. Nothing is allocated or decoded from a shape that has not passed, and every problem is a
+``qmoe_ray.errors.CheckpointError`` naming the file, key or tensor. Then it *streams* the shards
+in manifest order (each shard's size on the store compared with the manifest's before it is
+read): a thread pool fetches byte ranges of the next shards while the current one is verified
+and decoded, so decoding overlaps the download. Each shard's safetensors header is parsed by the
+project's one safetensors parser (``qmoe_ray.storage.checkpoint.parse_header``: exact sizes,
+offsets inside the file; here also no gaps, no extra or missing tensors) and every tensor's SHA-256 is computed over the raw bytes in place, before any byte is
 decoded: a flipped byte, a truncated or missing shard is an error, never garbage.
 
 The experts then take one of two forms (``mode``):
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 import time
 from collections import deque
@@ -42,10 +50,13 @@ import numpy as np
 import torch
 
 from qmoe_ray import codec
+from qmoe_ray.errors import CheckpointError, InputError
 from qmoe_ray.models import LayerSpec, get_family, run_forward
 from qmoe_ray.quant import Scheme, dequantize, parse_scheme
+from qmoe_ray.storage import layout
 from qmoe_ray.storage import manifest as mf
-from qmoe_ray.storage.fs import check_relname, fs_errors, redact, safe_join, url_to_fs
+from qmoe_ray.storage.checkpoint import MAX_HEADER, parse_header
+from qmoe_ray.storage.fs import fs_errors, redact, safe_join, url_to_fs
 from qmoe_ray.storage.layout import CODE_PREFIX
 
 DEVICES = ("cpu", "cuda")
@@ -58,29 +69,93 @@ GPU_INSTALL = ("install the GPU extra: pip install 'qmoe-ray[gpu]' (CuPy for CUD
                "drivers run too; 'qmoe-ray[gpu-cuda13]' for a CUDA 13 toolkit) on a machine with "
                "an NVIDIA GPU, or load with device='cpu'")
 
-_ST_DTYPES = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "U16": torch.uint16,
-    "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64,
-    "BOOL": torch.bool,
-}
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # -- manifest ----------------------------------------------------------------------------------
+def _file_size(fs: Any, path: str, where: str) -> int:
+    """The size of a regular file, from the store's metadata (nothing is read).
+
+    Raises:
+        FileNotFoundError: no such file. CheckpointError: not a regular file (a folder, a device
+            or pipe behind a link), or the store reports no size.
+    """
+    info = fs.info(path)
+    kind = info.get("type")
+    if kind not in (None, "file"):
+        raise CheckpointError(f"{where} is not a regular file (the store says {str(kind)[:20]!r})")
+    size = info.get("size")
+    if type(size) is not int or size < 0:
+        raise CheckpointError(f"{where}: the store reports no size for it; a checkpoint must be "
+                              "on a store that reports file sizes")
+    return size
+
+
+def _read_small(fs: Any, path: str, url: str, where: str, limit: int,
+                storage_options: Mapping[str, Any], what: str) -> bytes:
+    """At most ``limit`` bytes of ``path``: its size is checked first, then at most
+    ``limit + 1`` bytes are read (a file that grew in between is refused too)."""
+    with fs_errors(url, "read", storage_options):
+        size = _file_size(fs, path, where)
+    msg = (f"{where}: more than the {limit:,} bytes {what}; refused without parsing it "
+           "(see qmoe_ray.storage.manifest for the limits)")
+    if size > limit:
+        raise CheckpointError(msg.replace("more than", f"{size:,} bytes, more than"))
+    with fs_errors(url, "read", storage_options):
+        raw = fs.cat_file(path, start=0, end=limit + 1)
+    if len(raw) > limit:
+        raise CheckpointError(msg)
+    return raw
+
+
+def _family(config: Mapping[str, Any], where: str) -> Any:
+    """The family of a config that passed ``manifest.check_config``, its errors as
+    ``CheckpointError``."""
+    try:
+        return get_family(config)
+    except (ValueError, TypeError, KeyError, ZeroDivisionError, OverflowError,
+            AttributeError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise CheckpointError(f"{where}: config: {msg}") from None
+
+
+def _implied_tensors(config: Mapping[str, Any], where: str) -> int:
+    family = _family(config, where)
+    layers = family.layers()
+    roles = len(family.expert_spec.roles)
+    return mf.implied_tensors(sum(lay.num_experts * roles for lay in layers if lay.moe),
+                              len(layers))
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
 def read_manifest(url: str, **storage_options: Any) -> dict[str, Any]:
-    """The manifest of the checkpoint at ``url``, version-checked.
+    """The manifest of the checkpoint at ``url``, fully checked (``check_manifest``).
+
+    Read with a size limit (``qmoe_ray.storage.manifest.manifest_size_limit``: proportionate to
+    the tensors the folder's ``config.json`` implies, compared with the store's file size before a
+    byte is read) and a nesting limit; the folder's ``config.json``, when present, must be the
+    manifest's ``config``.
 
     Raises:
         FileNotFoundError: no ``manifest.json`` (an unfinished or foreign folder), or the store
             cannot be reached.
         PermissionError: access denied / bad credentials.
-        ValueError: not JSON, another format, or a newer format version.
+        CheckpointError: too large, not JSON, another format, a newer format version, or any
+            problem ``check_manifest`` finds.
     """
     fs, root = url_to_fs(url, **storage_options)
-    path = f"{root.rstrip('/')}/{mf.MANIFEST}"
+    base = root.rstrip("/")
+    where = f"{redact(url)}/{mf.MANIFEST}"
+    cfg_where = f"{redact(url)}/config.json"
     try:
         with fs_errors(url, "read", storage_options):
-            raw = fs.cat_file(path)
+            fs.info(f"{base}/{mf.MANIFEST}")
     except FileNotFoundError as exc:
         raise FileNotFoundError(
             f"{redact(url)} has no readable {mf.MANIFEST}: not a (finished) qmoe-ray checkpoint "
@@ -88,67 +163,142 @@ def read_manifest(url: str, **storage_options: Any) -> dict[str, Any]:
             "output, or check the URL."
         ) from None
     try:
-        manifest = json.loads(raw)
-    except ValueError as exc:
-        raise ValueError(f"{redact(url)}/{mf.MANIFEST} is not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{redact(url)}/{mf.MANIFEST} is not a JSON object")
-    mf.check_version(manifest, f"{redact(url)}/{mf.MANIFEST}")
+        raw_cfg = _read_small(fs, f"{base}/config.json", url, cfg_where, mf.CONFIG_MAX_BYTES,
+                              storage_options, "a config.json may have")
+    except FileNotFoundError:
+        config = None
+        limit = mf.manifest_size_limit(None)
+    else:
+        config = mf.parse_json(raw_cfg, cfg_where)
+        mf.check_config(config, cfg_where)
+        limit = mf.manifest_size_limit(_implied_tensors(config, cfg_where))
+    raw = _read_small(fs, f"{base}/{mf.MANIFEST}", url, where, limit, storage_options,
+                      "a manifest of the model config.json describes may have" if config
+                      else "a manifest may have without a config.json")
+    manifest = mf.parse_json(raw, where)
+    check_manifest(manifest, where)
+    if config is not None and _canonical(config) != _canonical(manifest["config"]):
+        raise CheckpointError(f"{where}: its config differs from the folder's config.json; the "
+                              "checkpoint is inconsistent: copy it again or re-run the job")
     return manifest
 
 
-def check_manifest(manifest: Mapping[str, Any], where: str = "manifest") -> None:
-    """Check a manifest's structure before any shard is read.
+def check_manifest(manifest: Any, where: str = "manifest") -> None:
+    """Check a manifest before any shard is read; after it, readers index it without guarding.
 
-    Checks: required keys; every file name relative and inside the folder; every tensor in a
-    listed file; every quantized matrix with a known scheme, a known codec format/version, its
-    stored tensors listed, and its shared table listed (with a known version).
+    Checks, in order: the schema (``qmoe_ray.storage.manifest.check_schema``: the type of every
+    field used, every file name relative and inside the folder); every code table and quantized
+    matrix against the format (``qmoe_ray.storage.layout.check_matrix``: scheme, codec version,
+    and the exact dtype and shape of every stored tensor its shape implies); and every declared
+    shape against the model config (``check_against_config``). Nothing is allocated or decoded
+    from a declared shape that has not passed these checks.
 
     Raises:
-        ValueError: the first problem found, naming it.
-        KeyError: a required manifest key is missing.
+        CheckpointError: the first problem found, naming the key, tensor or matrix.
     """
-    for key in ("config", "files", "tensors", "quantized"):
-        if key not in manifest:
-            raise KeyError(f"{where}: key {key!r} is missing; the manifest is damaged, re-run the "
-                           "compression job")
-    files = list(manifest["files"])
-    for f in files:
-        check_relname(f)
-    listed = set(files)
-    tensors = manifest["tensors"]
-    for name, entry in tensors.items():
-        if entry.get("file") not in listed:
-            raise ValueError(f"{where}: tensor {name!r} names file {entry.get('file')!r}, which is "
-                             "not in the manifest's file list")
-    tables = manifest.get("tables", {})
-    for tname, meta in tables.items():
+    mf.check_schema(manifest, where)
+    tensors, tables = manifest["tensors"], manifest.get("tables", {})
+    try:
+        for tname, meta in tables.items():
+            layout.check_table(tname, meta, tensors)
+        for name, entry in manifest["quantized"].items():
+            layout.check_matrix(name, entry, tensors, tables)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    check_against_config(manifest, where)
+
+
+def _declared_shapes(family: Any, names: set[str], where: str) -> dict[str, tuple[int, ...]]:
+    """The shapes the family says tensors must have: every tensor its forward reads for
+    families that list them (``expected_shapes``), else the routed experts and routers."""
+    if hasattr(family, "expected_shapes"):
         try:
-            codec.check_format(dict(meta))
-        except (KeyError, ValueError) as exc:
-            raise ValueError(f"{where}: code table {tname!r}: {exc}") from None
-        if f"{tname}.freqs" not in tensors:
-            raise ValueError(f"{where}: code table {tname!r} has no stored tensor {tname}.freqs")
-    for name, entry in manifest["quantized"].items():
-        try:
-            parse_scheme(entry["scheme"], entry.get("quant_group_size"))
-            meta = dict(entry["codec"])
-            if meta.get("format") == "qmoe-rans":
-                codec.check_format(meta)
-            fields = [f"{name}{CODE_PREFIX}{f}" for f in entry["fields"]]
-            params = [f"{name}.{p}" for p in entry["params"]]
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"{where}: quantized matrix {name!r} lacks {exc}") from None
-        except ValueError as exc:
-            raise ValueError(f"{where}: quantized matrix {name!r}: {exc}") from None
-        for t in fields + params:
-            if t not in tensors:
-                raise ValueError(f"{where}: quantized matrix {name!r} needs tensor {t!r}, which "
-                                 "the manifest does not list")
-        table = entry.get("table")
-        if table and table not in tables:
-            raise ValueError(f"{where}: quantized matrix {name!r} uses code table {table!r}, "
-                             "which is not in the manifest's tables")
+            family.bind(names)
+        except KeyError as exc:
+            raise CheckpointError(f"{where}: {exc.args[0] if exc.args else exc}") from None
+        return {n: tuple(s) for n, s in family.expected_shapes().items()}
+    spec = family.expert_spec
+    d, ff = int(family.d_model), int(family.d_ff)
+    out: dict[str, tuple[int, ...]] = {}
+    for lay in family.layers():
+        if lay.moe:
+            out[family.router_name(lay)] = (lay.num_experts, d)
+            for e in range(lay.num_experts):
+                for role, n in family.expert_names(lay, e).items():
+                    out[n] = (ff, d) if role in spec.in_roles else (d, ff)
+    return out
+
+
+def check_against_config(manifest: Mapping[str, Any], where: str = "manifest") -> None:
+    """Check every declared shape against the model config (a manifest that passed the schema).
+
+    - the quantized matrices are exactly the family's routed experts (counted from the config
+      before any name is listed), each with the shape the config implies for its role;
+    - every other tensor the family declares (``expected_shapes``: attention, norms, routers,
+      embeddings, head) is stored with its shape; a tensor the family does not declare has at
+      most 4 dimensions and no more elements than the largest declared one.
+
+    Raises:
+        CheckpointError: naming the tensor, its declared shape and the shape the config implies.
+    """
+    config = manifest["config"]
+    family = _family(config, where)
+    quantized, tensors = manifest["quantized"], manifest["tensors"]
+    pieces = {t for n, e in quantized.items() for t in layout.stored_names(n, e)}
+    pieces |= {f"{t}.freqs" for t in manifest.get("tables", {})}
+    dense = {n: e for n, e in tensors.items() if n not in pieces}
+    both = sorted(set(dense) & set(quantized))
+    if both:
+        raise CheckpointError(f"{where}: {both[0]!r} is both a stored tensor and a quantized "
+                              "matrix")
+    moe = [lay for lay in family.layers() if lay.moe]
+    roles = family.expert_spec.roles
+    expected = sum(lay.num_experts for lay in moe) * len(roles)
+    model = f"the {family.model_type} config"
+    if expected != len(quantized):
+        def names():
+            for lay in moe:
+                for e in range(lay.num_experts):
+                    yield from ((lay, e, r, n) for r, n in family.expert_names(lay, e).items())
+
+        detail = ""
+        if expected > len(quantized):  # the first missing one is among the first len + 1
+            lay, e, r, n = next(x for x in names() if x[3] not in quantized)
+            detail = f": expert {e} of {lay.name} ({r}, {n!r}) is missing"
+        else:
+            extra = sorted(set(quantized) - {x[3] for x in names()})
+            detail = f": {extra[0]!r} is no expert of it"
+        raise CheckpointError(f"{where}: {model} implies {expected} expert matrices, the "
+                              f"manifest has {len(quantized)}{detail}; the manifest does not "
+                              "match its config")
+    shapes = _declared_shapes(family, set(dense) | set(quantized), where)
+    hint = ("; the manifest does not match its config (a checkpoint declares only the shapes "
+            "its config implies)")
+    for name, entry in quantized.items():
+        want = shapes.get(name)
+        if want is None:
+            raise CheckpointError(f"{where}: quantized matrix {name!r} is no expert of {model}"
+                                  f"{hint}")
+        if tuple(entry["shape"]) != want:
+            raise CheckpointError(f"{where}: quantized matrix {name!r} is declared "
+                                  f"{list(entry['shape'])}, {model} implies {list(want)}{hint}")
+    for name, want in shapes.items():
+        if name in quantized:
+            continue
+        if name not in dense:
+            raise CheckpointError(f"{where}: tensor {name!r}, which {model} implies, is not in "
+                                  "the manifest; the checkpoint is incomplete")
+        if tuple(dense[name]["shape"]) != want:
+            raise CheckpointError(f"{where}: tensor {name!r} is declared "
+                                  f"{list(dense[name]['shape'])}, {model} implies "
+                                  f"{list(want)}{hint}")
+    d = config.get("hidden_size") or config.get("d_model") or 0
+    bound = max([math.prod(s) for s in shapes.values()] + [(config.get("vocab_size") or 0) * d])
+    for name, e in dense.items():
+        if name not in shapes and (len(e["shape"]) > 4 or math.prod(e["shape"]) > bound):
+            raise CheckpointError(f"{where}: tensor {name!r} is declared {list(e['shape'])}, "
+                                  f"larger than any tensor of {model} ({bound:,} elements)"
+                                  f"{hint}")
 
 
 # -- streaming reader --------------------------------------------------------------------------
@@ -180,57 +330,41 @@ class Timings:
 
 def parse_safetensors(buf: bytes | bytearray | memoryview, where: str
                       ) -> dict[str, tuple[str, list[int], int, int]]:
-    """Parse and check a safetensors header against the buffer's length.
+    """Parse and check a safetensors file held in ``buf`` (the header through
+    ``qmoe_ray.storage.checkpoint.parse_header``, the one safetensors parser of the project),
+    and check that the tensors tile the data exactly.
 
     Returns:
         ``name -> (torch dtype name, shape, start, end)`` with absolute byte offsets into ``buf``.
 
     Raises:
-        ValueError: truncated file, a bad header, unknown dtype, offsets out of bounds, overlapping
-            or leaving gaps, or a size that disagrees with dtype and shape.
+        CheckpointError: truncated file, a bad header, unknown dtype, offsets out of bounds,
+            overlapping or leaving gaps, or a size that disagrees with dtype and shape. Messages
+            never quote the file's bytes.
     """
     fix = "the shard is truncated or corrupted: copy it again or re-run the compression job"
     n = len(buf)
     if n < 8:
-        raise ValueError(f"{where}: {n} bytes, too short for a safetensors file; {fix}")
+        raise CheckpointError(f"{where}: {n} bytes, too short for a safetensors file; {fix}")
     (hlen,) = struct.unpack("<Q", bytes(buf[:8]))
-    if hlen > n - 8 or hlen > 100 * 2**20:
-        raise ValueError(f"{where}: header length {hlen} exceeds the file ({n} bytes); {fix}")
+    if hlen > n - 8 or hlen > MAX_HEADER:  # the value is the file's bytes: never shown
+        raise CheckpointError(f"{where}: its first 8 bytes declare a safetensors header longer "
+                              f"than the file ({n} bytes) or than {MAX_HEADER} bytes; not a "
+                              f"safetensors file, or {fix}")
     try:
-        header = json.loads(bytes(buf[8 : 8 + hlen]))
+        infos = parse_header(bytes(buf[8 : 8 + hlen]), where, n)
     except ValueError as exc:
-        raise ValueError(f"{where}: unreadable safetensors header ({exc}); {fix}") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{where}: safetensors header is not an object; {fix}")
+        raise CheckpointError(f"{exc}; {fix}") from None
     base = 8 + hlen
-    out: dict[str, tuple[str, list[int], int, int]] = {}
-    spans = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _ST_DTYPES[info["dtype"]]
-            shape = [int(s) for s in info["shape"]]
-            start, end = (int(v) for v in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{where}: bad header entry for {name!r} ({exc!r}); {fix}") from None
-        size = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
-        if not 0 <= start <= end or end - start != size:
-            raise ValueError(f"{where}: tensor {name!r} has offsets {start}..{end} for "
-                             f"{size} bytes; {fix}")
-        if base + end > n:
-            raise ValueError(f"{where}: tensor {name!r} ends at byte {base + end} but the file "
-                             f"has {n} bytes; {fix}")
-        out[name] = (str(dtype).removeprefix("torch."), shape, base + start, base + end)
-        spans.append((start, end))
-    spans.sort()
-    pos = 0
-    for s, e in spans:
-        if s != pos:
-            raise ValueError(f"{where}: tensor data is not contiguous at byte {base + pos}; {fix}")
-        pos = e
-    if base + pos != n:
-        raise ValueError(f"{where}: {n - base - pos} trailing bytes after the last tensor; {fix}")
+    out = {name: (str(i.dtype).removeprefix("torch."), list(i.shape), i.start, i.end)
+           for name, i in infos.items()}
+    pos = base
+    for start, end in sorted((i.start, i.end) for i in infos.values()):
+        if start != pos:
+            raise CheckpointError(f"{where}: tensor data is not contiguous at byte {pos}; {fix}")
+        pos = end
+    if pos != n:
+        raise CheckpointError(f"{where}: {n - pos} trailing bytes after the last tensor; {fix}")
     return out
 
 
@@ -257,32 +391,41 @@ def verify_shard(buf: bytearray, rel: str, expected: Mapping[str, Mapping[str, A
         The shard's tensors, by name.
 
     Raises:
-        ValueError: a parse error, a missing or unlisted tensor, a dtype/shape/checksum mismatch.
+        CheckpointError: a parse error, a missing or unlisted tensor, a dtype/shape/checksum
+            mismatch.
     """
     header = parse_safetensors(buf, rel)
     missing = sorted(set(expected) - set(header))
     if missing:
-        raise ValueError(f"{rel}: tensors listed in the manifest are not in the shard: "
-                         f"{missing[:3]}; the checkpoint is corrupted: re-run the job")
+        raise CheckpointError(f"{rel}: {len(missing)} tensors listed in the manifest are not in "
+                              f"the shard (first: {_short(missing[0])}); the checkpoint is "
+                              "corrupted: re-run the job")
     extra = sorted(set(header) - set(expected))
     if extra:
-        raise ValueError(f"{rel}: the shard holds tensors the manifest does not list: "
-                         f"{extra[:3]}; the checkpoint is corrupted: re-run the job")
+        raise CheckpointError(f"{rel}: the shard holds {len(extra)} tensors the manifest does "
+                              f"not list (first: {_short(extra[0])}); the checkpoint is "
+                              "corrupted: re-run the job")
     view = memoryview(buf)
     out = {}
     for name, entry in expected.items():
         dtype, shape, start, end = header[name]
         if dtype != entry["dtype"] or shape != list(entry["shape"]):
-            raise ValueError(f"{rel}: tensor {name!r} is stored as {dtype}{shape}, the manifest "
-                             f"says {entry['dtype']}{list(entry['shape'])}; the checkpoint is "
-                             "corrupted")
+            raise CheckpointError(f"{rel}: tensor {name!r} is stored as {dtype}{_short(shape)}, "
+                                  f"the manifest says {entry['dtype']}{list(entry['shape'])}; "
+                                  "the checkpoint is corrupted")
         got = hashlib.sha256(view[start:end]).hexdigest()
         if got != entry["sha256"]:
-            raise ValueError(f"{rel}: tensor {name!r} fails its checksum (sha256 {got[:12]}..., "
-                             f"manifest {str(entry['sha256'])[:12]}...): the checkpoint is "
-                             "corrupted; copy it again or re-run the job")
+            raise CheckpointError(f"{rel}: tensor {name!r} fails its checksum (sha256 "
+                                  f"{got[:12]}..., manifest {entry['sha256'][:12]}...): the "
+                                  "checkpoint is corrupted; copy it again or re-run the job")
         out[name] = _as_tensor(buf, dtype, shape, start, end)
     return out
+
+
+def _header_budget(entries: Mapping[str, Any]) -> int:
+    """The most header bytes a shard of these tensors can need: per tensor its name (escaped,
+    up to 6 bytes a character) and 160 bytes of dtype, shape and offsets, plus 4 KiB."""
+    return min(MAX_HEADER, 4096 + sum(6 * len(n) + 160 for n in entries))
 
 
 def iter_shards(
@@ -293,12 +436,15 @@ def iter_shards(
     chunk_bytes: int = CHUNK_BYTES,
     timings: Timings | None = None,
     progress: bool | str = False,
+    checked: bool = False,
     **storage_options: Any,
 ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """Stream the verified shards of a checkpoint in manifest order.
 
     Byte ranges of up to ``prefetch`` shards ahead are fetched by ``workers`` threads while the
-    caller works on the current one.
+    caller works on the current one. Each shard's size on the store is compared with what the
+    manifest says it holds (its tensors' bytes plus a bounded header) before a byte of it is
+    read or its buffer allocated.
 
     Args:
         url: the checkpoint folder (any fsspec URL).
@@ -308,6 +454,8 @@ def iter_shards(
         chunk_bytes: size of one range read.
         timings: accumulates read/wait/verify seconds and bytes when given.
         progress: a progress bar over the tensor bytes on stderr (a string: its label).
+        checked: the manifest already passed ``check_manifest`` (``read_manifest`` returns such
+            manifests); else it is checked here.
         **storage_options: fsspec options.
 
     Yields:
@@ -316,9 +464,11 @@ def iter_shards(
     Raises:
         FileNotFoundError: a shard is missing or the store unreachable.
         PermissionError: access denied.
-        ValueError: a corrupted, truncated or inconsistent shard (see ``verify_shard``).
+        CheckpointError: a bad manifest, a shard of the wrong size, a corrupted, truncated or
+            inconsistent shard (see ``verify_shard``).
     """
-    check_manifest(manifest)
+    if not checked:
+        check_manifest(manifest, f"{redact(url)}/{mf.MANIFEST}")
     t = timings if timings is not None else Timings()
     fs, root = url_to_fs(url, **storage_options)
     root = root.rstrip("/")
@@ -331,12 +481,21 @@ def iter_shards(
         path = safe_join(root, rel)
         try:
             with fs_errors(f"{url}/{rel}", "read", storage_options):
-                return int(fs.size(path))
+                size = _file_size(fs, path, f"{redact(url)}/{rel}")
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"shard {rel} listed in the manifest of {redact(url)} is missing: the checkpoint "
                 "is incomplete; copy it again or re-run the job"
             ) from None
+        data = sum(e["nbytes"] for e in by_file[rel].values())
+        budget = _header_budget(by_file[rel])
+        if not 8 + 2 + data <= size <= 8 + budget + data:
+            raise CheckpointError(
+                f"{rel}: {size:,} bytes on the store, but the manifest's {len(by_file[rel])} "
+                f"tensors in it take {data:,} bytes plus a header of at most {budget:,}: the "
+                "shard is truncated, padded or not the one the manifest describes; copy it "
+                "again or re-run the job")
+        return size
 
     def read_range(path: str, rel: str, start: int, end: int) -> bytes:
         t0 = time.perf_counter()
@@ -356,7 +515,7 @@ def iter_shards(
             pending.append((rel, size, futs))
 
         queue = deque(files)
-        bar = _progress_bar(progress, sum(int(e["nbytes"]) for e in manifest["tensors"].values()))
+        bar = _progress_bar(progress, sum(e["nbytes"] for e in manifest["tensors"].values()))
         try:
             while queue or pending:
                 while queue and len(pending) < max(1, prefetch):
@@ -367,7 +526,7 @@ def iter_shards(
                 for s, fut in futs:
                     data = fut.result()
                     if len(data) != min(chunk_bytes, size - s):
-                        raise ValueError(f"{rel}: short read at byte {s} (the shard changed while "
+                        raise CheckpointError(f"{rel}: short read at byte {s} (the shard changed while "
                                          "being read?); retry the load")
                     buf[s : s + len(data)] = data
                 t1 = time.perf_counter()
@@ -375,7 +534,7 @@ def iter_shards(
                 t.wait += t1 - t0
                 t.verify += time.perf_counter() - t1
                 t.bytes += size
-                bar.update(sum(int(e["nbytes"]) for e in by_file[rel].values()))
+                bar.update(sum(e["nbytes"] for e in by_file[rel].values()))
                 yield rel, tensors
         finally:
             bar.close()
@@ -481,17 +640,26 @@ class EncodedWeight:
         return codec.unpack_bits(self.enc)
 
     def dense(self) -> torch.Tensor:
-        """The bf16 weight ``[rows, cols]``, decoded now (on the GPU when resident there)."""
-        if self.device == "cuda" and self._gpu_ok():
-            return _gpu_dequantize(self)
-        if isinstance(self.enc, codec.EncodedTernary):
-            w = _ternary_bf16(self.enc, self.params["lo"], self.params["hi"])
-        elif isinstance(self.enc, codec.EncodedInt2) and self.scheme.group_size is None:
-            w = _int2_bf16(self.enc, self.scheme, self.params)
-        else:
-            codes = self.codes()
-            p = {k: v.float()[None] for k, v in self.params.items()}
-            w = dequantize(self.scheme, torch.from_numpy(codes)[None], p)[0].to(torch.bfloat16)
+        """The bf16 weight ``[rows, cols]``, decoded now (on the GPU when resident there).
+
+        Raises:
+            CheckpointError: the stored codes do not decode (a corrupted stream, a wrong table).
+        """
+        try:
+            if self.device == "cuda" and self._gpu_ok():
+                return _gpu_dequantize(self)
+            if isinstance(self.enc, codec.EncodedTernary):
+                w = _ternary_bf16(self.enc, self.params["lo"], self.params["hi"])
+            elif isinstance(self.enc, codec.EncodedInt2) and self.scheme.group_size is None:
+                w = _int2_bf16(self.enc, self.scheme, self.params)
+            else:
+                codes = self.codes()
+                p = {k: v.float()[None] for k, v in self.params.items()}
+                w = dequantize(self.scheme, torch.from_numpy(codes)[None], p)[0].to(torch.bfloat16)
+        except CheckpointError:
+            raise
+        except ValueError as exc:
+            raise CheckpointError(f"quantized matrix {self.name!r}: {exc}") from None
         return w.to(self.device) if self.device != "cpu" else w
 
     def _gpu_ok(self) -> bool:
@@ -603,15 +771,22 @@ def encoded_matrix(
 ) -> EncodedWeight:
     """An ``EncodedWeight`` from a stored quantized matrix (nothing decoded yet).
 
+    Args:
+        name, entry: the matrix and its manifest entry (of a manifest that passed
+            ``check_manifest``: its declared shapes are the config's).
+        tensors: verified stored tensors holding the matrix's pieces (``iter_shards``).
+        tables: the manifest's table metadata; table_cache: tables rebuilt so far, by name.
+        device: where the parameters (and, with the GPU extra, the codes) go.
+
     Raises:
-        KeyError: a stored tensor or table is missing.
-        ValueError: an unknown codec version, a table hash mismatch, inconsistent sizes.
+        CheckpointError: a stored tensor or table is missing, an unknown codec version, a table
+            hash mismatch, inconsistent sizes (the message names the matrix).
     """
-    scheme = parse_scheme(entry["scheme"], entry.get("quant_group_size"))
-    # copies: an encoded matrix must not keep its whole shard buffer alive
-    arrays = {f: tensors[f"{name}{CODE_PREFIX}{f}"].numpy().copy() for f in entry["fields"]}
-    meta = dict(entry["codec"])
     try:
+        scheme = parse_scheme(entry["scheme"], entry.get("quant_group_size"))
+        # copies: an encoded matrix must not keep its whole shard buffer alive
+        arrays = {f: tensors[f"{name}{CODE_PREFIX}{f}"].numpy().copy() for f in entry["fields"]}
+        meta = dict(entry["codec"])
         if scheme.name in ("ternary", "int2"):
             cls = codec.EncodedTernary if scheme.name == "ternary" else codec.EncodedInt2
             table = _table(entry.get("table"), tables, tensors,
@@ -619,12 +794,13 @@ def encoded_matrix(
             enc = cls.from_tensors(arrays, meta, table=table)
         else:
             enc = codec.PackedCodes.from_tensors(arrays, meta)
+        params = {p: tensors[f"{name}.{p}"].clone() for p in entry["params"]}
     except (KeyError, ValueError) as exc:
-        raise ValueError(f"quantized matrix {name!r}: {exc}") from None
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise CheckpointError(f"quantized matrix {name!r}: {msg}") from None
     if list(enc.shape) != list(entry["shape"]):
-        raise ValueError(f"quantized matrix {name!r}: encoded shape {list(enc.shape)}, manifest "
-                         f"says {entry['shape']}")
-    params = {p: tensors[f"{name}.{p}"].clone() for p in entry["params"]}
+        raise CheckpointError(f"quantized matrix {name!r}: encoded shape {list(enc.shape)}, "
+                              f"manifest says {entry['shape']}")
     w = EncodedWeight(name, scheme, enc, params, device)
     if device == "cuda":
         params = {k: v.to("cuda") for k, v in params.items()}
@@ -645,7 +821,8 @@ def decode_matrix(w: EncodedWeight) -> torch.Tensor:
 # -- the model ---------------------------------------------------------------------------------
 class LoadedWeights:
     """A ``WeightSource`` over a loaded checkpoint: dense tensors (stored dtype) and experts
-    (dense bf16 or ``EncodedWeight``), handed out as float32 on the model's device."""
+    (dense bf16 or ``EncodedWeight``), handed out as float32 on the model's device; a name it
+    lacks raises ``CheckpointError`` (the model needs a tensor the checkpoint does not hold)."""
 
     def __init__(self, dense: Mapping[str, torch.Tensor], experts: Mapping[str, Any],
                  dtype: torch.dtype = torch.float32):
@@ -658,8 +835,9 @@ class LoadedWeights:
         if t is None:
             t = self._experts.get(name)
             if t is None:
-                raise KeyError(f"tensor {name!r} not found among "
-                               f"{len(self._dense) + len(self._experts)} tensors")
+                raise CheckpointError(f"tensor {name!r}, which the model reads, is not in the "
+                                      f"checkpoint ({len(self._dense) + len(self._experts)} "
+                                      "tensors); the checkpoint is incomplete")
             if isinstance(t, EncodedWeight):
                 t = t.dense()
         return t.to(self._dtype)
@@ -778,7 +956,10 @@ def load(url: str, device: str = "cpu", mode: str = "decode", workers: int = 4,
         A ``CompressedModel``; its ``timings`` split the load into read, wait, verify, decode.
 
     Raises:
-        ValueError: an unknown device or mode; a corrupted or inconsistent checkpoint.
+        CheckpointError: whatever is wrong with the checkpoint (malformed, inconsistent with its
+            config, corrupted, not decodable), naming the file, key or tensor; every declared
+            shape is checked against the config before anything is allocated or decoded.
+        ValueError: an unknown device, mode or compute.
         RuntimeError: ``device="cuda"`` without a GPU or without CuPy (says how to install it).
         FileNotFoundError: no manifest or a missing shard; PermissionError: access denied.
     """
@@ -788,8 +969,7 @@ def load(url: str, device: str = "cpu", mode: str = "decode", workers: int = 4,
         raise ValueError(f"compute={compute!r}: expected one of {COMPUTE}")
     _check_device(device)
     t_start = time.perf_counter()
-    manifest = read_manifest(url, **storage_options)
-    check_manifest(manifest, f"{redact(url)}/{mf.MANIFEST}")
+    manifest = read_manifest(url, **storage_options)  # checked: check_manifest
     quantized = manifest["quantized"]
     tables = manifest.get("tables", {})
     stored = {f"{n}{CODE_PREFIX}{f}" for n, e in quantized.items() for f in e["fields"]}
@@ -810,7 +990,7 @@ def load(url: str, device: str = "cpu", mode: str = "decode", workers: int = 4,
     todo = dict(quantized)
     label = "loading" if progress else False
     for _, part in iter_shards(url, manifest, workers=workers, timings=t, progress=label,
-                               **storage_options):
+                               checked=True, **storage_options):
         t0 = time.perf_counter()
         for name, tensor in part.items():
             if name in stored:
@@ -826,7 +1006,8 @@ def load(url: str, device: str = "cpu", mode: str = "decode", workers: int = 4,
                     held.pop(k)
         t.decode += time.perf_counter() - t0
     if todo:
-        raise ValueError(f"quantized matrices without their stored tensors: {sorted(todo)[:3]}")
+        raise CheckpointError(f"{redact(url)}: {len(todo)} quantized matrices without their "
+                              f"stored tensors (first: {sorted(todo)[0]!r})")
     if device == "cuda":
         torch.cuda.synchronize()
     t.wall = time.perf_counter() - t_start
@@ -840,9 +1021,13 @@ def compare_eval(compressed_url: str, original_url: str | None = None, data_spec
                  ) -> dict[str, Any]:
     """Original vs compressed loss and perplexity on the same held-out data (side by side).
 
+    Why the original must be named: a manifest's ``source`` is data from the checkpoint's store,
+    not a choice of the user; fetching it would read whatever URL the checkpoint names, with the
+    user's storage options (credentials, endpoint). ``source_of`` tells what the manifest names.
+
     Args:
         compressed_url: the compressed checkpoint.
-        original_url: the source model (default: the manifest's ``source``).
+        original_url: the source model, given explicitly (required).
         data_spec, num_samples, seq_len, batch_size, storage_options, **eval_kw: as
             ``qmoe_ray.evaluate.evaluate`` (the same samples are drawn for both models).
 
@@ -850,15 +1035,14 @@ def compare_eval(compressed_url: str, original_url: str | None = None, data_spec
         ``{"original": result, "compressed": result, "loss_delta", "perplexity_ratio"}``.
 
     Raises:
-        ValueError: the compressed checkpoint does not name its source and none is given.
+        InputError: no ``original_url`` (the message quotes the manifest's source).
     """
     from qmoe_ray.evaluate import evaluate
 
     opts = dict(storage_options or {})
-    source = original_url or read_manifest(compressed_url, **opts).get("source")
-    if not source:
-        raise ValueError(f"{compressed_url}: the manifest names no source model; pass the "
-                         "original model's URL")
+    if not original_url:
+        raise InputError(_name_the_original(compressed_url, source_of(compressed_url, **opts)))
+    source = original_url
     args = (data_spec, num_samples, seq_len, batch_size, opts)
     comp = evaluate(compressed_url, *args, **eval_kw)
     orig = evaluate(source, *args, **eval_kw)
@@ -866,3 +1050,19 @@ def compare_eval(compressed_url: str, original_url: str | None = None, data_spec
             "compressed": {"model": compressed_url, **comp},
             "loss_delta": comp["loss"] - orig["loss"],
             "perplexity_ratio": comp["perplexity"] / orig["perplexity"]}
+
+
+def source_of(url: str, **storage_options: Any) -> str | None:
+    """The source model a compressed checkpoint's manifest names (redacted; None if none).
+    Only shown to the user, never fetched (see ``compare_eval``)."""
+    source = read_manifest(url, **storage_options).get("source")
+    return redact(source) if source else None
+
+
+def _name_the_original(url: str, source: str | None) -> str:
+    if not source:
+        return (f"{redact(url)}: the manifest names no source model; give the original model's "
+                "URL explicitly (eval --compare URL)")
+    return (f"the original model must be given explicitly: the manifest of {redact(url)} names "
+            f"its source as {_short(source, 200)}; if that is the model to compare with, run "
+            f"again with --compare {source} (it is read with your storage options)")

@@ -11,10 +11,16 @@ A quantized matrix ``N`` (our canonical per-expert name, e.g.
 
 The codec's string metadata and the matrix shape go into the manifest entry of ``N``, so the
 safetensors files hold tensors only. Everything here is pure (no I/O).
+
+``check_matrix`` / ``check_table`` are the reading side's guard: from a matrix's declared shape
+they derive the exact dtype and shape (for ``stream``, a bound: at most one word per symbol) of
+every stored tensor, so a manifest that declares more than its matrix can hold is refused before
+a byte is read or allocated.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +28,10 @@ import numpy as np
 import torch
 
 from qmoe_ray import codec
+from qmoe_ray.codec.encoded import MAX_SEGMENT_SYMBOLS
+from qmoe_ray.codec.packbits import PACK_FORMAT, PACK_VERSION
+from qmoe_ray.codec.table import KINDS, MAX_PROB_BITS, MIN_PROB_BITS
+from qmoe_ray.errors import CheckpointError
 from qmoe_ray.quant import Scheme, dequantize, parse_scheme
 
 CODE_PREFIX = ".q."
@@ -183,3 +193,163 @@ def dequantize_matrix(
     scheme, codes, params = unpack_matrix(name, entry, tensors, tables)
     c = torch.from_numpy(codes)[None]
     return dequantize(scheme, c, {k: v[None] for k, v in params.items()})[0]
+
+
+# -- reading side: what a declared matrix may store ----------------------------------------------
+RANS_SCHEMES = ("ternary", "int2")
+
+
+def stored_names(name: str, entry: Mapping[str, Any]) -> list[str]:
+    """The stored tensors of quantized matrix ``name``: its code fields, its grid parameters and
+    its shared table's frequencies (an entry that passed ``manifest.check_schema``)."""
+    out = [f"{name}{CODE_PREFIX}{f}" for f in entry["fields"]]
+    out += [f"{name}.{p}" for p in entry["params"]]
+    if entry.get("table"):
+        out.append(f"{entry['table']}.freqs")
+    return out
+
+
+def _meta_int(meta: Mapping[str, str], key: str, lo: int, hi: int, what: str) -> int:
+    v = meta.get(key)
+    if not isinstance(v, str) or not v.isdigit() or len(v) > 6 or not lo <= int(v) <= hi:
+        raise CheckpointError(f"{what}: codec {key} is {str(v)[:20]!r}, expected an integer in "
+                              f"{lo}..{hi}")
+    return int(v)
+
+
+def _rans_params(meta: Mapping[str, str], what: str) -> tuple[str, int, int]:
+    """``(kind, group, prob_bits)`` of qmoe-rans metadata (a matrix's or a shared table's)."""
+    try:
+        codec.check_format(dict(meta))
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{what}: {exc.args[0] if exc.args else exc}") from None
+    kind = meta.get("kind")
+    if kind not in KINDS:
+        raise CheckpointError(f"{what}: codec kind {str(kind)[:20]!r} is not one of "
+                              f"{sorted(KINDS)}")
+    group = _meta_int(meta, "group", 1, int(math.log(256, KINDS[kind]) + 1e-9), what)
+    prob_bits = _meta_int(meta, "prob_bits", MIN_PROB_BITS, MAX_PROB_BITS, what)
+    hash_ = meta.get("table_hash")
+    if not isinstance(hash_, str) or len(hash_) != 64:
+        raise CheckpointError(f"{what}: codec table_hash is not 64 hex digits")
+    return kind, group, prob_bits
+
+
+def _check_tensor(tensors: Mapping[str, Mapping[str, Any]], tname: str, dtype: str,
+                  shape: list[int] | None, what: str, max_len: int | None = None) -> None:
+    """``tname`` listed with ``dtype`` and ``shape`` (or 1-D of at most ``max_len``)."""
+    e = tensors.get(tname)
+    if e is None:
+        raise CheckpointError(f"{what} needs tensor {tname!r}, which the manifest does not list")
+    got = list(e["shape"])
+    ok = e["dtype"] == dtype and (got == shape if shape is not None
+                                  else len(got) == 1 and got[0] <= (max_len or 0))
+    if not ok:
+        want = f"{dtype}{shape}" if shape is not None else f"{dtype}[<= {max_len}]"
+        raise CheckpointError(f"{what}: tensor {tname!r} is declared {e['dtype']}{got}, but the "
+                              f"matrix's shape needs {want}")
+
+
+def check_table(tname: str, meta: Mapping[str, str],
+                tensors: Mapping[str, Mapping[str, Any]]) -> tuple[str, int, int]:
+    """Check a shared code table's metadata and its stored ``freqs`` (``uint16[A**group]``).
+
+    Returns:
+        ``(kind, group, prob_bits)``.
+
+    Raises:
+        CheckpointError: an unknown format or version, bad parameters, a missing or misshapen
+            ``freqs``.
+    """
+    what = f"code table {tname!r}"
+    kind, group, prob_bits = _rans_params(meta, what)
+    _check_tensor(tensors, f"{tname}.freqs", "uint16", [KINDS[kind] ** group], what)
+    return kind, group, prob_bits
+
+
+def check_matrix(name: str, entry: Mapping[str, Any], tensors: Mapping[str, Mapping[str, Any]],
+                 tables: Mapping[str, Mapping[str, str]]) -> None:
+    """Check what a quantized matrix declares against its own shape (after
+    ``manifest.check_schema``; the shape itself is checked against the model's config elsewhere).
+
+    The scheme is known and matches the codec (``qmoe-rans`` for ternary/int2, ``qmoe-packbits``
+    with the scheme's bits otherwise); the codec metadata's shape is the entry's; the code fields
+    and grid parameters are exactly the scheme's, each listed with the dtype and shape the matrix
+    implies: ``seg_words`` ``uint16[ceil(ceil(rows*cols/group)/segment_symbols)]``, ``stream``
+    ``uint16`` of at most two words per segment plus one per symbol, an embedded ``freqs``
+    ``uint16[A**group]``, ``packed`` ``uint8[ceil(rows*cols*bits/8)]``, ``lo``/``hi`` ``bfloat16
+    [rows]``, ``scale`` ``bfloat16`` / ``zero`` ``uint8`` ``[rows, groups]``; a shared table is
+    listed, with the matrix's kind, group, precision and hash.
+
+    Raises:
+        CheckpointError: the first mismatch, naming the matrix and the tensor.
+    """
+    what = f"quantized matrix {name!r}"
+    try:
+        scheme = parse_scheme(entry["scheme"], entry.get("quant_group_size"))
+    except ValueError as exc:
+        raise CheckpointError(f"{what}: {exc}") from None
+    rows, cols = entry["shape"]
+    meta, fields = entry["codec"], set(entry["fields"])
+    if meta.get("shape") != f"{rows},{cols}":
+        raise CheckpointError(f"{what}: codec shape {str(meta.get('shape'))[:40]!r} is not the "
+                              f"entry's shape {rows},{cols}")
+    field_t = {f: f"{name}{CODE_PREFIX}{f}" for f in fields}
+    n = rows * cols
+    if scheme.name in RANS_SCHEMES:
+        kind, group, prob_bits = _rans_params(meta, what)
+        if kind != scheme.name:
+            raise CheckpointError(f"{what}: codec kind {kind!r} for a {scheme.name} matrix")
+        seg = _meta_int(meta, "segment_symbols", 1, MAX_SEGMENT_SYMBOLS, what)
+        nsym = -(-n // group)
+        nseg = -(-nsym // seg)
+        placement = meta.get("table")
+        if placement == "shared":
+            want_fields, table = {"seg_words", "stream"}, entry.get("table")
+            if not table or table not in tables:
+                raise CheckpointError(f"{what} uses code table {str(table)[:120]!r}, which is not "
+                                      "in the manifest's tables")
+            tmeta = tables[table]
+            if tmeta.get("table_hash") != meta["table_hash"]:
+                raise CheckpointError(
+                    f"{what}: table hash mismatch: the matrix needs {meta['table_hash'][:16]}..., "
+                    f"code table {table!r} is {str(tmeta.get('table_hash'))[:16]}...")
+            if check_table(table, tmeta, tensors) != (kind, group, prob_bits):
+                raise CheckpointError(f"{what}: its codec parameters differ from code table "
+                                      f"{table!r}'s")
+        elif placement == "embedded":
+            want_fields = {"seg_words", "stream", "freqs"}
+            if entry.get("table"):
+                raise CheckpointError(f"{what}: an embedded table and a shared one "
+                                      f"({entry['table']!r})")
+            _check_tensor(tensors, field_t.get("freqs", f"{name}{CODE_PREFIX}freqs"), "uint16",
+                          [KINDS[kind] ** group], what)
+        else:
+            raise CheckpointError(f"{what}: codec table {str(placement)[:20]!r}, expected "
+                                  "'embedded' or 'shared'")
+        if fields != want_fields:
+            raise CheckpointError(f"{what}: fields {sorted(fields)}, expected "
+                                  f"{sorted(want_fields)}")
+        _check_tensor(tensors, field_t["seg_words"], "uint16", [nseg], what)
+        _check_tensor(tensors, field_t["stream"], "uint16", None, what, 2 * nseg + nsym)
+    else:
+        if meta.get("format") != PACK_FORMAT or meta.get("version") != str(PACK_VERSION):
+            raise CheckpointError(f"{what}: a {scheme.name} matrix needs codec {PACK_FORMAT} "
+                                  f"version {PACK_VERSION}")
+        if meta.get("bits") != str(scheme.bits):
+            raise CheckpointError(f"{what}: codec bits {str(meta.get('bits'))[:8]!r} for a "
+                                  f"{scheme.name} matrix")
+        if fields != {"packed"} or entry.get("table"):
+            raise CheckpointError(f"{what}: fields {sorted(fields)}, expected ['packed'] and no "
+                                  "table")
+        _check_tensor(tensors, field_t["packed"], "uint8", [-(-n * scheme.bits // 8)], what)
+    if scheme.is_ternary:
+        want_params = {"lo": ("bfloat16", [rows]), "hi": ("bfloat16", [rows])}
+    else:
+        g = scheme.num_groups(cols)
+        want_params = {"scale": ("bfloat16", [rows, g]), "zero": ("uint8", [rows, g])}
+    if set(entry["params"]) != set(want_params):
+        raise CheckpointError(f"{what}: params {sorted(entry['params'])}, a {scheme.name} matrix "
+                              f"has {sorted(want_params)}")
+    for p, (dtype, shape) in want_params.items():
+        _check_tensor(tensors, f"{name}.{p}", dtype, shape, what)
