@@ -42,6 +42,8 @@ class QuantOptions:
     matrices (ours). False: through the original ones, as the QMoE reference does."""
     segment_symbols: int = 4096
     """Symbols per rANS segment when the worker encodes the codes (see ``CompressConfig``)."""
+    rate_lambda: float = 0.0
+    """Rate-aware rounding strength (``qmoe_ray.quant.rate``; 0: plain GPTQ)."""
 
 
 @dataclass
@@ -112,6 +114,7 @@ def _quantize(
         percdamp=opts.percdamp,
         actorder=opts.actorder,
         tokens=tokens,
+        rate_lambda=opts.rate_lambda,
     )
 
 

@@ -43,6 +43,10 @@ class CompressConfig:
             its already-quantized input matrices (False: through the original ones, as the QMoE
             reference does).
         quant_group_size: int schemes only: scale groups along the input dim (None: per row).
+        rate_lambda: rate-aware rounding (GPTQ only): each weight goes to the grid point that
+            minimises its loss increase plus ``rate_lambda`` x one grid step's loss x its code
+            length in bits, so near-threshold weights become cheap zeros (0: plain GPTQ; 0.05
+            cut ternary bits by a third for +3% proxy loss on switch-base-sized experts).
         segment_symbols: symbols per rANS segment of an encoded matrix (ternary/int2): the unit
             of decode parallelism (one GPU thread or CPU loop each) against a few bytes of
             overhead per segment; 4096 costs +0.6% over the entropy at P(0)=0.885, 1024 +1.6%.
@@ -72,6 +76,7 @@ class CompressConfig:
     actorder: bool = True
     sequential_experts: bool = True
     quant_group_size: int | None = None
+    rate_lambda: float = 0.0
     segment_symbols: int = 4096
     num_samples: int = 256
     seq_len: int = 128
@@ -113,11 +118,21 @@ class CompressConfig:
                       "an integer in 1..65533 (default 4096)")
         if not isinstance(self.eval_samples, int) or self.eval_samples < 0:
             raise bad("eval_samples", self.eval_samples, "an integer >= 0")
-        for name in ("token_cap", "percdamp", "cpus_per_worker", "gpus_per_worker"):
+        for name in ("token_cap", "percdamp", "cpus_per_worker", "gpus_per_worker",
+                     "rate_lambda"):
             value = getattr(self, name)
             if (isinstance(value, bool) or not isinstance(value, (int, float))
                     or not math.isfinite(value)):
                 raise bad(name, value, "a finite number")
+        if self.rate_lambda < 0:
+            raise bad("rate_lambda", self.rate_lambda, "a number >= 0 (0: plain GPTQ rounding)")
+        if self.rate_lambda and self.scheme not in ("ternary", "int2"):
+            raise bad("rate_lambda", self.rate_lambda, "0 with --scheme "
+                      f"{self.scheme} (stored bit-packed: every code costs the same bits; rate-"
+                      "aware rounding pays off for the entropy-coded ternary and int2)")
+        if self.rate_lambda and self.method != "gptq":
+            raise bad("rate_lambda", self.rate_lambda, "0 with --method rtn (rate-aware "
+                      "rounding is part of the GPTQ sweep)")
         if self.token_cap < 0:
             raise bad("token_cap", self.token_cap, "a number >= 0 (0 disables the cap)")
         if not 0 <= self.percdamp < 10:

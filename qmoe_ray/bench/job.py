@@ -130,7 +130,8 @@ def _synthetic_4x(src: Path, dst: Path, factor: int = 4) -> Path:
     return dst
 
 
-def _switch_base_layer(outliers: bool, tokens: int = 8192) -> dict[str, Any]:
+def _switch_base_layer(outliers: bool, tokens: int = 8192,
+                       rate_lambda: float = 0.0) -> dict[str, Any]:
     """Bits per expert parameter of a synthetic switch-base-size layer, ternary GPTQ, as written.
 
     Args:
@@ -138,6 +139,7 @@ def _switch_base_layer(outliers: bool, tokens: int = 8192) -> dict[str, Any]:
             (x6), as real LLM activations are; else i.i.d. Gaussian activations.
         tokens: calibration tokens per expert (the paper's switch-base run averaged ~40K per
             expert; far fewer than ``d_ff`` leaves ``wo``'s Hessian rank-deficient).
+        rate_lambda: rate-aware rounding (0: plain GPTQ).
     """
     from qmoe_ray.compress import ExpertTokens, QuantOptions, quantize_group
     from qmoe_ray.models.base import ExpertSpec, relu_hidden
@@ -162,7 +164,7 @@ def _switch_base_layer(outliers: bool, tokens: int = 8192) -> dict[str, Any]:
     t0 = time.perf_counter()
     job = CompressConfig()  # the job's defaults (act-order on, sequential experts)
     opts = QuantOptions(parse_scheme("ternary"), actorder=job.actorder,
-                        sequential=job.sequential_experts)
+                        sequential=job.sequential_experts, rate_lambda=rate_lambda)
     res = quantize_group(spec, W, toks, opts)
     t1 = time.perf_counter()
     nbytes = 0
@@ -185,6 +187,8 @@ def _switch_base_layer(outliers: bool, tokens: int = 8192) -> dict[str, Any]:
     params = 2 * G * d * ff
     return {
         "bits_per_param": 8 * nbytes / params,
+        "proxy_loss": float(sum(q.loss.sum() for q in res.results.values())),
+        "rate_lambda": rate_lambda,
         "zero_fraction": float(np.mean(zeros)),
         "params": params,
         "gptq_seconds": t1 - t0,
@@ -266,6 +270,9 @@ def run(args) -> BenchResult:
             ("ternary rtn", dict(scheme="ternary", method="rtn")),
             ("int2 gptq", dict(scheme="int2", method="gptq")),
             ("int2 rtn", dict(scheme="int2", method="rtn")),
+            ("ternary gptq, rate-aware 0.05", dict(scheme="ternary", rate_lambda=0.05)),
+            ("ternary gptq, rate-aware 0.1", dict(scheme="ternary", rate_lambda=0.1)),
+            ("int2 gptq, rate-aware 0.1", dict(scheme="int2", rate_lambda=0.1)),
         ]
         runs = _variant_runs(base, variants, base_loss, tmp)
         t0 = time.perf_counter()
@@ -318,6 +325,10 @@ def run(args) -> BenchResult:
             figures["switch_base"] = [
                 {"outliers": o, "tokens": t, **_switch_base_layer(outliers=o, tokens=t)}
                 for t in (8192, 512) for o in (False, True)
+            ] + [
+                {"outliers": True, "tokens": 8192,
+                 **_switch_base_layer(outliers=True, tokens=8192, rate_lambda=lam)}
+                for lam in (0.05, 0.1)
             ]
     finally:
         ray.shutdown()
@@ -382,7 +393,8 @@ def _markdown(f: dict[str, Any]) -> str:
         )
         rows = [
             f"| {'correlated, 8 outlier channels x6' if r['outliers'] else 'i.i.d. Gaussian'} | "
-            f"{r['tokens']} | **{r['bits_per_param']:.3f}** | {100 * r['zero_fraction']:.1f}% | "
+            f"{r['tokens']} | {r.get('rate_lambda', 0):g} | **{r['bits_per_param']:.3f}** | "
+            f"{100 * r['zero_fraction']:.1f}% | {r.get('proxy_loss', math.nan):.5g} | "
             f"{r['gptq_seconds']:.1f} s |"
             for r in f["switch_base"]
         ]
@@ -392,8 +404,9 @@ def _markdown(f: dict[str, Any]) -> str:
             "GPTQ with the job's defaults), bits per expert parameter as written (codes, segment lengths, shared tables, bf16 "
             "row scales; target < 0.85 with a realistic calibration set):",
             "",
-            "| calibration activations | tokens per expert | bits/param | zeros | GPTQ on the group |",
-            "|---|---|---|---|---|",
+            "| calibration activations | tokens per expert | rate-aware lambda | bits/param | "
+            "zeros | proxy loss (sum) | GPTQ on the group |",
+            "|---|---|---|---|---|---|---|",
             *rows,
             "",
             "8192 tokens per expert is the realistic case (the paper's switch-base run averaged ~40K "

@@ -304,7 +304,8 @@ def run_compression(
         opts = QuantOptions(scheme=scheme, method=cfg.method, blocksize=cfg.blocksize,
                             percdamp=cfg.percdamp, actorder=cfg.actorder,
                             sequential=cfg.sequential_experts,
-                            segment_symbols=cfg.segment_symbols)
+                            segment_symbols=cfg.segment_symbols,
+                            rate_lambda=cfg.rate_lambda)
         actors = make_actors(cfg, storage, source, opts, len(is_calib))
         result = _walk(cfg, layers, actors, prog, done, progress, hook)
         report = _finish(cfg, ckpt, family, actors, result, t_start)

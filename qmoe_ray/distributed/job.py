@@ -33,6 +33,8 @@ _HELP = {
     "sequential_experts": "quantize wo/down on the outputs of the quantized wi/gate/up "
                           "(--no-sequential-experts: the QMoE reference recipe)",
     "quant_group_size": "int schemes: scale groups along the input dimension",
+    "rate_lambda": "rate-aware GPTQ rounding: near-threshold weights become cheap zeros when "
+                   "their loss (in grid steps squared) is below this x the bits saved (0: off)",
     "segment_symbols": "symbols per rANS segment: smaller = more decode parallelism (GPU resident "
                        "mode), larger = smaller files",
     "num_samples": "calibration samples",
