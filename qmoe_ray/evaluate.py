@@ -146,6 +146,8 @@ def evaluate(
 
     Raises:
         ValueError / FileNotFoundError / KeyError: bad model, data or options (before the walk).
+        CheckpointError: a compressed checkpoint that is malformed, inconsistent with its config
+            or corrupted (``qmoe_ray.loader.load``).
     """
     import numpy as np
     import torch
