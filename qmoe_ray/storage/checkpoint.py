@@ -12,6 +12,15 @@ coalesced into one read). Only JSON and raw little-endian tensor bytes are parse
 Problems are found at open time, before any long work: a missing shard, a tensor listed in the
 index but absent from its shard, a header whose offsets fall outside the file or disagree with the
 shape and dtype.
+
+Quantized sources are refused at open time too, until they are decoded: a ``config.json`` with a
+``quantization_config`` or ``compression_config`` (top level or in ``text_config``), or any tensor
+whose dtype is not one of ``SOURCE_DTYPES`` (plain floating point). An FP8 checkpoint (float8
+weights plus a float32 ``weight_scale_inv`` per 128x128 block: Qwen3-*-FP8, DeepSeek-V3, Kimi-K2)
+would otherwise be read as its raw float8 values without their scales, and integer-packed weights
+(GPTQ/AWQ ``qweight``, MXFP4 blocks) as integers: silently wrong weights. ``DTYPES`` stays the
+parser's full table, since the compressed-checkpoint loader parses our own shards (uint8/int16/
+int32 codes and tables) with ``parse_header`` too.
 """
 
 from __future__ import annotations
@@ -55,6 +64,14 @@ for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
     if hasattr(torch, _attr):
         DTYPES[_name] = getattr(torch, _attr)
 
+#: The dtypes a *source* checkpoint's tensors may have: the ones whose values are the weights.
+#: Everything else in ``DTYPES`` (float8, integers, bool) is a quantized or packed encoding that
+#: needs decoding first (a later issue), or nothing a supported family reads.
+SOURCE_DTYPES = ("BF16", "F16", "F32", "F64")
+#: config.json keys that declare a quantized (or otherwise compressed) checkpoint.
+QUANT_KEYS = ("quantization_config", "compression_config")
+CONFIG_MAX_BYTES = 16 * 2**20  # a config.json is a few KB; a bigger one is not read
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -67,7 +84,9 @@ class TensorInfo:
     end: int
 
 
-def parse_header(raw: bytes, file: str, file_size: int | None = None) -> dict[str, TensorInfo]:
+def parse_header(
+    raw: bytes, file: str, file_size: int | None = None, supported: Sequence[str] | None = None
+) -> dict[str, TensorInfo]:
     """Parse and validate a safetensors JSON header (untrusted: every field is checked).
 
     Shapes are lists of non-negative integers (not bools or floats) whose byte size is computed
@@ -79,6 +98,8 @@ def parse_header(raw: bytes, file: str, file_size: int | None = None) -> dict[st
         raw: the header bytes (after the 8-byte length).
         file: the shard's name, for messages and ``TensorInfo.file``.
         file_size: the shard's size in bytes, if known (offsets are checked against it).
+        supported: the dtypes to name as supported when a dtype is unknown to the parser (default
+            every one of ``DTYPES``; the source reader names ``SOURCE_DTYPES``).
 
     Returns:
         ``name -> TensorInfo`` with absolute byte offsets in the file.
@@ -122,7 +143,7 @@ def parse_header(raw: bytes, file: str, file_size: int | None = None) -> dict[st
         if not isinstance(dt, str) or dt not in DTYPES:
             raise CheckpointError(
                 f"{file}: tensor {shown} has unsupported dtype {str(dt)[:16]!r}; supported: "
-                f"{', '.join(DTYPES)}"
+                f"{', '.join(DTYPES if supported is None else supported)}"
             )
         if (
             not isinstance(shape, list)
@@ -346,13 +367,75 @@ class Checkpoint:
             return self.fs.open(path, mode)
 
 
-def _read_json(fs: Any, path: str, url: str, opts: dict[str, Any]) -> Any:
+def check_source_config(config: dict[str, Any], where: str) -> None:
+    """Refuse a source ``config.json`` that declares quantized weights (see module doc).
+
+    Args:
+        config: the parsed ``config.json``.
+        where: its location, for the message.
+
+    Raises:
+        CheckpointError: ``quantization_config`` or ``compression_config`` is present (and not
+            null) at the top level or in ``text_config``; the message names the key.
+    """
+    scopes: list[tuple[str, Any]] = [("", config)]
+    if isinstance(config.get("text_config"), dict):
+        scopes.append(("text_config.", config["text_config"]))
+    for prefix, scope in scopes:
+        for key in QUANT_KEYS:
+            q = scope.get(key)
+            if q is None:
+                continue
+            method = q.get("quant_method") if isinstance(q, dict) else None
+            kind = f" (quant_method {str(method)[:40]!r})" if isinstance(method, str) else ""
+            raise CheckpointError(
+                f"{where}: {prefix}{key}{kind} is set: quantized source checkpoints are not "
+                "decoded yet (their weights would be read without their scales); supported: "
+                f"unquantized safetensors in {'/'.join(SOURCE_DTYPES)}. Use the model's "
+                "unquantized (bf16) release, or dequantize it first"
+            )
+
+
+def check_source_dtypes(tensors: dict[str, TensorInfo]) -> None:
+    """Refuse a source tensor whose dtype is not a plain floating-point one (``SOURCE_DTYPES``).
+
+    Raises:
+        CheckpointError: naming the tensor, its file and dtype, and the supported dtypes.
+    """
+    ok = {DTYPES[d] for d in SOURCE_DTYPES}
+    for name in sorted(tensors):
+        info = tensors[name]
+        if info.dtype in ok:
+            continue
+        dt = next(k for k, v in DTYPES.items() if v == info.dtype)
+        shown = repr(name) if len(name) <= 120 else repr(name[:117] + "...")
+        hint = (
+            " (an FP8 checkpoint: its block scales, weight_scale_inv, are not applied yet)"
+            if dt.startswith("F8")
+            else " (a quantized or packed encoding)"
+        )
+        raise CheckpointError(
+            f"{info.file}: tensor {shown} has dtype {dt}{hint}, which the source reader does not "
+            f"decode; supported source dtypes: {', '.join(SOURCE_DTYPES)}. Use the model's "
+            "unquantized (bf16) release, or dequantize it first"
+        )
+
+
+def _read_json(fs: Any, path: str, url: str, opts: dict[str, Any], limit: int | None = None) -> Any:
     with fs_errors(url, "read", opts):
+        if limit is not None:
+            size = fs.info(path).get("size")
+            if isinstance(size, int) and size > limit:
+                raise CheckpointError(
+                    f"{redact(url)}: {size:,} bytes, more than the {limit:,} a config.json may "
+                    "have; refused without reading it"
+                )
         raw = fs.cat_file(path)
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{redact(url)}: not valid JSON ({e}); re-save it") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ValueError(f"{redact(url)}: not valid JSON ({why}); re-save it") from None
 
 
 def _read_headers(
@@ -380,7 +463,7 @@ def _read_headers(
         if len(raw) < n:
             with fs_errors(furl, "read", opts):
                 raw += fs.cat_file(path, start=8 + len(raw), end=8 + n)
-        return parse_header(raw, file, size)
+        return parse_header(raw, file, size, SOURCE_DTYPES)
 
     if len(files) == 1:
         return {files[0]: one(files[0])}
@@ -392,7 +475,8 @@ def open_checkpoint(url: str, **storage_options: Any) -> Checkpoint:
     """Open a Hugging Face-layout checkpoint folder for lazy tensor reads.
 
     Reads ``config.json``, then ``model.safetensors.index.json`` (sharded) or ``model.safetensors``
-    (single file), and every shard's header. No tensor data is read.
+    (single file), and every shard's header. No tensor data is read. Quantized sources are refused
+    here, before any work (``check_source_config``, ``check_source_dtypes``).
 
     Args:
         url: local folder, ``file://``, ``s3://bucket/prefix`` or any fsspec URL.
@@ -407,14 +491,21 @@ def open_checkpoint(url: str, **storage_options: Any) -> Checkpoint:
         PermissionError: access denied (message says which credentials to check).
         KeyError: a tensor listed in the index is absent from its shard.
         ValueError: malformed JSON, index or safetensors header.
+        CheckpointError (a ``ValueError``): a quantized source: ``config.json`` declares a
+            ``quantization_config`` / ``compression_config``, or a tensor's dtype is not one of
+            ``SOURCE_DTYPES`` (the message names the key or the tensor); a config.json over
+            ``CONFIG_MAX_BYTES``.
     """
     fs, root = url_to_fs(url, **storage_options)
     root = root.rstrip("/") or root
     opts = dict(storage_options)
     cfg_url = join(url, CONFIG)
-    config = _read_json(fs, posixpath.join(root, CONFIG) if root else CONFIG, cfg_url, opts)
+    config = _read_json(
+        fs, posixpath.join(root, CONFIG) if root else CONFIG, cfg_url, opts, CONFIG_MAX_BYTES
+    )
     if not isinstance(config, dict):
         raise ValueError(f"{redact(cfg_url)}: expected a JSON object; re-save config.json")
+    check_source_config(config, redact(cfg_url))
     index_path = safe_join(root, INDEX)
     with fs_errors(join(url, INDEX), "check", opts):
         sharded = fs.exists(index_path)
@@ -454,4 +545,5 @@ def open_checkpoint(url: str, **storage_options: Any) -> Checkpoint:
             tensors[name] = headers[f][name]
     else:
         tensors = headers[SINGLE]
+    check_source_dtypes(tensors)
     return Checkpoint(url, fs, root, config, tensors, opts)
