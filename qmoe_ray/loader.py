@@ -211,11 +211,12 @@ def check_manifest(manifest: Any, where: str = "manifest") -> None:
 def _declared_shapes(family: Any, names: set[str], where: str) -> dict[str, tuple[int, ...]]:
     """The shapes the family says tensors must have: every tensor its forward reads for
     families that list them (``expected_shapes``), else the routed experts and routers."""
-    if hasattr(family, "expected_shapes"):
+    if hasattr(family, "bind"):  # the expert layout, from the names (never guessed)
         try:
             family.bind(names)
-        except KeyError as exc:
+        except (KeyError, ValueError) as exc:
             raise CheckpointError(f"{where}: {exc.args[0] if exc.args else exc}") from None
+    if hasattr(family, "expected_shapes"):
         return {n: tuple(s) for n, s in family.expected_shapes().items()}
     spec = family.expert_spec
     d, ff = int(family.d_model), int(family.d_ff)

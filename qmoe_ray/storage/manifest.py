@@ -400,13 +400,8 @@ def check_schema(manifest: Any, where: str = MANIFEST) -> None:
     for name, e in m["quantized"].items():
         _check_quantized(name, e, where)
     _check_experts(m.get("experts"), where)
-    copied = m.get("copied_files")
-    if isinstance(copied, list):
-        _strings(copied, where, "copied_files")
-    elif isinstance(copied, dict):
-        for k, v in copied.items():
-            _name(k, where, "copied file")
-            _obj(v, where, f"copied_files[{_short(k)}]")
+    # copied_files: only its type here; its names and entries are checked by their one reader,
+    # qmoe_ray.export (check_copied_name / copied_files), before any is used as a path
 
 
 def _check_quantized(name: Any, e: Any, where: str) -> None:
