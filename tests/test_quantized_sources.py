@@ -224,3 +224,18 @@ def test_compress_cli_refuses_the_fp8_source(sources, tmp_path, capsys):
     assert lines[0].startswith("qmoe-ray compress: error: ")
     assert "quantization_config (quant_method 'fp8')" in lines[0]
     assert not out.exists()  # nothing written at the output
+
+
+def test_oversized_config_json_is_refused_unread(tmp_path):
+    """A config.json is parsed before anything else: one over the cap is not read whole."""
+    from qmoe_ray.storage.checkpoint import CONFIG_MAX_BYTES
+
+    with open(tmp_path / "config.json", "wb") as f:  # sparse: no disk cost
+        f.write(b'{"model_type": "qwen3_moe"}')
+        f.truncate(CONFIG_MAX_BYTES + 1)
+    with pytest.raises(
+        CheckpointError,
+        match=r"config.json: more than the 16,777,216 bytes a "
+        r"config.json may have; refused without reading",
+    ):
+        open_checkpoint(str(tmp_path))

@@ -423,14 +423,13 @@ def check_source_dtypes(tensors: dict[str, TensorInfo]) -> None:
 
 def _read_json(fs: Any, path: str, url: str, opts: dict[str, Any], limit: int | None = None) -> Any:
     with fs_errors(url, "read", opts):
-        if limit is not None:
-            size = fs.info(path).get("size")
-            if isinstance(size, int) and size > limit:
-                raise CheckpointError(
-                    f"{redact(url)}: {size:,} bytes, more than the {limit:,} a config.json may "
-                    "have; refused without reading it"
-                )
-        raw = fs.cat_file(path)
+        # at most limit + 1 bytes are read: a bigger file is refused without reading it all
+        raw = fs.cat_file(path) if limit is None else fs.cat_file(path, start=0, end=limit + 1)
+    if limit is not None and len(raw) > limit:
+        raise CheckpointError(
+            f"{redact(url)}: more than the {limit:,} bytes a config.json may have; refused "
+            "without reading it"
+        )
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
