@@ -8,6 +8,7 @@ logits and loss within fp32 tolerance, for both the per-expert and the fused (3-
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ pytest.importorskip("transformers")
 from fixtures_s3 import save_tiny, tiny_model  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from qmoe_ray.errors import CheckpointError  # noqa: E402
 from qmoe_ray.models import SUPPORTED, DictWeights, get_family, moe_dense, run_forward  # noqa: E402
 from qmoe_ray.models.decoder_moe import DecoderMoE, Mixtral  # noqa: E402
 from qmoe_ray.storage.checkpoint import open_checkpoint  # noqa: E402
@@ -45,7 +47,7 @@ class Case:
         self.model = tiny_model(model_type, seed=FAMILIES.index(model_type), **overrides)
         self.folder = save_tiny(self.model, folder)
         self.ckpt = open_checkpoint(str(self.folder))
-        self.family = get_family(self.ckpt.config)
+        self.family = get_family(self.ckpt.config, self.ckpt)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -308,6 +310,46 @@ def test_bad_config_values_and_inputs(case):
         case.family.embed(case.ckpt, {"ids": torch.tensor([[1]])})
     with pytest.raises(ValueError, match="do not exist"):
         case.family.read_experts(case.family.layers()[0], case.ckpt, [99])
+
+
+@pytest.mark.parametrize(
+    "key,value,says",
+    [
+        ("num_hidden_layers", 10**9, "'num_hidden_layers' is 1000000000: expected an integer in "
+                                     "1..1024"),
+        ("hidden_size", -32, "'hidden_size' is -32: expected an integer in 1..65536"),
+        ("hidden_size", 32.5, "'hidden_size' is 32.5, not an integer"),
+        ("hidden_size", 32.0, "'hidden_size' is 32.0, not an integer"),
+        ("hidden_size", "32", "'hidden_size' is '32', not an integer"),
+        ("vocab_size", True, "'vocab_size' is True, not an integer"),
+        ("vocab_size", 2**40, "'vocab_size' is 1099511627776: expected an integer in 1..4194304"),
+        ("num_key_value_heads", 10**6, "'num_key_value_heads' is 1000000"),
+        ("head_dim", [64], "'head_dim' is [64], not an integer"),
+        ("rms_norm_eps", float("nan"), "'rms_norm_eps' is nan, not a finite positive number"),
+        ("rope_theta", -1.0, "'rope_theta' is -1.0, not a finite positive number"),
+    ],
+)
+def test_absurd_config_sizes_are_refused_naming_the_key(case, key, value, says):
+    """Sizes are bounded when the family parses the config (source or manifest), before any
+    list of layers or tensor names is built."""
+    cfg = {**case.ckpt.config, key: value}
+    if key == "rope_theta":
+        cfg.pop("rope_parameters", None)
+    with pytest.raises(CheckpointError, match=re.escape(says)):
+        get_family(cfg)
+
+
+def test_absurd_expert_counts_are_refused(case):
+    key = next(k for k in ("num_local_experts", "num_experts") if k in case.ckpt.config)
+    with pytest.raises(CheckpointError, match=rf"'{key}' is 1000000000: .*1\.\.16384"):
+        get_family({**case.ckpt.config, key: 10**9})
+    # within the per-layer bound, but 1000 layers x 16384 experts is not a model
+    huge = {**case.ckpt.config, key: 16384, "num_hidden_layers": 1000, "mlp_only_layers": []}
+    with pytest.raises(CheckpointError, match=r"routed experts, above qmoe-ray's bound of 262144"):
+        get_family(huge)
+    big_but_real = {**case.ckpt.config, key: 256, "num_experts_per_tok": 8,
+                    "num_hidden_layers": 61, "mlp_only_layers": []}
+    assert sum(lay.moe for lay in get_family(big_but_real).layers()) >= 30  # DeepSeek-V3 sized
 
 
 def test_legacy_config_keys(case):

@@ -15,6 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
+from qmoe_ray.errors import CheckpointError  # noqa: E402
 from qmoe_ray.models import DictWeights, get_family, moe_dense, run_forward  # noqa: E402
 from qmoe_ray.models.switch import SwitchTransformers, relative_position_bucket  # noqa: E402
 
@@ -412,6 +413,61 @@ def test_sparse_step_resolution_and_bad_fields(tiny):
         SwitchTransformers({**tiny.config, "dense_act_fn": "gated-gelu"})
     with pytest.raises(ValueError, match="positive integer"):
         SwitchTransformers({**tiny.config, "num_experts": 0})
+
+
+def test_expert_layout_is_bound_from_names(tiny, tmp_path):
+    """Per-expert as transformers writes it (5.x holds Switch experts per expert, so
+    ``save_original_format=False`` writes the same names), fused, mixed, or refused."""
+    fam = tiny.family
+    with pytest.raises(RuntimeError, match="not bound"):
+        _ = fam.expert_layout
+    assert get_family(tiny.config, list(tiny.tensors)).expert_layout == "per-expert"
+    model = transformers.SwitchTransformersForConditionalGeneration(_config()).eval()
+    model.save_pretrained(tmp_path / "new", save_original_format=False)
+    assert set(load_file(str(tmp_path / "new" / "model.safetensors"))) == set(tiny.tensors)
+    moe = [L for L in fam.layers() if L.moe]
+    per = {n for L in moe for e in range(fam.num_experts) for n in fam.expert_names(L, e).values()}
+    fused = {n: t for n, t in tiny.tensors.items() if n not in per}
+    for L in moe:
+        for r, name in fam._fused_names(L).items():
+            experts = range(fam.num_experts)
+            fused[name] = torch.stack([tiny.tensors[fam.expert_names(L, e)[r]] for e in experts])
+    assert get_family(tiny.config, fused).expert_layout == "fused"
+    mixed = {n: t for n, t in fused.items() if not n.startswith("decoder.")}
+    mixed.update({n: t for n, t in tiny.tensors.items() if n.startswith("decoder.")})
+    assert get_family(tiny.config, mixed).expert_layout == "mixed"
+    no_encoder_experts = {n: t for n, t in mixed.items() if not n.startswith("encoder.block.1.")}
+    with pytest.raises(KeyError, match=r"no expert weights of encoder\.block\.1 found"):
+        get_family(tiny.config, no_encoder_experts)
+
+
+@pytest.mark.parametrize(
+    "key,value,says",
+    [
+        ("num_layers", 10**9, "'num_layers' is 1000000000: expected an integer in 1..1024"),
+        ("d_model", -8, "'d_model' must be a positive integer, got -8"),
+        ("d_model", 32.5, "'d_model' must be a positive integer, got 32.5"),
+        ("num_experts", 10**9, "'num_experts' is 1000000000: expected an integer in 1..16384"),
+        ("num_decoder_layers", 1.5, "'num_decoder_layers' is 1.5, not an integer"),
+        ("vocab_size", 2**23, "'vocab_size' is 8388608: expected an integer in 1..4194304"),
+        ("encoder_sparse_step", "2", "'encoder_sparse_step' is '2', not an integer"),
+        ("layer_norm_epsilon", float("inf"), "'layer_norm_epsilon' is inf, not a finite"),
+    ],
+)
+def test_absurd_config_sizes_are_refused_naming_the_key(tiny, key, value, says):
+    with pytest.raises(CheckpointError) as ei:
+        get_family({**tiny.config, key: value})
+    assert says in str(ei.value)
+
+
+def test_total_routed_experts_are_bounded(tiny):
+    cfg = {**tiny.config, "num_experts": 16384, "num_layers": 512, "num_decoder_layers": 512,
+           "encoder_sparse_step": 1, "decoder_sparse_step": 1}
+    with pytest.raises(CheckpointError, match="routed experts, above qmoe-ray's bound"):
+        get_family(cfg)
+    c2048 = {**tiny.config, "num_experts": 2048, "num_layers": 15, "num_decoder_layers": 15,
+             "encoder_sparse_step": 1, "decoder_sparse_step": 1}
+    assert sum(L.moe for L in get_family(c2048).layers()) == 30  # switch-c-2048's shape
 
 
 def test_shape_disagreeing_with_config(tiny):

@@ -245,7 +245,7 @@ def run_compression(
                 "lower --num-workers / --cpus-per-worker, or pass --address of a larger Ray "
                 "cluster")
     ckpt = open_checkpoint(source, **storage.source)
-    family = get_family(ckpt.config)
+    family = get_family(ckpt.config, ckpt)  # the expert layout, resolved from the names
     layers = family.layers()
     moe_layers = [l for l in layers if l.moe]
     if not moe_layers:
@@ -629,6 +629,7 @@ def _finish(cfg: CompressConfig, ckpt: Any, family: Any, actors: Any, result: di
         "source": source_label(cfg.source),
         "source_fingerprint": _fingerprint(ckpt),
         "model_type": family.model_type,
+        "expert_layout": family.expert_layout,  # the source's: per-expert or fused 3-D tensors
         "config": ckpt.config,
         "options": cfg.output_options(),
         "files": sorted({t["file"] for t in tensors.values()}),

@@ -48,7 +48,7 @@ class CheckpointWriter:
         self.fs, self.root = url_to_fs(output, **dict(output_options or {}))
         self.output = output
         self.ckpt = open_checkpoint(source, **dict(source_options or {}))
-        self.family = get_family(self.ckpt.config)
+        self.family = get_family(self.ckpt.config, self.ckpt)  # layout bound from its names
         self.layers = self.family.layers()
         self.routers = {self.family.router_name(l) for l in self.layers if l.moe}
         expert_src: set[str] = set()

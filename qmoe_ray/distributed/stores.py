@@ -105,7 +105,7 @@ class ActivationShard:
         self.first_batch = first_batch
         self.progress = Progress(output, output_options) if output else None
         self.ckpt = open_checkpoint(source, **dict(storage_options or {}))
-        self.family = get_family(self.ckpt.config)
+        self.family = get_family(self.ckpt.config, self.ckpt)  # layout bound from its names
         routers = {self.family.router_name(l) for l in self.family.layers() if l.moe}
         self.W = CachedWeights(self.ckpt, lambda n: n in routers)
         self._keep = keep or (lambda s: s)

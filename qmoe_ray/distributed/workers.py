@@ -70,7 +70,7 @@ class GroupWorker:
     ):
         torch.set_num_threads(max(1, int(threads)))
         self.ckpt = open_checkpoint(source, **dict(storage_options or {}))
-        self.family = get_family(self.ckpt.config)
+        self.family = get_family(self.ckpt.config, self.ckpt)  # layout bound from its names
         self.opts = opts
         self.device = device
 

@@ -32,20 +32,35 @@ FAMILIES: dict[str, tuple[str, str]] = {
 SUPPORTED = tuple(sorted(FAMILIES))
 
 
-def get_family(config: Mapping[str, Any]) -> MoEFamily:
+def get_family(config: Mapping[str, Any], names: Any = None) -> MoEFamily:
     """The family adapter for a parsed ``config.json``.
 
+    Args:
+        config: the parsed ``config.json`` (a source's, or a compressed checkpoint's manifest
+            ``config``); its sizes are bounded before anything is built from them.
+        names: the checkpoint's tensor names (a list, a set or a ``WeightSource``). Given, the
+            expert layout (per-expert or fused 3-D tensors) is resolved from them now
+            (``MoEFamily.bind``); without them, asking for source tensor names raises until
+            ``bind`` is called (the layout is never guessed).
+
     Raises:
-        ValueError: ``model_type`` is missing or not supported (the message lists the supported).
+        ValueError: ``model_type`` is missing or not supported (the message lists the supported),
+            or a required field is missing or inconsistent.
+        CheckpointError (a ``ValueError``): a size in the config is not an integer or out of
+            bounds (``qmoe_ray.models.base``).
+        KeyError: ``names`` hold the experts of the first MoE layer under no known layout.
     """
     model_type = config.get("model_type")
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise ValueError(
-            f"config.json model_type {model_type!r} is not supported; supported model types: "
-            f"{', '.join(SUPPORTED)}"
+            f"config.json model_type {repr(model_type)[:60]} is not supported; supported model "
+            f"types: {', '.join(SUPPORTED)}"
         )
     module, cls = FAMILIES[model_type]
-    return getattr(importlib.import_module(module), cls)(config)
+    family = getattr(importlib.import_module(module), cls)(config)
+    if names is not None:
+        family.bind(names)
+    return family
 
 
 __all__ = [

@@ -17,9 +17,17 @@ olmoe      full proj  config flag   no         none              ``mlp.experts.{
 Attention biases are taken when the checkpoint has them (Qwen2's q/k/v biases), so older configs
 without ``qkv_bias`` still load. transformers 5.x holds experts *fused* in memory
 (``mlp.experts.gate_up_proj`` ``[E, 2F, d]`` with gate rows first, ``mlp.experts.down_proj``
-``[E, d, F]``); its ``save_pretrained`` writes them back per expert, but fused checkpoints exist, so
-both source layouts are read. The layout is detected from the tensor names (``bind`` or the first
-weight read).
+``[E, d, F]``); its ``save_pretrained`` writes them back per expert by default and fused with
+``save_original_format=False`` (newer Hub releases ship fused), so both source layouts are read.
+The layout is resolved once from the tensor names (``bind``, which ``get_family(config, names)``
+calls): every actor of a job binds the same one from the same index, the job records it in the
+manifest, and a family asked for source tensor names with no layout bound raises instead of
+assuming the per-expert one (that guess once stored fused experts densely next to their encoded
+copies, and rounded Mixtral's router to bf16). Methods given the weights (``route``,
+``read_experts``) bind from them when needed.
+
+Config sizes are checked against the bounds of ``qmoe_ray.models.base`` (``config_int``) before
+anything is built from them.
 
 Canonical per-expert names (``expert_names``, used for every output checkpoint of these families):
 ``model.layers.{i}.mlp.experts.{e}.{gate_proj,up_proj,down_proj}.weight`` for roles
@@ -40,13 +48,25 @@ import torch
 import torch.nn.functional as F
 
 from qmoe_ray.data.samples import special_token_ids
+from qmoe_ray.errors import CheckpointError
 from qmoe_ray.models import layers as L
 from qmoe_ray.models.base import (
+    MAX_EXPERTS,
+    MAX_FF,
+    MAX_HEAD_DIM,
+    MAX_HEADS,
+    MAX_HIDDEN,
+    MAX_LAYERS,
+    MAX_POSITIONS,
+    MAX_TOTAL_EXPERTS,
+    MAX_VOCAB,
     ExpertSpec,
     LayerSpec,
     MoEFamily,
     State,
     WeightSource,
+    config_float,
+    config_int,
     swiglu_hidden,
 )
 
@@ -133,6 +153,21 @@ def _need(config: Mapping[str, Any], model_type: str, *keys: str) -> Any:
     )
 
 
+def _need_int(config: Mapping[str, Any], model_type: str, hi: int, *keys: str) -> int:
+    """The first of ``keys`` present, as an integer in ``1..hi`` (``config_int``)."""
+    key = next((k for k in keys if config.get(k) is not None), None)
+    if key is None:
+        _need(config, model_type, *keys)  # raises, naming the keys
+    return config_int(config, key, hi)
+
+
+def _window(config: Mapping[str, Any]) -> int | None:
+    """``sliding_window`` (None when absent, null or 0), bounded like every other size."""
+    if not config.get("sliding_window"):
+        return None
+    return config_int(config, "sliding_window", MAX_POSITIONS)
+
+
 def _rope_theta(config: Mapping[str, Any], default: float) -> float:
     rp = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or {}
@@ -144,7 +179,8 @@ def _rope_theta(config: Mapping[str, Any], default: float) -> float:
         )
     if rp.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) != 1.0:
         raise ValueError("config.json partial_rotary_factor != 1 is not supported")
-    return float(rp.get("rope_theta", config.get("rope_theta", default)))
+    theta = rp.get("rope_theta", config.get("rope_theta"))
+    return config_float({"rope_theta": theta}, "rope_theta", default)
 
 
 class DecoderMoE(MoEFamily):
@@ -152,12 +188,13 @@ class DecoderMoE(MoEFamily):
 
     Args:
         config: parsed ``config.json``.
-        names: the source checkpoint's tensor names, to fix the expert layout up front (else it is
-            detected on the first weight read, or the family's ``save_pretrained`` layout is
-            assumed by ``router_name``/``source_expert_names``).
+        names: the checkpoint's tensor names, to fix the expert layout now (``bind``); without
+            them ``router_name`` / ``source_expert_names`` / ``expected_shapes`` raise until
+            ``bind`` is called or a method given the weights binds from them.
 
     Raises:
         ValueError: a required field is missing or inconsistent (the message names it).
+        CheckpointError (a ``ValueError``): a size is not an integer or out of bounds.
     """
 
     expert_spec: ClassVar[ExpertSpec] = ExpertSpec(("gate", "up"), ("down",), swiglu_hidden)
@@ -183,31 +220,38 @@ class DecoderMoE(MoEFamily):
             raise ValueError(
                 f"config.json hidden_act {act!r}: only silu (SwiGLU) experts supported"
             )
-        hidden = int(_need(c, mt, "hidden_size"))
-        heads = int(_need(c, mt, "num_attention_heads"))
-        n = int(_need(c, mt, "num_hidden_layers"))
-        e = int(_need(c, mt, *self._expert_count_keys()))
+        hidden = _need_int(c, mt, MAX_HIDDEN, "hidden_size")
+        heads = _need_int(c, mt, MAX_HEADS, "num_attention_heads")
+        n = _need_int(c, mt, MAX_LAYERS, "num_hidden_layers")
+        e = _need_int(c, mt, MAX_EXPERTS, *self._expert_count_keys())
+        top_k = _need_int(c, mt, MAX_EXPERTS, "num_experts_per_tok")
         sparse, dense_ff, shared_ff = self._sparse_layout(c, n, e)
+        if e * sum(sparse) > MAX_TOTAL_EXPERTS:
+            raise CheckpointError(
+                f"config.json: {sum(sparse)} MoE layers x {e} experts = {e * sum(sparse)} routed "
+                f"experts, above qmoe-ray's bound of {MAX_TOTAL_EXPERTS} (far above any released "
+                "model): the config is corrupt"
+            )
         clip = c.get("clip_qkv")
         return DecoderSpec(
-            vocab_size=int(_need(c, mt, "vocab_size")),
+            vocab_size=_need_int(c, mt, MAX_VOCAB, "vocab_size"),
             hidden_size=hidden,
             num_layers=n,
             num_heads=heads,
-            num_kv_heads=int(c.get("num_key_value_heads") or heads),
-            head_dim=int(c.get("head_dim") or hidden // heads),
-            rms_eps=float(c.get("rms_norm_eps", self.default_eps)),
+            num_kv_heads=config_int(c, "num_key_value_heads", MAX_HEADS, default=heads),
+            head_dim=config_int(c, "head_dim", MAX_HEAD_DIM, default=max(hidden // heads, 1)),
+            rms_eps=config_float(c, "rms_norm_eps", self.default_eps),
             rope_theta=_rope_theta(c, self.default_rope_theta),
             num_experts=e,
-            top_k=int(_need(c, mt, "num_experts_per_tok")),
-            moe_ff=int(_need(c, mt, *self._moe_ff_keys())),
+            top_k=top_k,
+            moe_ff=_need_int(c, mt, MAX_FF, *self._moe_ff_keys()),
             norm_topk=self._norm_topk(c),
             dense_ff=dense_ff,
             shared_ff=shared_ff,
             sparse=sparse,
             windows=self._windows(c, n),
             qk_norm=self._qk_norm(),
-            clip_qkv=None if clip is None else float(clip),
+            clip_qkv=None if clip is None else config_float(c, "clip_qkv", 1.0),
             tie_embeddings=bool(c.get("tie_word_embeddings", False)),
         )
 
@@ -236,10 +280,10 @@ class DecoderMoE(MoEFamily):
         """Detect the router module and the expert layout from tensor names (a list, set or a
         ``WeightSource``).
 
-        Expert layouts tried, in order: fused 3-D ``experts.gate_up_proj`` under each of
-        ``moe_modules``; the family's per-expert source names (``source_roles``); our canonical
-        per-expert names (``expert_names``: a decompressed qmoe-ray checkpoint, whose router stays
-        where the source had it).
+        Expert layouts tried, in order: ``"fused"`` 3-D ``experts.gate_up_proj`` under each of
+        ``moe_modules``; ``"per-expert"``, the family's per-expert source names (``source_roles``);
+        ``"canonical"``, our per-expert names (``expert_names``: a decompressed qmoe-ray
+        checkpoint, whose router stays where the source had it).
 
         Returns:
             self.
@@ -252,7 +296,7 @@ class DecoderMoE(MoEFamily):
         has = names.__contains__
         first = next((lay for lay in self.layers() if lay.moe), None)
         if first is None:
-            self._layout = (self.moe_modules[0], self.moe_modules[0], "source")
+            self._layout = (self.moe_modules[0], self.moe_modules[0], "per-expert")
             return self
         router = next((m for m in self.moe_modules if has(f"{first.name}.{m}.gate.weight")), None)
         if router is None:
@@ -262,7 +306,7 @@ class DecoderMoE(MoEFamily):
                 f"{self.model_type} checkpoint?"
             )
         candidates = [(m, "fused") for m in self.moe_modules]
-        candidates += [(m, "source") for m in self.moe_modules] + [("mlp", "canonical")]
+        candidates += [(m, "per-expert") for m in self.moe_modules] + [("mlp", "canonical")]
         for mod, kind in candidates:
             if has(self._probe(first, mod, kind)):
                 self._layout = (router, mod, kind)
@@ -284,7 +328,11 @@ class DecoderMoE(MoEFamily):
 
     def _lay(self, W: Any = None) -> tuple[str, str, str]:
         """``(router module, experts module, kind)``; (re)detected from ``W`` when it is given and
-        the bound layout does not fit it (one family object may serve a source and its output)."""
+        the bound layout does not fit it (one family object may serve a source and its output).
+
+        Raises:
+            RuntimeError: no ``W`` and no layout bound (the layout is never guessed).
+        """
         if W is not None:
             first = next((lay for lay in self.layers() if lay.moe), None)
             if self._layout is None or (
@@ -292,8 +340,22 @@ class DecoderMoE(MoEFamily):
             ):
                 self.bind(W)
         if self._layout is None:
-            return self.moe_modules[0], self.moe_modules[0], "source"
+            raise RuntimeError(
+                f"the expert layout of this {self.model_type} family is not bound: build it with "
+                "get_family(config, names) (or call bind(names)) with the checkpoint's tensor "
+                "names before asking for source tensor names (per-expert and fused sources name "
+                "their experts and routers differently)"
+            )
         return self._layout
+
+    @property
+    def expert_layout(self) -> str:
+        """``"per-expert"``, ``"fused"`` or ``"canonical"`` (see ``bind``).
+
+        Raises:
+            RuntimeError: no layout is bound.
+        """
+        return self._lay()[2]
 
     def layers(self) -> list[LayerSpec]:
         s = self.spec
@@ -647,7 +709,7 @@ class Mixtral(DecoderMoE):
         return True
 
     def _windows(self, c: Mapping[str, Any], n: int) -> tuple[int | None, ...]:
-        return (c.get("sliding_window") or None,) * n
+        return (_window(c),) * n
 
 
 class _QwenMoE(DecoderMoE):
@@ -656,16 +718,25 @@ class _QwenMoE(DecoderMoE):
     def _sparse_layout(
         self, c: Mapping[str, Any], n: int, e: int
     ) -> tuple[tuple[bool, ...], int, int]:
-        step = int(c.get("decoder_sparse_step") or 1)
-        only = set(c.get("mlp_only_layers") or [])
+        step = config_int(c, "decoder_sparse_step", MAX_LAYERS, default=1)
+        only = c.get("mlp_only_layers") or []
+        if not isinstance(only, list) or not all(
+            type(i) is int and 0 <= i < MAX_LAYERS for i in only
+        ):
+            raise CheckpointError(
+                f"config.json 'mlp_only_layers' must be a list of layer indices 0..{MAX_LAYERS - 1}"
+            )
+        only = set(only)
         sparse = tuple(i not in only and e > 0 and (i + 1) % step == 0 for i in range(n))
-        dense_ff = int(_need(c, self.model_type, "intermediate_size")) if not all(sparse) else 0
+        dense_ff = (
+            _need_int(c, self.model_type, MAX_FF, "intermediate_size") if not all(sparse) else 0
+        )
         return sparse, dense_ff, 0
 
     def _windows(self, c: Mapping[str, Any], n: int) -> tuple[int | None, ...]:
         if not c.get("use_sliding_window") or not c.get("sliding_window"):
             return (None,) * n
-        return (int(c["sliding_window"]),) * n
+        return (_window(c),) * n
 
 
 class Qwen2Moe(_QwenMoE):
@@ -677,7 +748,7 @@ class Qwen2Moe(_QwenMoE):
         self, c: Mapping[str, Any], n: int, e: int
     ) -> tuple[tuple[bool, ...], int, int]:
         sparse, dense_ff, _ = super()._sparse_layout(c, n, e)
-        shared = int(c.get("shared_expert_intermediate_size") or 0)
+        shared = config_int(c, "shared_expert_intermediate_size", MAX_FF, lo=0, default=0)
         return sparse, dense_ff, shared
 
     def _windows(self, c: Mapping[str, Any], n: int) -> tuple[int | None, ...]:
@@ -685,12 +756,16 @@ class Qwen2Moe(_QwenMoE):
             return (None,) * n
         types = c.get("layer_types")
         if types is None:
-            mw = int(c.get("max_window_layers", n))
+            mw = config_int(c, "max_window_layers", MAX_LAYERS, lo=0, default=n)
             types = [
                 "sliding_attention" if (i + 1) % 2 and i < mw else "full_attention"
                 for i in range(n)
             ]
-        w = int(c["sliding_window"])
+        if not isinstance(types, list) or len(types) != n:
+            raise CheckpointError(
+                f"config.json 'layer_types' must be a list of {n} entries (num_hidden_layers)"
+            )
+        w = _window(c)
         return tuple(w if t == "sliding_attention" else None for t in types)
 
 

@@ -28,8 +28,15 @@ Why it is built this way:
   out of the Hessians; every token still flows through the model.
 
 Checkpoint layouts: transformers writes one tensor per expert
-(``....mlp.experts.expert_{e}.wi.weight``). Fused 3-D tensors (``....mlp.experts.wi``
-``[E, d_ff, d_model]``, ``....mlp.experts.wo`` ``[E, d_model, d_ff]``) are read as well.
+(``....mlp.experts.expert_{e}.wi.weight``; 5.x holds Switch's experts per expert in memory too, so
+``save_original_format=False`` writes the same names). Fused 3-D tensors (``....mlp.experts.wi``
+``[E, d_ff, d_model]``, ``....mlp.experts.wo`` ``[E, d_model, d_ff]``) are read as well. Unlike
+the decoder families nothing here depends on a guessed layout: the router has one name,
+``source_expert_names`` lists both layouts' names and ``read_experts`` looks in the weights it is
+given. ``bind`` resolves the layout from the tensor names all the same, for the manifest's record
+(``expert_layout``) and to refuse a checkpoint that holds the experts under neither layout.
+
+Config sizes are checked against the bounds of ``qmoe_ray.models.base`` before anything is built.
 """
 
 from __future__ import annotations
@@ -42,12 +49,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from qmoe_ray.errors import CheckpointError
 from qmoe_ray.models.base import (
+    MAX_EXPERTS,
+    MAX_FF,
+    MAX_HEAD_DIM,
+    MAX_HEADS,
+    MAX_HIDDEN,
+    MAX_LAYERS,
+    MAX_POSITIONS,
+    MAX_TOTAL_EXPERTS,
+    MAX_VOCAB,
     ExpertSpec,
     LayerSpec,
     MoEFamily,
     State,
     WeightSource,
+    config_float,
+    config_int,
     relu_hidden,
 )
 
@@ -60,17 +79,18 @@ _ACTIVATIONS = {
     "swish": F.silu,
 }
 
-#: Config fields every Switch config.json must carry (no sensible default exists for them).
-_REQUIRED = (
-    "vocab_size",
-    "d_model",
-    "d_kv",
-    "d_ff",
-    "num_layers",
-    "num_heads",
-    "relative_attention_num_buckets",
-)
-_EXPERT_FIELDS = ("num_experts", "expert_capacity")
+#: Config fields every Switch config.json must carry (no sensible default exists for them), with
+#: their upper bounds (``qmoe_ray.models.base``).
+_REQUIRED = {
+    "vocab_size": MAX_VOCAB,
+    "d_model": MAX_HIDDEN,
+    "d_kv": MAX_HEAD_DIM,
+    "d_ff": MAX_FF,
+    "num_layers": MAX_LAYERS,
+    "num_heads": MAX_HEADS,
+    "relative_attention_num_buckets": MAX_HEAD_DIM,
+}
+_EXPERT_FIELDS = {"num_experts": MAX_EXPERTS, "expert_capacity": MAX_POSITIONS}
 
 #: Every released Switch/T5 checkpoint: 32000 SentencePiece pieces, then the 100 ``<extra_id_*>``
 #: sentinels (ids 32000..32099), then 28 never-used rows padding the table to a multiple of 128.
@@ -137,6 +157,7 @@ class SwitchTransformers(MoEFamily):
     Raises:
         ValueError: a required field (model shape or ``num_experts`` / ``expert_capacity``) is
             missing or invalid.
+        CheckpointError (a ``ValueError``): a size is not an integer or out of bounds.
     """
 
     model_type = "switch_transformers"
@@ -150,14 +171,15 @@ class SwitchTransformers(MoEFamily):
                 f"config.json model_type {c.get('model_type')!r} is not {self.model_type!r}; "
                 "use qmoe_ray.models.get_family(config) to pick the family"
             )
-        for key in _REQUIRED:
-            _positive_int(c, key, "config.json of a SwitchTransformers checkpoint")
-        for key in _EXPERT_FIELDS:
+        for key, hi in _REQUIRED.items():
+            _positive_int(c, key, "config.json of a SwitchTransformers checkpoint", hi)
+        for key, hi in _EXPERT_FIELDS.items():
             _positive_int(
                 c,
                 key,
                 "a SwitchTransformers config.json (expert field; is this a dense T5 checkpoint? "
                 "only MoE checkpoints can be compressed)",
+                hi,
             )
         self.vocab_size = int(c["vocab_size"])
         self.d_model = int(c["d_model"])
@@ -167,13 +189,16 @@ class SwitchTransformers(MoEFamily):
         self.num_experts = int(c["num_experts"])
         self.expert_capacity = int(c["expert_capacity"])
         self.num_buckets = int(c["relative_attention_num_buckets"])
-        self.max_distance = int(c.get("relative_attention_max_distance", 128))
-        self.eps = float(c.get("layer_norm_epsilon", 1e-6))
+        self.max_distance = config_int(
+            c, "relative_attention_max_distance", MAX_POSITIONS, default=128
+        )
+        self.eps = config_float(c, "layer_norm_epsilon", 1e-6)
         self.tied = bool(c.get("tie_word_embeddings", True))
         self.router_bias = bool(c.get("router_bias", False))
-        self.pad_token_id = int(c.get("pad_token_id") or 0)
-        start = c.get("decoder_start_token_id")
-        self.decoder_start_token_id = self.pad_token_id if start is None else int(start)
+        self.pad_token_id = config_int(c, "pad_token_id", MAX_VOCAB, lo=0, default=0)
+        self.decoder_start_token_id = config_int(
+            c, "decoder_start_token_id", MAX_VOCAB, lo=0, default=self.pad_token_id
+        )
         dtype_name = c.get("router_dtype", "float32")
         if dtype_name not in ("float32", "float16", "bfloat16"):
             raise ValueError(
@@ -191,8 +216,9 @@ class SwitchTransformers(MoEFamily):
             # Instance attribute shadows the class default (ReLU, the original Switch models).
             self.expert_spec = ExpertSpec(("wi",), ("wo",), ActHidden("wi", act))
         self.num_encoder_layers = int(c["num_layers"])
-        n_dec = c.get("num_decoder_layers")
-        self.num_decoder_layers = self.num_encoder_layers if n_dec is None else int(n_dec)
+        self.num_decoder_layers = config_int(
+            c, "num_decoder_layers", MAX_LAYERS, lo=0, default=self.num_encoder_layers
+        )
         self.encoder_sparse_step = _sparse_step(c, "encoder", self.num_encoder_layers)
         self.decoder_sparse_step = _sparse_step(c, "decoder", self.num_decoder_layers)
         if first_sentinel_id is None:
@@ -203,6 +229,14 @@ class SwitchTransformers(MoEFamily):
             )
         self.first_sentinel_id = int(first_sentinel_id)
         self._layers = self._build_layers()
+        n_moe = sum(lay.moe for lay in self._layers)
+        if n_moe * self.num_experts > MAX_TOTAL_EXPERTS:
+            raise CheckpointError(
+                f"config.json: {n_moe} MoE blocks x {self.num_experts} experts = "
+                f"{n_moe * self.num_experts} routed experts, above qmoe-ray's bound of "
+                f"{MAX_TOTAL_EXPERTS} (far above any released model): the config is corrupt"
+            )
+        self._layout: str | None = None
 
     # -- layout --------------------------------------------------------------------------------
     def _build_layers(self) -> list[LayerSpec]:
@@ -273,6 +307,51 @@ class SwitchTransformers(MoEFamily):
             have = set(available)
             names = [n for n in names if n in have]
         return names
+
+    def bind(self, names: Any) -> SwitchTransformers:
+        """Resolve the expert layout from tensor names (a list, a set or a ``WeightSource``):
+        ``"per-expert"`` (``experts.expert_{e}.wi.weight``, transformers' own), ``"fused"`` (3-D
+        ``experts.wi`` / ``experts.wo``), or ``"mixed"`` when MoE blocks differ (``read_experts``
+        reads each block's own layout).
+
+        Returns:
+            self.
+
+        Raises:
+            KeyError: an MoE block's experts are under neither layout (names the block).
+        """
+        if isinstance(names, (list, tuple, set, frozenset)):
+            names = set(names)
+        kinds = set()
+        for lay in self._layers:
+            if not lay.moe:
+                continue
+            per, fused = self.expert_names(lay, 0)["wi"], self._fused_names(lay)["wi"]
+            if per in names:
+                kinds.add("per-expert")
+            elif fused in names:
+                kinds.add("fused")
+            else:
+                raise KeyError(
+                    f"no expert weights of {lay.name} found (tried {per}, {fused}); is this a "
+                    f"{self.model_type} checkpoint?"
+                )
+        self._layout = kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "per-expert")
+        return self
+
+    @property
+    def expert_layout(self) -> str:
+        """``"per-expert"``, ``"fused"`` or ``"mixed"`` (see ``bind``).
+
+        Raises:
+            RuntimeError: no layout is bound.
+        """
+        if self._layout is None:
+            raise RuntimeError(
+                "the expert layout of this switch_transformers family is not bound: build it "
+                "with get_family(config, names) (or call bind(names))"
+            )
+        return self._layout
 
     def router_name(self, layer: LayerSpec) -> str:
         """``{block}.layer.{1|2}.mlp.router.classifier.weight``."""
@@ -612,30 +691,34 @@ class SwitchTransformers(MoEFamily):
         return m.to(torch.bool)
 
 
-def _positive_int(c: Mapping[str, Any], key: str, where: str) -> None:
-    v = c.get(key)
-    if v is None:
+def _positive_int(c: Mapping[str, Any], key: str, where: str, hi: int) -> None:
+    """Check ``c[key]`` is present and an integer in ``1..hi``.
+
+    Raises:
+        ValueError: absent. CheckpointError: not a positive integer within the bound.
+    """
+    if c.get(key) is None:
         raise ValueError(f"{where} lacks the field {key!r}; add it to config.json")
+    v = c[key]
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ValueError(f"config.json field {key!r} must be a positive integer, got {v!r}")
+        shown = repr(v) if len(repr(v)) <= 40 else f"a {type(v).__name__}"
+        raise CheckpointError(f"config.json field {key!r} must be a positive integer, got {shown}")
+    config_int(c, key, hi)
 
 
 def _sparse_step(c: Mapping[str, Any], stack: str, n_layers: int) -> int:
     """``{stack}_sparse_step`` as transformers resolves it: the saved field wins (even over a
     disagreeing ``num_sparse_{stack}_layers``); absent, it is derived from that count."""
-    step = c.get(f"{stack}_sparse_step")
-    if step is None:
-        n_sparse = c.get(f"num_sparse_{stack}_layers")
-        if n_sparse is None:
+    key = f"{stack}_sparse_step"
+    if c.get(key) is None:
+        if c.get(f"num_sparse_{stack}_layers") is None:
             raise ValueError(
                 f"config.json lacks both '{stack}_sparse_step' and 'num_sparse_{stack}_layers'; "
                 f"add one (e.g. '{stack}_sparse_step': 2 for the released Switch models)"
             )
-        step = n_layers // int(n_sparse) if int(n_sparse) > 0 else n_layers
-    step = int(step)
-    if step < 0:
-        raise ValueError(f"config.json '{stack}_sparse_step' must be >= 0, got {step}")
-    return step
+        n_sparse = config_int(c, f"num_sparse_{stack}_layers", MAX_LAYERS, lo=0)
+        return n_layers // n_sparse if n_sparse > 0 else n_layers
+    return config_int(c, key, MAX_LAYERS, lo=0)
 
 
 def _get(W: WeightSource, name: str, shape: tuple[int, ...], hint: str) -> torch.Tensor:
