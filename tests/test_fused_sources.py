@@ -198,3 +198,25 @@ def test_fused_source_compresses_like_its_per_expert_twin(twins, ray_session, mo
     inputs = {k: torch.from_numpy(v) for k, v in held.items()}
     ce, n = model.family.loss_terms(model.logits(inputs), inputs)
     assert float(ce) / n == pytest.approx(reports["fused"]["heldout_loss"], rel=1e-4)
+    if model_type == "olmoe":  # once: a manifest's config is bounded by the same family parse
+        _config_bounds_apply_to_manifests(outs["fused"], tmp_path / "edited")
+
+
+def _config_bounds_apply_to_manifests(out: Path, copy: Path) -> None:
+    import shutil
+
+    from qmoe_ray.errors import CheckpointError
+    from qmoe_ray.loader import load
+
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    # within the manifest schema's own loose bound (2**24), above the family's (2**16)
+    manifest["config"]["hidden_size"] = 100_000
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / "config.json").write_text(json.dumps(manifest["config"]))
+    with pytest.raises(
+        CheckpointError,
+        match=r"'hidden_size' is 100000: expected an integer in "
+        r"1\.\.65536",
+    ):
+        load(str(copy))
