@@ -30,6 +30,14 @@ class CheckpointError(QmoeError, ValueError):
     """A checkpoint that is malformed, inconsistent or not decodable: the message names it."""
 
 
+class MissingTensorError(CheckpointError, KeyError):
+    """A tensor or key the model needs is not in the checkpoint. Also a ``KeyError`` (lookups
+    raise it), but shown with its whole message rather than a quoted key."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "missing tensor"
+
+
 class ResourceError(QmoeError, RuntimeError):
     """The cluster lacks what the job asks for (CPUs, GPUs, room to restart lost actors): the
     message names the resource, what was asked and what the cluster has."""

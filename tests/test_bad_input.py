@@ -43,6 +43,19 @@ def inputs(tmp_path_factory) -> Path:
     (d / "bad.yaml").write_text("scheme: [ternary\n")
     (d / "typo.yaml").write_text("schem: ternary\n")
     (d / "list.yaml").write_text("- ternary\n")
+    # the embedded model without its first router: an incomplete source checkpoint
+    from safetensors.torch import load_file, save_file
+
+    from qmoe_ray.data import resolve_source
+
+    src = Path(resolve_source("embedded"))
+    (d / "norouter").mkdir()
+    for f in ("config.json", "tokenizer.json"):
+        (d / "norouter" / f).write_bytes((src / f).read_bytes())
+    tensors = load_file(src / "model.safetensors")
+    router = next(n for n in tensors if n.endswith("block_sparse_moe.gate.weight"))
+    del tensors[router]
+    save_file(tensors, d / "norouter" / "model.safetensors", metadata={"format": "pt"})
     return d
 
 
@@ -64,6 +77,7 @@ CASES = [  # (flags, what the one line must say)
     (["--num-samples", "1", "--seq-len", "16"], "only 16 calibration tokens"),
     (["--source-option", "endpoint_url"], "--source-option 'endpoint_url': expected KEY=VALUE"),
     (["--source", "https://alice:s3cret@127.0.0.1:9/model?sig=topsecret"], "127.0.0.1:9/model"),
+    (["--source", "{d}/norouter"], "router of layer model.layers.0 not found"),
 ]
 
 
@@ -114,6 +128,15 @@ def test_recorded_urls_carry_no_credentials():
     assert source_label(cfg.source) == "https://host/m"
     assert "pw" not in json.dumps(opts) and "abc" not in json.dumps(opts)
     assert source_label("/plain/path") == "/plain/path"
+
+
+def test_storage_errors_do_not_repeat_url_credentials():
+    """An underlying error that quotes the URL it failed on loses the URL's credentials."""
+    from qmoe_ray.storage.fs import _clean
+
+    msg = _clean("cannot connect to https://bob:pw1@h:9/x?X-Amz-Signature=abc&part=1",
+                 {"secret": "k3y"})
+    assert "pw1" not in msg and "abc" not in msg and "https://h:9/x" in msg and "part=1" in msg
 
 
 @pytest.mark.ray

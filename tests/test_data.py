@@ -80,7 +80,7 @@ def test_safetensors_stream_windows(tmp_path):
 def test_safetensors_needs_input_ids_name(tmp_path):
     save_file({"a": np.zeros(4, np.int32), "b": np.zeros(4, np.int32)},
               str(tmp_path / "two.safetensors"))
-    with pytest.raises(KeyError, match="input_ids"):
+    with pytest.raises(ValueError, match="input_ids"):
         read_tokens(str(tmp_path / "two.safetensors"))
 
 

@@ -50,7 +50,7 @@ def _baseline_loss(source: str, data: str, n: int, seq_len: int) -> float:
     from qmoe_ray.storage.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(source)
-    fam = get_family(ckpt.config)
+    fam = get_family(ckpt.config, ckpt)
     held = load_samples(
         data, ckpt.config, n, seq_len, seed=0, split="heldout", tokenizer_source=source
     )

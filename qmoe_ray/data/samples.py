@@ -25,6 +25,7 @@ import numpy as np
 
 from qmoe_ray.data.corruption import SpanCorruption, choose_windows, corrupt_batch
 from qmoe_ray.data.sources import TokenData, load_tokenizer, read_tokens
+from qmoe_ray.errors import MissingTensorError
 
 SPLITS = ("calib", "heldout", "all")
 EMBEDDED = "embedded"
@@ -264,7 +265,7 @@ def load_samples(
     if seq_len is not None and seq_len < 2:
         raise ValueError(f"seq_len must be >= 2 (or None), got {seq_len}")
     if "vocab_size" not in family_config:
-        raise KeyError("family_config has no vocab_size; pass the checkpoint's config.json")
+        raise MissingTensorError("family_config has no vocab_size; pass the checkpoint's config.json")
     vocab = int(family_config["vocab_size"])
     corruption = corruption or SpanCorruption()
     tokenizer = None

@@ -170,7 +170,7 @@ def read_tokens(
             return _token_array(tensors["input_ids"], url)
         if len(tensors) == 1:
             return _token_array(next(iter(tensors.values())), url)
-        raise KeyError(f"{url}: holds tensors {sorted(tensors)}; name the token ids 'input_ids'")
+        raise InputError(f"{url}: holds tensors {sorted(tensors)}; name the token ids 'input_ids'")
     tok = load_tokenizer(tokenizer, storage_options)
     texts = _texts(url, raw)
     encs = tok.encode_batch(texts, add_special_tokens=False)

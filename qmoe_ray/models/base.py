@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 import torch.nn.functional as F
 
-from qmoe_ray.errors import CheckpointError
+from qmoe_ray.errors import CheckpointError, MissingTensorError
 
 State = dict[str, torch.Tensor]
 
@@ -137,7 +137,7 @@ class DictWeights:
         try:
             t = self._t[name]
         except KeyError:
-            raise KeyError(f"tensor {name!r} not found among {len(self._t)} tensors") from None
+            raise MissingTensorError(f"tensor {name!r} not found among {len(self._t)} tensors") from None
         return t.to(self._dtype)
 
     def __contains__(self, name: str) -> bool:

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from qmoe_ray.data.samples import special_token_ids
-from qmoe_ray.errors import CheckpointError
+from qmoe_ray.errors import CheckpointError, MissingTensorError
 from qmoe_ray.models import layers as L
 from qmoe_ray.models.base import (
     MAX_EXPERTS,
@@ -301,7 +301,7 @@ class DecoderMoE(MoEFamily):
         router = next((m for m in self.moe_modules if has(f"{first.name}.{m}.gate.weight")), None)
         if router is None:
             tried = [f"{first.name}.{m}.gate.weight" for m in self.moe_modules]
-            raise KeyError(
+            raise MissingTensorError(
                 f"router of layer {first.name} not found (tried {', '.join(tried)}); is this a "
                 f"{self.model_type} checkpoint?"
             )
@@ -312,7 +312,7 @@ class DecoderMoE(MoEFamily):
                 self._layout = (router, mod, kind)
                 return self
         tried = sorted({self._probe(first, m, k) for m, k in candidates})
-        raise KeyError(
+        raise MissingTensorError(
             f"no expert weights of layer {first.name} found (tried {', '.join(tried)}); is this a "
             f"{self.model_type} checkpoint?"
         )
@@ -463,7 +463,7 @@ class DecoderMoE(MoEFamily):
         have = set(names)
         for name, want in self.expected_shapes().items():
             if name not in have:
-                raise KeyError(
+                raise MissingTensorError(
                     f"tensor {name!r} needed by {self.model_type} (per config.json) is "
                     "not in the checkpoint; the checkpoint is incomplete or its "
                     "config.json belongs to another model"

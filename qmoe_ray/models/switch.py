@@ -49,7 +49,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qmoe_ray.errors import CheckpointError
+from qmoe_ray.errors import CheckpointError, MissingTensorError
 from qmoe_ray.models.base import (
     MAX_EXPERTS,
     MAX_FF,
@@ -332,7 +332,7 @@ class SwitchTransformers(MoEFamily):
             elif fused in names:
                 kinds.add("fused")
             else:
-                raise KeyError(
+                raise MissingTensorError(
                     f"no expert weights of {lay.name} found (tried {per}, {fused}); is this a "
                     f"{self.model_type} checkpoint?"
                 )
@@ -601,7 +601,7 @@ class SwitchTransformers(MoEFamily):
         for name in names:
             if name in W:
                 return _get(W, name, (self.vocab_size, self.d_model), self._cfg_hint("embedding"))
-        raise KeyError(
+        raise MissingTensorError(
             f"checkpoint has no token embedding ({' or '.join(names)}); "
             "is this a SwitchTransformersForConditionalGeneration checkpoint?"
         )

@@ -36,7 +36,7 @@ from typing import IO, Any
 
 import torch
 
-from qmoe_ray.errors import CheckpointError
+from qmoe_ray.errors import CheckpointError, MissingTensorError
 from qmoe_ray.storage.fs import fs_errors, join, redact, safe_join, url_to_fs
 
 CONFIG = "config.json"
@@ -234,7 +234,7 @@ class Checkpoint:
         try:
             return self._tensors[name]
         except KeyError:
-            raise KeyError(
+            raise MissingTensorError(
                 f"tensor {name!r} is not in checkpoint {redact(self.url)!r} "
                 f"({len(self._tensors)} tensors); check the name and model_type"
             ) from None
@@ -536,7 +536,7 @@ def open_checkpoint(url: str, **storage_options: Any) -> Checkpoint:
     if weight_map is not None:
         for name, f in weight_map.items():
             if name not in headers[f]:
-                raise KeyError(
+                raise MissingTensorError(
                     f"tensor {name!r} is listed in {INDEX} under {f!r} but {f!r} does "
                     f"not contain it; the index and the shards disagree: re-save or "
                     "re-upload the checkpoint"

@@ -144,9 +144,18 @@ def _secrets(opts: Mapping[str, Any]) -> list[str]:
     return out
 
 
+_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.\-]*://)[^/@\s]*@")
+_QUERY_SECRET = re.compile(r"([?&][^=&\s]*(?:sig|signature|token|key|secret|credential)[^=&\s]*=)"
+                           r"[^&\s'\"]*", re.IGNORECASE)
+
+
 def _clean(msg: str, opts: Mapping[str, Any]) -> str:
+    """``msg`` without the storage options' secrets and without credentials that an underlying
+    error repeats from a URL (``user:password@``, signed-URL query values)."""
     for s in _secrets(opts):
         msg = msg.replace(s, "***")
+    msg = _USERINFO.sub(r"\1", msg)
+    msg = _QUERY_SECRET.sub(r"\1***", msg)
     return msg[:300]
 
 

@@ -332,7 +332,7 @@ _TOP: dict[str, tuple[tuple[type, ...], bool]] = {  # key -> (allowed types, req
     "copied_files": ((list, dict), False), "options": ((dict,), False),
     "sizes": ((dict,), False), "source": ((str, type(None)), False),
     "source_fingerprint": ((str, type(None)), False), "created_by": ((str, type(None)), False),
-    "model_type": ((str, type(None)), False),
+    "model_type": ((str, type(None)), False), "expert_layout": ((str, type(None)), False),
     "heldout_loss": ((int, float, type(None)), False),
 }
 
