@@ -109,17 +109,11 @@ class Actors:
 
 
 def save_inputs(prog: Progress, inputs: Mapping[str, np.ndarray], is_calib: np.ndarray,
-                batch_size: int) -> int:
-    """Write every batch's inputs to the job's progress folder (see ``ActivationStore``).
-
-    Returns:
-        The number of batches.
-    """
-    n = len(is_calib)
-    for i, a in enumerate(range(0, n, batch_size)):
+                batch_size: int) -> None:
+    """Write every batch's inputs to the job's progress folder (see ``ActivationStore``)."""
+    for i, a in enumerate(range(0, len(is_calib), batch_size)):
         prog.save_inputs(i, {k: v[a: a + batch_size] for k, v in inputs.items()},
                          is_calib[a: a + batch_size])
-    return -(-n // batch_size)
 
 
 def make_actors(cfg: CompressConfig, storage: StorageOptions, source: str, opts: QuantOptions,
