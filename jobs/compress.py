@@ -11,7 +11,7 @@ import sys
 # Under `ray job submit --working-dir .` the package is the working directory, not installed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qmoe_ray.distributed.job import cli  # noqa: E402
+from qmoe_ray.job.cli import cli  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(cli())

@@ -1,7 +1,7 @@
 """qmoe-ray: QMoE-style sub-1-bit compression of Mixture-of-Experts models, distributed on Ray.
 
 ``qmoe_ray.load(url, device="cpu"|"cuda", mode="decode"|"resident")`` loads a compressed
-checkpoint (see ``qmoe_ray.loader``); ``qmoe_ray.quant`` holds the quantization numerics.
+checkpoint (see ``qmoe_ray.read.loader``); ``qmoe_ray.quant`` holds the quantization numerics.
 """
 
 from typing import Any
@@ -12,7 +12,7 @@ __all__ = ["load", "CompressedModel", "__version__"]
 
 def __getattr__(name: str) -> Any:  # lazy: ``import qmoe_ray`` stays free of torch
     if name in ("load", "CompressedModel"):
-        from qmoe_ray import loader
+        from qmoe_ray.read import loader
 
         return getattr(loader, name)
     raise AttributeError(f"module 'qmoe_ray' has no attribute {name!r}")

@@ -15,10 +15,10 @@ from qmoe_ray.errors import USER_ERRORS, one_line
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "compress": ("qmoe_ray.distributed.job", "compress an MoE checkpoint (a Ray job)"),
-    "eval": ("qmoe_ray.evaluate", "held-out loss and perplexity of a model"),
-    "export": ("qmoe_ray.export", "write a plain HF bf16 checkpoint of a compressed model"),
-    "inspect": ("qmoe_ray.inspect_cmd", "what is inside a compressed checkpoint"),
+    "compress": ("qmoe_ray.job.cli", "compress an MoE checkpoint (a Ray job)"),
+    "eval": ("qmoe_ray.read.evaluate", "held-out loss and perplexity of a model"),
+    "export": ("qmoe_ray.read.export", "write a plain HF bf16 checkpoint of a compressed model"),
+    "inspect": ("qmoe_ray.read.inspect", "what is inside a compressed checkpoint"),
 }
 
 

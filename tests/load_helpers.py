@@ -16,8 +16,8 @@ EVAL_SAMPLES = 4
 def compressed_checkpoint(tmp_path_factory: Any) -> Path:
     """The folder of the embedded model compressed (ternary GPTQ, small calibration set)."""
     if "ckpt" not in _CACHE:
-        from qmoe_ray.config import CompressConfig
-        from qmoe_ray.distributed.driver import run_compression
+        from qmoe_ray.job.config import CompressConfig
+        from qmoe_ray.job.driver import run_compression
 
         out = tmp_path_factory.mktemp("qmoe_ckpt") / "ckpt"
         cfg = CompressConfig(output=str(out), num_samples=32, seq_len=SEQ_LEN,

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from fixtures_s3 import save_tiny, tiny_model
 
-from qmoe_ray.config import CompressConfig
+from qmoe_ray.job.config import CompressConfig
 
 REPORTS = {"report.json", "report.md", "report.png"}
 

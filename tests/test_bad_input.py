@@ -107,7 +107,7 @@ def test_python_dash_m_is_the_cli(tmp_path):
 
 def test_internal_errors_keep_their_traceback(monkeypatch):
     """Only user errors become one line: a bug still shows where it is."""
-    from qmoe_ray.distributed import job
+    from qmoe_ray.job import cli as job
 
     def boom(args):
         raise IndexError("an internal bug")
@@ -118,8 +118,8 @@ def test_internal_errors_keep_their_traceback(monkeypatch):
 
 
 def test_recorded_urls_carry_no_credentials():
-    from qmoe_ray.config import CompressConfig
-    from qmoe_ray.distributed.driver import source_label
+    from qmoe_ray.job.config import CompressConfig
+    from qmoe_ray.job.driver import source_label
 
     cfg = CompressConfig(source="https://u:pw@host/m?X-Amz-Signature=abc",
                          data="s3://bucket/c4.jsonl?token=abc")

@@ -49,7 +49,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def clean(cluster, model, tmp_path_factory) -> dict[str, bytes]:
-    from qmoe_ray.distributed.driver import run_compression
+    from qmoe_ray.job.driver import run_compression
 
     out = tmp_path_factory.mktemp("clean")
     run_compression(job_cfg(model, out, num_workers=1, num_stores=1), progress=False)
@@ -85,7 +85,7 @@ class NodeKiller:
 
 
 def test_lost_worker_node_mid_layer(cluster, model, clean, tmp_path):
-    from qmoe_ray.distributed.driver import run_compression
+    from qmoe_ray.job.driver import run_compression
 
     def worker_node(ray, info):  # the node of the worker that just got the group
         return ray.get(info["actors"].workers[info["worker"]].node_id.remote())
@@ -102,7 +102,7 @@ def test_lost_worker_node_mid_layer(cluster, model, clean, tmp_path):
 @pytest.fixture
 def _stores_off_head(monkeypatch):
     """Make ``make_actors`` place each store on a non-head node (one "store_slot" each)."""
-    from qmoe_ray.distributed import actors
+    from qmoe_ray.job import actors
 
     real = actors.ActivationStore
 
@@ -115,7 +115,7 @@ def _stores_off_head(monkeypatch):
 
 
 def test_lost_store_node_mid_layer(cluster, model, clean, tmp_path, _stores_off_head):
-    from qmoe_ray.distributed.driver import run_compression
+    from qmoe_ray.job.driver import run_compression
 
     def store_node(ray, info):  # a node holding a store (not the head)
         head = cluster.head_node.node_id
@@ -133,7 +133,7 @@ def test_lost_store_node_mid_layer(cluster, model, clean, tmp_path, _stores_off_
 
 
 def test_missing_resources_are_named_not_waited_for(cluster, model, tmp_path, monkeypatch):
-    from qmoe_ray.distributed.driver import check_resources, run_compression
+    from qmoe_ray.job.driver import check_resources, run_compression
 
     monkeypatch.setenv("QMOE_RESOURCE_WAIT_S", "0")
     with pytest.raises(RuntimeError, match=r"has 0 GPU but 1 workers x 1 GPU"):
@@ -152,7 +152,7 @@ def test_failed_job_releases_its_actors(cluster, model, tmp_path):
     caller still holds the exception (whose traceback references the driver's frames)."""
     import ray
 
-    from qmoe_ray.distributed.driver import run_compression
+    from qmoe_ray.job.driver import run_compression
 
     def boom(event, info):
         if event == "group_dispatched":

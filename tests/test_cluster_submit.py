@@ -92,9 +92,9 @@ def test_ray_job_submit_s3_to_s3(head, moto_endpoint, tmp_path, monkeypatch):  #
     import torch
 
     from qmoe_ray.data import load_samples
-    from qmoe_ray.loader import load
     from qmoe_ray.models import get_family
     from qmoe_ray.models.base import run_forward
+    from qmoe_ray.read.loader import load
     from qmoe_ray.storage.checkpoint import open_checkpoint
 
     for k, v in {"AWS_ACCESS_KEY_ID": FAKE_KEY, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,

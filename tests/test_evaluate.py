@@ -1,4 +1,4 @@
-"""qmoe_ray.evaluate: layer-major loss vs transformers, the CLI, pluggable weights."""
+"""qmoe_ray.read.evaluate: layer-major loss vs transformers, the CLI, pluggable weights."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from qmoe_ray.evaluate import LayerCache, evaluate
+from qmoe_ray.read.evaluate import LayerCache, evaluate
 
 transformers = pytest.importorskip("transformers")
 

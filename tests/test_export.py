@@ -11,8 +11,8 @@ import pytest
 import torch
 from load_helpers import compressed_checkpoint
 
-from qmoe_ray.export import INDEX, expert_layout, export
-from qmoe_ray.loader import load
+from qmoe_ray.read.export import INDEX, expert_layout, export
+from qmoe_ray.read.loader import load
 
 
 @pytest.fixture(scope="session")
@@ -90,8 +90,8 @@ def test_transformers_saved_round_trip(tmp_path, model_type):
     a dense layer): compress, export, load with transformers, same logits as our decoded model."""
     from fixtures_s3 import save_tiny, tiny_model
 
-    from qmoe_ray.config import CompressConfig
-    from qmoe_ray.distributed.driver import run_compression
+    from qmoe_ray.job.config import CompressConfig
+    from qmoe_ray.job.driver import run_compression
 
     src = save_tiny(tiny_model(model_type), tmp_path / "src", dtype=torch.bfloat16)
     rng = np.random.default_rng(0)

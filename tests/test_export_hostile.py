@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from qmoe_ray.cli import main
 from qmoe_ray.errors import CheckpointError
-from qmoe_ray.export import COPIED_MAX_BYTES, INDEX, export
+from qmoe_ray.read.export import COPIED_MAX_BYTES, INDEX, export
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 EXPERT = "model.layers.0.mlp.experts.3.down_proj.weight"
@@ -141,7 +141,7 @@ def test_copied_files_of_another_type_are_refused(bad, tmp_path, capsys):
 
 def test_an_older_checkpoint_without_hashes_loads_and_exports_only_without_its_files(
         bad, tmp_path, capsys):
-    from qmoe_ray.loader import load
+    from qmoe_ray.read.loader import load
 
     edit_manifest(bad, lambda m: m.__setitem__("copied_files", sorted(m["copied_files"])))
     _refused(bad, tmp_path / "hf", "copied_files is a list without hashes.*--no-copied-files",

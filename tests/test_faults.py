@@ -13,7 +13,7 @@ import pytest
 from fixtures_s3 import free_port, make_bucket, s3_credentials  # noqa: F401
 from resume_helpers import job_cfg, make_tiny_mixtral
 
-from qmoe_ray.storage.progress import is_transient, with_retries
+from qmoe_ray.storage.retry import is_transient, with_retries
 
 
 class EndpointConnectionError(Exception):
@@ -77,7 +77,7 @@ def model(tmp_path_factory) -> Path:
 
 def test_writer_survives_failing_first_writes(model, tmp_path):
     """A wrapper filesystem that fails the first two writes (no Ray)."""
-    from qmoe_ray.distributed.reducer import CheckpointWriter
+    from qmoe_ray.job.writer import CheckpointWriter
 
     writer = CheckpointWriter(str(tmp_path / "out"), {}, str(model), {})
     real = writer.fs.pipe_file
@@ -138,7 +138,7 @@ def ray_session():
 def _storage(endpoint: str):
     from fixtures_s3 import FAKE_KEY, FAKE_SECRET
 
-    from qmoe_ray.config import StorageOptions
+    from qmoe_ray.job.config import StorageOptions
 
     # the Ray session predates this test's environment, so the (fake) credentials reach the
     # actors as storage options; one botocore attempt per try: qmoe-ray's own backoff rides out
@@ -151,8 +151,8 @@ def _storage(endpoint: str):
 @pytest.mark.ray
 @pytest.mark.s3
 def test_moto_outage_mid_job_is_ridden_out(model, moto, s3_credentials, ray_session):  # noqa: F811
-    from qmoe_ray.distributed.driver import run_compression
-    from qmoe_ray.loader import load
+    from qmoe_ray.job.driver import run_compression
+    from qmoe_ray.read.loader import load
 
     fs = make_bucket(moto.url, "faults")
     outage = {}
@@ -175,7 +175,7 @@ def test_moto_outage_mid_job_is_ridden_out(model, moto, s3_credentials, ray_sess
 @pytest.mark.ray
 @pytest.mark.s3
 def test_storage_lost_for_good_fails_cleanly(model, moto, s3_credentials, ray_session):  # noqa: F811
-    from qmoe_ray.distributed.driver import run_compression
+    from qmoe_ray.job.driver import run_compression
 
     fs = make_bucket(moto.url, "gone")
 

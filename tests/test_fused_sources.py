@@ -23,7 +23,7 @@ pytest.importorskip("transformers")
 from fixtures_s3 import save_tiny, tiny_model  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from qmoe_ray.config import CompressConfig  # noqa: E402
+from qmoe_ray.job.config import CompressConfig  # noqa: E402
 from qmoe_ray.models import get_family  # noqa: E402
 from qmoe_ray.storage.checkpoint import open_checkpoint  # noqa: E402
 
@@ -105,7 +105,7 @@ def test_layout_is_bound_from_names_and_never_guessed(twins, model_type):
 def test_writer_keeps_fused_experts_out_of_the_dense_tensors(twins, model_type, tmp_path):
     """The writer (plain class, no Ray) on a fused source: the 3-D expert tensors are experts, not
     dense tensors, and the router is recognised (so it keeps its float32)."""
-    from qmoe_ray.distributed.reducer import CheckpointWriter
+    from qmoe_ray.job.writer import CheckpointWriter
 
     src = str(twins[model_type]["fused"])
     w = CheckpointWriter(str(tmp_path / "out"), {}, src, {})
@@ -140,7 +140,7 @@ def _shards(out: Path) -> dict[str, bytes]:
 
 
 def _compress(src: Path, tokens: Path, out: Path) -> dict:
-    from qmoe_ray.distributed.driver import run_compression
+    from qmoe_ray.job.driver import run_compression
 
     cfg = CompressConfig(
         source=str(src),
@@ -160,7 +160,7 @@ def _compress(src: Path, tokens: Path, out: Path) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_fused_source_compresses_like_its_per_expert_twin(twins, ray_session, model_type, tmp_path):
-    from qmoe_ray.loader import load
+    from qmoe_ray.read.loader import load
 
     outs, reports = {}, {}
     for layout in ("per-expert", "fused"):
@@ -206,7 +206,7 @@ def _config_bounds_apply_to_manifests(out: Path, copy: Path) -> None:
     import shutil
 
     from qmoe_ray.errors import CheckpointError
-    from qmoe_ray.loader import load
+    from qmoe_ray.read.loader import load
 
     shutil.copytree(out, copy)
     manifest = json.loads((copy / "manifest.json").read_text())

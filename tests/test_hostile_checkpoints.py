@@ -18,7 +18,7 @@ from load_helpers import compressed_checkpoint, copy_checkpoint
 
 from qmoe_ray import codec
 from qmoe_ray.errors import CheckpointError, InputError
-from qmoe_ray.storage import manifest as mf
+from qmoe_ray.format import manifest as mf
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -77,9 +77,9 @@ def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
 def _refused_everywhere(root: Path, tmp_path: Path, capsys, match: str) -> None:
     """load, inspect and export raise CheckpointError matching ``match``; their command lines
     (and eval's) print one line and exit 2; export writes nothing."""
-    from qmoe_ray.export import export
-    from qmoe_ray.inspect_cmd import inspect
-    from qmoe_ray.loader import load
+    from qmoe_ray.read.export import export
+    from qmoe_ray.read.inspect import inspect
+    from qmoe_ray.read.loader import load
 
     for fn in (lambda: load(str(root)), lambda: inspect(str(root)),
                lambda: export(str(root), str(tmp_path / "hf"))):
@@ -106,7 +106,7 @@ def test_memory_bomb_expert_of_any_shape_is_refused_before_decoding(ckpt, tmp_pa
                                                                    monkeypatch):
     """A consistent, re-hashed expert of 2048x2048 (an all-zero matrix: a few KB decode to
     8 MiB; the same trick asked for 64 GiB) where the config implies 128x192."""
-    import qmoe_ray.loader as loader
+    import qmoe_ray.read.loader as loader
 
     root = _copy(ckpt, tmp_path)
     m = _read(root)
@@ -150,7 +150,7 @@ def test_swapped_but_consistent_shape_is_refused(ckpt, tmp_path, capsys):
 
 
 def test_dense_tensor_of_another_shape_is_refused(ckpt, tmp_path):
-    from qmoe_ray.loader import load
+    from qmoe_ray.read.loader import load
 
     root = _copy(ckpt, tmp_path)
     m = _read(root)
@@ -168,7 +168,7 @@ def test_stored_tensor_shapes_follow_from_the_matrix(ckpt, tmp_path, case):
     """Scales of the wrong length, a segment count other than the shape's, a stream longer than
     the matrix can need, a table of the wrong size, a dense tensor larger than any the config
     implies, an expert missing: each refused from the manifest (the shards are gone)."""
-    from qmoe_ray.loader import load
+    from qmoe_ray.read.loader import load
 
     root = _copy(ckpt, tmp_path)
     m = _read(root)
@@ -205,7 +205,7 @@ def test_stored_tensor_shapes_follow_from_the_matrix(ckpt, tmp_path, case):
 def test_stream_that_does_not_decode_is_a_checkpoint_error(ckpt, tmp_path):
     """A flipped code word with its hash recomputed: the rANS end-state check refuses it, as a
     CheckpointError naming the matrix (in decode and in resident mode)."""
-    from qmoe_ray.loader import load
+    from qmoe_ray.read.loader import load
 
     root = _copy(ckpt, tmp_path)
     m = _read(root)
@@ -226,7 +226,7 @@ def test_stream_that_does_not_decode_is_a_checkpoint_error(ckpt, tmp_path):
 
 # -- 2. sizes are bounded before anything is read ---------------------------------------------
 def test_manifest_size_limit_is_proportionate(ckpt):
-    from qmoe_ray.loader import _implied_tensors
+    from qmoe_ray.read.loader import _implied_tensors
 
     cfg = json.loads((ckpt / "config.json").read_text())
     n = _implied_tensors(cfg, "config.json")
@@ -239,7 +239,7 @@ def test_manifest_size_limit_is_proportionate(ckpt):
 
 
 def test_manifest_over_the_limit_is_refused_unread(ckpt, tmp_path):
-    from qmoe_ray.loader import load, read_manifest
+    from qmoe_ray.read.loader import load, read_manifest
 
     root = _copy(ckpt, tmp_path)
     raw = (root / "manifest.json").read_bytes()
@@ -262,7 +262,7 @@ def test_manifest_over_the_limit_is_refused_unread(ckpt, tmp_path):
 
 def test_config_json_must_be_the_manifests(ckpt, tmp_path):
     """config.json sets the manifest's size limit, so a bigger model there is refused."""
-    from qmoe_ray.loader import load
+    from qmoe_ray.read.loader import load
 
     root = _copy(ckpt, tmp_path)
     cfg = json.loads((root / "config.json").read_text())
@@ -279,7 +279,7 @@ def test_config_json_must_be_the_manifests(ckpt, tmp_path):
 
 @pytest.mark.parametrize("depth", [40, 200_000])
 def test_deep_nesting_is_refused(ckpt, tmp_path, depth):
-    from qmoe_ray.loader import load
+    from qmoe_ray.read.loader import load
 
     root = _copy(ckpt, tmp_path)
     raw = (root / "manifest.json").read_text().rstrip()
@@ -290,7 +290,7 @@ def test_deep_nesting_is_refused(ckpt, tmp_path, depth):
 
 
 def test_shard_of_the_wrong_size_is_refused_before_it_is_read(ckpt, tmp_path):
-    from qmoe_ray.loader import load
+    from qmoe_ray.read.loader import load
 
     root = _copy(ckpt, tmp_path)
     shard = root / "shards" / "layer-00000.safetensors"
@@ -334,7 +334,7 @@ def _file(header: Any, data: bytes) -> bytes:
     ("U16", "lacks dtype/shape/data_offsets"),
 ])
 def test_safetensors_header_fields_are_checked_exactly(entry, match):
-    from qmoe_ray.loader import parse_safetensors
+    from qmoe_ray.read.loader import parse_safetensors
     from qmoe_ray.storage.checkpoint import parse_header
 
     raw = _file({"a": entry}, bytes(4))
@@ -345,7 +345,7 @@ def test_safetensors_header_fields_are_checked_exactly(entry, match):
 
 
 def test_loader_uses_the_one_safetensors_parser(monkeypatch):
-    import qmoe_ray.loader as loader
+    import qmoe_ray.read.loader as loader
     from qmoe_ray.storage import checkpoint
 
     calls = []
@@ -448,7 +448,7 @@ def test_wrong_json_is_one_checkpoint_error_naming_the_key(ckpt, tmp_path, capsy
     edit(m)
     _write(root, m)
     _no_shards(root)
-    from qmoe_ray.loader import load
+    from qmoe_ray.read.loader import load
 
     with pytest.raises(CheckpointError, match=match) as ei:
         load(str(root))
@@ -469,8 +469,8 @@ def test_inspect_refuses_negative_sizes(ckpt, tmp_path, capsys):
 # -- 5. eval --compare: the original is named by the user ---------------------------------------------
 def test_bare_compare_names_the_source_and_evaluates_nothing(ckpt, tmp_path, capsys,
                                                             monkeypatch):
-    import qmoe_ray.evaluate as ev
-    from qmoe_ray.loader import compare_eval
+    import qmoe_ray.read.evaluate as ev
+    from qmoe_ray.read.loader import compare_eval
 
     calls = []
     monkeypatch.setattr(ev, "evaluate", lambda *a, **k: calls.append(a) or {})
@@ -489,8 +489,8 @@ def test_bare_compare_names_the_source_and_evaluates_nothing(ckpt, tmp_path, cap
 
 # -- 6. messages never quote a file's bytes -------------------------------------------------------
 def test_a_symlinked_file_is_never_echoed(ckpt, tmp_path):
-    from qmoe_ray.inspect_cmd import inspect
-    from qmoe_ray.loader import load
+    from qmoe_ray.read.inspect import inspect
+    from qmoe_ray.read.loader import load
 
     root = _copy(ckpt, tmp_path)
     shard = root / "shards" / "layer-00001.safetensors"

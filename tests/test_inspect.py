@@ -9,7 +9,7 @@ import pytest
 import torch
 from load_helpers import compressed_checkpoint, copy_checkpoint, data_offset
 
-from qmoe_ray.inspect_cmd import format_text, inspect, tensor_kind
+from qmoe_ray.read.inspect import format_text, inspect, tensor_kind
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from load_helpers import (
     edit_manifest,
 )
 
-from qmoe_ray.loader import (
+from qmoe_ray.read.loader import (
     EncodedWeight,
     Timings,
     iter_shards,
@@ -233,7 +233,7 @@ def test_cuda_without_gpu_says_how_to_install(ckpt):
 
 
 def test_evaluate_reads_a_compressed_checkpoint(ckpt, decoded):
-    from qmoe_ray.evaluate import evaluate
+    from qmoe_ray.read.evaluate import evaluate
 
     res = evaluate(str(ckpt), "embedded", num_samples=2, seq_len=16)
     assert res["tokens"] == 2 * 15 and np.isfinite(res["loss"])
@@ -241,7 +241,7 @@ def test_evaluate_reads_a_compressed_checkpoint(ckpt, decoded):
 
 def test_side_by_side_eval(ckpt, capsys):
     from qmoe_ray.cli import main
-    from qmoe_ray.loader import compare_eval
+    from qmoe_ray.read.loader import compare_eval
 
     both = compare_eval(str(ckpt), "embedded", "embedded", 2, 16)
     assert both["original"]["model"] == "embedded" and both["compressed"]["tokens"] == 30
@@ -357,7 +357,7 @@ def test_int2_dense_equals_dequantized_codes(group_size):
 
 
 def test_progress_bar_only_when_asked(ckpt, capsys):
-    from qmoe_ray.inspect_cmd import inspect
+    from qmoe_ray.read.inspect import inspect
 
     load(str(ckpt))
     assert "loading" not in capsys.readouterr().err
@@ -391,7 +391,7 @@ def test_decoding_overlaps_the_download(tmp_path, monkeypatch):
     import fsspec
     from fsspec.implementations.local import LocalFileSystem
 
-    import qmoe_ray.loader as loader_mod
+    import qmoe_ray.read.loader as loader_mod
     from qmoe_ray.bench.load import synthetic_checkpoint
 
     reads: list[tuple[float, float]] = []

@@ -11,8 +11,8 @@ import pytest
 import torch
 from fixtures_s3 import save_tiny, tiny_model
 
-from qmoe_ray.compress import ExpertTokens, QuantOptions, quantize_group, select_hessian_tokens
-from qmoe_ray.config import CompressConfig
+from qmoe_ray.job.config import CompressConfig
+from qmoe_ray.job.group import ExpertTokens, QuantOptions, quantize_group, select_hessian_tokens
 from qmoe_ray.quant import parse_scheme
 
 
@@ -109,8 +109,8 @@ def test_gptq_group_beats_rtn_on_outputs():
 
 
 def test_group_worker_without_ray(tiny_mixtral):
-    from qmoe_ray.distributed.workers import GroupWorker
-    from qmoe_ray.storage.layout import unpack_matrix
+    from qmoe_ray.format.matrices import unpack_matrix
+    from qmoe_ray.job.workers import GroupWorker
 
     worker = GroupWorker(str(tiny_mixtral), {}, QuantOptions(parse_scheme("ternary")))
     layer = [l for l in worker.family.layers() if l.moe][0]
@@ -131,8 +131,8 @@ def test_group_worker_without_ray(tiny_mixtral):
 
 
 def test_group_worker_segment_symbols_change_the_layout_not_the_codes(tiny_mixtral):
-    from qmoe_ray.distributed.workers import GroupWorker
-    from qmoe_ray.storage.layout import unpack_matrix
+    from qmoe_ray.format.matrices import unpack_matrix
+    from qmoe_ray.job.workers import GroupWorker
 
     rng = np.random.default_rng(1)
     runs = []
@@ -179,8 +179,8 @@ def _files(root: Path) -> dict[str, bytes]:
 
 @pytest.mark.ray
 def test_job_end_to_end_local(tiny_mixtral, tmp_path):
-    from qmoe_ray.distributed.driver import run_compression
-    from qmoe_ray.loader import load
+    from qmoe_ray.job.driver import run_compression
+    from qmoe_ray.read.loader import load
 
     out1 = tmp_path / "w1"
     rep = run_compression(_cfg(tiny_mixtral, out1, num_workers=1), progress=False)
@@ -214,7 +214,7 @@ def test_job_end_to_end_local(tiny_mixtral, tmp_path):
 
 @pytest.mark.ray
 def test_job_bad_input_before_work(tiny_mixtral, tmp_path):
-    from qmoe_ray.distributed.driver import run_compression
+    from qmoe_ray.job.driver import run_compression
 
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "manifest.json").write_text("{}")
@@ -250,7 +250,7 @@ def test_cli_s3_source_and_output(tiny_mixtral, moto_endpoint, s3_credentials, t
     from fixtures_s3 import make_bucket, upload_dir
 
     from qmoe_ray.cli import main
-    from qmoe_ray.loader import load
+    from qmoe_ray.read.loader import load
 
     fs = make_bucket(moto_endpoint, "qmoe-test")
     upload_dir(fs, tiny_mixtral, "qmoe-test/src")
@@ -301,8 +301,8 @@ def test_embedded_model_s3_to_s3_meets_loss_target(moto_endpoint, s3_credentials
     from qmoe_ray.bench.job import _baseline_loss
     from qmoe_ray.cli import main
     from qmoe_ray.data import embedded_model_path
-    from qmoe_ray.distributed.driver import run_compression
-    from qmoe_ray.loader import load
+    from qmoe_ray.job.driver import run_compression
+    from qmoe_ray.read.loader import load
 
     src = embedded_model_path()
     fs = make_bucket(moto_endpoint, "qmoe-embedded")

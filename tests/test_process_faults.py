@@ -104,7 +104,7 @@ class Killer:
 
 
 def test_killed_worker_store_and_writer_give_the_same_bytes(local_ray, model, tmp_path):
-    from qmoe_ray.distributed.driver import run_compression
+    from qmoe_ray.job.driver import run_compression
 
     clean_out, out = tmp_path / "clean", tmp_path / "killed"
     run_compression(_cfg(model, clean_out), progress=False)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from qmoe_ray.config import CompressConfig
+from qmoe_ray.format.matrices import pack_matrix, shared_table
+from qmoe_ray.job.config import CompressConfig
 from qmoe_ray.quant import HessianAccumulator, gptq
-from qmoe_ray.storage.layout import pack_matrix, shared_table
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -80,7 +80,7 @@ def test_int_grids_get_cheaper(problem, scheme, group):
 
 @pytest.mark.parametrize("scheme", ["ternary", "int2"])
 def test_rate_aware_codes_decode_exactly(problem, scheme):
-    from qmoe_ray.storage.layout import table_tensors, unpack_matrix
+    from qmoe_ray.format.matrices import table_tensors, unpack_matrix
 
     W, H = problem
     r = gptq(W, H, scheme, rate_lambda=0.1)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from resume_helpers import assert_same_bytes, files, job_cfg, job_options, make_tiny_mixtral
 
-from qmoe_ray.storage import manifest as mf
-from qmoe_ray.storage.progress import JOB, Progress, check_same_job, layer_record_name
+from qmoe_ray.format import manifest as mf
+from qmoe_ray.job.progress import JOB, Progress, check_same_job, layer_record_name
 
 pytestmark = pytest.mark.ray
 
@@ -30,7 +30,7 @@ def model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def clean(model, tmp_path_factory) -> dict[str, bytes]:
     """An uninterrupted run on 1 worker and 1 store."""
-    from qmoe_ray.distributed.driver import run_compression
+    from qmoe_ray.job.driver import run_compression
 
     out = tmp_path_factory.mktemp("clean")
     rep = run_compression(job_cfg(model, out), progress=False)
@@ -40,8 +40,8 @@ def clean(model, tmp_path_factory) -> dict[str, bytes]:
 
 _CHILD = textwrap.dedent("""
     import json, sys, time
-    from qmoe_ray.config import CompressConfig
-    from qmoe_ray.distributed.driver import run_compression
+    from qmoe_ray.job.config import CompressConfig
+    from qmoe_ray.job.driver import run_compression
 
     def hook(event, info):
         if event == "layer_done" and info["layer"].index == 0:
@@ -53,7 +53,7 @@ _CHILD = textwrap.dedent("""
 
 
 def test_driver_killed_after_layer_then_rerun_is_identical(model, clean, tmp_path):
-    from qmoe_ray.distributed.driver import run_compression
+    from qmoe_ray.job.driver import run_compression
 
     out = tmp_path / "out"
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -85,7 +85,7 @@ def test_driver_killed_after_layer_then_rerun_is_identical(model, clean, tmp_pat
 
 
 def test_rerun_with_other_options_or_source_is_refused(model, tmp_path):
-    from qmoe_ray.distributed.driver import run_compression
+    from qmoe_ray.job.driver import run_compression
 
     out = tmp_path / "out"
 

@@ -30,8 +30,8 @@ def switch_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def compressed(switch_model, tmp_path_factory):
-    from qmoe_ray.config import CompressConfig
-    from qmoe_ray.distributed.driver import run_compression
+    from qmoe_ray.job.config import CompressConfig
+    from qmoe_ray.job.driver import run_compression
 
     out = tmp_path_factory.mktemp("switch_out")
     cfg = CompressConfig(source=str(switch_model), output=str(out),
@@ -55,7 +55,7 @@ def test_job_writes_every_sparse_expert(compressed):
 
 def test_loaded_model_gives_the_reported_loss(compressed, switch_model):
     from qmoe_ray.data import load_samples
-    from qmoe_ray.loader import load
+    from qmoe_ray.read.loader import load
 
     out, rep, cfg = compressed
     model = load(str(out))
@@ -67,8 +67,8 @@ def test_loaded_model_gives_the_reported_loss(compressed, switch_model):
 
 
 def test_export_reloads_in_transformers_with_our_logits(compressed, tmp_path):
-    from qmoe_ray.export import export
-    from qmoe_ray.loader import load
+    from qmoe_ray.read.export import export
+    from qmoe_ray.read.loader import load
 
     out, _, _ = compressed
     export(str(out), str(tmp_path / "hf"))

@@ -26,7 +26,7 @@ def meta():
 
 @pytest.fixture(scope="module")
 def embedded_eval():
-    from qmoe_ray.evaluate import evaluate
+    from qmoe_ray.read.evaluate import evaluate
 
     return evaluate("embedded", "embedded", num_samples=32, batch_size=32)
 
@@ -60,7 +60,7 @@ def test_heldout_loss_far_below_unigram(meta, embedded_eval):
 
 
 def test_calib_and_heldout_losses_close(embedded_eval):
-    from qmoe_ray.evaluate import evaluate
+    from qmoe_ray.read.evaluate import evaluate
 
     calib = evaluate("embedded", "embedded", num_samples=32, batch_size=32, split="calib")
     assert abs(calib["loss"] - embedded_eval["loss"]) < 0.75  # not memorised, same domain
@@ -137,7 +137,7 @@ def test_cli_eval_embedded(capsys, meta):
 def test_matches_transformers_on_embedded(tmp_path):
     """Our layer-major walk over the shipped checkpoint gives transformers' loss."""
     transformers = pytest.importorskip("transformers")
-    from qmoe_ray.evaluate import evaluate
+    from qmoe_ray.read.evaluate import evaluate
 
     model = transformers.MixtralForCausalLM.from_pretrained(str(ROOT), dtype=torch.float32).eval()
     rows = np.load(ROOT / "heldout.npy")[:8]

@@ -35,7 +35,7 @@ def test_files_size_and_layout(meta):
 
 
 def test_heldout_loss_far_below_unigram(meta):
-    from qmoe_ray.evaluate import evaluate
+    from qmoe_ray.read.evaluate import evaluate
 
     res = evaluate("embedded-switch", "embedded", num_samples=32, batch_size=32)
     assert res["loss"] < meta["unigram_cross_entropy"] - 1.0, (res, meta)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from qmoe_ray.bench import BenchResult
-from qmoe_ray.config import CompressConfig
+from qmoe_ray.job.config import CompressConfig
 
 
 def add_arguments(parser) -> None:
@@ -66,9 +66,9 @@ def _baseline_loss(source: str, data: str, n: int, seq_len: int) -> float:
 
 def _entropy_check(out: Path) -> dict[str, float]:
     """Written ternary expert bytes vs order-0 entropy of the codes plus the scales."""
-    from qmoe_ray.loader import read_manifest, read_verified
-    from qmoe_ray.report import order0_entropy_bits
-    from qmoe_ray.storage.layout import unpack_matrix
+    from qmoe_ray.format.matrices import unpack_matrix
+    from qmoe_ray.job.report import order0_entropy_bits
+    from qmoe_ray.read.loader import read_manifest, read_verified
 
     manifest = read_manifest(str(out))
     tensors, _ = read_verified(str(out), manifest)
@@ -141,10 +141,10 @@ def _switch_base_layer(outliers: bool, tokens: int = 8192,
             expert; far fewer than ``d_ff`` leaves ``wo``'s Hessian rank-deficient).
         rate_lambda: rate-aware rounding (0: plain GPTQ).
     """
-    from qmoe_ray.compress import ExpertTokens, QuantOptions, quantize_group
+    from qmoe_ray.format.matrices import pack_matrix, shared_table, table_tensors
+    from qmoe_ray.job.group import ExpertTokens, QuantOptions, quantize_group
     from qmoe_ray.models.base import ExpertSpec, relu_hidden
     from qmoe_ray.quant import parse_scheme
-    from qmoe_ray.storage.layout import pack_matrix, shared_table, table_tensors
 
     spec = ExpertSpec(("wi",), ("wo",), relu_hidden("wi"))
     G, d, ff, T = 16, 768, 3072, tokens
@@ -207,7 +207,7 @@ SWITCH_NOTE = (
 def _variant_runs(base: dict[str, Any], variants: list[tuple[str, dict[str, Any]]],
                   base_loss: float, tmp: Path) -> dict[str, dict[str, Any]]:
     """One job per variant: held-out loss, its rise over ``base_loss``, expert bits, wall time."""
-    from qmoe_ray.distributed.driver import run_compression
+    from qmoe_ray.job.driver import run_compression
 
     runs: dict[str, dict[str, Any]] = {}
     for label, kw in variants:
@@ -243,7 +243,7 @@ def run(args) -> BenchResult:
     import ray
 
     from qmoe_ray.data import embedded_model_path, embedded_switch_path, resolve_data
-    from qmoe_ray.distributed.driver import _ray_init, run_compression
+    from qmoe_ray.job.driver import _ray_init, run_compression
 
     src = embedded_model_path()
     tmp = Path(tempfile.mkdtemp(prefix="qmoe-bench-"))

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from qmoe_ray.bench import BenchResult
+from qmoe_ray.format import manifest as mf
+from qmoe_ray.format.matrices import pack_matrix, shared_table, table_tensors
 from qmoe_ray.quant import parse_scheme
-from qmoe_ray.storage import manifest as mf
-from qmoe_ray.storage.layout import pack_matrix, shared_table, table_tensors
 
 
 def synthetic_checkpoint(out: Path, hidden: int = 1024, ff: int = 2048, layers: int = 6,
@@ -90,7 +90,7 @@ def synthetic_checkpoint(out: Path, hidden: int = 1024, ff: int = 2048, layers: 
 
 def _one_load(url: str, mode: str, device: str) -> tuple[dict[str, float], int]:
     """One load's timings and its number of expert weights."""
-    from qmoe_ray.loader import load
+    from qmoe_ray.read.loader import load
 
     m = load(url, device=device, mode=mode)
     n = sum(int(np.prod(e["shape"])) for e in m.manifest["quantized"].values())
@@ -123,8 +123,8 @@ def _installed(*modules: str) -> bool:
 
 def _embedded_checkpoint(out: Path) -> str:
     """Compress the embedded tiny model (ternary GPTQ, local Ray) into ``out``."""
-    from qmoe_ray.config import CompressConfig
-    from qmoe_ray.distributed.driver import run_compression
+    from qmoe_ray.job.config import CompressConfig
+    from qmoe_ray.job.driver import run_compression
 
     run_compression(CompressConfig(output=str(out), overwrite=True, eval_samples=0),
                     progress=False)
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> BenchResult:
     every repeat loads each checkpoint in each mode (and cold: page cache dropped) and the bf16
     file (warm and cold) once, in turn, so a noisy machine slows all of them alike; then the
     S3 loads (a local moto server, when installed) and the forward latency."""
-    from qmoe_ray.loader import _check_device
+    from qmoe_ray.read.loader import _check_device
 
     _check_device(args.device)  # no GPU: say so before minutes of writing checkpoints
     with tempfile.TemporaryDirectory() as tmp:
@@ -223,7 +223,7 @@ def token_latency(url: str, device: str, tokens: int = 8, repeat: int = 15) -> d
     in milliseconds and resident's ratio to each."""
     import torch
 
-    from qmoe_ray.loader import load
+    from qmoe_ray.read.loader import load
 
     models = {"decode_f32": load(url, device=device),
               "decode_bf16": load(url, device=device, compute="bf16"),
@@ -273,7 +273,7 @@ def _bf16_file(url: str, out: Path) -> Path:
     what an uncompressed checkpoint holds."""
     from safetensors.torch import save_file
 
-    from qmoe_ray.loader import load
+    from qmoe_ray.read.loader import load
 
     m = load(url)
     out.mkdir(parents=True, exist_ok=True)
@@ -356,7 +356,7 @@ def s3_timings(checkpoint: Path, repeat: int, workers: int = 4) -> dict[str, Any
     store."""
     import s3fs
 
-    from qmoe_ray.loader import load, read_manifest, read_verified
+    from qmoe_ray.read.loader import load, read_manifest, read_verified
 
     with moto_server() as endpoint:
         opts = {"key": "bench", "secret": "bench", "endpoint_url": endpoint}  # moto's, not real

@@ -10,7 +10,7 @@ On the embedded tiny MoE (default job options, one in-process Ray cluster for ev
 - the alternative to checkpointing the stream: recomputing it through the already-compressed
   layers (decode the written shards, run the stores' samples forward). Its cost vs reading the
   checkpoint, and whether the recomputed stream equals the checkpointed one bit for bit, which
-  is what decides the design (``qmoe_ray.storage.progress``).
+  is what decides the design (``qmoe_ray.job.progress``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from qmoe_ray.bench import BenchResult
-from qmoe_ray.config import CompressConfig
+from qmoe_ray.job.config import CompressConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,11 +69,11 @@ def recompute_stream(out: Path, source: str, cfg: CompressConfig, upto: int,
     """
     from safetensors.torch import load as st_load
 
-    from qmoe_ray.distributed.stores import CachedWeights
+    from qmoe_ray.format.matrices import dequantize_matrix
+    from qmoe_ray.job.stores import CachedWeights
     from qmoe_ray.models import get_family
     from qmoe_ray.models.base import DictWeights, moe_dense
     from qmoe_ray.storage.checkpoint import open_checkpoint
-    from qmoe_ray.storage.layout import dequantize_matrix
 
     t0 = time.perf_counter()
     ckpt = open_checkpoint(source)
@@ -126,8 +126,8 @@ def run(args: argparse.Namespace) -> BenchResult:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from qmoe_ray.distributed.driver import resolve_source, run_compression
-    from qmoe_ray.storage.progress import Progress, layer_record_name
+    from qmoe_ray.job.driver import resolve_source, run_compression
+    from qmoe_ray.job.progress import Progress, layer_record_name
 
     tmp = Path(tempfile.mkdtemp(prefix="qmoe-bench-resume-"))
     ray.init(address="local", num_cpus=max(2, args.workers), include_dashboard=False, _node_ip_address="127.0.0.1",

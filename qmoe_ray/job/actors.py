@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 import ray
 
-from qmoe_ray.compress import QuantOptions
-from qmoe_ray.config import CompressConfig, StorageOptions
-from qmoe_ray.distributed.reducer import CheckpointWriter
-from qmoe_ray.distributed.stores import ActivationShard
-from qmoe_ray.distributed.workers import GroupWorker
-from qmoe_ray.storage.progress import Progress
+from qmoe_ray.job.config import CompressConfig, StorageOptions
+from qmoe_ray.job.group import QuantOptions
+from qmoe_ray.job.progress import Progress
+from qmoe_ray.job.stores import ActivationShard
+from qmoe_ray.job.workers import GroupWorker
+from qmoe_ray.job.writer import CheckpointWriter
 
 
 def _node_id() -> str:
@@ -120,7 +120,7 @@ def make_actors(cfg: CompressConfig, storage: StorageOptions, source: str, opts:
                 num_samples: int) -> Actors:
     """Create the stores (contiguous whole batches each, their samples read from the progress
     folder that ``save_inputs`` wrote), the workers and the writer."""
-    from qmoe_ray.distributed.driver import split_batches
+    from qmoe_ray.job.driver import split_batches
 
     stores = []
     for a, b in split_batches(num_samples, cfg.batch_size, cfg.num_stores):

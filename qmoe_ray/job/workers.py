@@ -4,7 +4,7 @@
 ``num_gpus``/``num_cpus`` resources. Each call reads the group's weights lazily from the source
 (range reads: only this group's tensors), concatenates the group's tokens from every store (store
 order = sample order, so the result does not depend on how samples were sharded), runs the joint
-quantization of ``qmoe_ray.compress``, encodes the matrices in the sub-1-bit format (encoding here
+quantization of ``qmoe_ray.job.group``, encodes the matrices in the sub-1-bit format (encoding here
 rather than in the writer spreads the CPU work over all workers and shrinks what is shipped), and
 splits the experts' outputs back per store.
 """
@@ -22,10 +22,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from qmoe_ray.compress import ExpertTokens, QuantOptions, quantize_group
+from qmoe_ray.format.matrices import pack_matrix, shared_table, table_tensors
+from qmoe_ray.job.group import ExpertTokens, QuantOptions, quantize_group
 from qmoe_ray.models import LayerSpec, get_family
 from qmoe_ray.storage.checkpoint import open_checkpoint
-from qmoe_ray.storage.layout import pack_matrix, shared_table, table_tensors
 
 
 @dataclass

@@ -7,7 +7,7 @@ round-to-nearest and why, calibration token coverage per MoE layer, and the chec
 Why it recomputes sizes from the manifest's tensor list instead of quoting the job's report: the
 tensor list is what a reader actually gets (and what the checksums cover), so the figures hold
 for a checkpoint whose report was lost or written by another version. Checksums are verified by
-streaming every shard through ``qmoe_ray.loader.iter_shards`` (``verify=False`` skips the download
+streaming every shard through ``qmoe_ray.read.loader.iter_shards`` (``verify=False`` skips the download
 and reports ``"not checked"``). Named ``inspect_cmd`` so it never shadows the standard library's
 ``inspect``.
 """
@@ -177,11 +177,11 @@ def inspect(url: str, verify: bool = True, progress: bool = False,
     Raises:
         FileNotFoundError / PermissionError: no readable manifest.
         CheckpointError: a manifest that is malformed, too large, of an unknown format version or
-            inconsistent with its config (``qmoe_ray.loader.read_manifest``; nothing is reported
+            inconsistent with its config (``qmoe_ray.read.loader.read_manifest``; nothing is reported
             from a manifest that fails these checks). A shard that fails verification is reported
             in ``checksums``, not raised.
     """
-    from qmoe_ray.loader import Timings, iter_shards, read_manifest
+    from qmoe_ray.read.loader import Timings, iter_shards, read_manifest
 
     manifest = read_manifest(url, **storage_options)  # checked: check_manifest
     info = {"url": redact(url), **summarize(manifest)}

@@ -7,7 +7,7 @@ tokenizer files the job copied, ``model-0000k-of-0000n.safetensors`` shards and
 
 Why it streams: the decompressed model is ~10-20x larger than the compressed one, so it is never
 held whole. Each compressed shard (one transformer block) is read, verified, decoded and written
-as one output shard before the next is decoded (``qmoe_ray.loader.iter_shards`` fetches ahead).
+as one output shard before the next is decoded (``qmoe_ray.read.loader.iter_shards`` fetches ahead).
 
 Expert tensor names: the compressed checkpoint stores experts under our canonical per-expert
 names; the export writes the names transformers' ``save_pretrained`` writes for the family, found
@@ -60,7 +60,7 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from qmoe_ray.errors import CheckpointError
-from qmoe_ray.storage import manifest as mf
+from qmoe_ray.format import manifest as mf
 from qmoe_ray.storage.fs import check_relname, fs_errors, join, redact, url_to_fs
 
 LAYOUTS = ("auto", "per-expert", "fused")
@@ -142,11 +142,11 @@ def _fuse(parts: dict[str, dict[tuple[int, str], torch.Tensor]]) -> dict[str, to
 
 def check_experts(manifest: Mapping[str, Any], where: str = "manifest") -> dict[str, str]:
     """Check that each quantized matrix is stored whole in one shard (that the manifest holds
-    exactly the family's experts is ``qmoe_ray.loader.check_against_config``'s, run by
+    exactly the family's experts is ``qmoe_ray.read.loader.check_against_config``'s, run by
     ``check_manifest`` before this).
 
     Args:
-        manifest: a manifest that passed ``qmoe_ray.loader.check_manifest``.
+        manifest: a manifest that passed ``qmoe_ray.read.loader.check_manifest``.
         where: the manifest's location, for messages.
 
     Returns:
@@ -402,9 +402,9 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
             other than an earlier export (see ``_check_destination``).
         CheckpointError: the checkpoint is damaged, incomplete (a missing expert) or has a
             refused or altered copied file (see ``check_experts``, ``copied_files``).
-        ValueError / FileNotFoundError / PermissionError: see ``qmoe_ray.loader.load``.
+        ValueError / FileNotFoundError / PermissionError: see ``qmoe_ray.read.loader.load``.
     """
-    from qmoe_ray.loader import check_manifest, read_manifest
+    from qmoe_ray.read.loader import check_manifest, read_manifest
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
@@ -466,7 +466,7 @@ def _write_weights(url: str, manifest: Mapping[str, Any],
     Raises:
         CheckpointError: a shard fails verification (a missing tensor, a checksum) or decoding.
     """
-    from qmoe_ray.loader import Timings, decode_matrix, encoded_matrix, iter_shards
+    from qmoe_ray.read.loader import Timings, decode_matrix, encoded_matrix, iter_shards
 
     quantized = manifest["quantized"]
     tables = manifest.get("tables", {})

@@ -338,7 +338,7 @@ _TOP: dict[str, tuple[tuple[type, ...], bool]] = {  # key -> (allowed types, req
 
 
 def check_schema(manifest: Any, where: str = MANIFEST) -> None:
-    """Check the type of every manifest field a reader uses (``qmoe_ray.loader``, ``inspect``,
+    """Check the type of every manifest field a reader uses (``qmoe_ray.read.loader``, ``inspect``,
     ``export``), once and up front: after it, readers index the manifest without guarding.
 
     Checked: the format and version; the top-level keys (``_TOP``); every file name (relative,
@@ -401,7 +401,7 @@ def check_schema(manifest: Any, where: str = MANIFEST) -> None:
         _check_quantized(name, e, where)
     _check_experts(m.get("experts"), where)
     # copied_files: only its type here; its names and entries are checked by their one reader,
-    # qmoe_ray.export (check_copied_name / copied_files), before any is used as a path
+    # qmoe_ray.read.export (check_copied_name / copied_files), before any is used as a path
 
 
 def _check_quantized(name: Any, e: Any, where: str) -> None:

@@ -15,7 +15,7 @@ store), its encoded experts to the writer, and nothing large passes through the 
 groups are in, the stores finish the block and the writer writes the layer's shard. The manifest
 is written last, after the report.
 
-Resume and faults (``qmoe_ray.storage.progress``): after each layer the stores checkpoint their
+Resume and faults (``qmoe_ray.job.progress``): after each layer the stores checkpoint their
 stream to the output location and the driver records the layer as done there; a rerun of the same
 command restores the stores from the last finished layer and goes on (another source or other
 options are refused, naming what differs, unless ``--overwrite``). Within a run, a failure that
@@ -38,16 +38,16 @@ from typing import Any
 
 import numpy as np
 
-from qmoe_ray.compress import QuantOptions
-from qmoe_ray.config import CompressConfig, StorageOptions
 from qmoe_ray.data import resolve_data, resolve_source
 from qmoe_ray.errors import InputError, ResourceError
+from qmoe_ray.format import manifest as mf
+from qmoe_ray.job.config import CompressConfig, StorageOptions
+from qmoe_ray.job.group import QuantOptions
+from qmoe_ray.job.progress import PROGRESS, Progress, source_fingerprint
 from qmoe_ray.models import LayerSpec, get_family
 from qmoe_ray.quant import parse_scheme
-from qmoe_ray.storage import manifest as mf
 from qmoe_ray.storage.checkpoint import open_checkpoint
 from qmoe_ray.storage.fs import redact, url_to_fs
-from qmoe_ray.storage.progress import PROGRESS, Progress, source_fingerprint
 
 log = logging.getLogger("qmoe_ray")
 
@@ -291,7 +291,7 @@ def run_compression(
     started = _ray_init(cfg)
     actors = None
     try:
-        from qmoe_ray.distributed.actors import make_actors, save_inputs
+        from qmoe_ray.job.actors import make_actors, save_inputs
 
         remote = not started or bool(cfg.address or os.environ.get("RAY_ADDRESS"))
         check_resources(cfg, float(os.environ.get("QMOE_RESOURCE_WAIT_S", 300 if remote else 0)))
@@ -569,7 +569,7 @@ def _finish(cfg: CompressConfig, ckpt: Any, family: Any, actors: Any, result: di
     import ray
 
     from qmoe_ray import __version__
-    from qmoe_ray import report as rp
+    from qmoe_ray.job import report as rp
     writer = actors.writer
     known = _incarnations(actors, 600.0)
     for attempt in range(1, MAX_LAYER_ATTEMPTS + 1):

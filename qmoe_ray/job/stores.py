@@ -14,11 +14,11 @@ at a time, as the driver asks:
   hence the output bytes do not depend on which worker finished first, then finishes the block.
 
 - ``save_state`` / ``restore``: the stream after a finished layer goes to the output location
-  (``qmoe_ray.storage.progress``, one file per batch), and comes back from there when a job resumes
+  (``qmoe_ray.job.progress``, one file per batch), and comes back from there when a job resumes
   or when this store was restarted after losing its node: batches are numbered globally, so any
   number of stores can restore any checkpoint.
 
-This class knows nothing about Ray: ``qmoe_ray.distributed.driver`` wraps it in an actor whose
+This class knows nothing about Ray: ``qmoe_ray.job.driver`` wraps it in an actor whose
 ``keep`` puts the batches' state into Ray's object store (which spills to disk when full).
 """
 
@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from qmoe_ray.job.progress import Progress
 from qmoe_ray.models import LayerSpec, get_family
 from qmoe_ray.models.base import State
 from qmoe_ray.storage.checkpoint import open_checkpoint
-from qmoe_ray.storage.progress import Progress
 
 Holder = Callable[[State], Any]
 

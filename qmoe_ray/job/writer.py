@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from qmoe_ray.distributed.stores import dense_dtype
-from qmoe_ray.distributed.workers import EncodedGroup
+from qmoe_ray.format import manifest as mf
+from qmoe_ray.job.progress import put_file, with_retries
+from qmoe_ray.job.stores import dense_dtype
+from qmoe_ray.job.workers import EncodedGroup
 from qmoe_ray.models import LayerSpec, get_family
-from qmoe_ray.storage import manifest as mf
 from qmoe_ray.storage.checkpoint import open_checkpoint
 from qmoe_ray.storage.fs import url_to_fs
-from qmoe_ray.storage.progress import put_file, with_retries
 
 __all__ = ["OTHER_SHARD", "CheckpointWriter", "layer_shard_name", "with_retries"]
 

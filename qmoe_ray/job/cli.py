@@ -15,8 +15,8 @@ import logging
 import sys
 from typing import Any
 
-from qmoe_ray.config import CompressConfig, StorageOptions
 from qmoe_ray.errors import InputError
+from qmoe_ray.job.config import CompressConfig, StorageOptions
 
 _HELP = {
     "source": "model URL or path (HF layout), or 'embedded' for the packaged tiny MoE",
@@ -134,7 +134,7 @@ class _Stderr(logging.StreamHandler):
 
 def main(args: argparse.Namespace) -> int:
     """Run the job; prints where the report is."""
-    from qmoe_ray.distributed.driver import run_compression
+    from qmoe_ray.job.driver import run_compression
 
     _console_logging()
     cfg, storage = config_from_args(args)  # bad options: qmoe_ray.cli.run says so, exit 2

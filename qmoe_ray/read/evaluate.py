@@ -11,7 +11,7 @@ family steps as the compressor (``embed``, ``pre_moe``, ``route``, ``post_moe``,
 The weight source is pluggable: ``weights=`` replaces the checkpoint reader and ``experts_for=``
 replaces how the routed experts are obtained (a compressed checkpoint's decoded experts), so the
 same loop evaluates source and compressed models. A folder holding ``manifest.json`` (a
-compressed checkpoint) is loaded through ``qmoe_ray.loader``.
+compressed checkpoint) is loaded through ``qmoe_ray.read.loader``.
 
 The loss is the token mean of the cross-entropy over all predicted positions, as transformers
 computes it with ``labels=input_ids`` (decoder-only) or ``labels=`` (Switch).
@@ -96,7 +96,7 @@ def _open_model(model_url: str, storage_options: Mapping[str, Any], progress: bo
 
     url = resolve_source(model_url)
     if _is_compressed(url, storage_options):
-        from qmoe_ray.loader import load
+        from qmoe_ray.read.loader import load
 
         cm = load(url, progress=progress, **storage_options)
         return cm.config, cm.W, cm.experts_for, url
@@ -147,7 +147,7 @@ def evaluate(
     Raises:
         ValueError / FileNotFoundError / KeyError: bad model, data or options (before the walk).
         CheckpointError: a compressed checkpoint that is malformed, inconsistent with its config
-            or corrupted (``qmoe_ray.loader.load``).
+            or corrupted (``qmoe_ray.read.loader.load``).
     """
     import numpy as np
     import torch
@@ -258,7 +258,7 @@ def main(args: argparse.Namespace) -> int:
         raise InputError("--storage-options must be a JSON object")
     compare = getattr(args, "compare", None)
     if compare is not None:
-        from qmoe_ray.loader import compare_eval
+        from qmoe_ray.read.loader import compare_eval
 
         both = compare_eval(args.model, None if compare is ASK_SOURCE else compare, args.data,
                             args.samples, args.seq_len, args.batch_size, opts, split=args.split,

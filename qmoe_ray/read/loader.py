@@ -30,7 +30,7 @@ The experts then take one of two forms (``mode``):
 
 The result runs through the project's own block code (``qmoe_ray.models``): logits for token ids
 and greedy generation for decoder-only families. ``iter_shards`` is the streaming reader on its
-own; ``qmoe_ray.export`` uses it to write a plain HF checkpoint one shard at a time.
+own; ``qmoe_ray.read.export`` uses it to write a plain HF checkpoint one shard at a time.
 """
 
 from __future__ import annotations
@@ -51,13 +51,13 @@ import torch
 
 from qmoe_ray import codec
 from qmoe_ray.errors import CheckpointError, InputError
+from qmoe_ray.format import manifest as mf
+from qmoe_ray.format import matrices as layout
+from qmoe_ray.format.matrices import CODE_PREFIX
 from qmoe_ray.models import LayerSpec, get_family, run_forward
 from qmoe_ray.quant import Scheme, dequantize, parse_scheme
-from qmoe_ray.storage import layout
-from qmoe_ray.storage import manifest as mf
 from qmoe_ray.storage.checkpoint import MAX_HEADER, parse_header
 from qmoe_ray.storage.fs import fs_errors, redact, safe_join, url_to_fs
-from qmoe_ray.storage.layout import CODE_PREFIX
 
 DEVICES = ("cpu", "cuda")
 MODES = ("decode", "resident")
@@ -101,7 +101,7 @@ def _read_small(fs: Any, path: str, url: str, where: str, limit: int,
     with fs_errors(url, "read", storage_options):
         size = _file_size(fs, path, where)
     msg = (f"{where}: more than the {limit:,} bytes {what}; refused without parsing it "
-           "(see qmoe_ray.storage.manifest for the limits)")
+           "(see qmoe_ray.format.manifest for the limits)")
     if size > limit:
         raise CheckpointError(msg.replace("more than", f"{size:,} bytes, more than"))
     with fs_errors(url, "read", storage_options):
@@ -137,7 +137,7 @@ def _canonical(value: Any) -> str:
 def read_manifest(url: str, **storage_options: Any) -> dict[str, Any]:
     """The manifest of the checkpoint at ``url``, fully checked (``check_manifest``).
 
-    Read with a size limit (``qmoe_ray.storage.manifest.manifest_size_limit``: proportionate to
+    Read with a size limit (``qmoe_ray.format.manifest.manifest_size_limit``: proportionate to
     the tensors the folder's ``config.json`` implies, compared with the store's file size before a
     byte is read) and a nesting limit; the folder's ``config.json``, when present, must be the
     manifest's ``config``.
@@ -186,9 +186,9 @@ def read_manifest(url: str, **storage_options: Any) -> dict[str, Any]:
 def check_manifest(manifest: Any, where: str = "manifest") -> None:
     """Check a manifest before any shard is read; after it, readers index it without guarding.
 
-    Checks, in order: the schema (``qmoe_ray.storage.manifest.check_schema``: the type of every
+    Checks, in order: the schema (``qmoe_ray.format.manifest.check_schema``: the type of every
     field used, every file name relative and inside the folder); every code table and quantized
-    matrix against the format (``qmoe_ray.storage.layout.check_matrix``: scheme, codec version,
+    matrix against the format (``qmoe_ray.format.matrices.check_matrix``: scheme, codec version,
     and the exact dtype and shape of every stored tensor its shape implies); and every declared
     shape against the model config (``check_against_config``). Nothing is allocated or decoded
     from a declared shape that has not passed these checks.
@@ -1030,7 +1030,7 @@ def compare_eval(compressed_url: str, original_url: str | None = None, data_spec
         compressed_url: the compressed checkpoint.
         original_url: the source model, given explicitly (required).
         data_spec, num_samples, seq_len, batch_size, storage_options, **eval_kw: as
-            ``qmoe_ray.evaluate.evaluate`` (the same samples are drawn for both models).
+            ``qmoe_ray.read.evaluate.evaluate`` (the same samples are drawn for both models).
 
     Returns:
         ``{"original": result, "compressed": result, "loss_delta", "perplexity_ratio"}``.
@@ -1038,7 +1038,7 @@ def compare_eval(compressed_url: str, original_url: str | None = None, data_spec
     Raises:
         InputError: no ``original_url`` (the message quotes the manifest's source).
     """
-    from qmoe_ray.evaluate import evaluate
+    from qmoe_ray.read.evaluate import evaluate
 
     opts = dict(storage_options or {})
     if not original_url:

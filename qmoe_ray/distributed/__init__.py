@@ -1,1 +1,0 @@
-"""qmoe_ray.distributed"""
