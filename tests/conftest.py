@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+import qmoe_ray  # noqa: F401 - bound before the repository root leaves sys.path
+
+# The repository root must not stay on sys.path (``python -m pytest`` and PYTHONPATH=. put it
+# there): its kernels/ folder (our CUDA sources, a package so that they ship as qmoe_ray.kernels)
+# would shadow the ``kernels`` distribution that transformers >= 5 imports. qmoe_ray is imported
+# first, so a checkout run from source keeps its own package.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+sys.modules.pop("kernels", None)
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Keep every Ray node of the tests on 127.0.0.1 (Ray resolves a loopback node address to the
