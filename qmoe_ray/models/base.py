@@ -119,11 +119,18 @@ def config_float(
 
 
 class WeightSource(Protocol):
-    """Anything that hands out tensors by their checkpoint name (float32, on CPU unless stated)."""
+    """Anything that hands out tensors by their checkpoint name (float32, on CPU unless stated).
+
+    ``names`` lists every tensor it holds (a ``Checkpoint``'s index, a loaded checkpoint's dense
+    and expert tensors): what ``MoEFamily.bind`` resolves the expert layout from.
+    """
 
     def __call__(self, name: str) -> torch.Tensor: ...
 
     def __contains__(self, name: str) -> bool: ...
+
+    @property
+    def names(self) -> list[str]: ...
 
 
 class DictWeights:
@@ -142,6 +149,11 @@ class DictWeights:
 
     def __contains__(self, name: str) -> bool:
         return name in self._t
+
+    @property
+    def names(self) -> list[str]:
+        """Every tensor name, in the mapping's order."""
+        return list(self._t)
 
 
 @dataclass(frozen=True)
@@ -210,12 +222,27 @@ def swiglu_hidden(w: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tenso
 class MoEFamily(ABC):
     """A model family: config parsing, tensor names and the layer-by-layer forward (see module doc).
 
-    Subclasses set ``model_type`` and implement the abstract methods. Constructors validate the
+    This is the whole contract between a family and its users: the job (driver, stores, workers,
+    writer), the read side (loader, evaluate, export), the benches and the tests call a family
+    through these methods and attributes only, never probing for optional ones. Subclasses set
+    ``model_type`` / ``expert_spec`` and implement the abstract methods; the concrete ones below
+    are shared by every family (override where a family differs). Constructors validate the
     config and raise ``ValueError`` naming the missing or bad field.
+
+    Attributes:
+        model_type: ``config.json``'s ``model_type``.
+        expert_spec: the routed experts' structure (roles, hidden activation).
+        moe_modules: module names under a block that hold router and experts in source
+            checkpoints, the one ``save_pretrained`` writes first (export rebuilds source names
+            from them); None where the canonical expert names are the source's own (Switch).
+        source_roles: per-expert source tensor name by role (``{"gate": "w1", ...}``).
+        config: the parsed ``config.json``.
     """
 
     model_type: ClassVar[str]
     expert_spec: ClassVar[ExpertSpec]
+    moe_modules: ClassVar[tuple[str, ...] | None] = None
+    source_roles: ClassVar[Mapping[str, str]]
 
     def __init__(self, config: Mapping[str, Any]):
         self.config = dict(config)
@@ -242,6 +269,10 @@ class MoEFamily(ABC):
     @abstractmethod
     def router_name(self, layer: LayerSpec) -> str:
         """Name of the router weight of an MoE layer."""
+
+    def router_names(self) -> set[str]:
+        """The router weights of every MoE layer (bound layout)."""
+        return {self.router_name(lay) for lay in self.layers() if lay.moe}
 
     def dense_names(self, W_names: Sequence[str]) -> list[str]:
         """Names from a checkpoint's tensor list that are not routed-expert weights."""
@@ -275,6 +306,54 @@ class MoEFamily(ABC):
         Raises:
             RuntimeError: no layout is bound yet (never guessed).
         """
+
+    # -- weights check -------------------------------------------------------------------------
+    @abstractmethod
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor the forward reads (source names under the bound layout) with the shape
+        ``config.json`` implies.
+
+        Raises:
+            RuntimeError: no layout is bound (``bind`` first).
+        """
+
+    @abstractmethod
+    def shape_message(self, name: str, got: Sequence[int], want: Sequence[int]) -> str:
+        """The error message for tensor ``name`` stored ``got`` where the config implies ``want``
+        (names the config fields the shape follows from)."""
+
+    def check_weights(self, names: Sequence[str], shape: Callable[[str], Sequence[int]]) -> None:
+        """Check that every tensor the forward needs exists with the shape config.json implies,
+        from the index alone (no tensor data is read).
+
+        Call it right after opening a checkpoint: ``family.check_weights(ckpt.names, ckpt.shape)``.
+
+        Args:
+            names: the checkpoint's tensor names (the layout is bound from them).
+            shape: ``name -> shape`` as the index declares it.
+
+        Raises:
+            KeyError (``MissingTensorError``): a needed tensor is missing (names it).
+            ValueError: a tensor's shape disagrees with config.json (names both shapes).
+        """
+        self.bind(names)
+        have = set(names)
+        for name, want in self.expected_shapes().items():
+            if name not in have:
+                raise MissingTensorError(
+                    f"tensor {name!r} needed by {self.model_type} (per config.json) is "
+                    "not in the checkpoint; the checkpoint is incomplete or its "
+                    "config.json belongs to another model"
+                )
+            got = tuple(shape(name))
+            if got != tuple(want):
+                raise ValueError(self.shape_message(name, got, want))
+
+    def stored_dtype(self, name: str, src: torch.dtype) -> torch.dtype:
+        """The dtype a non-expert tensor is stored in by the output checkpoint: routers keep
+        their source precision ``src`` (routing decisions are sensitive to it); everything else
+        is bf16."""
+        return src if name in self.router_names() else torch.bfloat16
 
     # -- the forward walk ----------------------------------------------------------------------
     @abstractmethod

@@ -40,7 +40,7 @@ transformers does without explicit position ids: pad on the right).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -450,29 +450,7 @@ class DecoderMoE(MoEFamily):
             f"{p}.down_proj.weight": (d, ff),
         }
 
-    def check_weights(self, names: Sequence[str], shape: Callable[[str], Sequence[int]]) -> None:
-        """Check that every tensor the forward needs exists with the shape config.json implies.
-
-        Call it right after opening a checkpoint: ``family.check_weights(ckpt.names, ckpt.shape)``.
-
-        Raises:
-            KeyError: a needed tensor is missing (names it and a few of its neighbours).
-            ValueError: a tensor's shape disagrees with config.json (names both).
-        """
-        self.bind(names)
-        have = set(names)
-        for name, want in self.expected_shapes().items():
-            if name not in have:
-                raise MissingTensorError(
-                    f"tensor {name!r} needed by {self.model_type} (per config.json) is "
-                    "not in the checkpoint; the checkpoint is incomplete or its "
-                    "config.json belongs to another model"
-                )
-            got = tuple(shape(name))
-            if got != want:
-                raise ValueError(self._shape_msg(name, got, want))
-
-    def _shape_msg(self, name: str, got: tuple[int, ...], want: tuple[int, ...]) -> str:
+    def shape_message(self, name: str, got: Sequence[int], want: Sequence[int]) -> str:
         s = self.spec
         return (
             f"tensor {name!r} has shape {list(got)} but config.json implies {list(want)} "
@@ -484,7 +462,7 @@ class DecoderMoE(MoEFamily):
     def _w(self, W: WeightSource, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         t = W(name)
         if shape is not None and tuple(t.shape) != shape:
-            raise ValueError(self._shape_msg(name, tuple(t.shape), shape))
+            raise ValueError(self.shape_message(name, tuple(t.shape), shape))
         return t
 
     def _opt(self, W: WeightSource, name: str) -> torch.Tensor | None:
@@ -518,7 +496,7 @@ class DecoderMoE(MoEFamily):
         for r in ROLES:
             for n in names[r]:
                 if tuple(got[n].shape) != want[r]:
-                    raise ValueError(self._shape_msg(n, tuple(got[n].shape), want[r]))
+                    raise ValueError(self.shape_message(n, tuple(got[n].shape), want[r]))
             out[r] = torch.stack([got[n] for n in names[r]]).to(torch.float32)
         return out
 
@@ -532,7 +510,7 @@ class DecoderMoE(MoEFamily):
             lo, hi = min(rows), max(rows) + 1
             t = read_slice(name, lo, hi).to(torch.float32)
             if tuple(t.shape[1:]) != full[1:]:
-                raise ValueError(self._shape_msg(name, (full[0], *t.shape[1:]), full))
+                raise ValueError(self.shape_message(name, (full[0], *t.shape[1:]), full))
             return t[[r - lo for r in rows]]
         return self._w(W, name, full)[rows]
 

@@ -162,6 +162,7 @@ class SwitchTransformers(MoEFamily):
 
     model_type = "switch_transformers"
     expert_spec = ExpertSpec(in_roles=("wi",), out_roles=("wo",), hidden=relu_hidden("wi"))
+    source_roles = {"wi": "wi", "wo": "wo"}  # transformers' own names are the canonical ones
 
     def __init__(self, config: Mapping[str, Any], first_sentinel_id: int | None = None):
         super().__init__(config)
@@ -237,6 +238,8 @@ class SwitchTransformers(MoEFamily):
                 f"{MAX_TOTAL_EXPERTS} (far above any released model): the config is corrupt"
             )
         self._layout: str | None = None
+        self._role_layouts: dict[tuple[int, str], str] = {}  # (layer index, role) -> layout
+        self._tables: dict[str, str] = {}  # stack -> the embedding table it reads
 
     # -- layout --------------------------------------------------------------------------------
     def _build_layers(self) -> list[LayerSpec]:
@@ -322,21 +325,27 @@ class SwitchTransformers(MoEFamily):
         """
         if isinstance(names, (list, tuple, set, frozenset)):
             names = set(names)
-        kinds = set()
+        roles: dict[tuple[int, str], str] = {}
         for lay in self._layers:
             if not lay.moe:
                 continue
-            per, fused = self.expert_names(lay, 0)["wi"], self._fused_names(lay)["wi"]
-            if per in names:
-                kinds.add("per-expert")
-            elif fused in names:
-                kinds.add("fused")
-            else:
+            per, fused = self.expert_names(lay, 0), self._fused_names(lay)
+            if per["wi"] not in names and fused["wi"] not in names:
                 raise MissingTensorError(
-                    f"no expert weights of {lay.name} found (tried {per}, {fused}); is this a "
-                    f"{self.model_type} checkpoint?"
+                    f"no expert weights of {lay.name} found (tried {per['wi']}, {fused['wi']}); "
+                    f"is this a {self.model_type} checkpoint?"
                 )
+            for role in self.expert_spec.roles:  # as read_experts reads each role
+                kind = "per-expert" if per[role] in names or fused[role] not in names else "fused"
+                roles[lay.index, role] = kind
+        kinds = {roles[lay.index, "wi"] for lay in self._layers if lay.moe}
         self._layout = kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "per-expert")
+        self._role_layouts = roles
+        self._tables = {
+            stack: (own if own in names else "shared.weight")
+            for stack, own in (("encoder", "encoder.embed_tokens.weight"),
+                               ("decoder", "decoder.embed_tokens.weight"))
+        }
         return self
 
     @property
@@ -398,6 +407,67 @@ class SwitchTransformers(MoEFamily):
             f"num_heads={self.num_heads}, num_experts={self.num_experts}, "
             f"vocab_size={self.vocab_size} ({what})"
         )
+
+    def shape_message(self, name: str, got: Sequence[int], want: Sequence[int]) -> str:
+        return (
+            f"tensor {name!r} has shape {list(got)} but config.json implies {list(want)} "
+            f"({self._cfg_hint('tensor shapes')}); the config.json does not match the weights"
+        )
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor the forward reads (source names, bound layout) with its shape per config:
+        the embedding table(s) each stack reads, attention, layer norms, the position-bias table
+        of each stack's block 0, dense feed-forwards, routers (and their biases with
+        ``router_bias``), the experts as stored (per expert or fused 3-D), the final norms and,
+        untied, ``lm_head``.
+
+        Raises:
+            RuntimeError: no layout is bound (``bind`` first).
+        """
+        self.expert_layout  # raises when unbound
+        d, ff, E = self.d_model, self.d_ff, self.num_experts
+        inner = self.num_heads * self.d_kv
+        emb = (self.vocab_size, d)
+        out: dict[str, tuple[int, ...]] = {}
+        for stack, n in (("encoder", self.num_encoder_layers), ("decoder", self.num_decoder_layers)):
+            out[self._tables[stack]] = emb
+            if n:
+                bias = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+                out[bias] = (self.num_buckets, self.num_heads)
+            out[f"{stack}.final_layer_norm.weight"] = (d,)
+        if self.tied:
+            out["shared.weight"] = emb  # the LM head
+        else:
+            out["lm_head.weight"] = emb
+
+        def attention(prefix: str) -> None:
+            out.update({f"{prefix}.{n}.weight": (inner, d) for n in "qkv"})
+            out[f"{prefix}.o.weight"] = (d, inner)
+
+        for lay in self._layers:
+            p = lay.name
+            out[f"{p}.layer.0.layer_norm.weight"] = (d,)
+            attention(f"{p}.layer.0.SelfAttention")
+            if lay.stage == "decoder":
+                out[f"{p}.layer.1.layer_norm.weight"] = (d,)
+                attention(f"{p}.layer.1.EncDecAttention")
+            f = self._ff(lay)
+            out[f"{f}.layer_norm.weight"] = (d,)
+            if not lay.moe:
+                out[f"{f}.mlp.wi.weight"] = (ff, d)
+                out[f"{f}.mlp.wo.weight"] = (d, ff)
+                continue
+            router = self.router_name(lay)
+            out[router] = (E, d)
+            if self.router_bias:
+                out[router[: -len("weight")] + "bias"] = (E,)
+            fused = self._fused_names(lay)
+            for role, shape in (("wi", (ff, d)), ("wo", (d, ff))):
+                if self._role_layouts[lay.index, role] == "fused":
+                    out[fused[role]] = (E, *shape)
+                else:
+                    out.update({self.expert_names(lay, e)[role]: shape for e in range(E)})
+        return out
 
     # -- the forward walk ----------------------------------------------------------------------
     def embed(self, W: WeightSource, inputs: Mapping[str, torch.Tensor]) -> State:

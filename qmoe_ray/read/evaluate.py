@@ -166,8 +166,7 @@ def evaluate(
     elif config is None:
         raise ValueError("evaluate(weights=...) needs config= (the model's config.json)")
     family = get_family(config)
-    if hasattr(family, "bind") and hasattr(weights, "names"):
-        family.bind(list(weights.names))
+    family.bind(list(weights.names))
     if split is None:  # the embedded sets' default is their held-out part
         split = "heldout" if data_spec == EMBEDDED else "all"
     data_spec = resolve_data(data_spec, model_url)
