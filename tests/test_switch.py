@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
 from qmoe_ray.errors import CheckpointError  # noqa: E402
-from qmoe_ray.models import DictWeights, get_family, moe_dense, run_forward  # noqa: E402
+from qmoe_ray.models import DictWeights, get_family, run_forward, walk_layers  # noqa: E402
 from qmoe_ray.models.switch import SwitchTransformers, relative_position_bucket  # noqa: E402
 
 VOCAB = 128
@@ -110,27 +110,19 @@ def _inputs(seed: int = 0, pad: bool = False) -> dict[str, torch.Tensor]:
 
 def _walk(family, W, inputs, experts_for=None):
     """``run_forward`` unrolled, recording the stream after every block and every routing."""
-    state = family.embed(W, inputs)
     after, routes = {}, {}
-    for layer in family.layers():
-        if not layer.moe:
-            state = family.dense_block(layer, W, state)
-        else:
-            state, x = family.pre_moe(layer, W, state)
-            idx, gate = family.route(layer, W, x, state)
-            routes[layer.name] = (idx, gate)
-            get = (
-                experts_for(layer)
-                if experts_for
-                else (
-                    lambda e, L=layer: {r: t[0] for r, t in family.read_experts(L, W, [e]).items()}
-                )
-            )
-            y = moe_dense(family.expert_spec, get, x, idx, gate)
-            state = family.post_moe(layer, W, state, y)
+
+    def record(layer, states):
+        (state,) = states
         for k, t in state.items():
             assert t.shape[0] == B, f"state[{k!r}] lost the batch-leading layout at {layer.name}"
         after[layer.name] = state["hidden"].clone()
+
+    (state,) = walk_layers(
+        family, W, [family.embed(W, inputs)], experts_for,
+        on_route=lambda layer, _, x, idx, gate: routes.__setitem__(layer.name, (idx, gate)),
+        after_layer=record,
+    )
     return state, after, routes
 
 

@@ -16,8 +16,10 @@ from qmoe_ray.models.base import (
     LayerSpec,
     MoEFamily,
     WeightSource,
+    experts_from,
     moe_dense,
     run_forward,
+    walk_layers,
 )
 
 # model_type -> (module, class). Imported lazily so one family's import cost is not everyone's.
@@ -71,7 +73,9 @@ __all__ = [
     "MoEFamily",
     "SUPPORTED",
     "WeightSource",
+    "experts_from",
     "get_family",
     "moe_dense",
     "run_forward",
+    "walk_layers",
 ]

@@ -442,14 +442,82 @@ def moe_dense(
     return out.reshape(shape)
 
 
+ExpertsFor = Callable[[LayerSpec], Callable[[int], Mapping[str, Any]]]
+"""``layer -> (expert id -> {role: weight})``: where a walk gets one MoE layer's experts."""
+
+
+def experts_from(family: MoEFamily, W: WeightSource) -> ExpertsFor:
+    """The default ``ExpertsFor``: each expert read from ``W`` (``family.read_experts``) when
+    the walk asks for it."""
+
+    def for_layer(layer: LayerSpec) -> Callable[[int], dict[str, torch.Tensor]]:
+        def get(e: int) -> dict[str, torch.Tensor]:
+            return {r: t[0] for r, t in family.read_experts(layer, W, [e]).items()}
+
+        return get
+
+    return for_layer
+
+
+def walk_layers(
+    family: MoEFamily,
+    W: WeightSource,
+    states: list[State],
+    experts_for: ExpertsFor | None = None,
+    *,
+    layers: Sequence[LayerSpec] | None = None,
+    on_route: Callable[[LayerSpec, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+    | None = None,
+    after_layer: Callable[[LayerSpec, list[State]], None] | None = None,
+) -> list[State]:
+    """The one walk over a model's blocks (see the module doc): every batch's state through
+    ``layers``, layer-major, with dense experts (``moe_dense``). ``run_forward``, the evaluator,
+    the loaded model, the benches and the tests all run their forward through it; the
+    compressor's stores run the same family steps, split across Ray calls.
+
+    Args:
+        family: the model family.
+        W: weights of everything (and of the experts unless ``experts_for`` is given).
+        states: one state per batch (from ``family.embed``); updated in place (each batch's old
+            state is released as its new one is made) and returned.
+        experts_for: ``layer -> (expert id -> {role: weight})``, asked once per MoE layer for
+            all batches; default ``experts_from(family, W)``.
+        layers: the blocks to run, in order (default: ``family.layers()``).
+        on_route: ``(layer, batch index, x, idx, gate)`` after each MoE layer's routing.
+        after_layer: ``(layer, states)`` after each block has run over every batch (a weight
+            cache drops the layer's tensors here).
+
+    Returns:
+        ``states``, now after the last of ``layers``.
+    """
+    experts_for = experts_for or experts_from(family, W)
+    for layer in family.layers() if layers is None else layers:
+        if not layer.moe:
+            for i, s in enumerate(states):
+                states[i] = family.dense_block(layer, W, s)
+        else:
+            get = experts_for(layer)
+            for i, s in enumerate(states):
+                s, x = family.pre_moe(layer, W, s)
+                idx, gate = family.route(layer, W, x, s)
+                if on_route is not None:
+                    on_route(layer, i, x, idx, gate)
+                y = moe_dense(family.expert_spec, get, x, idx, gate)
+                states[i] = family.post_moe(layer, W, s, y)
+            del get  # the layer's experts go before the next layer's are read
+        if after_layer is not None:
+            after_layer(layer, states)
+    return states
+
+
 def run_forward(
     family: MoEFamily,
     W: WeightSource,
     inputs: Mapping[str, torch.Tensor],
-    experts_for: Callable[[LayerSpec], Callable[[int], Mapping[str, torch.Tensor]]] | None = None,
+    experts_for: ExpertsFor | None = None,
 ) -> torch.Tensor:
-    """The whole model's logits for one batch, walking the layers (reference path for tests,
-    evaluation and loaded checkpoints).
+    """The whole model's logits for one batch: ``embed``, ``walk_layers``, ``logits``
+    (reference path for tests, evaluation and loaded checkpoints).
 
     Args:
         family: the model family.
@@ -460,20 +528,5 @@ def run_forward(
     Returns:
         float32 logits ``[B, S, vocab]``.
     """
-    state = family.embed(W, inputs)
-    for layer in family.layers():
-        if not layer.moe:
-            state = family.dense_block(layer, W, state)
-            continue
-        state, x = family.pre_moe(layer, W, state)
-        idx, gate = family.route(layer, W, x, state)
-        if experts_for is None:
-
-            def get(e: int, layer: LayerSpec = layer) -> dict[str, torch.Tensor]:
-                return {r: t[0] for r, t in family.read_experts(layer, W, [e]).items()}
-
-        else:
-            get = experts_for(layer)
-        y = moe_dense(family.expert_spec, get, x, idx, gate)
-        state = family.post_moe(layer, W, state, y)
+    (state,) = walk_layers(family, W, [family.embed(W, inputs)], experts_for)
     return family.logits(W, state)

@@ -424,7 +424,7 @@ class SwitchTransformers(MoEFamily):
         Raises:
             RuntimeError: no layout is bound (``bind`` first).
         """
-        self.expert_layout  # raises when unbound
+        _ = self.expert_layout  # raises RuntimeError when no layout is bound
         d, ff, E = self.d_model, self.d_ff, self.num_experts
         inner = self.num_heads * self.d_kv
         emb = (self.vocab_size, d)
