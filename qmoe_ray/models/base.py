@@ -91,6 +91,14 @@ class DictWeights:
         return list(self._t)
 
 
+def name_lookup(names: Any) -> Any:
+    """Tensor names as something ``in`` answers fast: a set of a list, tuple or set, else the
+    ``WeightSource`` itself (its ``__contains__``); what ``MoEFamily.bind`` resolves from."""
+    if isinstance(names, (list, tuple, set, frozenset)):
+        return set(names)
+    return names
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """One transformer block, in processing order.

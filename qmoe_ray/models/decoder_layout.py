@@ -49,6 +49,7 @@ from qmoe_ray.models.base import (
     LayerSpec,
     MoEFamily,
     WeightSource,
+    name_lookup,
     swiglu_hidden,
 )
 from qmoe_ray.models.config import (
@@ -274,8 +275,7 @@ class DecoderLayout(MoEFamily):
         Raises:
             KeyError: the first MoE layer's router or experts are not found under any layout.
         """
-        if isinstance(names, (list, tuple, set, frozenset)):
-            names = set(names)
+        names = name_lookup(names)
         has = names.__contains__
         first = next((lay for lay in self.layers() if lay.moe), None)
         if first is None:

@@ -28,6 +28,7 @@ from qmoe_ray.models.base import (
     LayerSpec,
     MoEFamily,
     WeightSource,
+    name_lookup,
     relu_hidden,
 )
 from qmoe_ray.models.config import (
@@ -247,8 +248,7 @@ class SwitchLayout(MoEFamily):
         Raises:
             KeyError: an MoE block's experts are under neither layout (names the block).
         """
-        if isinstance(names, (list, tuple, set, frozenset)):
-            names = set(names)
+        names = name_lookup(names)
         roles: dict[tuple[int, str], str] = {}
         for lay in self._layers:
             if not lay.moe:
