@@ -49,7 +49,7 @@ def get_family(config: Mapping[str, Any], names: Any = None) -> MoEFamily:
         ValueError: ``model_type`` is missing or not supported (the message lists the supported),
             or a required field is missing or inconsistent.
         CheckpointError (a ``ValueError``): a size in the config is not an integer or out of
-            bounds (``qmoe_ray.models.base``).
+            bounds (``qmoe_ray.models.config``).
         KeyError: ``names`` hold the experts of the first MoE layer under no known layout.
     """
     model_type = config.get("model_type")

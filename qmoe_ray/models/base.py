@@ -16,6 +16,11 @@ plain functions of (layer, weights, state):
         state = family.post_moe(layer, W, state, y)       # residual add, shared experts, ...
     logits = family.logits(W, state)
 
+That loop is written once, ``walk_layers`` (layer-major over a list of batch states, with hooks
+after each routing and each block); ``run_forward``, the evaluator, the loaded model, the benches
+and the tests run it. The compressor's stores run the same steps split across Ray calls, with the
+experts' sum done by the workers.
+
 ``state`` is a ``dict[str, torch.Tensor]`` whose tensors all have the batch as leading dimension, so
 a store can split, concatenate and ship it as numpy arrays. ``W`` is any ``WeightSource``: a lazy
 checkpoint reader during compression, a dict of decoded tensors at load time.

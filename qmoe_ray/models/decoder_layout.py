@@ -1,9 +1,9 @@
 """The decoder-only MoE families' config, blocks, tensor names and expert layout
 (``DecoderLayout``, the base class of ``qmoe_ray.models.decoder_moe.DecoderMoE``).
 
-Why one base class: the four families share the block (pre-norm RMSNorm, RoPE attention with grouped KV
-heads, top-k softmax router, SwiGLU experts) and differ in a handful of switches, collected in a
-frozen ``DecoderSpec`` parsed from ``config.json``:
+Why one base class: the four families share the block (pre-norm RMSNorm, RoPE attention with
+grouped KV heads, top-k softmax router, SwiGLU experts) and differ in a handful of switches,
+collected in a frozen ``DecoderSpec`` parsed from ``config.json``:
 
 =========  =========  ============  =========  ================  =============================
 family     q/k norm   renorm top-k  shared     dense blocks      source expert tensors
@@ -27,8 +27,9 @@ assuming the per-expert one (that guess once stored fused experts densely next t
 copies, and rounded Mixtral's router to bf16). Methods given the weights (``route``,
 ``read_experts``) bind from them when needed.
 
-Config sizes are checked against the bounds of ``qmoe_ray.models.base`` (``config_int``) before
-anything is built from them.
+Config sizes are checked against the bounds of ``qmoe_ray.models.config`` (``config_int``) before
+anything is built from them; ``expected_shapes`` lists every tensor the forward reads, so
+``check_weights`` refuses a checkpoint from its index alone.
 
 Canonical per-expert names (``expert_names``, used for every output checkpoint of these families):
 ``model.layers.{i}.mlp.experts.{e}.{gate_proj,up_proj,down_proj}.weight`` for roles

@@ -2,7 +2,7 @@
 
 Why it is built this way:
 
-* The walk of ``base.run_forward`` knows nothing about encoders and decoders, so this family folds
+* The walk (``base.walk_layers``) knows nothing about encoders and decoders, so this family folds
   the two stacks into *one* sequence of layers (all encoder blocks, then all decoder blocks) and
   *one* state. While the encoder runs, ``state["hidden"]`` is the encoder stream; the first
   decoder block (``_enter_decoder``) applies ``encoder.final_layer_norm``, parks the result in

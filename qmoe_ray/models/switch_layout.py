@@ -10,7 +10,11 @@ the decoder families nothing here depends on a guessed layout: the router has on
 given. ``bind`` resolves the layout from the tensor names all the same, for the manifest's record
 (``expert_layout``) and to refuse a checkpoint that holds the experts under neither layout.
 
-Config sizes are checked against the bounds of ``qmoe_ray.models.base`` before anything is built.
+Config sizes are checked against the bounds of ``qmoe_ray.models.config`` before anything is
+built. ``expected_shapes`` lists every tensor the forward reads (the embedding table each stack
+uses, attention, norms, position-bias tables, dense feed-forwards, routers, the experts as stored,
+``lm_head`` when untied), so ``check_weights`` refuses a source from its index alone, naming the
+missing or mis-shaped tensor, as for the decoder families.
 """
 
 from __future__ import annotations
