@@ -20,7 +20,13 @@ from fixtures_s3 import save_tiny, tiny_model  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from qmoe_ray.errors import CheckpointError  # noqa: E402
-from qmoe_ray.models import SUPPORTED, DictWeights, get_family, moe_dense, run_forward  # noqa: E402
+from qmoe_ray.models import (  # noqa: E402
+    SUPPORTED,
+    DictWeights,
+    get_family,
+    run_forward,
+    walk_layers,
+)
 from qmoe_ray.models.decoder_moe import DecoderMoE, Mixtral  # noqa: E402
 from qmoe_ray.storage.checkpoint import open_checkpoint  # noqa: E402
 
@@ -75,24 +81,16 @@ def _reference(model, inputs):
 def _walk(family, W, inputs):
     """Our walk, recording each block's output and each MoE layer's routing."""
     blocks, routes = [], {}
-    state = family.embed(W, inputs)
-    for layer in family.layers():
-        if not layer.moe:
-            state = family.dense_block(layer, W, state)
-        else:
-            state, x = family.pre_moe(layer, W, state)
-            idx, gate = family.route(layer, W, x, state)
-            routes[layer.block] = (x, idx, gate)
-            experts = family.read_experts(layer, W, range(layer.num_experts))
-            y = moe_dense(
-                family.expert_spec,
-                lambda e, ex=experts: {r: t[e] for r, t in ex.items()},
-                x,
-                idx,
-                gate,
-            )
-            state = family.post_moe(layer, W, state, y)
-        blocks.append(state["hidden"])
+
+    def all_experts(layer):  # one read of the layer's experts
+        ex = family.read_experts(layer, W, range(layer.num_experts))
+        return lambda e: {r: t[e] for r, t in ex.items()}
+
+    (state,) = walk_layers(
+        family, W, [family.embed(W, inputs)], all_experts,
+        on_route=lambda layer, _, x, idx, gate: routes.__setitem__(layer.block, (x, idx, gate)),
+        after_layer=lambda layer, states: blocks.append(states[0]["hidden"]),
+    )
     return family.logits(W, state), blocks, routes
 
 

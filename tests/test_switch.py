@@ -7,6 +7,7 @@ Each checkpoint is written by transformers' own ``save_pretrained`` and read bac
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
 from qmoe_ray.errors import CheckpointError  # noqa: E402
-from qmoe_ray.models import DictWeights, get_family, moe_dense, run_forward  # noqa: E402
+from qmoe_ray.models import DictWeights, get_family, run_forward, walk_layers  # noqa: E402
 from qmoe_ray.models.switch import SwitchTransformers, relative_position_bucket  # noqa: E402
 
 VOCAB = 128
@@ -109,27 +110,19 @@ def _inputs(seed: int = 0, pad: bool = False) -> dict[str, torch.Tensor]:
 
 def _walk(family, W, inputs, experts_for=None):
     """``run_forward`` unrolled, recording the stream after every block and every routing."""
-    state = family.embed(W, inputs)
     after, routes = {}, {}
-    for layer in family.layers():
-        if not layer.moe:
-            state = family.dense_block(layer, W, state)
-        else:
-            state, x = family.pre_moe(layer, W, state)
-            idx, gate = family.route(layer, W, x, state)
-            routes[layer.name] = (idx, gate)
-            get = (
-                experts_for(layer)
-                if experts_for
-                else (
-                    lambda e, L=layer: {r: t[0] for r, t in family.read_experts(L, W, [e]).items()}
-                )
-            )
-            y = moe_dense(family.expert_spec, get, x, idx, gate)
-            state = family.post_moe(layer, W, state, y)
+
+    def record(layer, states):
+        (state,) = states
         for k, t in state.items():
             assert t.shape[0] == B, f"state[{k!r}] lost the batch-leading layout at {layer.name}"
         after[layer.name] = state["hidden"].clone()
+
+    (state,) = walk_layers(
+        family, W, [family.embed(W, inputs)], experts_for,
+        on_route=lambda layer, _, x, idx, gate: routes.__setitem__(layer.name, (idx, gate)),
+        after_layer=record,
+    )
     return state, after, routes
 
 
@@ -516,3 +509,92 @@ def test_labels_only_inputs_shift_right(tiny):
     torch.testing.assert_close(
         run_forward(tiny.family, tiny.W, only_labels), ref.logits, atol=1e-4, rtol=1e-4
     )
+
+
+# -- the weights check (expected_shapes / check_weights), read from the index ----------------------
+class _Reads(DictWeights):
+    """A ``DictWeights`` recording every tensor the forward fetches."""
+
+    def __init__(self, tensors):
+        super().__init__(tensors)
+        self.read: set[str] = set()
+
+    def __call__(self, name):
+        self.read.add(name)
+        return super().__call__(name)
+
+
+def _fused(fam, tensors):
+    out = dict(tensors)
+    for L in (L for L in fam.layers() if L.moe):
+        for r, name in fam._fused_names(L).items():
+            out[name] = torch.stack([out.pop(fam.expert_names(L, e)[r])
+                                     for e in range(fam.num_experts)])
+    return out
+
+
+@pytest.mark.parametrize("variant", ["tied", "untied-bias-gelu", "fused"])
+def test_expected_shapes_are_what_the_forward_reads(variant, tiny, tmp_path):
+    """``expected_shapes`` lists exactly the tensors the forward reads, with their shapes, for
+    tied and untied embeddings, router biases and the fused expert layout; ``check_weights``
+    accepts the checkpoint from its index."""
+    if variant == "untied-bias-gelu":
+        m = Tiny(_save(tmp_path / "var", seed=6, dense_act_fn="gelu_new",
+                       tie_word_embeddings=False, router_bias=True))
+        tensors, config = m.tensors, m.config
+    else:
+        tensors, config = tiny.tensors, tiny.config
+    if variant == "fused":
+        tensors = _fused(get_family(config), tensors)
+    fam = get_family(config, list(tensors))
+    W = _Reads(tensors)
+    run_forward(fam, W, _inputs(seed=2))
+    want = fam.expected_shapes()
+    assert set(want) == W.read
+    assert all(tuple(tensors[n].shape) == s for n, s in want.items())
+    fam.check_weights(list(tensors), lambda n: tuple(tensors[n].shape))
+
+
+def test_check_weights_names_a_missing_or_misshaped_tensor(tiny):
+    names, shape = list(tiny.tensors), lambda n: tuple(tiny.tensors[n].shape)
+    fam = get_family(tiny.config)
+    gone = "decoder.block.1.layer.1.EncDecAttention.k.weight"
+    with pytest.raises(KeyError, match=re.escape(repr(gone)) + ".*not in the checkpoint"):
+        fam.check_weights([n for n in names if n != gone], shape)
+    router = fam.router_name(next(L for L in fam.layers() if L.moe))
+    with pytest.raises(KeyError, match=re.escape(repr(router))):
+        fam.check_weights([n for n in names if n != router], shape)
+    wide = get_family({**tiny.config, "d_ff": 48})
+    with pytest.raises(ValueError, match=r"encoder\.block\.0\.layer\.1\.mlp\.wi\.weight' has shape "
+                                         r"\[64, 32\] but config.json implies \[48, 32\].*d_ff=48"):
+        wide.check_weights(names, shape)
+    with pytest.raises(ValueError, match="'decoder.final_layer_norm.weight' has shape"):
+        fam.check_weights(names, lambda n: (33,) if n == "decoder.final_layer_norm.weight"
+                          else shape(n))
+
+
+@pytest.mark.parametrize("fault", ["missing", "misshaped"])
+def test_compress_refuses_an_incomplete_switch_source(fault, tiny, tmp_path, capsys):
+    """The job checks a Switch source's index before any work: one line naming the tensor,
+    exit 2, nothing written."""
+    from safetensors.torch import save_file
+
+    from qmoe_ray.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(tiny.config))
+    name = "encoder.block.1.layer.0.SelfAttention.o.weight"
+    tensors = dict(tiny.tensors)
+    if fault == "missing":
+        del tensors[name]
+    else:
+        tensors[name] = torch.zeros(32, 16)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    rc = main(["compress", "--source", str(src), "--output", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert f"tensor {name!r}" in err and "Traceback" not in err
+    assert ("not in the checkpoint" if fault == "missing" else "[32, 16]") in err
+    assert not out.exists()

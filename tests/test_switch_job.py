@@ -84,3 +84,35 @@ def test_export_reloads_in_transformers_with_our_logits(compressed, tmp_path):
         ref = hf(input_ids=enc, attention_mask=inputs["attention_mask"],
                  decoder_input_ids=dec).logits
     torch.testing.assert_close(ours.logits(inputs), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fault", ["missing", "misshaped"])
+def test_loader_refuses_a_switch_manifest_without_a_tensor_its_config_implies(
+        fault, compressed, tmp_path):
+    """The loader checks every tensor a Switch config implies (``expected_shapes``), not only
+    the experts and routers: a dense tensor missing from the manifest, or declared with
+    another shape, is refused naming it, before any shard is read."""
+    import shutil
+
+    from qmoe_ray.errors import CheckpointError
+    from qmoe_ray.read.loader import check_against_config, load
+
+    out, _, _ = compressed
+    root = tmp_path / "ckpt"
+    shutil.copytree(out, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    name = "decoder.block.1.layer.1.EncDecAttention.k.weight"
+    assert name in manifest["tensors"]
+    check_against_config(manifest)  # the intact manifest passes
+    if fault == "missing":
+        del manifest["tensors"][name]
+        says = rf"tensor '{name}', which the switch_transformers config implies, is not in"
+    else:
+        manifest["tensors"][name]["shape"] = list(reversed(manifest["tensors"][name]["shape"]))
+        manifest["tensors"][name]["shape"][0] += 1
+        says = rf"tensor '{name}' is declared .*switch_transformers config implies"
+    with pytest.raises(CheckpointError, match=says):
+        check_against_config(manifest)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=name):
+        load(str(root))

@@ -79,7 +79,7 @@ def test_unigram_baseline_recomputed(meta):
 def test_experts_specialise():
     """Routing, computed with our own family code: the top-1 expert depends on the token far more
     than a uniform router would allow, loads are skewed, and most experts are in use."""
-    from qmoe_ray.models import get_family
+    from qmoe_ray.models import get_family, walk_layers
     from qmoe_ray.storage.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(str(ROOT))
@@ -88,29 +88,22 @@ def test_experts_specialise():
     inputs = {k: torch.from_numpy(v) for k, v in arrays.items()}
     ids = arrays["input_ids"].ravel()
     n_exp = ckpt.config["num_local_experts"]
+    cond, skew = [], []
+
+    def stats(layer, batch, x, idx, gate):
+        top1 = idx[..., 0].reshape(-1).numpy()
+        frac = np.bincount(idx.reshape(-1).numpy(), minlength=n_exp) / idx.numel()
+        assert (frac > 0.01).sum() >= n_exp // 2, frac  # most experts in use
+        skew.append(float(frac.max()) * n_exp)
+        joint = np.zeros((int(ids.max()) + 1, n_exp))
+        np.add.at(joint, (ids, top1), 1.0)
+        rows = joint.sum(1)
+        p = joint[rows > 0] / rows[rows > 0, None]
+        h = -(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)).sum(1)
+        cond.append(float((h * rows[rows > 0]).sum() / rows.sum() / math.log(n_exp)))
+
     with torch.no_grad():
-        state = fam.embed(ckpt, inputs)
-        cond, skew = [], []
-        for layer in fam.layers():
-            state, x = fam.pre_moe(layer, ckpt, state)
-            idx, gate = fam.route(layer, ckpt, x, state)
-            top1 = idx[..., 0].reshape(-1).numpy()
-            frac = np.bincount(idx.reshape(-1).numpy(), minlength=n_exp) / idx.numel()
-            assert (frac > 0.01).sum() >= n_exp // 2, frac  # most experts in use
-            skew.append(float(frac.max()) * n_exp)
-            joint = np.zeros((int(ids.max()) + 1, n_exp))
-            np.add.at(joint, (ids, top1), 1.0)
-            rows = joint.sum(1)
-            p = joint[rows > 0] / rows[rows > 0, None]
-            h = -(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)).sum(1)
-            cond.append(float((h * rows[rows > 0]).sum() / rows.sum() / math.log(n_exp)))
-            from qmoe_ray.models.base import moe_dense
-
-            def get(e, layer=layer):
-                return {r: t[0] for r, t in fam.read_experts(layer, ckpt, [e]).items()}
-
-            y = moe_dense(fam.expert_spec, get, x, idx, gate)
-            state = fam.post_moe(layer, ckpt, state, y)
+        walk_layers(fam, ckpt, [fam.embed(ckpt, inputs)], on_route=stats)
     assert max(cond) < 0.75, cond  # a uniform router would give ~1
     assert max(skew) > 2.0, skew  # some expert gets over twice its uniform share
 

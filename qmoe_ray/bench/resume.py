@@ -72,7 +72,7 @@ def recompute_stream(out: Path, source: str, cfg: CompressConfig, upto: int,
     from qmoe_ray.format.matrices import dequantize_matrix
     from qmoe_ray.job.stores import CachedWeights
     from qmoe_ray.models import get_family
-    from qmoe_ray.models.base import DictWeights, moe_dense
+    from qmoe_ray.models.base import DictWeights, walk_layers
     from qmoe_ray.storage.checkpoint import open_checkpoint
 
     t0 = time.perf_counter()
@@ -101,20 +101,12 @@ def recompute_stream(out: Path, source: str, cfg: CompressConfig, upto: int,
                                    for r, w in experts[(l.index, e)].items()}})
     inputs = _inputs(cfg, source)
     n = len(next(iter(inputs.values())))
-    states = []
     with torch.no_grad():
-        for a in range(0, n, cfg.batch_size):
-            batch = {k: torch.from_numpy(np.array(v[a: a + cfg.batch_size])) for k, v in inputs.items()}
-            state = fam.embed(embed_W, batch)
-            for layer in layers:
-                if not layer.moe:
-                    state = fam.dense_block(layer, W, state)
-                    continue
-                state, x = fam.pre_moe(layer, W, state)
-                idx, gate = fam.route(layer, W, x, state)
-                y = moe_dense(fam.expert_spec, lambda e, i=layer.index: experts[(i, e)], x, idx, gate)
-                state = fam.post_moe(layer, W, state, y)
-            states.append(state)
+        states = [fam.embed(embed_W, {k: torch.from_numpy(np.array(v[a: a + cfg.batch_size]))
+                                      for k, v in inputs.items()})
+                  for a in range(0, n, cfg.batch_size)]
+        walk_layers(fam, W, states, lambda layer: lambda e: experts[(layer.index, e)],
+                    layers=layers)
     return states, time.perf_counter() - t0
 
 

@@ -251,8 +251,7 @@ def run_compression(
     if not moe_layers:
         raise ValueError(f"{cfg.source}: the model has no mixture-of-experts layers; "
                          "qmoe-ray compresses MoE models only")
-    if hasattr(family, "check_weights"):  # a missing tensor or a wrong shape: now, not at layer 30
-        family.check_weights(ckpt.names, ckpt.shape)
+    family.check_weights(ckpt.names, ckpt.shape)  # a missing tensor or a wrong shape: now
     scheme = parse_scheme(cfg.scheme, cfg.quant_group_size)
     check_output_writable(cfg.output, storage.output, cfg.overwrite)
     prog = Progress(cfg.output, storage.output)

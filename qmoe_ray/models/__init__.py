@@ -16,8 +16,10 @@ from qmoe_ray.models.base import (
     LayerSpec,
     MoEFamily,
     WeightSource,
+    experts_from,
     moe_dense,
     run_forward,
+    walk_layers,
 )
 
 # model_type -> (module, class). Imported lazily so one family's import cost is not everyone's.
@@ -47,7 +49,7 @@ def get_family(config: Mapping[str, Any], names: Any = None) -> MoEFamily:
         ValueError: ``model_type`` is missing or not supported (the message lists the supported),
             or a required field is missing or inconsistent.
         CheckpointError (a ``ValueError``): a size in the config is not an integer or out of
-            bounds (``qmoe_ray.models.base``).
+            bounds (``qmoe_ray.models.config``).
         KeyError: ``names`` hold the experts of the first MoE layer under no known layout.
     """
     model_type = config.get("model_type")
@@ -71,7 +73,9 @@ __all__ = [
     "MoEFamily",
     "SUPPORTED",
     "WeightSource",
+    "experts_from",
     "get_family",
     "moe_dense",
     "run_forward",
+    "walk_layers",
 ]

@@ -16,6 +16,11 @@ plain functions of (layer, weights, state):
         state = family.post_moe(layer, W, state, y)       # residual add, shared experts, ...
     logits = family.logits(W, state)
 
+That loop is written once, ``walk_layers`` (layer-major over a list of batch states, with hooks
+after each routing and each block); ``run_forward``, the evaluator, the loaded model, the benches
+and the tests run it. The compressor's stores run the same steps split across Ray calls, with the
+experts' sum done by the workers.
+
 ``state`` is a ``dict[str, torch.Tensor]`` whose tensors all have the batch as leading dimension, so
 a store can split, concatenate and ship it as numpy arrays. ``W`` is any ``WeightSource``: a lazy
 checkpoint reader during compression, a dict of decoded tensors at load time.
@@ -28,7 +33,6 @@ of the (already quantized) first, as a sequential GPTQ does.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,93 +41,36 @@ from typing import Any, ClassVar, Protocol
 import torch
 import torch.nn.functional as F
 
-from qmoe_ray.errors import CheckpointError, MissingTensorError
+from qmoe_ray.errors import MissingTensorError
+from qmoe_ray.models.config import (  # noqa: F401 - the config bounds and parsers, re-exported
+    MAX_EXPERTS,
+    MAX_FF,
+    MAX_HEAD_DIM,
+    MAX_HEADS,
+    MAX_HIDDEN,
+    MAX_LAYERS,
+    MAX_POSITIONS,
+    MAX_TOTAL_EXPERTS,
+    MAX_VOCAB,
+    config_float,
+    config_int,
+)
 
 State = dict[str, torch.Tensor]
 
-# -- config bounds ---------------------------------------------------------------------------------
-# A config.json (a source's, or the one stored in a compressed checkpoint's manifest) is untrusted:
-# the families size lists of layers and of expert tensor names from it, so every size is checked to
-# be an integer within a finite bound before anything is built from it. The bounds are far above any
-# released model (largest seen: 126 layers, hidden 16384, intermediate 53248, 128 heads, head_dim
-# 256, 2048 experts per layer in switch-c-2048, about 61k routed experts in all, vocab 262k) and
-# far below what would exhaust memory.
-MAX_LAYERS = 1024  #: blocks per stack
-MAX_HIDDEN = 2**16  #: hidden_size / d_model
-MAX_FF = 2**18  #: intermediate sizes (dense, routed and shared experts), d_ff
-MAX_HEADS = 4096  #: attention / key-value heads
-MAX_HEAD_DIM = 4096  #: head_dim / d_kv
-MAX_EXPERTS = 16384  #: routed experts per MoE layer
-MAX_TOTAL_EXPERTS = 2**18  #: routed experts over all MoE layers of a model
-MAX_VOCAB = 2**22  #: vocabulary rows
-MAX_POSITIONS = 2**24  #: window lengths, distances, capacities and similar counts
-
-
-def config_int(
-    config: Mapping[str, Any], key: str, hi: int, lo: int = 1, default: int | None = None
-) -> int:
-    """``config[key]`` as an integer checked to lie in ``lo..hi``.
-
-    Args:
-        config: a parsed ``config.json``.
-        key: the field (named in the error); may be dotted for messages only.
-        hi, lo: inclusive bounds.
-        default: used when the key is absent or null (None: the key is required).
-
-    Returns:
-        The value.
-
-    Raises:
-        CheckpointError: the field is missing (with no default), not an integer (floats, strings
-            and booleans are refused, even ``64.0``), or outside ``lo..hi``.
-    """
-    v = config.get(key)
-    if v is None:
-        if default is None:
-            raise CheckpointError(f"config.json lacks the field {key!r}; add it")
-        return default
-    if isinstance(v, bool) or not isinstance(v, int):
-        shown = repr(v) if len(repr(v)) <= 40 else f"a {type(v).__name__}"
-        raise CheckpointError(f"config.json {key!r} is {shown}, not an integer")
-    if not lo <= v <= hi:
-        raise CheckpointError(
-            f"config.json {key!r} is {v}: expected an integer in {lo}..{hi} (qmoe-ray's bound, "
-            "far above any released model; see qmoe_ray.models.base): the config is corrupt or "
-            "not a model's"
-        )
-    return v
-
-
-def config_float(
-    config: Mapping[str, Any], key: str, default: float, positive: bool = True
-) -> float:
-    """``config[key]`` as a finite float (``default`` when absent or null).
-
-    Raises:
-        CheckpointError: the field is not a finite number (or not > 0 when ``positive``).
-    """
-    v = config.get(key)
-    if v is None:
-        return float(default)
-    f = math.nan
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        try:
-            f = float(v)
-        except OverflowError:  # an integer of hundreds of digits
-            f = math.inf
-    if not math.isfinite(f) or (positive and f <= 0):
-        shown = repr(v) if len(repr(v)) <= 40 else f"a {type(v).__name__}"
-        sign = "positive " if positive else ""
-        raise CheckpointError(f"config.json {key!r} is {shown}, not a finite {sign}number")
-    return f
-
-
 class WeightSource(Protocol):
-    """Anything that hands out tensors by their checkpoint name (float32, on CPU unless stated)."""
+    """Anything that hands out tensors by their checkpoint name (float32, on CPU unless stated).
+
+    ``names`` lists every tensor it holds (a ``Checkpoint``'s index, a loaded checkpoint's dense
+    and expert tensors): what ``MoEFamily.bind`` resolves the expert layout from.
+    """
 
     def __call__(self, name: str) -> torch.Tensor: ...
 
     def __contains__(self, name: str) -> bool: ...
+
+    @property
+    def names(self) -> list[str]: ...
 
 
 class DictWeights:
@@ -142,6 +89,19 @@ class DictWeights:
 
     def __contains__(self, name: str) -> bool:
         return name in self._t
+
+    @property
+    def names(self) -> list[str]:
+        """Every tensor name, in the mapping's order."""
+        return list(self._t)
+
+
+def name_lookup(names: Any) -> Any:
+    """Tensor names as something ``in`` answers fast: a set of a list, tuple or set, else the
+    ``WeightSource`` itself (its ``__contains__``); what ``MoEFamily.bind`` resolves from."""
+    if isinstance(names, (list, tuple, set, frozenset)):
+        return set(names)
+    return names
 
 
 @dataclass(frozen=True)
@@ -210,12 +170,27 @@ def swiglu_hidden(w: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tenso
 class MoEFamily(ABC):
     """A model family: config parsing, tensor names and the layer-by-layer forward (see module doc).
 
-    Subclasses set ``model_type`` and implement the abstract methods. Constructors validate the
+    This is the whole contract between a family and its users: the job (driver, stores, workers,
+    writer), the read side (loader, evaluate, export), the benches and the tests call a family
+    through these methods and attributes only, never probing for optional ones. Subclasses set
+    ``model_type`` / ``expert_spec`` and implement the abstract methods; the concrete ones below
+    are shared by every family (override where a family differs). Constructors validate the
     config and raise ``ValueError`` naming the missing or bad field.
+
+    Attributes:
+        model_type: ``config.json``'s ``model_type``.
+        expert_spec: the routed experts' structure (roles, hidden activation).
+        moe_modules: module names under a block that hold router and experts in source
+            checkpoints, the one ``save_pretrained`` writes first (export rebuilds source names
+            from them); None where the canonical expert names are the source's own (Switch).
+        source_roles: per-expert source tensor name by role (``{"gate": "w1", ...}``).
+        config: the parsed ``config.json``.
     """
 
     model_type: ClassVar[str]
     expert_spec: ClassVar[ExpertSpec]
+    moe_modules: ClassVar[tuple[str, ...] | None] = None
+    source_roles: ClassVar[Mapping[str, str]]
 
     def __init__(self, config: Mapping[str, Any]):
         self.config = dict(config)
@@ -242,6 +217,10 @@ class MoEFamily(ABC):
     @abstractmethod
     def router_name(self, layer: LayerSpec) -> str:
         """Name of the router weight of an MoE layer."""
+
+    def router_names(self) -> set[str]:
+        """The router weights of every MoE layer (bound layout)."""
+        return {self.router_name(lay) for lay in self.layers() if lay.moe}
 
     def dense_names(self, W_names: Sequence[str]) -> list[str]:
         """Names from a checkpoint's tensor list that are not routed-expert weights."""
@@ -275,6 +254,54 @@ class MoEFamily(ABC):
         Raises:
             RuntimeError: no layout is bound yet (never guessed).
         """
+
+    # -- weights check -------------------------------------------------------------------------
+    @abstractmethod
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor the forward reads (source names under the bound layout) with the shape
+        ``config.json`` implies.
+
+        Raises:
+            RuntimeError: no layout is bound (``bind`` first).
+        """
+
+    @abstractmethod
+    def shape_message(self, name: str, got: Sequence[int], want: Sequence[int]) -> str:
+        """The error message for tensor ``name`` stored ``got`` where the config implies ``want``
+        (names the config fields the shape follows from)."""
+
+    def check_weights(self, names: Sequence[str], shape: Callable[[str], Sequence[int]]) -> None:
+        """Check that every tensor the forward needs exists with the shape config.json implies,
+        from the index alone (no tensor data is read).
+
+        Call it right after opening a checkpoint: ``family.check_weights(ckpt.names, ckpt.shape)``.
+
+        Args:
+            names: the checkpoint's tensor names (the layout is bound from them).
+            shape: ``name -> shape`` as the index declares it.
+
+        Raises:
+            KeyError (``MissingTensorError``): a needed tensor is missing (names it).
+            ValueError: a tensor's shape disagrees with config.json (names both shapes).
+        """
+        self.bind(names)
+        have = set(names)
+        for name, want in self.expected_shapes().items():
+            if name not in have:
+                raise MissingTensorError(
+                    f"tensor {name!r} needed by {self.model_type} (per config.json) is "
+                    "not in the checkpoint; the checkpoint is incomplete or its "
+                    "config.json belongs to another model"
+                )
+            got = tuple(shape(name))
+            if got != tuple(want):
+                raise ValueError(self.shape_message(name, got, want))
+
+    def stored_dtype(self, name: str, src: torch.dtype) -> torch.dtype:
+        """The dtype a non-expert tensor is stored in by the output checkpoint: routers keep
+        their source precision ``src`` (routing decisions are sensitive to it); everything else
+        is bf16."""
+        return src if name in self.router_names() else torch.bfloat16
 
     # -- the forward walk ----------------------------------------------------------------------
     @abstractmethod
@@ -363,14 +390,82 @@ def moe_dense(
     return out.reshape(shape)
 
 
+ExpertsFor = Callable[[LayerSpec], Callable[[int], Mapping[str, Any]]]
+"""``layer -> (expert id -> {role: weight})``: where a walk gets one MoE layer's experts."""
+
+
+def experts_from(family: MoEFamily, W: WeightSource) -> ExpertsFor:
+    """The default ``ExpertsFor``: each expert read from ``W`` (``family.read_experts``) when
+    the walk asks for it."""
+
+    def for_layer(layer: LayerSpec) -> Callable[[int], dict[str, torch.Tensor]]:
+        def get(e: int) -> dict[str, torch.Tensor]:
+            return {r: t[0] for r, t in family.read_experts(layer, W, [e]).items()}
+
+        return get
+
+    return for_layer
+
+
+def walk_layers(
+    family: MoEFamily,
+    W: WeightSource,
+    states: list[State],
+    experts_for: ExpertsFor | None = None,
+    *,
+    layers: Sequence[LayerSpec] | None = None,
+    on_route: Callable[[LayerSpec, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+    | None = None,
+    after_layer: Callable[[LayerSpec, list[State]], None] | None = None,
+) -> list[State]:
+    """The one walk over a model's blocks (see the module doc): every batch's state through
+    ``layers``, layer-major, with dense experts (``moe_dense``). ``run_forward``, the evaluator,
+    the loaded model, the benches and the tests all run their forward through it; the
+    compressor's stores run the same family steps, split across Ray calls.
+
+    Args:
+        family: the model family.
+        W: weights of everything (and of the experts unless ``experts_for`` is given).
+        states: one state per batch (from ``family.embed``); updated in place (each batch's old
+            state is released as its new one is made) and returned.
+        experts_for: ``layer -> (expert id -> {role: weight})``, asked once per MoE layer for
+            all batches; default ``experts_from(family, W)``.
+        layers: the blocks to run, in order (default: ``family.layers()``).
+        on_route: ``(layer, batch index, x, idx, gate)`` after each MoE layer's routing.
+        after_layer: ``(layer, states)`` after each block has run over every batch (a weight
+            cache drops the layer's tensors here).
+
+    Returns:
+        ``states``, now after the last of ``layers``.
+    """
+    experts_for = experts_for or experts_from(family, W)
+    for layer in family.layers() if layers is None else layers:
+        if not layer.moe:
+            for i, s in enumerate(states):
+                states[i] = family.dense_block(layer, W, s)
+        else:
+            get = experts_for(layer)
+            for i, s in enumerate(states):
+                s, x = family.pre_moe(layer, W, s)
+                idx, gate = family.route(layer, W, x, s)
+                if on_route is not None:
+                    on_route(layer, i, x, idx, gate)
+                y = moe_dense(family.expert_spec, get, x, idx, gate)
+                states[i] = family.post_moe(layer, W, s, y)
+            del get  # the layer's experts go before the next layer's are read
+        if after_layer is not None:
+            after_layer(layer, states)
+    return states
+
+
 def run_forward(
     family: MoEFamily,
     W: WeightSource,
     inputs: Mapping[str, torch.Tensor],
-    experts_for: Callable[[LayerSpec], Callable[[int], Mapping[str, torch.Tensor]]] | None = None,
+    experts_for: ExpertsFor | None = None,
 ) -> torch.Tensor:
-    """The whole model's logits for one batch, walking the layers (reference path for tests,
-    evaluation and loaded checkpoints).
+    """The whole model's logits for one batch: ``embed``, ``walk_layers``, ``logits``
+    (reference path for tests, evaluation and loaded checkpoints).
 
     Args:
         family: the model family.
@@ -381,20 +476,5 @@ def run_forward(
     Returns:
         float32 logits ``[B, S, vocab]``.
     """
-    state = family.embed(W, inputs)
-    for layer in family.layers():
-        if not layer.moe:
-            state = family.dense_block(layer, W, state)
-            continue
-        state, x = family.pre_moe(layer, W, state)
-        idx, gate = family.route(layer, W, x, state)
-        if experts_for is None:
-
-            def get(e: int, layer: LayerSpec = layer) -> dict[str, torch.Tensor]:
-                return {r: t[0] for r, t in family.read_experts(layer, W, [e]).items()}
-
-        else:
-            get = experts_for(layer)
-        y = moe_dense(family.expert_spec, get, x, idx, gate)
-        state = family.post_moe(layer, W, state, y)
+    (state,) = walk_layers(family, W, [family.embed(W, inputs)], experts_for)
     return family.logits(W, state)

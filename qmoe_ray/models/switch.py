@@ -2,7 +2,7 @@
 
 Why it is built this way:
 
-* The walk of ``base.run_forward`` knows nothing about encoders and decoders, so this family folds
+* The walk (``base.walk_layers``) knows nothing about encoders and decoders, so this family folds
   the two stacks into *one* sequence of layers (all encoder blocks, then all decoder blocks) and
   *one* state. While the encoder runs, ``state["hidden"]`` is the encoder stream; the first
   decoder block (``_enter_decoder``) applies ``encoder.final_layer_norm``, parks the result in
@@ -27,127 +27,30 @@ Why it is built this way:
 * Hessian masking (QMoE section 5): sentinel tokens (T5's ``<extra_id_*>``) and padding are kept
   out of the Hessians; every token still flows through the model.
 
-Checkpoint layouts: transformers writes one tensor per expert
-(``....mlp.experts.expert_{e}.wi.weight``; 5.x holds Switch's experts per expert in memory too, so
-``save_original_format=False`` writes the same names). Fused 3-D tensors (``....mlp.experts.wi``
-``[E, d_ff, d_model]``, ``....mlp.experts.wo`` ``[E, d_model, d_ff]``) are read as well. Unlike
-the decoder families nothing here depends on a guessed layout: the router has one name,
-``source_expert_names`` lists both layouts' names and ``read_experts`` looks in the weights it is
-given. ``bind`` resolves the layout from the tensor names all the same, for the manifest's record
-(``expert_layout``) and to refuse a checkpoint that holds the experts under neither layout.
-
-Config sizes are checked against the bounds of ``qmoe_ray.models.base`` before anything is built.
+The config, the blocks, the tensor names and the expert layout are ``switch_layout``'s
+(``SwitchLayout``, this family's base class); the T5 pieces (layer norm, relative position bias,
+attention, the capacity router) are ``qmoe_ray.models.layers``'.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 
-from qmoe_ray.errors import CheckpointError, MissingTensorError
-from qmoe_ray.models.base import (
-    MAX_EXPERTS,
-    MAX_FF,
-    MAX_HEAD_DIM,
-    MAX_HEADS,
-    MAX_HIDDEN,
-    MAX_LAYERS,
-    MAX_POSITIONS,
-    MAX_TOTAL_EXPERTS,
-    MAX_VOCAB,
-    ExpertSpec,
-    LayerSpec,
-    MoEFamily,
-    State,
-    WeightSource,
-    config_float,
-    config_int,
-    relu_hidden,
-)
+from qmoe_ray.errors import MissingTensorError
+from qmoe_ray.models import layers as L
+from qmoe_ray.models.base import LayerSpec, State, WeightSource
+from qmoe_ray.models.layers import relative_position_bucket  # noqa: F401 - re-exported
+from qmoe_ray.models.switch_layout import ActHidden, SwitchLayout, _get
 
-_ACTIVATIONS = {
-    "relu": F.relu,
-    "gelu_new": lambda t: F.gelu(t, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "gelu": F.gelu,
-    "silu": F.silu,
-    "swish": F.silu,
-}
-
-#: Config fields every Switch config.json must carry (no sensible default exists for them), with
-#: their upper bounds (``qmoe_ray.models.base``).
-_REQUIRED = {
-    "vocab_size": MAX_VOCAB,
-    "d_model": MAX_HIDDEN,
-    "d_kv": MAX_HEAD_DIM,
-    "d_ff": MAX_FF,
-    "num_layers": MAX_LAYERS,
-    "num_heads": MAX_HEADS,
-    "relative_attention_num_buckets": MAX_HEAD_DIM,
-}
-_EXPERT_FIELDS = {"num_experts": MAX_EXPERTS, "expert_capacity": MAX_POSITIONS}
-
-#: Every released Switch/T5 checkpoint: 32000 SentencePiece pieces, then the 100 ``<extra_id_*>``
-#: sentinels (ids 32000..32099), then 28 never-used rows padding the table to a multiple of 128.
-_T5_VOCAB = 32128
-_T5_FIRST_SENTINEL = 32000
-_NUM_SENTINELS = 100
+__all__ = ["ActHidden", "SwitchTransformers", "relative_position_bucket"]
 
 
-@dataclass(frozen=True)
-class ActHidden:
-    """``h = act(x W_role^T)`` for a named activation (picklable, unlike a closure)."""
-
-    role: str
-    act: str
-
-    def __call__(self, w: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return _ACTIVATIONS[self.act](x @ w[self.role].T)
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """T5's layer norm: scale only, no mean subtraction, no bias; variance in float32."""
-    var = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-    return weight * (x * torch.rsqrt(var + eps))
-
-
-def relative_position_bucket(
-    rel: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int
-) -> torch.Tensor:
-    """T5's relative-position buckets (exact for small offsets, logarithmic up to max_distance).
-
-    Args:
-        rel: ``int64`` key position minus query position.
-        bidirectional: encoder (True) or causal decoder (False).
-        num_buckets: ``relative_attention_num_buckets``.
-        max_distance: ``relative_attention_max_distance``.
-
-    Returns:
-        ``int64`` bucket ids in ``[0, num_buckets)``, same shape as ``rel``.
-    """
-    offset = torch.zeros_like(rel)
-    if bidirectional:
-        num_buckets //= 2
-        offset = (rel > 0).to(torch.long) * num_buckets
-        dist = rel.abs()
-    else:
-        dist = (-rel).clamp(min=0)
-    exact = num_buckets // 2
-    # The float ops below are in the same order as the reference so boundaries land identically.
-    log_part = (
-        torch.log(dist.float() / exact) / math.log(max_distance / exact) * (num_buckets - exact)
-    ).to(torch.long)
-    far = torch.clamp(exact + log_part, max=num_buckets - 1)
-    return offset + torch.where(dist < exact, dist, far)
-
-
-class SwitchTransformers(MoEFamily):
-    """The ``switch_transformers`` family (google/switch-base-*, switch-large-128, switch-c-2048).
+class SwitchTransformers(SwitchLayout):
+    """The ``switch_transformers`` family: ``SwitchLayout``'s config, blocks and names, and the
+    encoder-decoder forward folded into one walk (see the module doc).
 
     Args:
         config: the parsed ``config.json``.
@@ -159,245 +62,6 @@ class SwitchTransformers(MoEFamily):
             missing or invalid.
         CheckpointError (a ``ValueError``): a size is not an integer or out of bounds.
     """
-
-    model_type = "switch_transformers"
-    expert_spec = ExpertSpec(in_roles=("wi",), out_roles=("wo",), hidden=relu_hidden("wi"))
-
-    def __init__(self, config: Mapping[str, Any], first_sentinel_id: int | None = None):
-        super().__init__(config)
-        c = self.config
-        if c.get("model_type", self.model_type) != self.model_type:
-            raise ValueError(
-                f"config.json model_type {c.get('model_type')!r} is not {self.model_type!r}; "
-                "use qmoe_ray.models.get_family(config) to pick the family"
-            )
-        for key, hi in _REQUIRED.items():
-            _positive_int(c, key, "config.json of a SwitchTransformers checkpoint", hi)
-        for key, hi in _EXPERT_FIELDS.items():
-            _positive_int(
-                c,
-                key,
-                "a SwitchTransformers config.json (expert field; is this a dense T5 checkpoint? "
-                "only MoE checkpoints can be compressed)",
-                hi,
-            )
-        self.vocab_size = int(c["vocab_size"])
-        self.d_model = int(c["d_model"])
-        self.d_kv = int(c["d_kv"])
-        self.d_ff = int(c["d_ff"])
-        self.num_heads = int(c["num_heads"])
-        self.num_experts = int(c["num_experts"])
-        self.expert_capacity = int(c["expert_capacity"])
-        self.num_buckets = int(c["relative_attention_num_buckets"])
-        self.max_distance = config_int(
-            c, "relative_attention_max_distance", MAX_POSITIONS, default=128
-        )
-        self.eps = config_float(c, "layer_norm_epsilon", 1e-6)
-        self.tied = bool(c.get("tie_word_embeddings", True))
-        self.router_bias = bool(c.get("router_bias", False))
-        self.pad_token_id = config_int(c, "pad_token_id", MAX_VOCAB, lo=0, default=0)
-        self.decoder_start_token_id = config_int(
-            c, "decoder_start_token_id", MAX_VOCAB, lo=0, default=self.pad_token_id
-        )
-        dtype_name = c.get("router_dtype", "float32")
-        if dtype_name not in ("float32", "float16", "bfloat16"):
-            raise ValueError(
-                f"config.json router_dtype {dtype_name!r} is not one of float32/float16/bfloat16"
-            )
-        self.router_dtype = getattr(torch, dtype_name)
-        act = c.get("dense_act_fn", "relu")
-        if act not in _ACTIVATIONS:
-            raise ValueError(
-                f"config.json dense_act_fn {act!r} is not supported; supported: "
-                f"{', '.join(sorted(_ACTIVATIONS))}"
-            )
-        self.act = act
-        if act != "relu":
-            # Instance attribute shadows the class default (ReLU, the original Switch models).
-            self.expert_spec = ExpertSpec(("wi",), ("wo",), ActHidden("wi", act))
-        self.num_encoder_layers = int(c["num_layers"])
-        self.num_decoder_layers = config_int(
-            c, "num_decoder_layers", MAX_LAYERS, lo=0, default=self.num_encoder_layers
-        )
-        self.encoder_sparse_step = _sparse_step(c, "encoder", self.num_encoder_layers)
-        self.decoder_sparse_step = _sparse_step(c, "decoder", self.num_decoder_layers)
-        if first_sentinel_id is None:
-            first_sentinel_id = (
-                _T5_FIRST_SENTINEL
-                if self.vocab_size == _T5_VOCAB
-                else max(self.vocab_size - _NUM_SENTINELS, 0)
-            )
-        self.first_sentinel_id = int(first_sentinel_id)
-        self._layers = self._build_layers()
-        n_moe = sum(lay.moe for lay in self._layers)
-        if n_moe * self.num_experts > MAX_TOTAL_EXPERTS:
-            raise CheckpointError(
-                f"config.json: {n_moe} MoE blocks x {self.num_experts} experts = "
-                f"{n_moe * self.num_experts} routed experts, above qmoe-ray's bound of "
-                f"{MAX_TOTAL_EXPERTS} (far above any released model): the config is corrupt"
-            )
-        self._layout: str | None = None
-
-    # -- layout --------------------------------------------------------------------------------
-    def _build_layers(self) -> list[LayerSpec]:
-        out: list[LayerSpec] = []
-        for stage, n, step in (
-            ("encoder", self.num_encoder_layers, self.encoder_sparse_step),
-            ("decoder", self.num_decoder_layers, self.decoder_sparse_step),
-        ):
-            for i in range(n):
-                # transformers' rule (SwitchTransformersStack): sparse when i % step == 1 or
-                # step == 1, so with step 2 the odd blocks are sparse.
-                moe = step > 0 and (i % step == 1 or step == 1)
-                out.append(
-                    LayerSpec(
-                        index=len(out),
-                        name=f"{stage}.block.{i}",
-                        stage=stage,
-                        block=i,
-                        moe=moe,
-                        num_experts=self.num_experts if moe else 0,
-                        top_k=1 if moe else 0,
-                    )
-                )
-        return out
-
-    def layers(self) -> list[LayerSpec]:
-        """Encoder blocks ``encoder.block.{i}``, then decoder blocks ``decoder.block.{i}``."""
-        return list(self._layers)
-
-    @staticmethod
-    def _ff(layer: LayerSpec) -> str:
-        """Prefix of the block's feed-forward sub-layer (after self- and cross-attention)."""
-        return f"{layer.name}.layer.{1 if layer.stage == 'encoder' else 2}"
-
-    def _check_moe(self, layer: LayerSpec) -> None:
-        if not layer.moe:
-            raise ValueError(f"layer {layer.name} is a dense block; it has no experts or router")
-
-    def expert_names(self, layer: LayerSpec, expert: int) -> dict[str, str]:
-        """``{"wi": ...experts.expert_{e}.wi.weight, "wo": ...}`` (transformers' own names)."""
-        self._check_moe(layer)
-        if not 0 <= expert < self.num_experts:
-            raise ValueError(
-                f"expert {expert} out of range for {layer.name} (num_experts={self.num_experts})"
-            )
-        base = f"{self._ff(layer)}.mlp.experts.expert_{expert}"
-        return {role: f"{base}.{role}.weight" for role in self.expert_spec.roles}
-
-    def _fused_names(self, layer: LayerSpec) -> dict[str, str]:
-        return {role: f"{self._ff(layer)}.mlp.experts.{role}" for role in self.expert_spec.roles}
-
-    def source_expert_names(
-        self, layer: LayerSpec, available: Sequence[str] | None = None
-    ) -> list[str]:
-        """Names holding this layer's experts, in both layouts (per-expert and fused 3-D).
-
-        Args:
-            layer: an MoE layer.
-            available: if given, keep only the names present in it (the checkpoint's list).
-
-        Returns:
-            Per-expert names followed by the fused names; a checkpoint holds one of the two.
-        """
-        self._check_moe(layer)
-        names = [n for e in range(self.num_experts) for n in self.expert_names(layer, e).values()]
-        names += list(self._fused_names(layer).values())
-        if available is not None:
-            have = set(available)
-            names = [n for n in names if n in have]
-        return names
-
-    def bind(self, names: Any) -> SwitchTransformers:
-        """Resolve the expert layout from tensor names (a list, a set or a ``WeightSource``):
-        ``"per-expert"`` (``experts.expert_{e}.wi.weight``, transformers' own), ``"fused"`` (3-D
-        ``experts.wi`` / ``experts.wo``), or ``"mixed"`` when MoE blocks differ (``read_experts``
-        reads each block's own layout).
-
-        Returns:
-            self.
-
-        Raises:
-            KeyError: an MoE block's experts are under neither layout (names the block).
-        """
-        if isinstance(names, (list, tuple, set, frozenset)):
-            names = set(names)
-        kinds = set()
-        for lay in self._layers:
-            if not lay.moe:
-                continue
-            per, fused = self.expert_names(lay, 0)["wi"], self._fused_names(lay)["wi"]
-            if per in names:
-                kinds.add("per-expert")
-            elif fused in names:
-                kinds.add("fused")
-            else:
-                raise MissingTensorError(
-                    f"no expert weights of {lay.name} found (tried {per}, {fused}); is this a "
-                    f"{self.model_type} checkpoint?"
-                )
-        self._layout = kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "per-expert")
-        return self
-
-    @property
-    def expert_layout(self) -> str:
-        """``"per-expert"``, ``"fused"`` or ``"mixed"`` (see ``bind``).
-
-        Raises:
-            RuntimeError: no layout is bound.
-        """
-        if self._layout is None:
-            raise RuntimeError(
-                "the expert layout of this switch_transformers family is not bound: build it "
-                "with get_family(config, names) (or call bind(names))"
-            )
-        return self._layout
-
-    def router_name(self, layer: LayerSpec) -> str:
-        """``{block}.layer.{1|2}.mlp.router.classifier.weight``."""
-        self._check_moe(layer)
-        return f"{self._ff(layer)}.mlp.router.classifier.weight"
-
-    def read_experts(
-        self, layer: LayerSpec, W: WeightSource, experts: Sequence[int]
-    ) -> dict[str, torch.Tensor]:
-        """``{"wi": [G, d_ff, d_model], "wo": [G, d_model, d_ff]}`` float32.
-
-        Raises:
-            ValueError: an expert id is out of range or a tensor's shape disagrees with config.json.
-            KeyError: neither the per-expert nor the fused tensors are in the checkpoint.
-        """
-        self._check_moe(layer)
-        experts = [int(e) for e in experts]
-        for e in experts:
-            if not 0 <= e < self.num_experts:
-                raise ValueError(
-                    f"expert {e} out of range for {layer.name} (num_experts={self.num_experts})"
-                )
-        shapes = {"wi": (self.d_ff, self.d_model), "wo": (self.d_model, self.d_ff)}
-        fused = self._fused_names(layer)
-        per0 = self.expert_names(layer, 0)
-        out: dict[str, torch.Tensor] = {}
-        for role, shape in shapes.items():
-            if per0[role] in W or fused[role] not in W:
-                mats = [
-                    _get(W, self.expert_names(layer, e)[role], shape, self._cfg_hint(role))
-                    for e in experts
-                ]
-                out[role] = (
-                    torch.stack(mats) if mats else torch.empty((0, *shape), dtype=torch.float32)
-                )
-            else:
-                full = _get(W, fused[role], (self.num_experts, *shape), self._cfg_hint(role))
-                out[role] = full[experts].float().contiguous()
-        return out
-
-    def _cfg_hint(self, what: str) -> str:
-        return (
-            f"config.json says d_model={self.d_model}, d_ff={self.d_ff}, d_kv={self.d_kv}, "
-            f"num_heads={self.num_heads}, num_experts={self.num_experts}, "
-            f"vocab_size={self.vocab_size} ({what})"
-        )
 
     # -- the forward walk ----------------------------------------------------------------------
     def embed(self, W: WeightSource, inputs: Mapping[str, torch.Tensor]) -> State:
@@ -448,7 +112,7 @@ class SwitchTransformers(MoEFamily):
         ff = f"{self._ff(layer)}.mlp"
         wi = _get(W, f"{ff}.wi.weight", (self.d_ff, self.d_model), self._cfg_hint("dense wi"))
         wo = _get(W, f"{ff}.wo.weight", (self.d_model, self.d_ff), self._cfg_hint("dense wo"))
-        y = _ACTIVATIONS[self.act](x @ wi.T) @ wo.T
+        y = L.ACTIVATIONS[self.act](x @ wi.T) @ wo.T
         state["hidden"] = state["hidden"] + y
         return state
 
@@ -514,18 +178,10 @@ class SwitchTransformers(MoEFamily):
         self._check_moe(layer)
         name = self.router_name(layer)
         w = _get(W, name, (self.num_experts, self.d_model), self._cfg_hint("router"))
-        logits = x.to(self.router_dtype) @ w.to(self.router_dtype).T
+        b = None
         if self.router_bias:
             b = _get(W, name[: -len("weight")] + "bias", (self.num_experts,), "router_bias=true")
-            logits = logits + b.to(self.router_dtype)
-        probs = torch.softmax(logits, dim=-1, dtype=self.router_dtype).to(torch.float32)
-        gate, idx = probs.max(dim=-1)
-        # Per sequence, the n-th token (in order) sent to an expert has priority n; over capacity
-        # -> dropped. (idx from max equals argmax's first maximum, as in the reference.)
-        onehot = F.one_hot(idx, self.num_experts)
-        priority = (onehot.cumsum(dim=1) * onehot).sum(-1)
-        idx = torch.where(priority <= self.expert_capacity, idx, torch.full_like(idx, -1))
-        return idx[..., None], gate[..., None]
+        return L.top1_capacity_router(x, w, b, self.router_dtype, self.expert_capacity)
 
     def post_moe(self, layer: LayerSpec, W: WeightSource, state: State, y: torch.Tensor) -> State:
         """Residual add of the routed experts' output (dropped tokens contribute nothing)."""
@@ -608,7 +264,7 @@ class SwitchTransformers(MoEFamily):
 
     def _norm(self, W: WeightSource, prefix: str, x: torch.Tensor) -> torch.Tensor:
         w = _get(W, f"{prefix}.weight", (self.d_model,), self._cfg_hint("layer norm"))
-        return _rms_norm(x, w, self.eps)
+        return L.t5_layer_norm(x, w, self.eps)
 
     def _position_bias(self, W: WeightSource, stage: str, s: int) -> torch.Tensor:
         """``[1, H, S, S]`` from block 0's table (shared by every block of the stack)."""
@@ -618,11 +274,7 @@ class SwitchTransformers(MoEFamily):
             (self.num_buckets, self.num_heads),
             self._cfg_hint("relative_attention_num_buckets x num_heads"),
         )
-        pos = torch.arange(s)
-        buckets = relative_position_bucket(
-            pos[None, :] - pos[:, None], stage == "encoder", self.num_buckets, self.max_distance
-        )
-        return table[buckets].permute(2, 0, 1)[None]
+        return L.t5_position_bias(table, s, stage == "encoder", self.max_distance)
 
     def _attention(
         self,
@@ -640,18 +292,7 @@ class SwitchTransformers(MoEFamily):
         wq, wk, wv = (_get(W, f"{prefix}.{n}.weight", (inner, self.d_model), hint) for n in "qkv")
         wo = _get(W, f"{prefix}.o.weight", (self.d_model, inner), hint)
         kv = x if h is None else h
-        b, sq, _ = x.shape
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, t.shape[1], self.num_heads, self.d_kv).transpose(1, 2)
-
-        q, k, v = heads(x @ wq.T), heads(kv @ wk.T), heads(kv @ wv.T)
-        scores = q @ k.transpose(-1, -2)
-        if bias is not None:
-            scores = scores + bias
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        ctx = torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
-        return ctx.transpose(1, 2).reshape(b, sq, inner) @ wo.T
+        return L.t5_attention(x, kv, wq, wk, wv, wo, self.num_heads, bias, allowed)
 
     def _ids(self, t: torch.Tensor, name: str) -> torch.Tensor:
         t = torch.as_tensor(t)
@@ -689,44 +330,3 @@ class SwitchTransformers(MoEFamily):
                 f"{name} shape {tuple(m.shape)} != its token ids' shape {tuple(ids.shape)}"
             )
         return m.to(torch.bool)
-
-
-def _positive_int(c: Mapping[str, Any], key: str, where: str, hi: int) -> None:
-    """Check ``c[key]`` is present and an integer in ``1..hi``.
-
-    Raises:
-        ValueError: absent. CheckpointError: not a positive integer within the bound.
-    """
-    if c.get(key) is None:
-        raise ValueError(f"{where} lacks the field {key!r}; add it to config.json")
-    v = c[key]
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        shown = repr(v) if len(repr(v)) <= 40 else f"a {type(v).__name__}"
-        raise CheckpointError(f"config.json field {key!r} must be a positive integer, got {shown}")
-    config_int(c, key, hi)
-
-
-def _sparse_step(c: Mapping[str, Any], stack: str, n_layers: int) -> int:
-    """``{stack}_sparse_step`` as transformers resolves it: the saved field wins (even over a
-    disagreeing ``num_sparse_{stack}_layers``); absent, it is derived from that count."""
-    key = f"{stack}_sparse_step"
-    if c.get(key) is None:
-        if c.get(f"num_sparse_{stack}_layers") is None:
-            raise ValueError(
-                f"config.json lacks both '{stack}_sparse_step' and 'num_sparse_{stack}_layers'; "
-                f"add one (e.g. '{stack}_sparse_step': 2 for the released Switch models)"
-            )
-        n_sparse = config_int(c, f"num_sparse_{stack}_layers", MAX_LAYERS, lo=0)
-        return n_layers // n_sparse if n_sparse > 0 else n_layers
-    return config_int(c, key, MAX_LAYERS, lo=0)
-
-
-def _get(W: WeightSource, name: str, shape: tuple[int, ...], hint: str) -> torch.Tensor:
-    """``W(name)`` as float32, checked against the shape config.json implies."""
-    t = W(name)
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(
-            f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}: {hint}. "
-            "Check that config.json belongs to this checkpoint."
-        )
-    return t.to(torch.float32)

@@ -153,7 +153,7 @@ def evaluate(
     import torch
 
     from qmoe_ray.data import load_samples, resolve_data
-    from qmoe_ray.models import get_family
+    from qmoe_ray.models import get_family, walk_layers
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -166,8 +166,7 @@ def evaluate(
     elif config is None:
         raise ValueError("evaluate(weights=...) needs config= (the model's config.json)")
     family = get_family(config)
-    if hasattr(family, "bind") and hasattr(weights, "names"):
-        family.bind(list(weights.names))
+    family.bind(list(weights.names))
     if split is None:  # the embedded sets' default is their held-out part
         split = "heldout" if data_spec == EMBEDDED else "all"
     data_spec = resolve_data(data_spec, model_url)
@@ -182,18 +181,7 @@ def evaluate(
     with torch.no_grad():
         states = [family.embed(W, b) for b in batches]
         W.drop()
-        for layer in family.layers():
-            if not layer.moe:
-                states = [family.dense_block(layer, W, s) for s in states]
-            else:
-                get = experts_for(layer)
-                for i, s in enumerate(states):
-                    s, x = family.pre_moe(layer, W, s)
-                    idx, gate = family.route(layer, W, x, s)
-                    y = _moe(family, get, x, idx, gate)
-                    states[i] = family.post_moe(layer, W, s, y)
-                del get
-            W.drop()
+        walk_layers(family, W, states, experts_for, after_layer=lambda *_: W.drop())
         for b, s in zip(batches, states, strict=True):
             loss_sum, tokens = family.loss_terms(family.logits(W, s), b)
             total += float(loss_sum)

@@ -98,7 +98,7 @@ def expert_layout(manifest: Mapping[str, Any], layout: str = "auto"
     names = set(manifest["tensors"])
     moe = [lay for lay in family.layers() if lay.moe]
     out: dict[str, tuple[str, int | None, str | None]] = {}
-    modules = getattr(family, "moe_modules", None)
+    modules = family.moe_modules
     if modules is None:  # SwitchTransformers: canonical names are transformers' own
         if layout == "fused":
             raise ValueError("layout='fused' is not available for switch_transformers; use auto")

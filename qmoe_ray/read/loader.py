@@ -209,25 +209,13 @@ def check_manifest(manifest: Any, where: str = "manifest") -> None:
 
 
 def _declared_shapes(family: Any, names: set[str], where: str) -> dict[str, tuple[int, ...]]:
-    """The shapes the family says tensors must have: every tensor its forward reads for
-    families that list them (``expected_shapes``), else the routed experts and routers."""
-    if hasattr(family, "bind"):  # the expert layout, from the names (never guessed)
-        try:
-            family.bind(names)
-        except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"{where}: {exc.args[0] if exc.args else exc}") from None
-    if hasattr(family, "expected_shapes"):
-        return {n: tuple(s) for n, s in family.expected_shapes().items()}
-    spec = family.expert_spec
-    d, ff = int(family.d_model), int(family.d_ff)
-    out: dict[str, tuple[int, ...]] = {}
-    for lay in family.layers():
-        if lay.moe:
-            out[family.router_name(lay)] = (lay.num_experts, d)
-            for e in range(lay.num_experts):
-                for role, n in family.expert_names(lay, e).items():
-                    out[n] = (ff, d) if role in spec.in_roles else (d, ff)
-    return out
+    """The shapes the family says tensors must have: every tensor its forward reads
+    (``expected_shapes``)."""
+    try:  # the expert layout, from the names (never guessed)
+        family.bind(names)
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{where}: {exc.args[0] if exc.args else exc}") from None
+    return {n: tuple(s) for n, s in family.expected_shapes().items()}
 
 
 def check_against_config(manifest: Mapping[str, Any], where: str = "manifest") -> None:
@@ -879,8 +867,7 @@ class CompressedModel:
         self.experts = experts
         self.weights = {**dense, **experts}
         self.W = LoadedWeights(dense, experts)
-        if hasattr(self.family, "bind"):
-            self.family.bind(self.W)
+        self.family.bind(self.W)
         self.timings = timings
 
     def experts_for(self, layer: LayerSpec):
