@@ -35,7 +35,6 @@ whoever can write the manifest can recompute every checksum in it), so before an
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -43,12 +42,11 @@ from collections.abc import Mapping
 from typing import Any, NoReturn
 
 import numpy as np
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from qmoe_ray.errors import CheckpointError
-from qmoe_ray.storage.fs import check_relname
+from qmoe_ray.format import matrices as layout
+from qmoe_ray.format.expected import check_against_config, implied_counts
+from qmoe_ray.storage.fs import check_relname, fs_errors, read_small, redact, url_to_fs
 
 FORMAT_NAME = "qmoe-ray"
 FORMAT_VERSION = 1
@@ -84,74 +82,6 @@ _DIM_KEYS = (
 )
 
 
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    """The raw little-endian bytes of a tensor, as safetensors stores them."""
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().tobytes()
-    return t.numpy().tobytes()
-
-
-def checksum(t: torch.Tensor) -> str:
-    """SHA-256 (hex) of a tensor's raw bytes."""
-    return hashlib.sha256(tensor_bytes(t)).hexdigest()
-
-
-def serialize_shard(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, dict[str, dict[str, Any]]]:
-    """Serialize tensors to safetensors bytes (keys sorted, so the bytes are deterministic).
-
-    Returns:
-        ``(data, index)``: the file's bytes and, per tensor, ``dtype``, ``shape``, ``sha256`` and
-        ``nbytes``.
-    """
-    ordered = {k: tensors[k].detach().cpu().contiguous() for k in sorted(tensors)}
-    index = {
-        k: {
-            "dtype": str(v.dtype).removeprefix("torch."),
-            "shape": list(v.shape),
-            "sha256": checksum(v),
-            "nbytes": v.numel() * v.element_size(),
-        }
-        for k, v in ordered.items()
-    }
-    return st_save(ordered), index
-
-
-def deserialize_shard(data: bytes, name: str = "shard") -> dict[str, torch.Tensor]:
-    """Parse safetensors bytes.
-
-    Raises:
-        ValueError: the bytes are not a valid safetensors file (truncated, corrupted header).
-    """
-    try:
-        return st_load(data)
-    except Exception as exc:  # safetensors raises its own error types
-        raise ValueError(
-            f"{name}: not a valid safetensors file ({exc}); the shard is truncated "
-            "or corrupted: re-run the compression job"
-        ) from exc
-
-
-def verify(name: str, t: torch.Tensor, entry: Mapping[str, Any]) -> None:
-    """Check a loaded tensor against its manifest entry.
-
-    Raises:
-        ValueError: dtype, shape or checksum differ.
-    """
-    dtype = str(t.dtype).removeprefix("torch.")
-    if dtype != entry["dtype"] or list(t.shape) != list(entry["shape"]):
-        raise ValueError(
-            f"tensor {name!r}: stored as {dtype}{list(t.shape)}, manifest says "
-            f"{entry['dtype']}{entry['shape']}"
-        )
-    got = checksum(t)
-    if got != entry["sha256"]:
-        raise ValueError(
-            f"tensor {name!r} fails its checksum (sha256 {got[:12]}..., manifest "
-            f"{entry['sha256'][:12]}...): the checkpoint is corrupted"
-        )
-
-
 def dumps(obj: Any) -> bytes:
     """Deterministic JSON bytes (sorted keys, no NaN)."""
     return (
@@ -184,6 +114,93 @@ def check_version(manifest: Mapping[str, Any], where: str) -> None:
             f"{where}: format version {_short(version)} is not supported by this qmoe-ray (reads "
             f"versions 1..{FORMAT_VERSION}); upgrade qmoe-ray to read it"
         )
+
+
+# -- reading a checkpoint's manifest: once per load ------------------------------------------------
+def config_implied_tensors(config: Mapping[str, Any], where: str) -> int:
+    """``implied_tensors`` of the model a (bounded, ``check_config``) config describes."""
+    return implied_tensors(*implied_counts(config, where))
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def read_manifest(url: str, **storage_options: Any) -> dict[str, Any]:
+    """The manifest of the checkpoint at ``url``, fully checked (``check_manifest``): readers
+    (load, export, inspect, evaluate) call this once and pass the manifest along.
+
+    Read with a size limit (``manifest_size_limit``: proportionate to the tensors the folder's
+    ``config.json`` implies, compared with the store's file size before a byte is read) and a
+    nesting limit; the folder's ``config.json``, when present, must be the manifest's ``config``.
+
+    Raises:
+        FileNotFoundError: no ``manifest.json`` (an unfinished or foreign folder), or the store
+            cannot be reached.
+        PermissionError: access denied / bad credentials.
+        CheckpointError: too large, not JSON, another format, a newer format version, or any
+            problem ``check_manifest`` finds.
+    """
+    fs, root = url_to_fs(url, **storage_options)
+    base = root.rstrip("/")
+    where = f"{redact(url)}/{MANIFEST}"
+    cfg_where = f"{redact(url)}/config.json"
+    try:
+        with fs_errors(url, "read", storage_options):
+            fs.info(f"{base}/{MANIFEST}")
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"{redact(url)} has no readable {MANIFEST}: not a (finished) qmoe-ray checkpoint "
+            f"({exc}). A job that did not finish leaves no manifest: re-run it to complete the "
+            "output, or check the URL."
+        ) from None
+    limits = "(see qmoe_ray.format.manifest for the limits)"
+    try:
+        raw_cfg = read_small(fs, f"{base}/config.json", CONFIG_MAX_BYTES, cfg_where, url=url,
+                             storage_options=storage_options,
+                             what=f"a config.json may have {limits}")
+    except FileNotFoundError:
+        config = None
+        limit = manifest_size_limit(None)
+    else:
+        config = parse_json(raw_cfg, cfg_where)
+        check_config(config, cfg_where)
+        limit = manifest_size_limit(config_implied_tensors(config, cfg_where))
+    what = ("a manifest of the model config.json describes may have" if config
+            else "a manifest may have without a config.json")
+    raw = read_small(fs, f"{base}/{MANIFEST}", limit, where, url=url,
+                     storage_options=storage_options, what=f"{what} {limits}")
+    manifest = parse_json(raw, where)
+    check_manifest(manifest, where)
+    if config is not None and _canonical(config) != _canonical(manifest["config"]):
+        raise CheckpointError(f"{where}: its config differs from the folder's config.json; the "
+                              "checkpoint is inconsistent: copy it again or re-run the job")
+    return manifest
+
+
+def check_manifest(manifest: Any, where: str = "manifest") -> None:
+    """Check a manifest before any shard is read; after it, readers index it without guarding.
+
+    Checks, in order: the schema (``check_schema``: the type of every field used, every file
+    name relative and inside the folder); every code table and quantized matrix against the
+    format (``qmoe_ray.format.matrices.check_matrix``: scheme, codec version, and the exact dtype
+    and shape of every stored tensor its shape implies); and every declared shape against the
+    model config (``qmoe_ray.format.expected.check_against_config``). Nothing is allocated or
+    decoded from a declared shape that has not passed these checks.
+
+    Raises:
+        CheckpointError: the first problem found, naming the key, tensor or matrix.
+    """
+    check_schema(manifest, where)
+    tensors, tables = manifest["tensors"], manifest.get("tables", {})
+    try:
+        for tname, meta in tables.items():
+            layout.check_table(tname, meta, tensors)
+        for name, entry in manifest["quantized"].items():
+            layout.check_matrix(name, entry, tensors, tables)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    check_against_config(manifest, where)
 
 
 # -- reading an untrusted manifest ---------------------------------------------------------------

@@ -37,7 +37,7 @@ from typing import IO, Any
 import torch
 
 from qmoe_ray.errors import CheckpointError, MissingTensorError
-from qmoe_ray.storage.fs import fs_errors, join, redact, safe_join, url_to_fs
+from qmoe_ray.storage.fs import fs_errors, join, read_small, redact, safe_join, url_to_fs
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -182,6 +182,27 @@ def parse_header(
                 "the file is corrupt: re-save it"
             )
     return out
+
+
+def header_length(head: bytes | bytearray | memoryview, file_size: int, file: str,
+                  fix: str = "re-download or re-save it") -> int:
+    """The header length a safetensors file declares in its first 8 bytes (``head``: at least
+    those), checked against the file's size and ``MAX_HEADER``; the value is never shown (it is
+    the file's bytes).
+
+    Raises:
+        CheckpointError (a ``ValueError``): the file is shorter than 8 bytes, or the length
+            exceeds the file or ``MAX_HEADER`` (``fix`` ends the message).
+    """
+    if file_size < 8 or len(head) < 8:
+        raise CheckpointError(f"{file}: {file_size} bytes, too short for a safetensors file; "
+                              f"{fix}")
+    (n,) = struct.unpack("<Q", bytes(head[:8]))
+    if n > file_size - 8 or n > MAX_HEADER:
+        raise CheckpointError(f"{file}: its first 8 bytes declare a safetensors header longer "
+                              f"than the file ({file_size} bytes) or than {MAX_HEADER} bytes; "
+                              f"not a safetensors file, or {fix}")
+    return n
 
 
 def _to_tensor(buf: bytes | memoryview, info: TensorInfo) -> torch.Tensor:
@@ -422,14 +443,12 @@ def check_source_dtypes(tensors: dict[str, TensorInfo]) -> None:
 
 
 def _read_json(fs: Any, path: str, url: str, opts: dict[str, Any], limit: int | None = None) -> Any:
-    with fs_errors(url, "read", opts):
-        # at most limit + 1 bytes are read: a bigger file is refused without reading it all
-        raw = fs.cat_file(path) if limit is None else fs.cat_file(path, start=0, end=limit + 1)
-    if limit is not None and len(raw) > limit:
-        raise CheckpointError(
-            f"{redact(url)}: more than the {limit:,} bytes a config.json may have; refused "
-            "without reading it"
-        )
+    if limit is None:
+        with fs_errors(url, "read", opts):
+            raw = fs.cat_file(path)
+    else:  # at most limit + 1 bytes are read: a bigger file is refused without reading it all
+        raw = read_small(fs, path, limit, redact(url), url=url, storage_options=opts,
+                         what="a config.json may have", sized=False)
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -447,17 +466,7 @@ def _read_headers(
             size = fs.info(path)["size"]
             # one speculative read usually covers the whole header (a few KiB per 100 tensors)
             head = fs.cat_file(path, start=0, end=min(size, HEADER_PROBE)) if size >= 8 else b""
-        if len(head) < 8:
-            raise ValueError(
-                f"{redact(furl)}: {size} bytes is too short for a safetensors file; "
-                "re-download or re-save it"
-            )
-        (n,) = struct.unpack("<Q", head[:8])
-        if n > MAX_HEADER or 8 + n > size:
-            raise ValueError(
-                f"{redact(furl)}: safetensors header length {n} is impossible for a "
-                f"file of {size} bytes; the file is corrupt or truncated: re-download it"
-            )
+        n = header_length(head, size, redact(furl), "re-download or re-save it")
         raw = head[8 : 8 + n]
         if len(raw) < n:
             with fs_errors(furl, "read", opts):
