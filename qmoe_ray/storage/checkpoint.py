@@ -200,8 +200,8 @@ def header_length(head: bytes | bytearray | memoryview, file_size: int, file: st
     (n,) = struct.unpack("<Q", bytes(head[:8]))
     if n > file_size - 8 or n > MAX_HEADER:
         raise CheckpointError(f"{file}: its first 8 bytes declare a safetensors header longer "
-                              f"than the file ({file_size} bytes) or than {MAX_HEADER} bytes; "
-                              f"not a safetensors file, or {fix}")
+                              f"than the file ({file_size} bytes) or than {MAX_HEADER} bytes "
+                              f"(an impossible header length); not a safetensors file, or {fix}")
     return n
 
 

@@ -221,7 +221,8 @@ def file_size(fs: AbstractFileSystem, path: str, where: str, required: bool = Tr
     info = fs.info(path)
     kind = info.get("type")
     if kind not in (None, "file"):
-        raise CheckpointError(f"{where} is not a regular file (the store says {str(kind)[:20]!r})")
+        raise CheckpointError(f"{where} is a {str(kind)[:20]}, not a file: it is not a regular "
+                              "file, refused")
     size = info.get("size")
     if type(size) is not int or size < 0:
         if not required:
