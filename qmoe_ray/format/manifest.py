@@ -43,7 +43,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from qmoe_ray.errors import CheckpointError
+from qmoe_ray.errors import CheckpointError, shorten
 from qmoe_ray.format import matrices as layout
 from qmoe_ray.format.expected import check_against_config, implied_counts
 from qmoe_ray.storage.fs import check_relname, fs_errors, read_small, redact, url_to_fs
@@ -205,9 +205,7 @@ def check_manifest(manifest: Any, where: str = "manifest") -> None:
 
 # -- reading an untrusted manifest ---------------------------------------------------------------
 def _short(value: Any, limit: int = 40) -> str:
-    """``repr(value)`` cut to ``limit`` characters (messages quote names, never whole values)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return shorten(value, limit)
 
 
 def _is_int(value: Any) -> bool:

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from qmoe_ray.errors import CheckpointError
+from qmoe_ray.errors import shorten as _short
 from qmoe_ray.format import manifest as mf
 from qmoe_ray.storage.checkpoint import MAX_HEADER, header_length, parse_header
 from qmoe_ray.storage.fs import file_size, fs_errors, redact, safe_join, url_to_fs
@@ -35,11 +36,6 @@ from qmoe_ray.storage.fs import file_size, fs_errors, redact, safe_join, url_to_
 CHUNK_BYTES = 16 * 2**20  # range-read size: big enough for object stores, small enough to overlap
 PREFETCH_SHARDS = 2  # shards being fetched ahead of the one being verified/decoded
 _FIX = "the shard is truncated or corrupted: copy it again or re-run the compression job"
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # -- writing --------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from qmoe_ray.errors import InputError
+from qmoe_ray.errors import InputError, shorten
 
 EMBEDDED = "embedded"
 ASK_SOURCE = "\0ask"  # bare ``--compare``: name the manifest's source, evaluate nothing
@@ -263,13 +263,8 @@ def _name_the_original(url: str, source: str | None) -> str:
         return (f"{redact(url)}: the manifest names no source model; give the original model's "
                 "URL explicitly (eval --compare URL)")
     return (f"the original model must be given explicitly: the manifest of {redact(url)} names "
-            f"its source as {_short_repr(source, 200)}; if that is the model to compare with, run "
+            f"its source as {shorten(source, 200)}; if that is the model to compare with, run "
             f"again with --compare {source} (it is read with your storage options)")
-
-
-def _short_repr(value: Any, limit: int) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

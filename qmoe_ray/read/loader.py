@@ -34,7 +34,7 @@ import torch
 from qmoe_ray import codec
 from qmoe_ray.errors import CheckpointError
 from qmoe_ray.format.manifest import read_manifest
-from qmoe_ray.format.matrices import CODE_PREFIX
+from qmoe_ray.format.matrices import stored_names
 from qmoe_ray.format.shards import Timings, iter_shards
 from qmoe_ray.models import LayerSpec, get_family, run_forward
 from qmoe_ray.read.weights import DEVICES, Bf16Product, EncodedWeight, _check_device, encoded_matrix
@@ -199,12 +199,8 @@ def load(url: str, device: str = "cpu", mode: str = "decode", workers: int = 4,
     manifest = read_manifest(url, **storage_options)  # checked: check_manifest
     quantized = manifest["quantized"]
     tables = manifest.get("tables", {})
-    stored = {f"{n}{CODE_PREFIX}{f}" for n, e in quantized.items() for f in e["fields"]}
-    stored |= {f"{n}.{p}" for n, e in quantized.items() for p in e["params"]}
-    stored |= {f"{t}.freqs" for t in tables}
-    need = {n: ([f"{n}{CODE_PREFIX}{f}" for f in e["fields"]] + [f"{n}.{p}" for p in e["params"]]
-                + ([f"{e['table']}.freqs"] if e.get("table") else []))
-            for n, e in quantized.items()}
+    need = {n: stored_names(n, e) for n, e in quantized.items()}  # each matrix's pieces
+    stored = {k for keys in need.values() for k in keys} | {f"{t}.freqs" for t in tables}
     refs: dict[str, int] = {}
     for keys in need.values():
         for k in keys:
