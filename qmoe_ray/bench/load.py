@@ -3,7 +3,7 @@
 ``python jobs/benchmark.py load [URL] [--device cuda]`` loads an existing checkpoint; without a URL
 it compresses the embedded model and writes a synthetic Mixtral-shaped checkpoint (random ternary
 experts at the paper's P(0)=0.885, a shared table per layer and role, random bf16 dense weights)
-of a chosen size to a temporary folder, and loads both. The synthetic writer mirrors the job's layout (``storage.layout`` + ``manifest``)
+of a chosen size to a temporary folder, and loads both. The synthetic writer mirrors the job's layout (``format.matrices`` + ``format.shards``)
 without Ray or GPTQ, so hundreds of millions of expert weights take seconds to make.
 """
 

@@ -1,4 +1,4 @@
-"""The output checkpoint: safetensors shards, checksums, and the manifest written last.
+"""The manifest of a compressed checkpoint: its schema, its limits, and reading it, once per load.
 
 Layout under the output URL::
 
@@ -14,7 +14,9 @@ Layout under the output URL::
 The manifest lists every tensor with its shard, dtype, shape and SHA-256 of its raw bytes, the
 format version, the source (label and fingerprint of its config and tensor shapes) and options, per-expert statistics and the sizes. A reader refuses a
 folder without a manifest, a newer format version, a file name that leaves the folder, and any
-checksum mismatch. The full description for other readers: docs/CHECKPOINT.md.
+checksum mismatch. The full description for other readers: docs/CHECKPOINT.md (which names the
+module of each part: the shards are ``qmoe_ray.format.shards``, the stored matrices
+``qmoe_ray.format.matrices``, what a config implies ``qmoe_ray.format.expected``).
 
 The reading side treats a manifest as untrusted input (a bucket is not a trusted source, and
 whoever can write the manifest can recompute every checksum in it), so before any shard is read:
@@ -30,7 +32,9 @@ whoever can write the manifest can recompute every checksum in it), so before an
   raises ``qmoe_ray.errors.CheckpointError`` naming the key, so no reader meets a ``KeyError``,
   ``TypeError`` or ``AttributeError`` later;
 - ``check_config`` bounds the config's sizes before a model family parses it (layers, experts and
-  dimensions: a hostile config could otherwise make the family enumerate billions of tensors).
+  dimensions: a hostile config could otherwise make the family enumerate billions of tensors);
+- ``check_manifest`` adds every matrix's stored tensors and every declared shape against the
+  config; ``read_manifest`` does all of this, and readers pass the manifest it returns along.
 """
 
 from __future__ import annotations
@@ -353,8 +357,8 @@ _TOP: dict[str, tuple[tuple[type, ...], bool]] = {  # key -> (allowed types, req
 
 
 def check_schema(manifest: Any, where: str = MANIFEST) -> None:
-    """Check the type of every manifest field a reader uses (``qmoe_ray.read.loader``, ``inspect``,
-    ``export``), once and up front: after it, readers index the manifest without guarding.
+    """Check the type of every manifest field a reader uses (``qmoe_ray.read``: the loader,
+    ``inspect``, ``export``), once and up front: after it, readers index the manifest without guarding.
 
     Checked: the format and version; the top-level keys (``_TOP``); every file name (relative,
     inside the folder, each holding at least one tensor); every tensor entry (``file`` listed,
@@ -416,7 +420,7 @@ def check_schema(manifest: Any, where: str = MANIFEST) -> None:
         _check_quantized(name, e, where)
     _check_experts(m.get("experts"), where)
     # copied_files: only its type here; its names and entries are checked by their one reader,
-    # qmoe_ray.read.export (check_copied_name / copied_files), before any is used as a path
+    # qmoe_ray.read.export_files (check_copied_name / copied_files), before any is used as a path
 
 
 def _check_quantized(name: Any, e: Any, where: str) -> None:

@@ -2,7 +2,7 @@
 (``verify_shard``), and streamed with read-ahead (``iter_shards``).
 
 A shard is a plain safetensors file. Its header is parsed by the project's one safetensors parser
-(``qmoe_ray.storage.checkpoint.header_length`` / ``parse_header``: exact sizes, offsets inside
+(``qmoe_ray.storage.safetensors.header_length`` / ``parse_header``: exact sizes, offsets inside
 the file; here also no gaps, no extra or missing tensors), and every tensor's SHA-256 is computed
 over its raw bytes in place and compared with the manifest before any byte is decoded: a flipped
 byte, a truncated or missing shard is an error, never garbage. Checksums prove integrity only
@@ -30,8 +30,8 @@ from safetensors.torch import save as st_save
 from qmoe_ray.errors import CheckpointError
 from qmoe_ray.errors import shorten as _short
 from qmoe_ray.format import manifest as mf
-from qmoe_ray.storage.checkpoint import MAX_HEADER, header_length, parse_header
 from qmoe_ray.storage.fs import file_size, fs_errors, redact, safe_join, url_to_fs
+from qmoe_ray.storage.safetensors import MAX_HEADER, header_length, parse_header
 
 CHUNK_BYTES = 16 * 2**20  # range-read size: big enough for object stores, small enough to overlap
 PREFETCH_SHARDS = 2  # shards being fetched ahead of the one being verified/decoded
@@ -102,7 +102,7 @@ class Timings:
 def parse_safetensors(buf: bytes | bytearray | memoryview, where: str
                       ) -> dict[str, tuple[str, list[int], int, int]]:
     """Parse and check a safetensors file held in ``buf`` (its length and header through
-    ``qmoe_ray.storage.checkpoint``, the one safetensors parser of the project), and check that
+    ``qmoe_ray.storage.safetensors``, the one safetensors parser of the project), and check that
     the tensors tile the data exactly.
 
     Returns:

@@ -7,7 +7,7 @@ tokenizer files the job copied, ``model-0000k-of-0000n.safetensors`` shards and
 
 Why it streams: the decompressed model is ~10-20x larger than the compressed one, so it is never
 held whole. Each compressed shard (one transformer block) is read, verified, decoded and written
-as one output shard before the next is decoded (``qmoe_ray.read.loader.iter_shards`` fetches ahead).
+as one output shard before the next is decoded (``qmoe_ray.format.shards.iter_shards`` fetches ahead).
 
 Expert tensor names: the compressed checkpoint stores experts under our canonical per-expert
 names; the export writes the names transformers' ``save_pretrained`` writes for the family, found
