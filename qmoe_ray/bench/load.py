@@ -155,9 +155,9 @@ def run(args: argparse.Namespace) -> BenchResult:
     every repeat loads each checkpoint in each mode (and cold: page cache dropped) and the bf16
     file (warm and cold) once, in turn, so a noisy machine slows all of them alike; then the
     S3 loads (a local moto server, when installed) and the forward latency."""
-    from qmoe_ray.read.weights import _check_device
+    from qmoe_ray.read.weights import check_device
 
-    _check_device(args.device)  # no GPU: say so before minutes of writing checkpoints
+    check_device(args.device)  # no GPU: say so before minutes of writing checkpoints
     with tempfile.TemporaryDirectory() as tmp:
         targets: list[tuple[str, str]] = []
         if args.url:

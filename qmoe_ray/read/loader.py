@@ -37,7 +37,7 @@ from qmoe_ray.format.manifest import read_manifest
 from qmoe_ray.format.matrices import stored_names
 from qmoe_ray.format.shards import Timings, iter_shards
 from qmoe_ray.models import LayerSpec, get_family, run_forward
-from qmoe_ray.read.weights import DEVICES, Bf16Product, EncodedWeight, _check_device, encoded_matrix
+from qmoe_ray.read.weights import DEVICES, Bf16Product, EncodedWeight, check_device, encoded_matrix
 from qmoe_ray.storage.fs import redact
 
 __all__ = ["DEVICES", "MODES", "COMPUTE", "LoadedWeights", "CompressedModel", "load", "source_of"]
@@ -194,7 +194,7 @@ def load(url: str, device: str = "cpu", mode: str = "decode", workers: int = 4,
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
     if compute not in COMPUTE:
         raise ValueError(f"compute={compute!r}: expected one of {COMPUTE}")
-    _check_device(device)
+    check_device(device)
     t_start = time.perf_counter()
     manifest = read_manifest(url, **storage_options)  # checked: check_manifest
     quantized = manifest["quantized"]

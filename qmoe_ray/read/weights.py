@@ -31,7 +31,9 @@ GPU_INSTALL = ("install the GPU extra: pip install 'qmoe-ray[gpu]' (CuPy for CUD
                "an NVIDIA GPU, or load with device='cpu'")
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
+    """Refuse an unknown device, and ``"cuda"`` without a GPU CuPy and torch can use (the
+    message says what to install)."""
     if device not in DEVICES:
         raise ValueError(f"device={device!r}: expected one of {DEVICES}")
     if device == "cuda":
