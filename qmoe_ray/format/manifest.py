@@ -74,7 +74,7 @@ DTYPE_SIZES = {
     "int16": 2, "uint16": 2, "int32": 4, "uint32": 4, "int64": 8, "uint64": 8, "bool": 1,
     "float8_e4m3fn": 1, "float8_e5m2": 1,
 }
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+SHA256 = re.compile(r"[0-9a-f]{64}")  # a SHA-256 in hex, as the manifest records it (fullmatch)
 _LAYER_KEYS = ("num_hidden_layers", "num_layers", "num_decoder_layers")
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok")
 _DIM_KEYS = (
@@ -408,7 +408,7 @@ def check_schema(manifest: Any, where: str = MANIFEST) -> None:
         if e["nbytes"] != math.prod(shape) * size:
             _fail(where, f"{what} has nbytes {e['nbytes']}, but {e['dtype']}{shape} is "
                          f"{math.prod(shape) * size} bytes")
-        if not isinstance(e.get("sha256"), str) or not _SHA256.match(e["sha256"]):
+        if not isinstance(e.get("sha256"), str) or not SHA256.fullmatch(e["sha256"]):
             _fail(where, f"{what} has no sha256 of 64 lowercase hex digits")
     empty = sorted(listed - used)
     if empty:

@@ -37,7 +37,6 @@ COPIED_SUFFIXES = (".json", ".txt", ".model", ".jinja")
 """The kinds of file an export copies: JSON, vocab/merges text, sentencepiece models, chat
 templates; never weights, pickles or code."""
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def check_copied_name(name: Any, where: str = "manifest") -> str:
@@ -94,7 +93,7 @@ def copied_files(manifest: Mapping[str, Any], where: str = "manifest",
     for name, entry in raw.items():
         check_copied_name(name, where)
         ok = (isinstance(entry, dict) and set(entry) == {"sha256", "bytes"}
-              and isinstance(entry["sha256"], str) and bool(_SHA256.fullmatch(entry["sha256"]))
+              and isinstance(entry["sha256"], str) and bool(mf.SHA256.fullmatch(entry["sha256"]))
               and type(entry["bytes"]) is int and 0 <= entry["bytes"] <= COPIED_MAX_BYTES)
         if not ok:
             raise CheckpointError(
