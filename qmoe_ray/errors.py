@@ -56,3 +56,10 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
         text = f"{text}: {exc.filename}"
     return text.splitlines()[0] if "\n" in text else text
+
+
+def shorten(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: messages quote names and values from a
+    checkpoint or a manifest, never whole ones."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from qmoe_ray.cli import main
 from qmoe_ray.errors import CheckpointError
-from qmoe_ray.read.export import COPIED_MAX_BYTES, INDEX, export
+from qmoe_ray.read.export import INDEX, export
+from qmoe_ray.read.export_files import COPIED_MAX_BYTES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 EXPERT = "model.layers.0.mlp.experts.3.down_proj.weight"

@@ -19,6 +19,7 @@ from load_helpers import compressed_checkpoint, copy_checkpoint
 from qmoe_ray import codec
 from qmoe_ray.errors import CheckpointError, InputError
 from qmoe_ray.format import manifest as mf
+from qmoe_ray.format.shards import serialize_shard
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -51,7 +52,7 @@ def _rewrite_shard(root: Path, m: dict[str, Any], rel: str, edit: Any) -> None:
 
     tensors = dict(load((root / rel).read_bytes()))
     edit(tensors)
-    data, index = mf.serialize_shard(tensors)
+    data, index = serialize_shard(tensors)
     (root / rel).write_bytes(data)
     for k in [k for k, e in m["tensors"].items() if e["file"] == rel]:
         del m["tensors"][k]
@@ -106,7 +107,7 @@ def test_memory_bomb_expert_of_any_shape_is_refused_before_decoding(ckpt, tmp_pa
                                                                    monkeypatch):
     """A consistent, re-hashed expert of 2048x2048 (an all-zero matrix: a few KB decode to
     8 MiB; the same trick asked for 64 GiB) where the config implies 128x192."""
-    import qmoe_ray.read.loader as loader
+    import qmoe_ray.format.shards as shards
 
     root = _copy(ckpt, tmp_path)
     m = _read(root)
@@ -125,7 +126,7 @@ def test_memory_bomb_expert_of_any_shape_is_refused_before_decoding(ckpt, tmp_pa
     _rewrite_shard(root, m, m["tensors"][f"{DOWN}.lo"]["file"], bomb)
     _write(root, m)
     read = []
-    monkeypatch.setattr(loader, "verify_shard", lambda *a: read.append(a) or {})
+    monkeypatch.setattr(shards, "verify_shard", lambda *a: read.append(a) or {})
     _refused_everywhere(root, tmp_path, capsys,
                         rf"{DOWN}' is declared \[2048, 2048\], the mixtral config implies "
                         r"\[128, 192\]")
@@ -226,10 +227,8 @@ def test_stream_that_does_not_decode_is_a_checkpoint_error(ckpt, tmp_path):
 
 # -- 2. sizes are bounded before anything is read ---------------------------------------------
 def test_manifest_size_limit_is_proportionate(ckpt):
-    from qmoe_ray.read.loader import _implied_tensors
-
     cfg = json.loads((ckpt / "config.json").read_text())
-    n = _implied_tensors(cfg, "config.json")
+    n = mf.config_implied_tensors(cfg, "config.json")
     assert n == mf.implied_tensors(4 * 8 * 3, 4) == 6 * 96 + 32 * 4 + 16
     limit = mf.manifest_size_limit(n)
     assert limit == mf.MANIFEST_FLOOR + mf.MANIFEST_PER_TENSOR * n
@@ -239,7 +238,8 @@ def test_manifest_size_limit_is_proportionate(ckpt):
 
 
 def test_manifest_over_the_limit_is_refused_unread(ckpt, tmp_path):
-    from qmoe_ray.read.loader import load, read_manifest
+    from qmoe_ray.format.manifest import read_manifest
+    from qmoe_ray.read.loader import load
 
     root = _copy(ckpt, tmp_path)
     raw = (root / "manifest.json").read_bytes()
@@ -334,7 +334,7 @@ def _file(header: Any, data: bytes) -> bytes:
     ("U16", "lacks dtype/shape/data_offsets"),
 ])
 def test_safetensors_header_fields_are_checked_exactly(entry, match):
-    from qmoe_ray.read.loader import parse_safetensors
+    from qmoe_ray.format.shards import parse_safetensors
     from qmoe_ray.storage.checkpoint import parse_header
 
     raw = _file({"a": entry}, bytes(4))
@@ -345,7 +345,7 @@ def test_safetensors_header_fields_are_checked_exactly(entry, match):
 
 
 def test_loader_uses_the_one_safetensors_parser(monkeypatch):
-    import qmoe_ray.read.loader as loader
+    import qmoe_ray.format.shards as loader
     from qmoe_ray.storage import checkpoint
 
     calls = []
@@ -470,7 +470,7 @@ def test_inspect_refuses_negative_sizes(ckpt, tmp_path, capsys):
 def test_bare_compare_names_the_source_and_evaluates_nothing(ckpt, tmp_path, capsys,
                                                             monkeypatch):
     import qmoe_ray.read.evaluate as ev
-    from qmoe_ray.read.loader import compare_eval
+    from qmoe_ray.read.evaluate import compare_eval
 
     calls = []
     monkeypatch.setattr(ev, "evaluate", lambda *a, **k: calls.append(a) or {})

@@ -9,7 +9,8 @@ import pytest
 import torch
 from load_helpers import compressed_checkpoint, copy_checkpoint, data_offset
 
-from qmoe_ray.read.inspect import format_text, inspect, tensor_kind
+from qmoe_ray.format.sizes import tensor_kind
+from qmoe_ray.read.inspect import format_text, inspect
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from kernel_refs import int2_weights, ternary_codes, ternary_weights
 
 from qmoe_ray import codec
 from qmoe_ray.gpu import kernels as K
-from qmoe_ray.read.loader import _ternary_bf16
+from qmoe_ray.read.weights import _ternary_bf16
 
 SHIM = Path(__file__).with_name("cuda_host_shim.h")
 

@@ -19,15 +19,10 @@ from load_helpers import (
     edit_manifest,
 )
 
-from qmoe_ray.read.loader import (
-    EncodedWeight,
-    Timings,
-    iter_shards,
-    load,
-    parse_safetensors,
-    read_manifest,
-    read_verified,
-)
+from qmoe_ray.format.manifest import read_manifest
+from qmoe_ray.format.shards import Timings, iter_shards, parse_safetensors, read_verified
+from qmoe_ray.read.loader import load
+from qmoe_ray.read.weights import EncodedWeight
 
 
 @pytest.fixture(scope="session")
@@ -241,7 +236,7 @@ def test_evaluate_reads_a_compressed_checkpoint(ckpt, decoded):
 
 def test_side_by_side_eval(ckpt, capsys):
     from qmoe_ray.cli import main
-    from qmoe_ray.read.loader import compare_eval
+    from qmoe_ray.read.evaluate import compare_eval
 
     both = compare_eval(str(ckpt), "embedded", "embedded", 2, 16)
     assert both["original"]["model"] == "embedded" and both["compressed"]["tokens"] == 30
@@ -391,7 +386,7 @@ def test_decoding_overlaps_the_download(tmp_path, monkeypatch):
     import fsspec
     from fsspec.implementations.local import LocalFileSystem
 
-    import qmoe_ray.read.loader as loader_mod
+    import qmoe_ray.read.weights as loader_mod
     from qmoe_ray.bench.load import synthetic_checkpoint
 
     reads: list[tuple[float, float]] = []

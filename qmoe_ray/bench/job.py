@@ -66,12 +66,13 @@ def _baseline_loss(source: str, data: str, n: int, seq_len: int) -> float:
 
 def _entropy_check(out: Path) -> dict[str, float]:
     """Written ternary expert bytes vs order-0 entropy of the codes plus the scales."""
+    from qmoe_ray.format.manifest import read_manifest
     from qmoe_ray.format.matrices import unpack_matrix
+    from qmoe_ray.format.shards import read_verified
     from qmoe_ray.job.report import order0_entropy_bits
-    from qmoe_ray.read.loader import read_manifest, read_verified
 
     manifest = read_manifest(str(out))
-    tensors, _ = read_verified(str(out), manifest)
+    tensors, _ = read_verified(str(out), manifest, checked=True)
     tables = manifest.get("tables", {})
     ent_bits = 0.0
     scale_bits = 0

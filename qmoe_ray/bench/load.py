@@ -3,7 +3,7 @@
 ``python jobs/benchmark.py load [URL] [--device cuda]`` loads an existing checkpoint; without a URL
 it compresses the embedded model and writes a synthetic Mixtral-shaped checkpoint (random ternary
 experts at the paper's P(0)=0.885, a shared table per layer and role, random bf16 dense weights)
-of a chosen size to a temporary folder, and loads both. The synthetic writer mirrors the job's layout (``storage.layout`` + ``manifest``)
+of a chosen size to a temporary folder, and loads both. The synthetic writer mirrors the job's layout (``format.matrices`` + ``format.shards``)
 without Ray or GPTQ, so hundreds of millions of expert weights take seconds to make.
 """
 
@@ -29,6 +29,7 @@ import torch
 from qmoe_ray.bench import BenchResult
 from qmoe_ray.format import manifest as mf
 from qmoe_ray.format.matrices import pack_matrix, shared_table, table_tensors
+from qmoe_ray.format.shards import serialize_shard
 from qmoe_ray.quant import parse_scheme
 
 
@@ -52,7 +53,7 @@ def synthetic_checkpoint(out: Path, hidden: int = 1024, ff: int = 2048, layers: 
         return torch.from_numpy(rng.standard_normal(shape, dtype=np.float32) * 0.02).bfloat16()
 
     def write(rel: str, tensors: dict[str, torch.Tensor]) -> None:
-        data, index = mf.serialize_shard(tensors)
+        data, index = serialize_shard(tensors)
         (out / rel).write_bytes(data)
         manifest["files"].append(rel)
         for k, v in index.items():
@@ -154,9 +155,9 @@ def run(args: argparse.Namespace) -> BenchResult:
     every repeat loads each checkpoint in each mode (and cold: page cache dropped) and the bf16
     file (warm and cold) once, in turn, so a noisy machine slows all of them alike; then the
     S3 loads (a local moto server, when installed) and the forward latency."""
-    from qmoe_ray.read.loader import _check_device
+    from qmoe_ray.read.weights import check_device
 
-    _check_device(args.device)  # no GPU: say so before minutes of writing checkpoints
+    check_device(args.device)  # no GPU: say so before minutes of writing checkpoints
     with tempfile.TemporaryDirectory() as tmp:
         targets: list[tuple[str, str]] = []
         if args.url:
@@ -356,7 +357,9 @@ def s3_timings(checkpoint: Path, repeat: int, workers: int = 4) -> dict[str, Any
     store."""
     import s3fs
 
-    from qmoe_ray.read.loader import load, read_manifest, read_verified
+    from qmoe_ray.format.manifest import read_manifest
+    from qmoe_ray.format.shards import read_verified
+    from qmoe_ray.read.loader import load
 
     with moto_server() as endpoint:
         opts = {"key": "bench", "secret": "bench", "endpoint_url": endpoint}  # moto's, not real
@@ -369,7 +372,7 @@ def s3_timings(checkpoint: Path, repeat: int, workers: int = 4) -> dict[str, Any
 
         def read_only() -> float:
             t0 = time.perf_counter()
-            read_verified(url, manifest, workers=workers, **opts)
+            read_verified(url, manifest, workers=workers, checked=True, **opts)
             return time.perf_counter() - t0
 
         load(url, workers=workers, **opts)  # warm-up

@@ -1,4 +1,4 @@
-"""The output checkpoint: safetensors shards, checksums, and the manifest written last.
+"""The manifest of a compressed checkpoint: its schema, its limits, and reading it, once per load.
 
 Layout under the output URL::
 
@@ -14,7 +14,9 @@ Layout under the output URL::
 The manifest lists every tensor with its shard, dtype, shape and SHA-256 of its raw bytes, the
 format version, the source (label and fingerprint of its config and tensor shapes) and options, per-expert statistics and the sizes. A reader refuses a
 folder without a manifest, a newer format version, a file name that leaves the folder, and any
-checksum mismatch. The full description for other readers: docs/CHECKPOINT.md.
+checksum mismatch. The full description for other readers: docs/CHECKPOINT.md (which names the
+module of each part: the shards are ``qmoe_ray.format.shards``, the stored matrices
+``qmoe_ray.format.matrices``, what a config implies ``qmoe_ray.format.expected``).
 
 The reading side treats a manifest as untrusted input (a bucket is not a trusted source, and
 whoever can write the manifest can recompute every checksum in it), so before any shard is read:
@@ -30,12 +32,13 @@ whoever can write the manifest can recompute every checksum in it), so before an
   raises ``qmoe_ray.errors.CheckpointError`` naming the key, so no reader meets a ``KeyError``,
   ``TypeError`` or ``AttributeError`` later;
 - ``check_config`` bounds the config's sizes before a model family parses it (layers, experts and
-  dimensions: a hostile config could otherwise make the family enumerate billions of tensors).
+  dimensions: a hostile config could otherwise make the family enumerate billions of tensors);
+- ``check_manifest`` adds every matrix's stored tensors and every declared shape against the
+  config; ``read_manifest`` does all of this, and readers pass the manifest it returns along.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -43,12 +46,11 @@ from collections.abc import Mapping
 from typing import Any, NoReturn
 
 import numpy as np
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
-from qmoe_ray.errors import CheckpointError
-from qmoe_ray.storage.fs import check_relname
+from qmoe_ray.errors import CheckpointError, shorten
+from qmoe_ray.format import matrices as layout
+from qmoe_ray.format.expected import check_against_config, implied_counts
+from qmoe_ray.storage.fs import check_relname, fs_errors, read_small, redact, url_to_fs
 
 FORMAT_NAME = "qmoe-ray"
 FORMAT_VERSION = 1
@@ -72,7 +74,7 @@ DTYPE_SIZES = {
     "int16": 2, "uint16": 2, "int32": 4, "uint32": 4, "int64": 8, "uint64": 8, "bool": 1,
     "float8_e4m3fn": 1, "float8_e5m2": 1,
 }
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+SHA256 = re.compile(r"[0-9a-f]{64}")  # a SHA-256 in hex, as the manifest records it (fullmatch)
 _LAYER_KEYS = ("num_hidden_layers", "num_layers", "num_decoder_layers")
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok")
 _DIM_KEYS = (
@@ -82,74 +84,6 @@ _DIM_KEYS = (
     "relative_attention_max_distance", "expert_capacity", "decoder_sparse_step",
     "encoder_sparse_step", "max_window_layers", "sliding_window", "max_position_embeddings",
 )
-
-
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    """The raw little-endian bytes of a tensor, as safetensors stores them."""
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().tobytes()
-    return t.numpy().tobytes()
-
-
-def checksum(t: torch.Tensor) -> str:
-    """SHA-256 (hex) of a tensor's raw bytes."""
-    return hashlib.sha256(tensor_bytes(t)).hexdigest()
-
-
-def serialize_shard(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, dict[str, dict[str, Any]]]:
-    """Serialize tensors to safetensors bytes (keys sorted, so the bytes are deterministic).
-
-    Returns:
-        ``(data, index)``: the file's bytes and, per tensor, ``dtype``, ``shape``, ``sha256`` and
-        ``nbytes``.
-    """
-    ordered = {k: tensors[k].detach().cpu().contiguous() for k in sorted(tensors)}
-    index = {
-        k: {
-            "dtype": str(v.dtype).removeprefix("torch."),
-            "shape": list(v.shape),
-            "sha256": checksum(v),
-            "nbytes": v.numel() * v.element_size(),
-        }
-        for k, v in ordered.items()
-    }
-    return st_save(ordered), index
-
-
-def deserialize_shard(data: bytes, name: str = "shard") -> dict[str, torch.Tensor]:
-    """Parse safetensors bytes.
-
-    Raises:
-        ValueError: the bytes are not a valid safetensors file (truncated, corrupted header).
-    """
-    try:
-        return st_load(data)
-    except Exception as exc:  # safetensors raises its own error types
-        raise ValueError(
-            f"{name}: not a valid safetensors file ({exc}); the shard is truncated "
-            "or corrupted: re-run the compression job"
-        ) from exc
-
-
-def verify(name: str, t: torch.Tensor, entry: Mapping[str, Any]) -> None:
-    """Check a loaded tensor against its manifest entry.
-
-    Raises:
-        ValueError: dtype, shape or checksum differ.
-    """
-    dtype = str(t.dtype).removeprefix("torch.")
-    if dtype != entry["dtype"] or list(t.shape) != list(entry["shape"]):
-        raise ValueError(
-            f"tensor {name!r}: stored as {dtype}{list(t.shape)}, manifest says "
-            f"{entry['dtype']}{entry['shape']}"
-        )
-    got = checksum(t)
-    if got != entry["sha256"]:
-        raise ValueError(
-            f"tensor {name!r} fails its checksum (sha256 {got[:12]}..., manifest "
-            f"{entry['sha256'][:12]}...): the checkpoint is corrupted"
-        )
 
 
 def dumps(obj: Any) -> bytes:
@@ -186,11 +120,96 @@ def check_version(manifest: Mapping[str, Any], where: str) -> None:
         )
 
 
+# -- reading a checkpoint's manifest: once per load ------------------------------------------------
+def config_implied_tensors(config: Mapping[str, Any], where: str) -> int:
+    """``implied_tensors`` of the model a (bounded, ``check_config``) config describes."""
+    return implied_tensors(*implied_counts(config, where))
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def read_manifest(url: str, **storage_options: Any) -> dict[str, Any]:
+    """The manifest of the checkpoint at ``url``, fully checked (``check_manifest``): readers
+    (load, export, inspect, evaluate) call this once and pass the manifest along.
+
+    Read with a size limit (``manifest_size_limit``: proportionate to the tensors the folder's
+    ``config.json`` implies, compared with the store's file size before a byte is read) and a
+    nesting limit; the folder's ``config.json``, when present, must be the manifest's ``config``.
+
+    Raises:
+        FileNotFoundError: no ``manifest.json`` (an unfinished or foreign folder), or the store
+            cannot be reached.
+        PermissionError: access denied / bad credentials.
+        CheckpointError: too large, not JSON, another format, a newer format version, or any
+            problem ``check_manifest`` finds.
+    """
+    fs, root = url_to_fs(url, **storage_options)
+    base = root.rstrip("/")
+    where = f"{redact(url)}/{MANIFEST}"
+    cfg_where = f"{redact(url)}/config.json"
+    try:
+        with fs_errors(url, "read", storage_options):
+            fs.info(f"{base}/{MANIFEST}")
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"{redact(url)} has no readable {MANIFEST}: not a (finished) qmoe-ray checkpoint "
+            f"({exc}). A job that did not finish leaves no manifest: re-run it to complete the "
+            "output, or check the URL."
+        ) from None
+    limits = "(see qmoe_ray.format.manifest for the limits)"
+    try:
+        raw_cfg = read_small(fs, f"{base}/config.json", CONFIG_MAX_BYTES, cfg_where, url=url,
+                             storage_options=storage_options,
+                             what=f"a config.json may have {limits}")
+    except FileNotFoundError:
+        config = None
+        limit = manifest_size_limit(None)
+    else:
+        config = parse_json(raw_cfg, cfg_where)
+        check_config(config, cfg_where)
+        limit = manifest_size_limit(config_implied_tensors(config, cfg_where))
+    what = ("a manifest of the model config.json describes may have" if config
+            else "a manifest may have without a config.json")
+    raw = read_small(fs, f"{base}/{MANIFEST}", limit, where, url=url,
+                     storage_options=storage_options, what=f"{what} {limits}")
+    manifest = parse_json(raw, where)
+    check_manifest(manifest, where)
+    if config is not None and _canonical(config) != _canonical(manifest["config"]):
+        raise CheckpointError(f"{where}: its config differs from the folder's config.json; the "
+                              "checkpoint is inconsistent: copy it again or re-run the job")
+    return manifest
+
+
+def check_manifest(manifest: Any, where: str = "manifest") -> None:
+    """Check a manifest before any shard is read; after it, readers index it without guarding.
+
+    Checks, in order: the schema (``check_schema``: the type of every field used, every file
+    name relative and inside the folder); every code table and quantized matrix against the
+    format (``qmoe_ray.format.matrices.check_matrix``: scheme, codec version, and the exact dtype
+    and shape of every stored tensor its shape implies); and every declared shape against the
+    model config (``qmoe_ray.format.expected.check_against_config``). Nothing is allocated or
+    decoded from a declared shape that has not passed these checks.
+
+    Raises:
+        CheckpointError: the first problem found, naming the key, tensor or matrix.
+    """
+    check_schema(manifest, where)
+    tensors, tables = manifest["tensors"], manifest.get("tables", {})
+    try:
+        for tname, meta in tables.items():
+            layout.check_table(tname, meta, tensors)
+        for name, entry in manifest["quantized"].items():
+            layout.check_matrix(name, entry, tensors, tables)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    check_against_config(manifest, where)
+
+
 # -- reading an untrusted manifest ---------------------------------------------------------------
 def _short(value: Any, limit: int = 40) -> str:
-    """``repr(value)`` cut to ``limit`` characters (messages quote names, never whole values)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return shorten(value, limit)
 
 
 def _is_int(value: Any) -> bool:
@@ -338,8 +357,8 @@ _TOP: dict[str, tuple[tuple[type, ...], bool]] = {  # key -> (allowed types, req
 
 
 def check_schema(manifest: Any, where: str = MANIFEST) -> None:
-    """Check the type of every manifest field a reader uses (``qmoe_ray.read.loader``, ``inspect``,
-    ``export``), once and up front: after it, readers index the manifest without guarding.
+    """Check the type of every manifest field a reader uses (``qmoe_ray.read``: the loader,
+    ``inspect``, ``export``), once and up front: after it, readers index the manifest without guarding.
 
     Checked: the format and version; the top-level keys (``_TOP``); every file name (relative,
     inside the folder, each holding at least one tensor); every tensor entry (``file`` listed,
@@ -389,7 +408,7 @@ def check_schema(manifest: Any, where: str = MANIFEST) -> None:
         if e["nbytes"] != math.prod(shape) * size:
             _fail(where, f"{what} has nbytes {e['nbytes']}, but {e['dtype']}{shape} is "
                          f"{math.prod(shape) * size} bytes")
-        if not isinstance(e.get("sha256"), str) or not _SHA256.match(e["sha256"]):
+        if not isinstance(e.get("sha256"), str) or not SHA256.fullmatch(e["sha256"]):
             _fail(where, f"{what} has no sha256 of 64 lowercase hex digits")
     empty = sorted(listed - used)
     if empty:
@@ -401,7 +420,7 @@ def check_schema(manifest: Any, where: str = MANIFEST) -> None:
         _check_quantized(name, e, where)
     _check_experts(m.get("experts"), where)
     # copied_files: only its type here; its names and entries are checked by their one reader,
-    # qmoe_ray.read.export (check_copied_name / copied_files), before any is used as a path
+    # qmoe_ray.read.export_files (check_copied_name / copied_files), before any is used as a path
 
 
 def _check_quantized(name: Any, e: Any, where: str) -> None:

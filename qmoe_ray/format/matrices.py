@@ -133,21 +133,93 @@ def pack_matrix(
 
 
 def load_table(
-    table_name: str, tables: Mapping[str, Mapping[str, str]], tensors: Mapping[str, torch.Tensor]
+    table_name: str,
+    tables: Mapping[str, Mapping[str, str]],
+    tensors: Mapping[str, torch.Tensor],
+    cache: dict[str, codec.Table] | None = None,
 ) -> codec.Table:
-    """Rebuild a shared table from its tensors and manifest metadata (version and hash checked).
+    """Rebuild a shared table from its ``{table_name}.freqs`` tensor and manifest metadata
+    (version and hash checked); ``cache`` keeps the tables rebuilt so far, by name.
 
     Raises:
         KeyError: the manifest or the shards lack the table.
         ValueError: unknown version or a hash mismatch.
     """
+    if cache is not None and table_name in cache:
+        return cache[table_name]
     if table_name not in tables:
         raise KeyError(f"code table {table_name!r} is not in the manifest's tables")
-    prefix = f"{table_name}."
-    arrays = {k[len(prefix) :]: t.numpy() for k, t in tensors.items() if k.startswith(prefix)}
-    if not arrays:
+    freqs = tensors.get(f"{table_name}.freqs")
+    if freqs is None:
         raise KeyError(f"code table {table_name!r} has no tensors in the checkpoint")
-    return codec.Table.from_tensors(arrays, dict(tables[table_name]))  # checks version and hash
+    table = codec.Table.from_tensors({"freqs": freqs.numpy()}, dict(tables[table_name]))
+    if cache is not None:
+        cache[table_name] = table
+    return table
+
+
+def open_matrix(
+    name: str,
+    entry: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    tables: Mapping[str, Mapping[str, str]] | None = None,
+    table_cache: dict[str, codec.Table] | None = None,
+    copy: bool = False,
+) -> tuple[Scheme, Any, dict[str, torch.Tensor]]:
+    """A stored quantized matrix, opened but not decoded: the format's one path from stored
+    tensors back to an encoded matrix (the loader's ``encoded_matrix``, ``unpack_matrix`` and the
+    benches go through it).
+
+    Args:
+        name, entry: the matrix and its manifest entry.
+        tensors: stored tensors holding its pieces (verified ones: ``format.shards``).
+        tables: the manifest's table metadata (needed when the matrix uses a shared table);
+            table_cache: tables rebuilt so far, by name.
+        copy: copy the arrays and parameters (so that the result does not keep a shard buffer
+            alive).
+
+    Returns:
+        ``(scheme, encoded, params)``: ``EncodedTernary`` / ``EncodedInt2`` / ``PackedCodes`` and
+        the grid parameters as stored (bf16 / uint8).
+
+    Raises:
+        CheckpointError: a stored tensor or table is missing, an unknown codec version, a table
+            hash mismatch, an encoded shape other than the entry's (naming the matrix).
+    """
+    try:
+        scheme = parse_scheme(entry["scheme"], entry.get("quant_group_size"))
+        arrays = {f: tensors[f"{name}{CODE_PREFIX}{f}"].numpy() for f in entry["fields"]}
+        if copy:
+            arrays = {f: a.copy() for f, a in arrays.items()}
+        meta = dict(entry["codec"])
+        enc_fns = _encoder(scheme)
+        if enc_fns is not None:
+            table = (load_table(entry["table"], tables or {}, tensors, table_cache)
+                     if entry.get("table") else None)
+            enc = enc_fns[2].from_tensors(arrays, meta, table=table)
+        else:
+            enc = codec.PackedCodes.from_tensors(arrays, meta)
+        params = {p: tensors[f"{name}.{p}"] for p in entry["params"]}
+        if copy:
+            params = {p: t.clone() for p, t in params.items()}
+    except (KeyError, ValueError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise CheckpointError(f"quantized matrix {name!r}: {msg}") from None
+    if list(enc.shape) != list(entry["shape"]):
+        raise CheckpointError(f"quantized matrix {name!r}: encoded shape {list(enc.shape)}, "
+                              f"manifest says {entry['shape']}")
+    return scheme, enc, params
+
+
+def decode_codes(enc: Any) -> np.ndarray:
+    """The code matrix of an opened matrix (``open_matrix``), decoded on the host."""
+    if isinstance(enc, codec.EncodedTernary):
+        return codec.decode_ternary(enc)
+    if isinstance(enc, codec.EncodedInt2):
+        return codec.decode_int2(enc)
+    return codec.unpack_bits(enc)
 
 
 def unpack_matrix(
@@ -156,31 +228,22 @@ def unpack_matrix(
     tensors: Mapping[str, torch.Tensor],
     tables: Mapping[str, Mapping[str, str]] | None = None,
 ) -> tuple[Scheme, np.ndarray, dict[str, torch.Tensor]]:
-    """Decode one quantized matrix from its stored tensors (``tables``: the manifest's table
-    metadata, needed when the matrix uses a shared table).
+    """Decode one quantized matrix from its stored tensors (``open_matrix``, then its codes).
 
     Returns:
         ``(scheme, codes [rows, cols], params)`` with params as float32 tensors.
 
     Raises:
-        KeyError: a stored tensor is missing.
-        ValueError: the codes do not match the recorded shape.
+        CheckpointError: see ``open_matrix``, or codes that do not decode.
     """
-    scheme = parse_scheme(entry["scheme"], entry.get("quant_group_size"))
-    arrays = {f: tensors[f"{name}{CODE_PREFIX}{f}"].numpy() for f in entry["fields"]}
-    meta = dict(entry["codec"])
-    enc_fns = _encoder(scheme)
-    if enc_fns is not None:
-        table = load_table(entry["table"], tables or {}, tensors) if entry.get("table") else None
-        codes = enc_fns[1](enc_fns[2].from_tensors(arrays, meta, table=table))
-    else:
-        codes = codec.unpack_bits(codec.PackedCodes.from_tensors(arrays, meta))
-    if list(codes.shape) != list(entry["shape"]):
-        raise ValueError(
-            f"{name}: decoded codes have shape {list(codes.shape)}, manifest says {entry['shape']}"
-        )
-    params = {p: tensors[f"{name}.{p}"].float() for p in entry["params"]}
-    return scheme, codes, params
+    scheme, enc, params = open_matrix(name, entry, tensors, tables)
+    try:
+        codes = decode_codes(enc)
+    except ValueError as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"quantized matrix {name!r}: {exc}") from None
+    return scheme, codes, {p: t.float() for p, t in params.items()}
 
 
 def dequantize_matrix(

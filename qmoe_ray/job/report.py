@@ -1,9 +1,7 @@
-"""The job's report and the size accounting of a compressed checkpoint (pure: no I/O).
-
-Sizes are counted from the bytes actually written: for quantized experts the encoded codes
-(``code_bytes``, including segment offsets and per-matrix tables) plus the per-row grid parameters
-(``scale_bytes``); for everything else the stored tensor bytes. Bits per parameter are reported for
-the experts alone and for the whole model, beside the bf16 size, as the paper reports them.
+"""The job's report (pure: no I/O). Its sizes are the format's one size accounting,
+``qmoe_ray.format.sizes.size_summary`` (the one ``qmoe-ray inspect`` reports too): counted from
+the bytes actually written, bits per parameter for the experts alone and for the whole model,
+beside the bf16 size, as the paper reports them.
 """
 
 from __future__ import annotations
@@ -15,6 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from qmoe_ray.format.sizes import size_summary
+
+__all__ = ["order0_entropy_bits", "size_summary", "layer_rows", "to_markdown", "plot_png"]
+
 
 def order0_entropy_bits(counts: Sequence[int]) -> float:
     """Total order-0 entropy (bits) of a symbol stream with these symbol counts."""
@@ -24,58 +26,6 @@ def order0_entropy_bits(counts: Sequence[int]) -> float:
         return 0.0
     p = c[c > 0] / n
     return float(-(c[c > 0] * np.log2(p)).sum())
-
-
-def size_summary(
-    tensors: Mapping[str, Mapping[str, Any]],
-    quantized: Mapping[str, Mapping[str, Any]],
-    tables: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Sizes by tensor kind and bits per parameter.
-
-    Args:
-        tensors: manifest tensor index (name -> dtype, shape, nbytes, ...).
-        quantized: manifest entries of quantized matrices (name -> shape, code_bytes, ...).
-        tables: names of shared code tables (their bytes count as expert code bytes).
-
-    Returns:
-        A dict of parameter counts, bytes, bits/parameter and ratios vs bf16.
-    """
-    expert_params = sum(int(np.prod(e["shape"])) for e in quantized.values())
-    q_prefixes = tuple(f"{n}." for n in list(quantized) + list(tables or {}))
-    table_bytes = sum(
-        int(t["nbytes"])
-        for n, t in tensors.items()
-        if n.startswith(tuple(f"{n}." for n in tables or {}))
-    )
-    code_bytes = sum(int(e["code_bytes"]) for e in quantized.values()) + table_bytes
-    scale_bytes = sum(int(e["scale_bytes"]) for e in quantized.values())
-    dense = {n: t for n, t in tensors.items() if not n.startswith(q_prefixes)}
-    dense_params = sum(int(np.prod(t["shape"])) for t in dense.values())
-    dense_bytes = sum(int(t["nbytes"]) for t in dense.values())
-    stored_expert_bytes = sum(
-        int(t["nbytes"]) for n, t in tensors.items() if n.startswith(q_prefixes)
-    )
-    total_params = expert_params + dense_params
-    total_bytes = stored_expert_bytes + dense_bytes
-    expert_bits = 8 * (code_bytes + scale_bytes) / expert_params if expert_params else math.nan
-    return {
-        "expert_params": expert_params,
-        "dense_params": dense_params,
-        "total_params": total_params,
-        "expert_code_bytes": code_bytes,
-        "expert_table_bytes": table_bytes,
-        "expert_scale_bytes": scale_bytes,
-        "expert_stored_bytes": stored_expert_bytes,
-        "dense_bytes": dense_bytes,
-        "total_bytes": total_bytes,
-        "bf16_bytes": 2 * total_params,
-        "expert_bits_per_param": expert_bits,
-        "expert_code_bits_per_param": 8 * code_bytes / expert_params if expert_params else math.nan,
-        "bits_per_param": 8 * total_bytes / total_params if total_params else math.nan,
-        "expert_ratio_vs_bf16": 16 / expert_bits if expert_params else math.nan,
-        "ratio_vs_bf16": 2 * total_params / total_bytes if total_bytes else math.nan,
-    }
 
 
 def layer_rows(layers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

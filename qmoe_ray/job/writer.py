@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from qmoe_ray.format import manifest as mf
+from qmoe_ray.format import shards as mf  # serialize_shard: the format's shard writer
 from qmoe_ray.job.progress import put_file, with_retries
 from qmoe_ray.job.stores import dense_dtype
 from qmoe_ray.job.workers import EncodedGroup

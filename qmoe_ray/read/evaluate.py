@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from qmoe_ray.errors import InputError
+from qmoe_ray.errors import InputError, shorten
 
 EMBEDDED = "embedded"
 ASK_SOURCE = "\0ask"  # bare ``--compare``: name the manifest's source, evaluate nothing
@@ -207,6 +207,54 @@ def _moe(family: Any, get: Callable[[int], Mapping[str, Any]], x, idx, gate):
     return moe_dense(family.expert_spec, get, x, idx, gate)
 
 
+def compare_eval(compressed_url: str, original_url: str | None = None, data_spec: str = "embedded",
+                 num_samples: int | None = None, seq_len: int | None = None, batch_size: int = 8,
+                 storage_options: Mapping[str, Any] | None = None, **eval_kw: Any
+                 ) -> dict[str, Any]:
+    """Original vs compressed loss and perplexity on the same held-out data (side by side).
+
+    Why the original must be named: a manifest's ``source`` is data from the checkpoint's store,
+    not a choice of the user; fetching it would read whatever URL the checkpoint names, with the
+    user's storage options (credentials, endpoint). ``source_of`` tells what the manifest names.
+
+    Args:
+        compressed_url: the compressed checkpoint.
+        original_url: the source model, given explicitly (required).
+        data_spec, num_samples, seq_len, batch_size, storage_options, **eval_kw: as
+            ``evaluate`` (the same samples are drawn for both models).
+
+    Returns:
+        ``{"original": result, "compressed": result, "loss_delta", "perplexity_ratio"}``.
+
+    Raises:
+        InputError: no ``original_url`` (the message quotes the manifest's source).
+    """
+    from qmoe_ray.read.loader import source_of
+
+    opts = dict(storage_options or {})
+    if not original_url:
+        raise InputError(_name_the_original(compressed_url, source_of(compressed_url, **opts)))
+    source = original_url
+    args = (data_spec, num_samples, seq_len, batch_size, opts)
+    comp = evaluate(compressed_url, *args, **eval_kw)
+    orig = evaluate(source, *args, **eval_kw)
+    return {"original": {"model": source, **orig},
+            "compressed": {"model": compressed_url, **comp},
+            "loss_delta": comp["loss"] - orig["loss"],
+            "perplexity_ratio": comp["perplexity"] / orig["perplexity"]}
+
+
+def _name_the_original(url: str, source: str | None) -> str:
+    from qmoe_ray.storage.fs import redact
+
+    if not source:
+        return (f"{redact(url)}: the manifest names no source model; give the original model's "
+                "URL explicitly (eval --compare URL)")
+    return (f"the original model must be given explicitly: the manifest of {redact(url)} names "
+            f"its source as {shorten(source, 200)}; if that is the model to compare with, run "
+            f"again with --compare {source} (it is read with your storage options)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``qmoe-ray eval`` options."""
     parser.add_argument("model", nargs="?", default=EMBEDDED,
@@ -246,8 +294,6 @@ def main(args: argparse.Namespace) -> int:
         raise InputError("--storage-options must be a JSON object")
     compare = getattr(args, "compare", None)
     if compare is not None:
-        from qmoe_ray.read.loader import compare_eval
-
         both = compare_eval(args.model, None if compare is ASK_SOURCE else compare, args.data,
                             args.samples, args.seq_len, args.batch_size, opts, split=args.split,
                             seed=args.seed, progress=not args.quiet)

@@ -7,7 +7,7 @@ tokenizer files the job copied, ``model-0000k-of-0000n.safetensors`` shards and
 
 Why it streams: the decompressed model is ~10-20x larger than the compressed one, so it is never
 held whole. Each compressed shard (one transformer block) is read, verified, decoded and written
-as one output shard before the next is decoded (``qmoe_ray.read.loader.iter_shards`` fetches ahead).
+as one output shard before the next is decoded (``qmoe_ray.format.shards.iter_shards`` fetches ahead).
 
 Expert tensor names: the compressed checkpoint stores experts under our canonical per-expert
 names; the export writes the names transformers' ``save_pretrained`` writes for the family, found
@@ -43,35 +43,31 @@ the destination (and ``overwrite`` keeps the old export until the new one is com
 from __future__ import annotations
 
 import argparse
-import errno
-import hashlib
 import json
-import os
-import re
-import shutil
-import stat
 import time
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from fsspec import AbstractFileSystem
-from fsspec.implementations.local import LocalFileSystem
 
 from qmoe_ray.errors import CheckpointError
-from qmoe_ray.format import manifest as mf
-from qmoe_ray.storage.fs import check_relname, fs_errors, join, redact, url_to_fs
+from qmoe_ray.format.manifest import MANIFEST, read_manifest
+from qmoe_ray.format.matrices import stored_names
+from qmoe_ray.format.shards import Timings, iter_shards, serialize_shard
+from qmoe_ray.read.export_files import (
+    INDEX,
+    check_destination,
+    copied_files,
+    move_into_place,
+    read_copied,
+    remove,
+    staging_dir,
+)
+from qmoe_ray.read.weights import decode_matrix, encoded_matrix
+from qmoe_ray.storage.fs import check_relname, fs_errors, redact, url_to_fs
 
 LAYOUTS = ("auto", "per-expert", "fused")
-INDEX = "model.safetensors.index.json"
-COPIED_MAX_BYTES = 128 * 2**20
-"""The largest copied file an export reads (tokenizer.json files are a few to ~35 MB)."""
-COPIED_SUFFIXES = (".json", ".txt", ".model", ".jinja")
-"""The kinds of file an export copies: JSON, vocab/merges text, sentencepiece models, chat
-templates; never weights, pickles or code."""
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def expert_layout(manifest: Mapping[str, Any], layout: str = "auto"
@@ -142,11 +138,11 @@ def _fuse(parts: dict[str, dict[tuple[int, str], torch.Tensor]]) -> dict[str, to
 
 def check_experts(manifest: Mapping[str, Any], where: str = "manifest") -> dict[str, str]:
     """Check that each quantized matrix is stored whole in one shard (that the manifest holds
-    exactly the family's experts is ``qmoe_ray.read.loader.check_against_config``'s, run by
-    ``check_manifest`` before this).
+    exactly the family's experts is ``qmoe_ray.format.expected.check_against_config``'s, run by
+    ``read_manifest`` before this).
 
     Args:
-        manifest: a manifest that passed ``qmoe_ray.read.loader.check_manifest``.
+        manifest: a manifest ``qmoe_ray.format.manifest.read_manifest`` returned (checked).
         where: the manifest's location, for messages.
 
     Returns:
@@ -160,220 +156,13 @@ def check_experts(manifest: Mapping[str, Any], where: str = "manifest") -> dict[
     tensors = manifest["tensors"]
     file_of: dict[str, str] = {}
     for n, entry in quantized.items():
-        keys = [f"{n}.q.{f}" for f in entry["fields"]] + [f"{n}.{p}" for p in entry["params"]]
-        keys += [f"{entry['table']}.freqs"] if entry.get("table") else []
-        files = sorted({tensors[k]["file"] for k in keys})
+        files = sorted({tensors[k]["file"] for k in stored_names(n, entry)})
         if len(files) != 1:
             raise CheckpointError(
                 f"{where}: expert matrix {n!r} has its stored tensors in {len(files)} shards "
                 f"({files}); each is stored whole in one shard: the manifest is damaged")
         file_of[n] = files[0]
     return file_of
-
-
-def check_copied_name(name: Any, where: str = "manifest") -> str:
-    """Validate a ``copied_files`` name before it is used as a path, in the source or the export.
-
-    Allowed: a plain file name (letters, digits, ``.``, ``_``, ``-``; no path separator, no
-    ``..``) ending in one of ``COPIED_SUFFIXES``, never a name the export writes itself (its
-    shards, ``model.safetensors.index.json``) nor ``manifest.json``.
-
-    Raises:
-        CheckpointError: naming the file and why it is refused.
-    """
-    low = name.lower() if isinstance(name, str) else ""
-    bad = None
-    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or ".." in name:
-        bad = ("it is not a plain file name (letters, digits, '.', '_', '-'; no path separator, "
-               "no '..')")
-    elif (low in (INDEX, mf.MANIFEST) or low.endswith(".safetensors")
-          or (low == "config.json" and name != "config.json")):
-        bad = "it collides with the export's own output (its shards and index) or the manifest"
-    elif not low.endswith(COPIED_SUFFIXES):
-        bad = f"only {', '.join(COPIED_SUFFIXES)} files are copied (never weights, pickles, code)"
-    if bad:
-        raise CheckpointError(f"{where}: copied file {name!r} refused: {bad}")
-    return name
-
-
-def copied_files(manifest: Mapping[str, Any], where: str = "manifest",
-                 ) -> dict[str, dict[str, int | str]]:
-    """The files an export copies from the checkpoint, from its manifest's ``copied_files``.
-
-    ``copied_files`` maps each file name to ``{"sha256", "bytes"}`` of the file the job wrote.
-    ``config.json`` is left out: the export writes its own from the manifest's ``config``.
-
-    Returns:
-        ``name -> {"sha256", "bytes"}``, every name checked with ``check_copied_name``.
-
-    Raises:
-        CheckpointError: ``copied_files`` is not such a mapping (an older checkpoint's plain list
-            has no hashes: refused, with the way to export without the files), a name is refused,
-            or an entry is not a SHA-256 and a size of at most ``COPIED_MAX_BYTES``.
-    """
-    raw = manifest.get("copied_files", {})
-    if isinstance(raw, list):
-        raise CheckpointError(
-            f"{where}: copied_files is a list without hashes (a checkpoint written before "
-            "qmoe-ray hashed them), so its copied files cannot be verified; export the weights "
-            "and config without them (copy_files=False, --no-copied-files) and take the "
-            "tokenizer files from the source model")
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{where}: copied_files is a {type(raw).__name__}, expected an "
-                              "object of name -> {sha256, bytes}: the manifest is damaged")
-    out: dict[str, dict[str, int | str]] = {}
-    for name, entry in raw.items():
-        check_copied_name(name, where)
-        ok = (isinstance(entry, dict) and set(entry) == {"sha256", "bytes"}
-              and isinstance(entry["sha256"], str) and bool(_SHA256.fullmatch(entry["sha256"]))
-              and type(entry["bytes"]) is int and 0 <= entry["bytes"] <= COPIED_MAX_BYTES)
-        if not ok:
-            raise CheckpointError(
-                f"{where}: copied file {name!r}: entry {json.dumps(entry)[:120]} is not "
-                "{\"sha256\": 64 hex digits, \"bytes\": a size of at most "
-                f"{COPIED_MAX_BYTES} bytes}}")
-        if name != "config.json":
-            out[name] = {"sha256": entry["sha256"], "bytes": entry["bytes"]}
-    return out
-
-
-def _read_local_file(path: str, size: int, where: str) -> bytes:
-    """A local file's bytes, without following a symbolic link (refused instead)."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise CheckpointError(f"{where}: listed in the manifest's copied_files but missing; "
-                              "the checkpoint is incomplete") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise CheckpointError(f"{where} is a symbolic link: refused, never followed out of "
-                                  "the checkpoint folder; replace it with the file itself") from None
-        raise
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(f"{where} is not a regular file: refused")
-        if st.st_size != size:
-            raise CheckpointError(f"{where} has {st.st_size} bytes, the manifest says {size}: "
-                                  "the file was changed or replaced; refused")
-        chunks, got = [], 0
-        while got <= size:  # one byte past the size: a file grown since fstat is caught
-            chunk = os.read(fd, size + 1 - got)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            got += len(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def _read_copied(fs: AbstractFileSystem, root: str, url: str, name: str,
-                 entry: Mapping[str, Any], opts: Mapping[str, Any]) -> bytes:
-    """Read one copied file of the checkpoint and check its size and SHA-256 against ``entry``."""
-    path, where, size = join(root, check_copied_name(name)), f"{redact(url)}/{name}", entry["bytes"]
-    if isinstance(fs, LocalFileSystem):
-        data = _read_local_file(path, size, where)
-    else:  # object stores have no links: check what the path is and its size before reading
-        try:
-            with fs_errors(f"{url}/{name}", "read", opts):
-                info = fs.info(path)
-        except FileNotFoundError:
-            raise CheckpointError(f"{where}: listed in the manifest's copied_files but missing; "
-                                  "the checkpoint is incomplete") from None
-        if info.get("type") != "file":
-            raise CheckpointError(f"{where} is a {info.get('type')}, not a file: refused")
-        if info.get("size") != size:
-            raise CheckpointError(f"{where} has {info.get('size')} bytes, the manifest says "
-                                  f"{size}: the file was changed or replaced; refused")
-        with fs_errors(f"{url}/{name}", "read", opts):
-            data = fs.cat_file(path, start=0, end=size + 1) if size else b""
-    got = hashlib.sha256(data).hexdigest()
-    if len(data) != size or got != entry["sha256"]:
-        raise CheckpointError(f"{where} fails its checksum ({len(data)} bytes, sha256 "
-                              f"{got[:12]}...; manifest {size} bytes, {entry['sha256'][:12]}...): "
-                              "the file was changed or replaced; refused")
-    return data
-
-
-def _check_destination(fs: AbstractFileSystem, root: str, out_dir: str, overwrite: bool,
-                       opts: Mapping[str, Any]) -> bool:
-    """Refuse a destination the export must not replace; returns whether it exists.
-
-    Raises:
-        FileExistsError: a non-empty folder without ``overwrite``; with it, a folder holding a
-            qmoe-ray checkpoint or anything but an HF checkpoint; a file.
-    """
-    with fs_errors(out_dir, "read", opts):
-        if not fs.exists(root):
-            return False
-        if not fs.isdir(root):
-            raise FileExistsError(f"{redact(out_dir)} is a file; choose a folder for the export")
-        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
-    if not names:
-        return True
-    if mf.MANIFEST in names:
-        raise FileExistsError(f"{redact(out_dir)} holds a qmoe-ray checkpoint ({mf.MANIFEST}); "
-                              "an export never replaces one: choose another folder")
-    if not overwrite:
-        raise FileExistsError(f"{redact(out_dir)} is not empty; choose another folder or pass "
-                              "overwrite=True (--overwrite) to replace the export there")
-    if INDEX not in names and "config.json" not in names:
-        raise FileExistsError(f"{redact(out_dir)} holds files but no HF checkpoint ({INDEX} or "
-                              "config.json); overwrite replaces only an earlier export: choose "
-                              "an empty or new folder")
-    return True
-
-
-def _staging_dir(root: str, out_dir: str) -> str:
-    """A fresh hidden folder next to ``root`` (same filesystem: the final move is a rename)."""
-    parent, sep, name = root.rstrip("/").rpartition("/")
-    if not sep or not name or name in (".", ".."):
-        raise ValueError(f"cannot export to {redact(out_dir)!r}: choose a folder (inside a bucket "
-                         "for an object store)")
-    return f"{parent}/.{name}.export-{uuid.uuid4().hex[:12]}.tmp"
-
-
-def _remove(fs: AbstractFileSystem, path: str) -> None:
-    """Delete ``path`` (a staging or replaced folder) if it exists; errors are not raised."""
-    try:
-        if isinstance(fs, LocalFileSystem):
-            if os.path.islink(path):
-                os.unlink(path)
-            else:
-                shutil.rmtree(path, ignore_errors=True)
-        elif fs.exists(path):
-            fs.rm(path, recursive=True)
-    except Exception:  # noqa: BLE001 - cleanup after the real error, which is the one to report
-        pass
-
-
-def _move_into_place(fs: AbstractFileSystem, staging: str, root: str, names: list[str],
-                     exists: bool) -> None:
-    """Move the complete export from ``staging`` to ``root`` (replacing what is there).
-
-    Local: two renames (the old folder aside, the new one in), put back if the second fails.
-    Object stores: the old files removed, then the new ones moved, config and index last.
-    """
-    if isinstance(fs, LocalFileSystem):
-        old = f"{staging}.old"
-        if exists:
-            os.rename(root, old)
-        try:
-            os.rename(staging, root)
-        except BaseException:
-            if exists:
-                os.rename(old, root)
-            raise
-        if exists:
-            _remove(fs, old)
-        return
-    if exists:
-        fs.rm(root, recursive=True)
-    for rel in names:
-        fs.mv(f"{staging}/{rel}", f"{root}/{rel}")
-    _remove(fs, staging)
 
 
 def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False,
@@ -399,36 +188,33 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
 
     Raises:
         FileExistsError: ``out_dir`` is not empty and ``overwrite`` is False, or holds something
-            other than an earlier export (see ``_check_destination``).
+            other than an earlier export (see ``qmoe_ray.read.export_files.check_destination``).
         CheckpointError: the checkpoint is damaged, incomplete (a missing expert) or has a
             refused or altered copied file (see ``check_experts``, ``copied_files``).
         ValueError / FileNotFoundError / PermissionError: see ``qmoe_ray.read.loader.load``.
     """
-    from qmoe_ray.read.loader import check_manifest, read_manifest
-
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
     t0 = time.perf_counter()
     so, oo = dict(storage_options or {}), dict(output_options or {})
     ofs, oroot = url_to_fs(out_dir, **oo)
     oroot = oroot.rstrip("/")
-    exists = _check_destination(ofs, oroot, out_dir, overwrite, oo)
-    where = f"{redact(url)}/{mf.MANIFEST}"
-    manifest = read_manifest(url, **so)
+    exists = check_destination(ofs, oroot, out_dir, overwrite, oo)
+    where = f"{redact(url)}/{MANIFEST}"
+    manifest = read_manifest(url, **so)  # checked once: check_manifest
     try:
-        check_manifest(manifest, where)
         kind, names = expert_layout(manifest, layout)
         file_of = check_experts(manifest, where)
         copied = copied_files(manifest, where) if copy_files else {}
     except KeyError as exc:
         raise CheckpointError(exc.args[0] if exc.args else f"{where}: damaged ({exc!r})") from None
-    staging = _staging_dir(oroot, out_dir)
+    staging = staging_dir(oroot, out_dir)
     try:
         with fs_errors(out_dir, "write", oo):
             ofs.makedirs(staging, exist_ok=False)
         src_fs, src_root = url_to_fs(url, **so)
         for rel, entry in copied.items():  # verified before anything else is written
-            data = _read_copied(src_fs, src_root, url, rel, entry, so)
+            data = read_copied(src_fs, src_root, url, rel, entry, so)
             with fs_errors(out_dir, "write", oo):
                 ofs.pipe_file(f"{staging}/{rel}", data)
         weight_map, total, timings = _write_weights(url, manifest, names, file_of, ofs,
@@ -443,9 +229,9 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
             ofs.pipe_file(f"{staging}/{INDEX}", (json.dumps(index_doc, indent=2) + "\n").encode())
         written = sorted(set(weight_map.values())) + sorted(copied) + ["config.json", INDEX]
         with fs_errors(out_dir, "write", oo):
-            _move_into_place(ofs, staging, oroot, written, exists)
+            move_into_place(ofs, staging, oroot, written, exists)
     except BaseException:
-        _remove(ofs, staging)
+        remove(ofs, staging)
         raise
     timings.wall = time.perf_counter() - t0
     return {"files": sorted(set(weight_map.values())), "copied": sorted(copied),
@@ -466,19 +252,16 @@ def _write_weights(url: str, manifest: Mapping[str, Any],
     Raises:
         CheckpointError: a shard fails verification (a missing tensor, a checksum) or decoding.
     """
-    from qmoe_ray.read.loader import Timings, decode_matrix, encoded_matrix, iter_shards
-
     quantized = manifest["quantized"]
     tables = manifest.get("tables", {})
-    stored = {f"{n}.q.{f}" for n, e in quantized.items() for f in e["fields"]}
-    stored |= {f"{n}.{p}" for n, e in quantized.items() for p in e["params"]}
+    stored = {k for n, e in quantized.items() for k in stored_names(n, e)}
     stored |= {f"{t}.freqs" for t in tables}
     files = manifest["files"]
     weight_map: dict[str, str] = {}
     total = 0
     timings = Timings()
     shards = iter_shards(url, manifest, workers=workers, timings=timings,
-                         progress="exporting" if progress else False, **so)
+                         progress="exporting" if progress else False, checked=True, **so)
     try:
         for i, (rel, part) in enumerate(shards):
             out: dict[str, torch.Tensor] = {}
@@ -502,7 +285,7 @@ def _write_weights(url: str, manifest: Mapping[str, Any],
             if not out:
                 continue
             fname = check_relname(f"model-{i + 1:05d}-of-{len(files):05d}.safetensors")
-            data, index = mf.serialize_shard(out)
+            data, index = serialize_shard(out)
             with fs_errors(out_dir, "write", oo):
                 ofs.pipe_file(f"{staging}/{fname}", data)
             for n in index:

@@ -6,9 +6,10 @@ round-to-nearest and why, calibration token coverage per MoE layer, and the chec
 
 Why it recomputes sizes from the manifest's tensor list instead of quoting the job's report: the
 tensor list is what a reader actually gets (and what the checksums cover), so the figures hold
-for a checkpoint whose report was lost or written by another version. Checksums are verified by
-streaming every shard through ``qmoe_ray.read.loader.iter_shards`` (``verify=False`` skips the download
-and reports ``"not checked"``). Named ``inspect_cmd`` so it never shadows the standard library's
+for a checkpoint whose report was lost or written by another version. The accounting is the
+job report's own (``qmoe_ray.format.sizes``). Checksums are verified by streaming every shard
+through ``qmoe_ray.format.shards.iter_shards`` (``verify=False`` skips the download and reports
+``"not checked"``). Named ``inspect_cmd`` so it never shadows the standard library's
 ``inspect``.
 """
 
@@ -16,47 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 from collections.abc import Mapping
 from typing import Any
 
 from qmoe_ray.errors import InputError
+from qmoe_ray.format.sizes import by_kind, size_summary
 from qmoe_ray.storage.fs import redact
-
-KINDS = ("expert codes", "expert scales", "code tables", "router", "embeddings/head",
-         "attention", "norms", "dense ffn/shared experts", "other")
-
-_PATTERNS = (
-    ("router", re.compile(r"(\.gate\.weight$|router\.classifier|shared_expert_gate)")),
-    ("embeddings/head", re.compile(r"(embed|lm_head|^shared\.weight$|wte|wpe)")),
-    ("norms", re.compile(r"(norm|layer_norm|ln_)")),
-    ("attention", re.compile(r"(attn|attention|SelfAttention|EncDecAttention|relative_attention)")),
-    ("dense ffn/shared experts",
-     re.compile(r"(mlp|DenseReluDense|shared_expert|ffn|\.wi\.|\.wo\.)")),
-)
-
-
-def tensor_kind(name: str, quantized: Mapping[str, Any], tables: Mapping[str, Any]) -> str:
-    """The kind of a stored tensor (one of ``KINDS``)."""
-    if ".q." in name and name.split(".q.")[0] in quantized:
-        return "expert codes"
-    base, _, leaf = name.rpartition(".")
-    if base in quantized and leaf in ("lo", "hi", "scale", "zero"):
-        return "expert scales"
-    if base in tables:
-        return "code tables"
-    for kind, pat in _PATTERNS:
-        if pat.search(name):
-            return kind
-    return "other"
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def summarize(manifest: Mapping[str, Any]) -> dict[str, Any]:
@@ -73,21 +40,10 @@ def summarize(manifest: Mapping[str, Any]) -> dict[str, Any]:
     layers = family.layers()
     moe = [lay for lay in layers if lay.moe]
     quantized = manifest["quantized"]
-    tables = manifest.get("tables", {})
-    kinds = {k: {"tensors": 0, "bytes": 0, "params": 0} for k in KINDS}
-    for name, entry in manifest["tensors"].items():
-        k = tensor_kind(name, quantized, tables)
-        kinds[k]["tensors"] += 1
-        kinds[k]["bytes"] += int(entry["nbytes"])
-        if k not in ("expert codes", "expert scales", "code tables"):
-            kinds[k]["params"] += _numel(entry["shape"])
-    expert_params = sum(_numel(e["shape"]) for e in quantized.values())
-    kinds["expert codes"]["params"] = expert_params
-    expert_bytes = sum(kinds[k]["bytes"] for k in ("expert codes", "expert scales", "code tables"))
-    dense_params = sum(v["params"] for k, v in kinds.items() if k != "expert codes")
-    dense_bytes = sum(v["bytes"] for k, v in kinds.items()) - expert_bytes
-    total_params = expert_params + dense_params
-    total_bytes = expert_bytes + dense_bytes
+    kinds = by_kind(manifest["tensors"], quantized, manifest.get("tables", {}))
+    sz = size_summary(manifest["tensors"], quantized, kinds=kinds)
+    expert_params, total_params = sz["expert_params"], sz["total_params"]
+    expert_bytes, total_bytes = sz["expert_stored_bytes"], sz["total_bytes"]
     schemes = sorted({e["scheme"] for e in quantized.values()})
     fallbacks, coverage = _experts(manifest)
     return {
@@ -109,12 +65,12 @@ def summarize(manifest: Mapping[str, Any]) -> dict[str, Any]:
             "files": len(manifest["files"]),
             "tensors": len(manifest["tensors"]),
             "expert_params": expert_params,
-            "dense_params": dense_params,
+            "dense_params": sz["dense_params"],
             "total_params": total_params,
             "expert_bytes": expert_bytes,
-            "dense_bytes": dense_bytes,
+            "dense_bytes": sz["dense_bytes"],
             "total_bytes": total_bytes,
-            "bf16_bytes": 2 * total_params,
+            "bf16_bytes": sz["bf16_bytes"],
         },
         "bits_per_param": {
             "experts": 8 * expert_bytes / max(expert_params, 1),
@@ -177,13 +133,14 @@ def inspect(url: str, verify: bool = True, progress: bool = False,
     Raises:
         FileNotFoundError / PermissionError: no readable manifest.
         CheckpointError: a manifest that is malformed, too large, of an unknown format version or
-            inconsistent with its config (``qmoe_ray.read.loader.read_manifest``; nothing is reported
+            inconsistent with its config (``qmoe_ray.format.manifest.read_manifest``; nothing is reported
             from a manifest that fails these checks). A shard that fails verification is reported
             in ``checksums``, not raised.
     """
-    from qmoe_ray.read.loader import Timings, iter_shards, read_manifest
+    from qmoe_ray.format.manifest import read_manifest
+    from qmoe_ray.format.shards import Timings, iter_shards
 
-    manifest = read_manifest(url, **storage_options)  # checked: check_manifest
+    manifest = read_manifest(url, **storage_options)  # checked once: check_manifest
     info = {"url": redact(url), **summarize(manifest)}
     status: dict[str, Any] = {"status": "not checked", "files": 0, "tensors": 0, "bytes": 0}
     if verify:

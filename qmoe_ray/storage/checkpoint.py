@@ -19,50 +19,30 @@ whose dtype is not one of ``SOURCE_DTYPES`` (plain floating point). An FP8 check
 weights plus a float32 ``weight_scale_inv`` per 128x128 block: Qwen3-*-FP8, DeepSeek-V3, Kimi-K2)
 would otherwise be read as its raw float8 values without their scales, and integer-packed weights
 (GPTQ/AWQ ``qweight``, MXFP4 blocks) as integers: silently wrong weights. ``DTYPES`` stays the
-parser's full table, since the compressed-checkpoint loader parses our own shards (uint8/int16/
-int32 codes and tables) with ``parse_header`` too.
+parser's full table (``qmoe_ray.storage.safetensors``, the one safetensors parser), since the
+compressed-checkpoint reader parses our own shards (uint8/int16/int32 codes and tables) with
+``parse_header`` too.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import posixpath
-import struct
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import IO, Any
 
 import torch
 
 from qmoe_ray.errors import CheckpointError, MissingTensorError
-from qmoe_ray.storage.fs import fs_errors, join, redact, safe_join, url_to_fs
+from qmoe_ray.storage.fs import fs_errors, join, read_small, redact, safe_join, url_to_fs
+from qmoe_ray.storage.safetensors import DTYPES, TensorInfo, header_length, parse_header
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-MAX_HEADER = 100 * 2**20  # the safetensors library's own limit
 HEADER_PROBE = 64 * 2**10  # first read of a shard: length + (usually) the whole header
 COALESCE_GAP = 1 * 2**20  # merge ranges of one shard closer than this into one read
-
-DTYPES: dict[str, torch.dtype] = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        DTYPES[_name] = getattr(torch, _attr)
 
 #: The dtypes a *source* checkpoint's tensors may have: the ones whose values are the weights.
 #: Everything else in ``DTYPES`` (float8, integers, bool) is a quantized or packed encoding that
@@ -71,117 +51,6 @@ SOURCE_DTYPES = ("BF16", "F16", "F32", "F64")
 #: config.json keys that declare a quantized (or otherwise compressed) checkpoint.
 QUANT_KEYS = ("quantization_config", "compression_config")
 CONFIG_MAX_BYTES = 16 * 2**20  # a config.json is a few KB; a bigger one is not read
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: shard file (relative name), dtype, shape, absolute byte range."""
-
-    file: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-
-def parse_header(
-    raw: bytes, file: str, file_size: int | None = None, supported: Sequence[str] | None = None
-) -> dict[str, TensorInfo]:
-    """Parse and validate a safetensors JSON header (untrusted: every field is checked).
-
-    Shapes are lists of non-negative integers (not bools or floats) whose byte size is computed
-    in exact integer arithmetic, offsets are two integers ``0 <= begin <= end``, so no shape can
-    wrap around to pass the size check. Messages name the file and the tensor, never quote the
-    file's bytes. The compressed-checkpoint loader uses this parser too (one parser).
-
-    Args:
-        raw: the header bytes (after the 8-byte length).
-        file: the shard's name, for messages and ``TensorInfo.file``.
-        file_size: the shard's size in bytes, if known (offsets are checked against it).
-        supported: the dtypes to name as supported when a dtype is unknown to the parser (default
-            every one of ``DTYPES``; the source reader names ``SOURCE_DTYPES``).
-
-    Returns:
-        ``name -> TensorInfo`` with absolute byte offsets in the file.
-
-    Raises:
-        CheckpointError (a ``ValueError``): the header is not valid JSON or a tensor entry is
-            malformed, has an unknown dtype, a byte size that disagrees with its shape, or
-            overlaps/exceeds the data.
-    """
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise CheckpointError(
-            f"{file}: safetensors header is not UTF-8 text; the file is corrupt or not a "
-            "safetensors file: re-download or re-save it"
-        ) from None
-    except (json.JSONDecodeError, RecursionError) as e:
-        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-        raise CheckpointError(
-            f"{file}: safetensors header is not valid JSON ({why}); the file is "
-            "corrupt or not a safetensors file: re-download or re-save it"
-        ) from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{file}: safetensors header is not a JSON object; re-save the file")
-    base = 8 + len(raw)
-    data_size = None if file_size is None else file_size - base
-    out: dict[str, TensorInfo] = {}
-    spans = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        shown = repr(name) if len(name) <= 120 else repr(name[:117] + "...")
-        if not isinstance(entry, dict) or not all(
-            k in entry for k in ("dtype", "shape", "data_offsets")
-        ):
-            raise CheckpointError(
-                f"{file}: header entry for {shown} lacks dtype/shape/data_offsets; "
-                "the file is corrupt: re-save it"
-            )
-        dt, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dt, str) or dt not in DTYPES:
-            raise CheckpointError(
-                f"{file}: tensor {shown} has unsupported dtype {str(dt)[:16]!r}; supported: "
-                f"{', '.join(DTYPES if supported is None else supported)}"
-            )
-        if (
-            not isinstance(shape, list)
-            or not all(type(s) is int and s >= 0 for s in shape)
-            or not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(type(o) is int for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]
-        ):
-            raise CheckpointError(
-                f"{file}: tensor {shown} has a bad shape or data_offsets (shape: a list of "
-                "non-negative integers; data_offsets: [begin, end] with 0 <= begin <= end); "
-                "the file is corrupt: re-save it"
-            )
-        b, e = offsets
-        dtype = DTYPES[dt]
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()  # exact int
-        if e - b != nbytes:
-            dims = str(shape) if len(str(shape)) <= 80 else f"of {len(shape)} dimensions"
-            raise CheckpointError(
-                f"{file}: tensor {shown} spans {e - b} bytes but shape {dims} of "
-                f"{dt} needs {nbytes}; the file is corrupt: re-save it"
-            )
-        if data_size is not None and e > data_size:
-            raise CheckpointError(
-                f"{file}: tensor {shown} ends at byte {e} of the data section but the "
-                f"file holds only {data_size}; the file is truncated: re-download it"
-            )
-        spans.append((b, e, name))
-        out[name] = TensorInfo(file, dtype, tuple(shape), base + b, base + e)
-    spans.sort()
-    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
-        if b1 < e0:
-            raise CheckpointError(
-                f"{file}: tensors {n0[:120]!r} and {n1[:120]!r} overlap in the data section; "
-                "the file is corrupt: re-save it"
-            )
-    return out
 
 
 def _to_tensor(buf: bytes | memoryview, info: TensorInfo) -> torch.Tensor:
@@ -422,14 +291,12 @@ def check_source_dtypes(tensors: dict[str, TensorInfo]) -> None:
 
 
 def _read_json(fs: Any, path: str, url: str, opts: dict[str, Any], limit: int | None = None) -> Any:
-    with fs_errors(url, "read", opts):
-        # at most limit + 1 bytes are read: a bigger file is refused without reading it all
-        raw = fs.cat_file(path) if limit is None else fs.cat_file(path, start=0, end=limit + 1)
-    if limit is not None and len(raw) > limit:
-        raise CheckpointError(
-            f"{redact(url)}: more than the {limit:,} bytes a config.json may have; refused "
-            "without reading it"
-        )
+    if limit is None:
+        with fs_errors(url, "read", opts):
+            raw = fs.cat_file(path)
+    else:  # at most limit + 1 bytes are read: a bigger file is refused without reading it all
+        raw = read_small(fs, path, limit, redact(url), url=url, storage_options=opts,
+                         what="a config.json may have", sized=False)
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -447,17 +314,7 @@ def _read_headers(
             size = fs.info(path)["size"]
             # one speculative read usually covers the whole header (a few KiB per 100 tensors)
             head = fs.cat_file(path, start=0, end=min(size, HEADER_PROBE)) if size >= 8 else b""
-        if len(head) < 8:
-            raise ValueError(
-                f"{redact(furl)}: {size} bytes is too short for a safetensors file; "
-                "re-download or re-save it"
-            )
-        (n,) = struct.unpack("<Q", head[:8])
-        if n > MAX_HEADER or 8 + n > size:
-            raise ValueError(
-                f"{redact(furl)}: safetensors header length {n} is impossible for a "
-                f"file of {size} bytes; the file is corrupt or truncated: re-download it"
-            )
+        n = header_length(head, size, redact(furl), "re-download or re-save it")
         raw = head[8 : 8 + n]
         if len(raw) < n:
             with fs_errors(furl, "read", opts):

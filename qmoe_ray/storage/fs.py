@@ -26,6 +26,8 @@ from typing import Any
 import fsspec
 from fsspec import AbstractFileSystem
 
+from qmoe_ray.errors import CheckpointError
+
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*)://")
 _SECRET_KEYS = ("key", "secret", "token", "password", "access", "credential")
 _SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
@@ -202,3 +204,64 @@ def fs_errors(
                 "AWS_ENDPOINT_URL), the network and the bucket name"
             ) from None
         raise
+
+
+def file_size(fs: AbstractFileSystem, path: str, where: str, required: bool = True) -> int | None:
+    """The size of a regular file from the store's metadata (nothing is read).
+
+    Args:
+        fs, path: the file.
+        where: its (redacted) location, for messages.
+        required: a store that reports no size is refused (else None is returned).
+
+    Raises:
+        FileNotFoundError: no such file. CheckpointError: not a regular file (a folder, a device
+            or pipe behind a link), or (``required``) the store reports no size.
+    """
+    info = fs.info(path)
+    kind = info.get("type")
+    if kind not in (None, "file"):
+        raise CheckpointError(f"{where} is a {str(kind)[:20]}, not a file: it is not a regular "
+                              "file, refused")
+    size = info.get("size")
+    if type(size) is not int or size < 0:
+        if not required:
+            return None
+        raise CheckpointError(f"{where}: the store reports no size for it; a checkpoint must be "
+                              "on a store that reports file sizes")
+    return size
+
+
+def read_small(fs: AbstractFileSystem, path: str, limit: int, where: str, *, url: str = "",
+               storage_options: Mapping[str, Any] | None = None,
+               what: str = "such a file may have", sized: bool = True) -> bytes:
+    """At most ``limit`` bytes of the file at ``path`` (a manifest, a config.json, a copied
+    file), never more: with ``sized``, its size (``file_size``: a regular file the store reports
+    a size for) is compared with ``limit`` before a byte is read; then at most ``limit + 1``
+    bytes are read, so a bigger file (or one that grew in between) is refused unread.
+
+    Args:
+        fs, path: the file.
+        limit: the most bytes it may have.
+        where: its (redacted) location, for messages.
+        url, storage_options: for ``fs_errors`` (the URL named, secrets scrubbed).
+        what: completes "more than the N bytes ..." in the message.
+        sized: ask the store for the file's size first (False: for stores that may not report
+            one, only the read is capped).
+
+    Raises:
+        FileNotFoundError / PermissionError: see ``fs_errors``.
+        CheckpointError: more than ``limit`` bytes; with ``sized``, not a regular file or no size.
+    """
+    size = None
+    if sized:
+        with fs_errors(url or where, "read", storage_options):
+            size = file_size(fs, path, where)
+    msg = f"more than the {limit:,} bytes {what}; refused without reading it"
+    if size is not None and size > limit:
+        raise CheckpointError(f"{where}: {size:,} bytes, {msg}")
+    with fs_errors(url or where, "read", storage_options):
+        raw = fs.cat_file(path, start=0, end=limit + 1) if size != 0 else b""
+    if len(raw) > limit:
+        raise CheckpointError(f"{where}: {msg}")
+    return raw

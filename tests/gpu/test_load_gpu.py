@@ -12,7 +12,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from load_helpers import compressed_checkpoint  # noqa: E402
 
-from qmoe_ray.read.loader import EncodedWeight, load  # noqa: E402
+from qmoe_ray.read.loader import load  # noqa: E402
+from qmoe_ray.read.weights import EncodedWeight  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
