@@ -95,7 +95,8 @@ def test_loader_refuses_a_switch_manifest_without_a_tensor_its_config_implies(
     import shutil
 
     from qmoe_ray.errors import CheckpointError
-    from qmoe_ray.read.loader import check_against_config, load
+    from qmoe_ray.format.expected import check_against_config
+    from qmoe_ray.read.loader import load
 
     out, _, _ = compressed
     root = tmp_path / "ckpt"
