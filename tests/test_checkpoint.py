@@ -116,18 +116,26 @@ def test_url_to_fs_s3_endpoint_from_option_and_env(monkeypatch):
 
 
 def test_fs_errors_wraps_and_scrubs_secrets():
-    class NoCredentialsError(Exception):
-        pass
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
     with pytest.raises(PermissionError) as ei:
         with fs_errors("s3://user:pw@bucket/x", storage_options={"secret": "hunter2-secret"}):
-            raise NoCredentialsError("bad key hunter2-secret")
+            raise NoCredentialsError()
+    assert "AWS_ACCESS_KEY_ID" in str(ei.value) and "NoCredentialsError" in str(ei.value)
+    with pytest.raises(PermissionError) as ei:
+        with fs_errors("s3://user:pw@bucket/x", storage_options={"secret": "hunter2-secret"}):
+            raise ClientError({"Error": {"Code": "InvalidAccessKeyId",
+                                         "Message": "bad key hunter2-secret"},
+                               "ResponseMetadata": {"HTTPStatusCode": 403}}, "GetObject")
     msg = str(ei.value)
     assert "hunter2-secret" not in msg and "pw@" not in msg
     assert "AWS_ACCESS_KEY_ID" in msg and "s3://bucket/x" in msg
     with pytest.raises(FileNotFoundError, match="endpoint"):
         with fs_errors("s3://bucket/x"):
             raise ConnectionRefusedError("refused")
+    with pytest.raises(FileNotFoundError, match="EndpointConnectionError.*check the endpoint"):
+        with fs_errors("s3://bucket/x"):
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9/bucket/x")
 
 
 # -- local reading --------------------------------------------------------------------------------

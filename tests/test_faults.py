@@ -10,20 +10,30 @@ import time
 from pathlib import Path
 
 import pytest
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
 from fixtures_s3 import free_port, make_bucket, s3_credentials  # noqa: F401
 from resume_helpers import job_cfg, make_tiny_mixtral
 
 from qmoe_ray.storage.retry import is_transient, with_retries
 
-
-class EndpointConnectionError(Exception):
-    """Named like botocore's (which is not an OSError)."""
+URL = "http://127.0.0.1:9/b"
 
 
-class FakeClientError(Exception):
-    def __init__(self, status: int):
-        super().__init__(f"HTTP {status}")
-        self.response = {"ResponseMetadata": {"HTTPStatusCode": status}}
+def client_error(status: int, code: str, op: str = "PutObject") -> ClientError:
+    """botocore's own ClientError, as boto3 raises it for an HTTP error response."""
+    return ClientError({"Error": {"Code": code, "Message": f"{code} (test)"},
+                        "ResponseMetadata": {"HTTPStatusCode": status}}, op)
+
+
+def _id(exc: BaseException) -> str:
+    code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
+    return f"{type(exc).__name__}-{code}" if code else type(exc).__name__
 
 
 def flaky(n: int, exc: BaseException):
@@ -38,9 +48,18 @@ def flaky(n: int, exc: BaseException):
     return fn, calls
 
 
-@pytest.mark.parametrize("exc", [TimeoutError("read timed out"), ConnectionResetError("reset"),
-                                 EndpointConnectionError("no route"), FakeClientError(503),
-                                 OSError(5, "Internal Error")])
+@pytest.mark.parametrize("exc", [
+    TimeoutError("read timed out"), ConnectionResetError("reset"), OSError(5, "Internal Error"),
+    # botocore's own classes (none is an OSError or a builtin TimeoutError/ConnectionError)
+    ReadTimeoutError(endpoint_url=URL), ConnectTimeoutError(endpoint_url=URL),
+    EndpointConnectionError(endpoint_url=URL), ConnectionClosedError(endpoint_url=URL),
+    client_error(503, "SlowDown"), client_error(500, "InternalError"),
+    client_error(503, "ServiceUnavailable", "GetObject"),
+    # S3's idle-socket timeout and throttling answered with a 4xx status: transient by their
+    # error code (botocore's own retry handler retries both)
+    client_error(400, "RequestTimeout"), client_error(400, "ThrottlingException"),
+    client_error(429, "TooManyRequests"),
+], ids=lambda e: _id(e))
 def test_transient_errors_are_retried(exc):
     fn, calls = flaky(2, exc)
     assert is_transient(exc)
@@ -49,7 +68,10 @@ def test_transient_errors_are_retried(exc):
 
 
 @pytest.mark.parametrize("exc", [PermissionError("AccessDenied"), FileNotFoundError("NoSuchBucket"),
-                                 FakeClientError(403)])
+                                 client_error(403, "AccessDenied"),
+                                 client_error(404, "NoSuchKey", "GetObject"),
+                                 client_error(400, "InvalidArgument")],
+                         ids=lambda e: _id(e))
 def test_permanent_errors_fail_at_once_naming_the_url(exc):
     fn, calls = flaky(1, exc)
     assert not is_transient(exc)
@@ -59,6 +81,8 @@ def test_permanent_errors_fail_at_once_naming_the_url(exc):
     if isinstance(exc, OSError):
         assert "s3://b/x/shards/layer-00001.safetensors" in str(info.value)
         assert type(exc).__name__ in str(info.value)
+    else:  # not a storage error qmoe-ray wraps: botocore's own, unchanged, for fs_errors to name
+        assert info.value is exc
 
 
 def test_retries_run_out_with_the_cause():

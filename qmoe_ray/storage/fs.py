@@ -194,7 +194,12 @@ def fs_errors(
     except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors have no common base we can import
         name = type(e).__name__
         msg = _clean(str(e), opts)
-        if any(s in name for s in ("Credential", "Auth", "Signature", "AccessDenied", "Token")):
+        response = getattr(e, "response", None)  # botocore's ClientError: its HTTP status
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") \
+            if isinstance(response, Mapping) else None
+        if status in (401, 403) or any(
+            s in name for s in ("Credential", "Auth", "Signature", "AccessDenied", "Token")
+        ):
             raise PermissionError(f"cannot {what} {u!r}: {name}: {msg}; {_CRED_HINT}") from None
         if isinstance(e, (OSError, TimeoutError)) or any(
             s in name for s in ("Connect", "Endpoint", "Timeout", "ClientError", "HTTP")

@@ -14,6 +14,13 @@ _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirecto
               FileExistsError)
 _TRANSIENT_NAMES = ("Timeout", "Connect", "Throttl", "SlowDown", "ServiceUnavailable",
                     "InternalError", "ResponseParserError", "IncompleteRead")
+# error codes of HTTP error responses (botocore's ClientError) that are transient whatever their
+# status: S3 answers an idle socket with 400 RequestTimeout, and throttling may come as a 4xx
+_TRANSIENT_CODES = frozenset({
+    "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete", "SlowDown",
+    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "RequestThrottledException", "TooManyRequestsException", "RequestLimitExceeded",
+    "BandwidthLimitExceeded"})
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -32,8 +39,11 @@ def is_transient(exc: BaseException) -> bool:
         return True
     status = getattr(exc, "response", None)
     if isinstance(status, Mapping):
+        error = status.get("Error")
+        if isinstance(error, Mapping) and error.get("Code") in _TRANSIENT_CODES:
+            return True
         code = status.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return isinstance(code, int) and code >= 500
+        return isinstance(code, int) and (code >= 500 or code == 429)
     return isinstance(exc, OSError)  # s3fs maps unknown (5xx) S3 errors to OSError(EIO)
 
 
