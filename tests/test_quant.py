@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -247,11 +249,43 @@ def test_half_precision_inputs_are_upcast():
     assert torch.equal(rtn(Wb, "ternary").codes, rtn(Wb.float(), "ternary").codes)
 
 
-def test_deterministic():
+_DIGEST_CHILD = """
+import hashlib, sys, torch
+sys.path.insert(0, sys.argv[1])
+torch.set_num_threads(int(sys.argv[2]))
+from test_quant import make_group
+from qmoe_ray.quant import gptq
+W, H, _ = make_group()
+r = gptq(W, H, "ternary", actorder=True)
+print(hashlib.sha256(r.codes.numpy().tobytes() + r.loss.numpy().tobytes()).hexdigest())
+"""
+
+
+def test_deterministic_across_processes_threads_and_group_order():
+    """What byte-identical resumes rest on: the same group quantized in a fresh process with
+    another torch thread count gives the same codes and losses to the bit, and so does each
+    expert quantized in a group of another order or size (experts do not interact)."""
+    import hashlib
+    import subprocess
+    import sys
+
     W, H, _ = make_group()
     a = gptq(W, H, "ternary", actorder=True)
-    b = gptq(W, H, "ternary", actorder=True)
-    assert torch.equal(a.codes, b.codes) and torch.equal(a.loss, b.loss)
+    mine = hashlib.sha256(a.codes.numpy().tobytes() + a.loss.numpy().tobytes()).hexdigest()
+    here = str(Path(__file__).resolve().parent)
+    threads = 1 if torch.get_num_threads() > 1 else 2
+    child = subprocess.run([sys.executable, "-c", _DIGEST_CHILD, here, str(threads)],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.split()[-1] == mine
+    perm = torch.tensor([2, 0, 3, 1])
+    b = gptq(W[perm], H[perm], "ternary", actorder=True)
+    assert torch.equal(b.codes, a.codes[perm]) and torch.equal(b.loss, a.loss[perm])
+    c = gptq(W[1:3], H[1:3], "ternary", actorder=True)
+    assert torch.equal(c.codes, a.codes[1:3]) and torch.equal(c.loss, a.loss[1:3])
+    # and the digest is a function of the input: another group gives another one
+    W2, H2, _ = make_group(seed=5)
+    assert not torch.equal(gptq(W2, H2, "ternary", actorder=True).codes, a.codes)
 
 
 @pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=ids)
