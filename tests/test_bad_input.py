@@ -132,11 +132,15 @@ def test_recorded_urls_carry_no_credentials():
 
 def test_storage_errors_do_not_repeat_url_credentials():
     """An underlying error that quotes the URL it failed on loses the URL's credentials."""
-    from qmoe_ray.storage.fs import _clean
+    from qmoe_ray.storage.fs import fs_errors
 
-    msg = _clean("cannot connect to https://bob:pw1@h:9/x?X-Amz-Signature=abc&part=1",
-                 {"secret": "k3y"})
-    assert "pw1" not in msg and "abc" not in msg and "https://h:9/x" in msg and "part=1" in msg
+    with pytest.raises(FileNotFoundError) as info:
+        with fs_errors("https://bob:pw1@h:9/x", storage_options={"secret": "k3y-hunter2"}):
+            raise ConnectionRefusedError(
+                "cannot connect to https://bob:pw1@h:9/x?X-Amz-Signature=abc&part=1 (key k3y-hunter2)")
+    msg = str(info.value)
+    assert "pw1" not in msg and "abc" not in msg and "hunter2" not in msg
+    assert "https://h:9/x" in msg and "part=1" in msg
 
 
 @pytest.mark.ray

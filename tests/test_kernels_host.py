@@ -21,7 +21,8 @@ from kernel_refs import int2_weights, ternary_codes, ternary_weights
 
 from qmoe_ray import codec
 from qmoe_ray.gpu import kernels as K
-from qmoe_ray.read.weights import _ternary_bf16
+from qmoe_ray.quant import parse_scheme
+from qmoe_ray.read.weights import EncodedWeight
 
 SHIM = Path(__file__).with_name("cuda_host_shim.h")
 
@@ -94,7 +95,8 @@ def test_dequantize_equals_the_cpu_loader_bit_for_bit(lib):
     out = np.zeros((rows, cols), np.uint16)
     tail = (lo.float().numpy(), hi.float().numpy(), out)
     assert _run(lib, "qmoe_decode_ternary_bf16", K.host_encoded(enc), tail) == 0
-    cpu = _ternary_bf16(enc, lo, hi)  # what a CPU load builds
+    # what a CPU load builds
+    cpu = EncodedWeight("w", parse_scheme("ternary"), enc, {"lo": lo, "hi": hi}, "cpu").dense()
     assert torch.equal(torch.from_numpy(out.view(np.int16)), cpu.view(torch.int16))
 
     q = rng.integers(0, 4, (rows, cols), dtype=np.uint8)
