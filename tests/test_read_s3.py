@@ -12,7 +12,7 @@ import pytest
 from fixtures_s3 import make_bucket, moto_endpoint, s3_credentials, upload_dir  # noqa: F401
 from load_helpers import compressed_checkpoint, data_offset
 
-pytestmark = [pytest.mark.s3, pytest.mark.ray]
+pytestmark = [pytest.mark.s3, pytest.mark.ray, pytest.mark.slow]
 
 BUCKET = "read-s3"
 
