@@ -100,17 +100,19 @@ def model(tmp_path_factory) -> Path:
 
 
 def test_writer_survives_failing_first_writes(model, tmp_path):
-    """A wrapper filesystem that fails the first two writes (no Ray)."""
+    """A wrapper filesystem whose first two writes fail with botocore's errors (no Ray)."""
     from qmoe_ray.job.writer import CheckpointWriter
 
     writer = CheckpointWriter(str(tmp_path / "out"), {}, str(model), {})
     real = writer.fs.pipe_file
     failures = []
 
-    def pipe_file(path, data, **kw):
-        if len(failures) < 2:
+    errors = [ReadTimeoutError(endpoint_url=URL), EndpointConnectionError(endpoint_url=URL)]
+
+    def pipe_file(path, data, **kw):  # what s3fs lets through once botocore's retries are spent
+        if len(failures) < len(errors):
             failures.append(path)
-            raise ConnectionResetError("connection reset by peer")
+            raise errors[len(failures) - 1]
         return real(path, data, **kw)
 
     writer.fs.pipe_file = pipe_file
