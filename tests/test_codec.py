@@ -84,10 +84,9 @@ def test_decode_ternary_lut_equals_lookup_of_codes(backend, shape, group, seg):
                   *([strided] if not strided.flags.c_contiguous else [])):
         with pytest.raises(ValueError, match="out must be"):
             codec.decode_ternary_lut(enc, lut, out=wrong)
-    s = enc.stream.copy()
-    s[-1] ^= 0x0F0F
-    bad = codec.EncodedTernary._make(enc.shape, enc.table, s, enc.seg_words,
-                                     enc.segment_symbols, True)
+    tensors = {k: v.copy() for k, v in enc.to_tensors().items()}  # the stored form, public path
+    tensors["stream"][-1] ^= 0x0F0F
+    bad = codec.EncodedTernary.from_tensors(tensors, enc.metadata())
     with pytest.raises(ValueError, match="corrupted stream"):
         codec.decode_ternary_lut(bad, lut)
 

@@ -150,7 +150,8 @@ def _fuse(folder: Path, out: Path, family: DecoderMoE, rename_to_mlp: bool) -> P
     """Rewrite a per-expert checkpoint with 3-D ``experts.gate_up_proj`` / ``experts.down_proj``."""
     t = load_file(folder / "model.safetensors")
     out.mkdir()
-    mod = family._lay(t)[1]
+    # the MoE module's name in the source's tensor names (Mixtral: block_sparse_moe, others: mlp)
+    mod = "block_sparse_moe" if any(".block_sparse_moe." in n for n in t) else "mlp"
     roles = family.source_roles
     new = {}
     for layer in family.layers():
