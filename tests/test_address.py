@@ -1,7 +1,7 @@
 """``qmoe-ray compress --address``: the job runs on the Ray cluster at that address instead of an
 in-process local one. The head is started by this test (``ray start --head`` on 127.0.0.1, ports
 and temp dir of its own, as in test_cluster_submit) with one CPU more than this machine has, and
-stopped by its PID. The job asks for that many one-CPU workers: refused without ``--address``
+stopped by its PID. The job asks for a worker of that many CPUs: refused without ``--address``
 (a local cluster has this machine's cores), done with it, and its driver is the head's."""
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def head(tmp_path_factory):
 
 
 def _compress(model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    opts = job_options(model, out, num_workers=CPUS, eval_samples=4)
+    opts = job_options(model, out, num_workers=1, cpus_per_worker=CPUS, eval_samples=4)
     argv = [sys.executable, "-m", "qmoe_ray", "compress", "--quiet", *extra]
     for key, value in opts.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
