@@ -95,11 +95,14 @@ def rans_decode(stream: np.ndarray, seg_words: np.ndarray, n_symbols: int, freqs
     return out
 
 
-def ternary_codes(entry: dict, tensors: dict[str, np.ndarray], manifest: dict,
-                  name: str) -> np.ndarray:
-    """The int8 {-1, 0, 1} codes ``[rows, cols]`` of quantized matrix ``name`` (FORMAT.md 1-4)."""
+def rans_codes(entry: dict, tensors: dict[str, np.ndarray], manifest: dict,
+               name: str) -> np.ndarray:
+    """The codes ``[rows, cols]`` of a ``qmoe-rans`` matrix (FORMAT.md 1-4): int8 {-1, 0, 1}
+    for ternary, uint8 0..3 for int2."""
     c = entry["codec"]
-    assert c["format"] == "qmoe-rans" and c["version"] == "1" and c["kind"] == "ternary"
+    assert c["format"] == "qmoe-rans" and c["version"] == "1" and c["kind"] in ("ternary", "int2")
+    kind = c["kind"]
+    alphabet = 3 if kind == "ternary" else 4
     rows, cols = (int(v) for v in c["shape"].split(","))
     group, prob_bits, seg = int(c["group"]), int(c["prob_bits"]), int(c["segment_symbols"])
     if c["table"] == "shared":
@@ -108,13 +111,22 @@ def ternary_codes(entry: dict, tensors: dict[str, np.ndarray], manifest: dict,
         assert table["table_hash"] == c["table_hash"]
     else:
         freqs = tensors[f"{name}.q.freqs"]
-    assert table_hash("ternary", group, prob_bits, freqs) == c["table_hash"], "table hash"
+    assert table_hash(kind, group, prob_bits, freqs) == c["table_hash"], "table hash"
     n = rows * cols
     sym = rans_decode(tensors[f"{name}.q.stream"], tensors[f"{name}.q.seg_words"],
                       -(-n // group), freqs, prob_bits, seg)
-    digits = (sym[:, None] // 3 ** np.arange(group)) % 3  # first weight = lowest digit
-    digits = digits.reshape(-1)[:n]
-    return np.where(digits == 2, -1, digits).astype(np.int8).reshape(rows, cols)
+    digits = (sym[:, None] // alphabet ** np.arange(group)) % alphabet  # first = lowest digit
+    digits = digits.reshape(-1)[:n].reshape(rows, cols)
+    if kind == "int2":
+        return digits.astype(np.uint8)
+    return np.where(digits == 2, -1, digits).astype(np.int8)
+
+
+def ternary_codes(entry: dict, tensors: dict[str, np.ndarray], manifest: dict,
+                  name: str) -> np.ndarray:
+    """The int8 {-1, 0, 1} codes ``[rows, cols]`` of a ternary matrix."""
+    assert entry["codec"]["kind"] == "ternary"
+    return rans_codes(entry, tensors, manifest, name)
 
 
 def packed_codes(entry: dict, tensors: dict[str, np.ndarray], name: str) -> np.ndarray:
@@ -143,8 +155,10 @@ def dense_weight(name: str, manifest: dict, tensors: dict[str, np.ndarray]) -> n
         q = ternary_codes(entry, tensors, manifest, name)
         lo, hi = tensors[f"{name}.lo"][:, None], tensors[f"{name}.hi"][:, None]
         return to_bf16(np.where(q == 1, hi, np.where(q == -1, lo, np.float32(0))))
-    assert entry["codec"]["format"] == "qmoe-packbits", "int2 rANS: not needed by these tests"
-    q = packed_codes(entry, tensors, name).astype(np.float32)
+    if entry["codec"]["format"] == "qmoe-rans":  # int2
+        q = rans_codes(entry, tensors, manifest, name).astype(np.float32)
+    else:
+        q = packed_codes(entry, tensors, name).astype(np.float32)
     scale, zero = tensors[f"{name}.scale"], tensors[f"{name}.zero"].astype(np.float32)
     cols = q.shape[1]
     gs = entry["quant_group_size"] or cols

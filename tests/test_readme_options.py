@@ -151,14 +151,14 @@ def test_int_schemes_export_to_transformers_with_our_logits(jobs, job, tmp_path)
     from qmoe_ray.cli import main
 
     ours = qmoe_ray.load(str(jobs[job]))
-    if job == "A":  # the int4 groups, dequantized independently from the stored tensors
-        import plain_reader
+    # int4 groups (bit packing) and int2 (rANS), dequantized independently from the stored tensors
+    import plain_reader
 
-        manifest = plain_reader.read_manifest(jobs[job])
-        tensors = plain_reader.read_verified(jobs[job], manifest)
-        for name in manifest["quantized"]:
-            want = plain_reader.dense_weight(name, manifest, tensors)
-            assert np.array_equal(ours.experts[name].float().numpy(), want), name
+    manifest = plain_reader.read_manifest(jobs[job])
+    tensors = plain_reader.read_verified(jobs[job], manifest)
+    for name in manifest["quantized"]:
+        want = plain_reader.dense_weight(name, manifest, tensors)
+        assert np.array_equal(ours.experts[name].float().numpy(), want), name
     assert main(["export", str(jobs[job]), str(tmp_path / "hf"), "--quiet"]) == 0
     hf = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
     ids = torch.from_numpy(np.random.default_rng(0).integers(3, 97, size=(2, 10)))
