@@ -201,12 +201,6 @@ def evaluate(
     }
 
 
-def _moe(family: Any, get: Callable[[int], Mapping[str, Any]], x, idx, gate):
-    from qmoe_ray.models.base import moe_dense
-
-    return moe_dense(family.expert_spec, get, x, idx, gate)
-
-
 def compare_eval(compressed_url: str, original_url: str | None = None, data_spec: str = "embedded",
                  num_samples: int | None = None, seq_len: int | None = None, batch_size: int = 8,
                  storage_options: Mapping[str, Any] | None = None, **eval_kw: Any
