@@ -6,13 +6,14 @@
 - Stores and the writer hold state that a restart loses (the residual stream; a layer's encoded
   groups). They restart (``max_restarts=-1``) but their calls are *not* retried
   (``max_task_retries=0``): the failure reaches the driver, which restores every store from the
-  last activation checkpoint and redoes the layer (``driver._recover``).
+  last activation checkpoint and redoes the layer (``qmoe_ray.job.faults``).
 - Stores are spread over the nodes (``SPREAD``), so their memory is too, and losing a node loses
   only some of them.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from qmoe_ray.job.progress import Progress
 from qmoe_ray.job.stores import ActivationShard
 from qmoe_ray.job.workers import GroupWorker
 from qmoe_ray.job.writer import CheckpointWriter
+from qmoe_ray.storage.checkpoint import SourceIndex
 
 
 def _node_id() -> str:
@@ -37,22 +39,23 @@ def _node_id() -> str:
 class ActivationStore(ActivationShard):
     """A store whose batches' state lives in Ray's object store (spilled to disk when full).
 
-    Its constructor arguments are small (URLs, options, a batch range), so Ray keeps them inline
-    and can always restart it: the samples themselves are read from the job's progress folder at
-    the output (``Progress.save_inputs``, written by the driver), on the first start and after a
-    restart alike.
+    Its constructor arguments are small (URLs, options, a batch range, the reference of the
+    source's index), so Ray keeps them and can always restart it: the samples themselves are read
+    from the job's progress folder at the output (``Progress.save_inputs``, written by the
+    driver), on the first start and after a restart alike.
     """
 
     def __init__(self, source: str, storage_options: Mapping[str, Any], batch_size: int,
                  first_batch: int, num_batches: int, output: str,
-                 output_options: Mapping[str, Any]):
+                 output_options: Mapping[str, Any], index: SourceIndex | None = None):
         prog = Progress(output, output_options)
         parts = [prog.load_inputs(first_batch + i) for i in range(num_batches)]
         inputs = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
         calib = np.concatenate([p[1] for p in parts])
         super().__init__(source, storage_options, inputs, calib, batch_size,
                          keep=lambda s: ray.put(s), fetch=lambda r: ray.get(r),
-                         first_batch=first_batch, output=output, output_options=output_options)
+                         first_batch=first_batch, output=output, output_options=output_options,
+                         index=index)
 
     def node_id(self) -> str:
         """The Ray node this store runs on."""
@@ -68,8 +71,9 @@ class QuantWorker:
     """A quantization worker (its resources are set by ``make_actors``)."""
 
     def __init__(self, source: str, storage_options: Mapping[str, Any], opts: QuantOptions,
-                 threads: int, device: str):
-        self.worker = GroupWorker(source, storage_options, opts, threads=threads, device=device)
+                 threads: int, device: str, index: SourceIndex | None = None):
+        self.worker = GroupWorker(source, storage_options, opts, threads=threads, device=device,
+                                  index=index)
 
     def run(self, layer, group, experts, cap, *parts):
         enc, outputs = self.worker.run(layer, group, experts, parts, cap)
@@ -103,9 +107,26 @@ class Writer(CheckpointWriter):
 
 @dataclass
 class Actors:
+    """A job's actor handles."""
+
     stores: list[Any]
     workers: list[Any]
     writer: Any
+
+    def all(self) -> list[Any]:
+        """Every actor: stores, workers, the writer."""
+        return [*self.stores, *self.workers, self.writer]
+
+
+def split_batches(n: int, batch_size: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous sample ranges of whole batches for ``parts`` stores (some may be empty)."""
+    nb = math.ceil(n / batch_size)
+    per = [nb // parts + (1 if i < nb % parts else 0) for i in range(parts)]
+    out, b = [], 0
+    for p in per:
+        out.append((min(b * batch_size, n), min((b + p) * batch_size, n)))
+        b += p
+    return [r for r in out if r[1] > r[0]]
 
 
 def save_inputs(prog: Progress, inputs: Mapping[str, np.ndarray], is_calib: np.ndarray,
@@ -117,22 +138,26 @@ def save_inputs(prog: Progress, inputs: Mapping[str, np.ndarray], is_calib: np.n
 
 
 def make_actors(cfg: CompressConfig, storage: StorageOptions, source: str, opts: QuantOptions,
-                num_samples: int) -> Actors:
+                num_samples: int, index: Any = None) -> Actors:
     """Create the stores (contiguous whole batches each, their samples read from the progress
-    folder that ``save_inputs`` wrote), the workers and the writer."""
-    from qmoe_ray.job.driver import split_batches
+    folder that ``save_inputs`` wrote), the workers and the writer.
 
+    Args:
+        index: the source's ``SourceIndex``, or its reference in Ray's object store (one copy
+            for every actor, kept as long as the driver holds the reference, so restarted
+            actors get it too); None: each actor reads the source's headers itself.
+    """
     stores = []
     for a, b in split_batches(num_samples, cfg.batch_size, cfg.num_stores):
         first = a // cfg.batch_size
         stores.append(ActivationStore.options(max_concurrency=1, scheduling_strategy="SPREAD").remote(
             source, storage.source, cfg.batch_size, first, -(-b // cfg.batch_size) - first,
-            cfg.output, storage.output))
+            cfg.output, storage.output, index))
     device = "cuda" if cfg.gpus_per_worker > 0 else "cpu"
     workers = [
         QuantWorker.options(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker).remote(
-            source, storage.source, opts, max(1, int(cfg.cpus_per_worker)), device)
+            source, storage.source, opts, max(1, int(cfg.cpus_per_worker)), device, index)
         for _ in range(cfg.num_workers)
     ]
-    writer = Writer.remote(cfg.output, storage.output, source, storage.source)
+    writer = Writer.remote(cfg.output, storage.output, source, storage.source, index)
     return Actors(stores, workers, writer)
