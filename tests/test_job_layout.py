@@ -73,7 +73,10 @@ def test_open_from_index_reads_nothing_and_matches(monkeypatch):
     src = str(embedded_model_path())
 
     ckpt = ck.open_checkpoint(src)
-    index = pickle.loads(pickle.dumps(ck.source_index(ckpt)))
+    index = ck.source_index(ckpt)
+    assert pickle.loads(pickle.dumps(index)) == index
+    assert ck.SourceIndex.from_json(index.to_json()) == index  # as the actors read it
+    index = ck.SourceIndex.from_json(index.to_json())
 
     def no_reads(*a, **k):
         raise AssertionError("open_from_index read the source's headers")

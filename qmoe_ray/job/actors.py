@@ -28,7 +28,6 @@ from qmoe_ray.job.progress import Progress
 from qmoe_ray.job.stores import ActivationShard
 from qmoe_ray.job.workers import GroupWorker
 from qmoe_ray.job.writer import CheckpointWriter
-from qmoe_ray.storage.checkpoint import SourceIndex
 
 
 def _node_id() -> str:
@@ -39,15 +38,15 @@ def _node_id() -> str:
 class ActivationStore(ActivationShard):
     """A store whose batches' state lives in Ray's object store (spilled to disk when full).
 
-    Its constructor arguments are small (URLs, options, a batch range, the reference of the
-    source's index), so Ray keeps them and can always restart it: the samples themselves are read
-    from the job's progress folder at the output (``Progress.save_inputs``, written by the
-    driver), on the first start and after a restart alike.
+    Its constructor arguments are small (URLs, options, a batch range), so Ray keeps them inline
+    and can always restart it: the samples and the source's index are read from the job's
+    progress folder at the output (``Progress.save_inputs``, ``Progress.save_source_index``,
+    written by the driver), on the first start and after a restart alike.
     """
 
     def __init__(self, source: str, storage_options: Mapping[str, Any], batch_size: int,
                  first_batch: int, num_batches: int, output: str,
-                 output_options: Mapping[str, Any], index: SourceIndex | None = None):
+                 output_options: Mapping[str, Any]):
         prog = Progress(output, output_options)
         parts = [prog.load_inputs(first_batch + i) for i in range(num_batches)]
         inputs = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
@@ -55,7 +54,7 @@ class ActivationStore(ActivationShard):
         super().__init__(source, storage_options, inputs, calib, batch_size,
                          keep=lambda s: ray.put(s), fetch=lambda r: ray.get(r),
                          first_batch=first_batch, output=output, output_options=output_options,
-                         index=index)
+                         index=prog.load_source_index())
 
     def node_id(self) -> str:
         """The Ray node this store runs on."""
@@ -68,10 +67,12 @@ class ActivationStore(ActivationShard):
 
 @ray.remote(max_restarts=-1, max_task_retries=-1)
 class QuantWorker:
-    """A quantization worker (its resources are set by ``make_actors``)."""
+    """A quantization worker (its resources are set by ``make_actors``); it opens the source by
+    the index in the job's progress folder at ``output``."""
 
     def __init__(self, source: str, storage_options: Mapping[str, Any], opts: QuantOptions,
-                 threads: int, device: str, index: SourceIndex | None = None):
+                 threads: int, device: str, output: str, output_options: Mapping[str, Any]):
+        index = Progress(output, output_options).load_source_index()
         self.worker = GroupWorker(source, storage_options, opts, threads=threads, device=device,
                                   index=index)
 
@@ -94,7 +95,12 @@ class QuantWorker:
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class Writer(CheckpointWriter):
-    """The checkpoint writer."""
+    """The checkpoint writer; it opens the source by the index in the job's progress folder."""
+
+    def __init__(self, output: str, output_options: Mapping[str, Any], source: str,
+                 source_options: Mapping[str, Any]):
+        index = Progress(output, output_options).load_source_index()
+        super().__init__(output, output_options, source, source_options, index)
 
     def node_id(self) -> str:
         """The Ray node the writer runs on."""
@@ -138,26 +144,22 @@ def save_inputs(prog: Progress, inputs: Mapping[str, np.ndarray], is_calib: np.n
 
 
 def make_actors(cfg: CompressConfig, storage: StorageOptions, source: str, opts: QuantOptions,
-                num_samples: int, index: Any = None) -> Actors:
+                num_samples: int) -> Actors:
     """Create the stores (contiguous whole batches each, their samples read from the progress
-    folder that ``save_inputs`` wrote), the workers and the writer.
-
-    Args:
-        index: the source's ``SourceIndex``, or its reference in Ray's object store (one copy
-            for every actor, kept as long as the driver holds the reference, so restarted
-            actors get it too); None: each actor reads the source's headers itself.
-    """
+    folder that ``save_inputs`` wrote), the workers and the writer; each opens the source by the
+    index that ``Progress.save_source_index`` wrote there."""
     stores = []
     for a, b in split_batches(num_samples, cfg.batch_size, cfg.num_stores):
         first = a // cfg.batch_size
         stores.append(ActivationStore.options(max_concurrency=1, scheduling_strategy="SPREAD").remote(
             source, storage.source, cfg.batch_size, first, -(-b // cfg.batch_size) - first,
-            cfg.output, storage.output, index))
+            cfg.output, storage.output))
     device = "cuda" if cfg.gpus_per_worker > 0 else "cpu"
     workers = [
         QuantWorker.options(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker).remote(
-            source, storage.source, opts, max(1, int(cfg.cpus_per_worker)), device, index)
+            source, storage.source, opts, max(1, int(cfg.cpus_per_worker)), device, cfg.output,
+            storage.output)
         for _ in range(cfg.num_workers)
     ]
-    writer = Writer.remote(cfg.output, storage.output, source, storage.source, index)
+    writer = Writer.remote(cfg.output, storage.output, source, storage.source)
     return Actors(stores, workers, writer)

@@ -174,13 +174,6 @@ def check_resources(cfg: CompressConfig, wait_s: float = 0.0) -> None:
         time.sleep(2.0)
 
 
-def put(value: Any) -> Any:
-    """``value`` in Ray's object store, once (its reference is passed to many actors)."""
-    import ray
-
-    return ray.put(value)
-
-
 def release(started: bool, actors: Iterable[Any]) -> None:
     """Let go of the cluster: shut down a cluster this job started or joined (``ray_init``
     returned True), else kill the job's actors, so that a shared cluster gets their CPUs/GPUs

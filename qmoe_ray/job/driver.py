@@ -24,7 +24,8 @@ restarted actors, restoring every store from the last checkpoint and redoing the
 every step is deterministic, the bytes are those of an undisturbed run. Errors of the job itself
 (bad data, a permanent storage error) fail the job naming the layer, with no manifest written.
 The checks are ``qmoe_ray.job.plan``, the cluster ``qmoe_ray.job.cluster``, the recovery
-``qmoe_ray.job.faults``; the source's tensor index is read once, here, and handed to every actor.
+``qmoe_ray.job.faults``; the source's tensor index is read once, by ``prepare``, and handed to every actor through
+the progress folder (``Progress.save_source_index``).
 """
 
 from __future__ import annotations
@@ -110,9 +111,8 @@ def execute(plan: Plan, progress: bool = True, hook: Hook | None = None) -> dict
         if not plan.resuming:
             prog.start(plan.job, cfg.overwrite)
         save_inputs(prog, plan.inputs, plan.is_calib, cfg.batch_size)
-        index = cluster.put(plan.index)  # one copy for every actor (and their restarts)
-        actors = make_actors(cfg, plan.storage, plan.source, plan.quant, len(plan.is_calib),
-                             index)
+        prog.save_source_index(plan.index)  # every actor opens the source by it
+        actors = make_actors(cfg, plan.storage, plan.source, plan.quant, len(plan.is_calib))
         result = _walk(plan, actors, progress, hook)
         report = _finish(plan, actors, result)
         prog.remove(PROGRESS)  # the manifest is written: the checkpoint no longer needs it

@@ -562,6 +562,20 @@ class SourceIndex:
     config: dict[str, Any]
     tensors: dict[str, TensorInfo]
 
+    def to_json(self) -> bytes:
+        """The index as JSON (``from_json`` reads it back equal)."""
+        tensors = {n: [i.file, str(i.dtype).removeprefix("torch."), list(i.shape), i.start, i.end]
+                   for n, i in self.tensors.items()}
+        return json.dumps({"config": self.config, "tensors": tensors}, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> SourceIndex:
+        """The index ``to_json`` wrote."""
+        doc = json.loads(raw)
+        return cls(doc["config"], {
+            n: TensorInfo(f, getattr(torch, dt), tuple(shape), start, end)
+            for n, (f, dt, shape, start, end) in doc["tensors"].items()})
+
 
 def source_index(ckpt: Checkpoint) -> SourceIndex:
     """The index of an opened checkpoint, for ``open_from_index``."""
