@@ -18,7 +18,7 @@ at a time, as the driver asks:
   or when this store was restarted after losing its node: batches are numbered globally, so any
   number of stores can restore any checkpoint.
 
-This class knows nothing about Ray: ``qmoe_ray.job.driver`` wraps it in an actor whose
+This class knows nothing about Ray: ``qmoe_ray.job.actors`` wraps it in an actor whose
 ``keep`` puts the batches' state into Ray's object store (which spills to disk when full).
 """
 
