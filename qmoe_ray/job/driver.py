@@ -113,8 +113,8 @@ def execute(plan: Plan, progress: bool = True, hook: Hook | None = None) -> dict
         save_inputs(prog, plan.inputs, plan.is_calib, cfg.batch_size)
         prog.save_source_index(plan.index)  # every actor opens the source by it
         actors = make_actors(cfg, plan.storage, plan.source, plan.quant, len(plan.is_calib))
-        result = _walk(plan, actors, progress, hook)
-        report = _finish(plan, actors, result)
+        guard, result = _walk(plan, actors, progress, hook)
+        report = _finish(plan, actors, guard, result)
         prog.remove(PROGRESS)  # the manifest is written: the checkpoint no longer needs it
     finally:
         cluster.release(started, actors.all() if actors is not None else [])
@@ -134,8 +134,10 @@ def _resume(plan: Plan, actors: Any, progress: bool) -> None:
               f"({len(done)}/{len(layers)} layers done)", flush=True)
 
 
-def _walk(plan: Plan, actors: Any, progress: bool, hook: Hook | None) -> dict[str, Any]:
-    """Process every layer not yet done, in order; returns per-layer results and timings."""
+def _walk(plan: Plan, actors: Any, progress: bool,
+          hook: Hook | None) -> tuple[Guard, dict[str, Any]]:
+    """Process every layer not yet done, in order; returns the recovery guard (for the steps
+    after the walk) and the per-layer results and timings."""
     layers, done = plan.layers, plan.done
     timings: dict[str, float] = {"dense": 0.0, "quantize": 0.0, "write": 0.0, "checkpoint": 0.0,
                                  "restore": 0.0, "recovery": 0.0}
@@ -174,8 +176,8 @@ def _walk(plan: Plan, actors: Any, progress: bool, hook: Hook | None) -> dict[st
             _log_layer(layer, res, progress)
     timings["recovery"] = guard.seconds
     timings["first_new_layer"] = (first_new - t_walk) if first_new is not None else 0.0
-    return {"layers": results, "timings": timings, "resumed_after": len(done),
-            "recoveries": guard.recoveries, "last_index": prev, "guard": guard}
+    return guard, {"layers": results, "timings": timings, "resumed_after": len(done),
+                   "recoveries": guard.recoveries, "last_index": prev}
 
 
 def _layer_step(plan: Plan, layer: LayerSpec, actors: Any, timings: dict[str, float],
@@ -300,13 +302,13 @@ def _sum_timings(parts: Any) -> dict[str, float]:
     return out
 
 
-def _heldout(actors: Any, result: dict[str, Any]) -> tuple[float, int]:
-    """The held-out samples' summed cross-entropy and token count, over every store."""
+def _heldout(actors: Any, guard: Guard, after: int | None) -> tuple[float, int]:
+    """The held-out samples' summed cross-entropy and token count, over every store (the stream
+    after layer ``after``)."""
     import ray
 
-    guard: Guard = result["guard"]
     losses, _ = guard.run(lambda _: ray.get([s.loss.remote() for s in actors.stores]),
-                          "held-out loss failed", None, result["last_index"])
+                          "held-out loss failed", None, after)
     return sum(l["ce_sum"] for l in losses), sum(l["tokens"] for l in losses)
 
 
@@ -349,7 +351,7 @@ def _report(plan: Plan, result: dict[str, Any], sizes: dict[str, Any], experts: 
     }
 
 
-def _finish(plan: Plan, actors: Any, result: dict[str, Any]) -> dict[str, Any]:
+def _finish(plan: Plan, actors: Any, guard: Guard, result: dict[str, Any]) -> dict[str, Any]:
     """Held-out loss, the 'other' shard, copied source files, the report, and the manifest last."""
     import ray
 
@@ -357,7 +359,7 @@ def _finish(plan: Plan, actors: Any, result: dict[str, Any]) -> dict[str, Any]:
     from qmoe_ray.job import report as rp
 
     writer = actors.writer
-    ce, ntok = _heldout(actors, result)
+    ce, ntok = _heldout(actors, guard, result["last_index"])
     other = ray.get(writer.write_other.remote())
     copied = {f: c for f in COPIED_FILES
               if (c := ray.get(writer.copy_source_file.remote(f))) is not None}
