@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from qmoe_ray.errors import USER_ERRORS, one_line
+from qmoe_ray.errors import USER_ERRORS, InputError, one_line
+
+STORAGE_OPTION = "--storage-option"
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -20,6 +24,39 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("qmoe_ray.read.export", "write a plain HF bf16 checkpoint of a compressed model"),
     "inspect": ("qmoe_ray.read.inspect", "what is inside a compressed checkpoint"),
 }
+
+
+def add_storage_options(parser: argparse.ArgumentParser, where: str = "every URL") -> None:
+    """``--storage-option KEY=VALUE`` (repeatable): fsspec options (an endpoint, a profile,
+    ``anon``) for ``where``; the same spelling for every command."""
+    parser.add_argument(STORAGE_OPTION, action="append", default=[], metavar="KEY=VALUE",
+                        dest="storage_option",
+                        help=f"fsspec storage option for {where}, repeatable; VALUE is read as "
+                             "JSON when it is JSON (true, 3, {...}), else as a string")
+
+
+def parse_storage_options(pairs: Sequence[str], flag: str = STORAGE_OPTION) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs as a dict (a VALUE that parses as JSON is that JSON value).
+
+    Raises:
+        InputError: a pair without ``=`` or without a key (naming ``flag``).
+    """
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputError(f"{flag} {pair!r}: expected KEY=VALUE, e.g. "
+                             "endpoint_url=http://...")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def storage_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--storage-option`` values of parsed ``args``."""
+    return parse_storage_options(getattr(args, "storage_option", None) or [])
 
 
 def build_parser() -> argparse.ArgumentParser:

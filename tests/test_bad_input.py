@@ -119,7 +119,7 @@ def test_internal_errors_keep_their_traceback(monkeypatch):
 
 def test_recorded_urls_carry_no_credentials():
     from qmoe_ray.job.config import CompressConfig
-    from qmoe_ray.job.driver import source_label
+    from qmoe_ray.job.plan import source_label
 
     cfg = CompressConfig(source="https://u:pw@host/m?X-Amz-Signature=abc",
                          data="s3://bucket/c4.jsonl?token=abc")

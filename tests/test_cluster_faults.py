@@ -133,7 +133,8 @@ def test_lost_store_node_mid_layer(cluster, model, clean, tmp_path, _stores_off_
 
 
 def test_missing_resources_are_named_not_waited_for(cluster, model, tmp_path, monkeypatch):
-    from qmoe_ray.job.driver import check_resources, run_compression
+    from qmoe_ray.job.cluster import check_resources
+    from qmoe_ray.job.driver import run_compression
 
     monkeypatch.setenv("QMOE_RESOURCE_WAIT_S", "0")
     with pytest.raises(RuntimeError, match=r"has 0 GPU but 1 workers x 1 GPU"):

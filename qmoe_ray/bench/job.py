@@ -244,7 +244,8 @@ def run(args) -> BenchResult:
     import ray
 
     from qmoe_ray.data import embedded_model_path, embedded_switch_path, resolve_data
-    from qmoe_ray.job.driver import _ray_init, run_compression
+    from qmoe_ray.job.cluster import ray_init
+    from qmoe_ray.job.driver import run_compression
 
     src = embedded_model_path()
     tmp = Path(tempfile.mkdtemp(prefix="qmoe-bench-"))
@@ -260,7 +261,7 @@ def run(args) -> BenchResult:
     try:
         base_loss = _baseline_loss(str(src), "embedded", args.eval_samples, 128)
         figures["baseline_loss"] = base_loss
-        _ray_init(CompressConfig(num_workers=2))
+        ray_init(CompressConfig(num_workers=2))
         variants = [
             ("ternary gptq", dict(scheme="ternary", method="gptq")),
             ("ternary gptq, no act-order", dict(scheme="ternary", method="gptq", actorder=False)),
@@ -315,7 +316,7 @@ def run(args) -> BenchResult:
             }
         if not args.skip_synthetic:
             ray.shutdown()
-            _ray_init(CompressConfig(num_workers=2))
+            ray_init(CompressConfig(num_workers=2))
             syn = _synthetic_4x(Path(src), tmp / "syn4x")
             rep4 = run_compression(
                 CompressConfig(**{**base, "source": str(syn)}, output=str(tmp / "syn_out")),

@@ -113,12 +113,13 @@ def recompute_stream(out: Path, source: str, cfg: CompressConfig, upto: int,
 def run(args: argparse.Namespace) -> BenchResult:
     import os
 
-    # a local cluster on loopback (read when ray is first imported; see driver._ray_init)
+    # a local cluster on loopback (read when ray is first imported; see job.cluster.ray_init)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from qmoe_ray.job.driver import resolve_source, run_compression
+    from qmoe_ray.data import resolve_source
+    from qmoe_ray.job.driver import run_compression
     from qmoe_ray.job.progress import Progress, layer_record_name
 
     tmp = Path(tempfile.mkdtemp(prefix="qmoe-bench-resume-"))

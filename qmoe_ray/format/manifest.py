@@ -476,3 +476,34 @@ def _check_experts(experts: Any, where: str) -> None:
                 for k, v in _obj(loss, where, f"{what} proxy_loss").items():
                     if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
                         _fail(where, f"{what} proxy_loss[{_short(k)}] is not a number")
+
+
+def build_manifest(*, created_by: str, source: str, source_fingerprint: str, model_type: str,
+                   expert_layout: str, config: dict[str, Any], options: dict[str, Any],
+                   copied_files: dict[str, Any], tensors: dict[str, Any],
+                   quantized: dict[str, Any], tables: dict[str, Any], experts: dict[str, Any],
+                   sizes: dict[str, Any], heldout_loss: float | None) -> dict[str, Any]:
+    """The manifest of a compressed checkpoint, as the job writes it (``dumps`` it, last).
+
+    ``expert_layout`` is the source's (per-expert or fused 3-D tensors); ``files`` is every
+    shard a tensor lives in.
+    """
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "created_by": created_by,
+        "source": source,
+        "source_fingerprint": source_fingerprint,
+        "model_type": model_type,
+        "expert_layout": expert_layout,
+        "config": config,
+        "options": options,
+        "files": sorted({t["file"] for t in tensors.values()}),
+        "copied_files": copied_files,
+        "tensors": tensors,
+        "quantized": quantized,
+        "tables": tables,
+        "experts": experts,
+        "sizes": sizes,
+        "heldout_loss": heldout_loss,
+    }

@@ -6,13 +6,14 @@
 - Stores and the writer hold state that a restart loses (the residual stream; a layer's encoded
   groups). They restart (``max_restarts=-1``) but their calls are *not* retried
   (``max_task_retries=0``): the failure reaches the driver, which restores every store from the
-  last activation checkpoint and redoes the layer (``driver._recover``).
+  last activation checkpoint and redoes the layer (``qmoe_ray.job.faults``).
 - Stores are spread over the nodes (``SPREAD``), so their memory is too, and losing a node loses
   only some of them.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,9 +39,9 @@ class ActivationStore(ActivationShard):
     """A store whose batches' state lives in Ray's object store (spilled to disk when full).
 
     Its constructor arguments are small (URLs, options, a batch range), so Ray keeps them inline
-    and can always restart it: the samples themselves are read from the job's progress folder at
-    the output (``Progress.save_inputs``, written by the driver), on the first start and after a
-    restart alike.
+    and can always restart it: the samples and the source's index are read from the job's
+    progress folder at the output (``Progress.save_inputs``, ``Progress.save_source_index``,
+    written by the driver), on the first start and after a restart alike.
     """
 
     def __init__(self, source: str, storage_options: Mapping[str, Any], batch_size: int,
@@ -52,7 +53,8 @@ class ActivationStore(ActivationShard):
         calib = np.concatenate([p[1] for p in parts])
         super().__init__(source, storage_options, inputs, calib, batch_size,
                          keep=lambda s: ray.put(s), fetch=lambda r: ray.get(r),
-                         first_batch=first_batch, output=output, output_options=output_options)
+                         first_batch=first_batch, output=output, output_options=output_options,
+                         index=prog.load_source_index())
 
     def node_id(self) -> str:
         """The Ray node this store runs on."""
@@ -65,11 +67,14 @@ class ActivationStore(ActivationShard):
 
 @ray.remote(max_restarts=-1, max_task_retries=-1)
 class QuantWorker:
-    """A quantization worker (its resources are set by ``make_actors``)."""
+    """A quantization worker (its resources are set by ``make_actors``); it opens the source by
+    the index in the job's progress folder at ``output``."""
 
     def __init__(self, source: str, storage_options: Mapping[str, Any], opts: QuantOptions,
-                 threads: int, device: str):
-        self.worker = GroupWorker(source, storage_options, opts, threads=threads, device=device)
+                 threads: int, device: str, output: str, output_options: Mapping[str, Any]):
+        index = Progress(output, output_options).load_source_index()
+        self.worker = GroupWorker(source, storage_options, opts, threads=threads, device=device,
+                                  index=index)
 
     def run(self, layer, group, experts, cap, *parts):
         enc, outputs = self.worker.run(layer, group, experts, parts, cap)
@@ -90,7 +95,12 @@ class QuantWorker:
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class Writer(CheckpointWriter):
-    """The checkpoint writer."""
+    """The checkpoint writer; it opens the source by the index in the job's progress folder."""
+
+    def __init__(self, output: str, output_options: Mapping[str, Any], source: str,
+                 source_options: Mapping[str, Any]):
+        index = Progress(output, output_options).load_source_index()
+        super().__init__(output, output_options, source, source_options, index)
 
     def node_id(self) -> str:
         """The Ray node the writer runs on."""
@@ -103,9 +113,26 @@ class Writer(CheckpointWriter):
 
 @dataclass
 class Actors:
+    """A job's actor handles."""
+
     stores: list[Any]
     workers: list[Any]
     writer: Any
+
+    def all(self) -> list[Any]:
+        """Every actor: stores, workers, the writer."""
+        return [*self.stores, *self.workers, self.writer]
+
+
+def split_batches(n: int, batch_size: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous sample ranges of whole batches for ``parts`` stores (some may be empty)."""
+    nb = math.ceil(n / batch_size)
+    per = [nb // parts + (1 if i < nb % parts else 0) for i in range(parts)]
+    out, b = [], 0
+    for p in per:
+        out.append((min(b * batch_size, n), min((b + p) * batch_size, n)))
+        b += p
+    return [r for r in out if r[1] > r[0]]
 
 
 def save_inputs(prog: Progress, inputs: Mapping[str, np.ndarray], is_calib: np.ndarray,
@@ -119,9 +146,8 @@ def save_inputs(prog: Progress, inputs: Mapping[str, np.ndarray], is_calib: np.n
 def make_actors(cfg: CompressConfig, storage: StorageOptions, source: str, opts: QuantOptions,
                 num_samples: int) -> Actors:
     """Create the stores (contiguous whole batches each, their samples read from the progress
-    folder that ``save_inputs`` wrote), the workers and the writer."""
-    from qmoe_ray.job.driver import split_batches
-
+    folder that ``save_inputs`` wrote), the workers and the writer; each opens the source by the
+    index that ``Progress.save_source_index`` wrote there."""
     stores = []
     for a, b in split_batches(num_samples, cfg.batch_size, cfg.num_stores):
         first = a // cfg.batch_size
@@ -131,7 +157,8 @@ def make_actors(cfg: CompressConfig, storage: StorageOptions, source: str, opts:
     device = "cuda" if cfg.gpus_per_worker > 0 else "cpu"
     workers = [
         QuantWorker.options(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker).remote(
-            source, storage.source, opts, max(1, int(cfg.cpus_per_worker)), device)
+            source, storage.source, opts, max(1, int(cfg.cpus_per_worker)), device, cfg.output,
+            storage.output)
         for _ in range(cfg.num_workers)
     ]
     writer = Writer.remote(cfg.output, storage.output, source, storage.source)

@@ -2,19 +2,21 @@
 
 Every field of ``CompressConfig`` is a flag (``--group-size``), and ``--config FILE.yaml`` supplies
 any of them as keys (flags given on the command line win). Storage options (endpoints, profiles)
-come from ``--source-option KEY=VALUE`` / ``--output-option KEY=VALUE`` or the usual environment
-variables (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ...); they are never written or logged.
+come from ``--storage-option KEY=VALUE`` (the source and the output alike; ``qmoe_ray.cli``),
+``--source-option`` / ``--output-option KEY=VALUE`` (one side only, over ``--storage-option``) or
+the usual environment variables (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ...); they are never
+written or logged.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 from typing import Any
 
+from qmoe_ray.cli import add_storage_options, parse_storage_options, storage_options
 from qmoe_ray.errors import InputError
 from qmoe_ray.job.config import CompressConfig, StorageOptions
 
@@ -63,24 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kind = {"int": int, "float": float, "int | None": int, "str | None": str}.get(str(f.type), str)
         parser.add_argument(flag, type=kind, default=None, help=f"{_HELP.get(f.name, '')} "
                             f"(default: {f.default})")
+    add_storage_options(parser, "the source and the output")
     parser.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec storage option for the source (JSON values allowed)")
+                        help="as --storage-option, for the source only (wins over it)")
     parser.add_argument("--output-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec storage option for the output (JSON values allowed)")
+                        help="as --storage-option, for the output only (wins over it)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _options(pairs: list[str], flag: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{flag} {pair!r}: expected KEY=VALUE, e.g. endpoint_url=http://...")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[CompressConfig, StorageOptions]:
@@ -103,8 +93,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[CompressConfig, StorageO
         if v is not None:
             values[f.name] = v
     cfg = CompressConfig.from_mapping(values)
-    storage = StorageOptions(_options(args.source_option, "--source-option"),
-                             _options(args.output_option, "--output-option"))
+    shared = storage_options(args)
+    storage = StorageOptions(
+        {**shared, **parse_storage_options(args.source_option, "--source-option")},
+        {**shared, **parse_storage_options(args.output_option, "--output-option")})
     return cfg, storage
 
 

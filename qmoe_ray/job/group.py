@@ -24,26 +24,42 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from qmoe_ray.job.config import CompressConfig
 from qmoe_ray.models.base import ExpertSpec
-from qmoe_ray.quant import QuantResult, Scheme, gptq, hessian, rtn
+from qmoe_ray.quant import QuantResult, Scheme, gptq, hessian, parse_scheme, rtn
+
+_D = CompressConfig  # the defaults: CompressConfig's fields, one place for every option
 
 
 @dataclass(frozen=True)
 class QuantOptions:
-    """How a group is quantized (the subset of ``CompressConfig`` a worker needs)."""
+    """How a group is quantized (the subset of ``CompressConfig`` a worker needs; a job builds it
+    with ``from_config``, and every default is the ``CompressConfig`` field's)."""
 
     scheme: Scheme
-    method: str = "gptq"
-    blocksize: int = 128
-    percdamp: float = 0.1
-    actorder: bool = False
-    sequential: bool = True
+    method: str = _D.method
+    blocksize: int = _D.blocksize
+    percdamp: float = _D.percdamp
+    actorder: bool = _D.actorder
+    sequential: bool = _D.sequential_experts
     """Hessian of the output matrix from the hidden activation through the *quantized* input
     matrices (ours). False: through the original ones, as the QMoE reference does."""
-    segment_symbols: int = 4096
+    segment_symbols: int = _D.segment_symbols
     """Symbols per rANS segment when the worker encodes the codes (see ``CompressConfig``)."""
-    rate_lambda: float = 0.0
+    rate_lambda: float = _D.rate_lambda
     """Rate-aware rounding strength (``qmoe_ray.quant.rate``; 0: plain GPTQ)."""
+
+    @classmethod
+    def from_config(cls, cfg: CompressConfig) -> QuantOptions:
+        """The options of ``cfg`` that decide how a group is quantized.
+
+        Raises:
+            ValueError: the scheme and its group size do not go together (``parse_scheme``).
+        """
+        return cls(scheme=parse_scheme(cfg.scheme, cfg.quant_group_size), method=cfg.method,
+                   blocksize=cfg.blocksize, percdamp=cfg.percdamp, actorder=cfg.actorder,
+                   sequential=cfg.sequential_experts, segment_symbols=cfg.segment_symbols,
+                   rate_lambda=cfg.rate_lambda)
 
 
 @dataclass

@@ -6,6 +6,9 @@ already are. Layout under the output URL while a job runs::
 
     progress/job.json                         source, its config hash, the output-determining
                                               options and the format version, written first
+    progress/source-index.json                the source's config and tensor index (every shard
+                                              header, parsed once by the driver), from which
+                                              every actor opens the source
     progress/inputs/batch-00007.safetensors   batch 7's model inputs (token ids, masks) and
                                               calibration mask, written before the stores start
     progress/layer-00003.json                 written after layer 3's shard and activations:
@@ -17,7 +20,10 @@ Why the inputs are written here rather than handed to the store actors: a store'
 arguments of realistic size (2048 x 512 token ids: 8 MiB) would live in Ray's object store, and
 Ray cannot restart an actor whose arguments are gone; a store killed by the OOM killer would end
 the job. Its constructor takes only a URL and a batch range, and a restarted store (on any node)
-reads its samples back from the output location.
+reads its samples back from the output location. The source's index goes the same way (5 MiB as
+JSON for a DeepSeek-V3-sized source of 47k tensors): one read per actor start instead of every
+shard's header (2 requests per shard per actor, again after every restart), and no constructor
+argument in Ray's object store (an actor whose argument there is lost cannot be restarted).
 
 Why activations are checkpointed (rather than recomputed through the compressed layers): the
 recomputed stream must equal the original bit for bit, or the layers after the resume point would
@@ -47,11 +53,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from qmoe_ray.format import manifest as mf
-from qmoe_ray.storage.fs import url_to_fs
+from qmoe_ray.storage.checkpoint import SourceIndex
+from qmoe_ray.storage.fs import redact, url_to_fs
 from qmoe_ray.storage.retry import put_file, with_retries
 
 PROGRESS = "progress"
 JOB = f"{PROGRESS}/job.json"
+SOURCE_INDEX = f"{PROGRESS}/source-index.json"
 
 def source_fingerprint(config: Mapping[str, Any], tensors: Mapping[str, Any]) -> str:
     """SHA-256 over the source's config and its tensor list (names, dtypes, shapes): changes
@@ -182,6 +190,21 @@ class Progress:
         arrays = {f"input.{k}": np.ascontiguousarray(v) for k, v in sorted(inputs.items())}
         arrays["calib"] = np.ascontiguousarray(calib, dtype=bool)
         self.put(inputs_file(batch), np_save(arrays))
+
+    def save_source_index(self, index: SourceIndex) -> None:
+        """Write the source's index (config and tensor index) for the actors to open it by."""
+        self.put(SOURCE_INDEX, index.to_json())
+
+    def load_source_index(self) -> SourceIndex:
+        """The source's index that ``save_source_index`` wrote.
+
+        Raises:
+            FileNotFoundError: none was written (the job's progress folder is gone).
+        """
+        raw = self.get(SOURCE_INDEX)
+        if raw is None:
+            raise FileNotFoundError(f"{redact(self._url(SOURCE_INDEX))}: missing; rerun the job")
+        return SourceIndex.from_json(raw)
 
     def load_inputs(self, batch: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """One batch's ``(inputs, calib)`` as ``save_inputs`` wrote them.

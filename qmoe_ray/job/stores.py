@@ -18,7 +18,7 @@ at a time, as the driver asks:
   or when this store was restarted after losing its node: batches are numbered globally, so any
   number of stores can restore any checkpoint.
 
-This class knows nothing about Ray: ``qmoe_ray.job.driver`` wraps it in an actor whose
+This class knows nothing about Ray: ``qmoe_ray.job.actors`` wraps it in an actor whose
 ``keep`` puts the batches' state into Ray's object store (which spills to disk when full).
 """
 
@@ -34,7 +34,7 @@ import torch
 from qmoe_ray.job.progress import Progress
 from qmoe_ray.models import LayerSpec, get_family
 from qmoe_ray.models.base import State
-from qmoe_ray.storage.checkpoint import open_checkpoint
+from qmoe_ray.storage.checkpoint import SourceIndex, open_source
 
 Holder = Callable[[State], Any]
 
@@ -99,12 +99,13 @@ class ActivationShard:
         first_batch: int = 0,
         output: str | None = None,
         output_options: Mapping[str, Any] | None = None,
+        index: SourceIndex | None = None,
     ):
         torch.manual_seed(0)
         self.incarnation = uuid.uuid4().hex  # changes when Ray restarts the actor
         self.first_batch = first_batch
         self.progress = Progress(output, output_options) if output else None
-        self.ckpt = open_checkpoint(source, **dict(storage_options or {}))
+        self.ckpt = open_source(source, storage_options, index)
         self.family = get_family(self.ckpt.config, self.ckpt)  # layout bound from its names
         routers = {self.family.router_name(l) for l in self.family.layers() if l.moe}
         self.W = CachedWeights(self.ckpt, lambda n: n in routers)

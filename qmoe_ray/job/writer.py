@@ -22,7 +22,7 @@ from qmoe_ray.job.progress import put_file, with_retries
 from qmoe_ray.job.stores import dense_dtype
 from qmoe_ray.job.workers import EncodedGroup
 from qmoe_ray.models import LayerSpec, get_family
-from qmoe_ray.storage.checkpoint import open_checkpoint
+from qmoe_ray.storage.checkpoint import SourceIndex, open_source
 from qmoe_ray.storage.fs import url_to_fs
 
 __all__ = ["OTHER_SHARD", "CheckpointWriter", "layer_shard_name", "with_retries"]
@@ -44,10 +44,11 @@ class CheckpointWriter:
         output_options: Mapping[str, Any] | None,
         source: str,
         source_options: Mapping[str, Any] | None,
+        index: SourceIndex | None = None,
     ):
         self.fs, self.root = url_to_fs(output, **dict(output_options or {}))
         self.output = output
-        self.ckpt = open_checkpoint(source, **dict(source_options or {}))
+        self.ckpt = open_source(source, source_options, index)
         self.family = get_family(self.ckpt.config, self.ckpt)  # layout bound from its names
         self.layers = self.family.layers()
         self.routers = {self.family.router_name(l) for l in self.layers if l.moe}

@@ -251,6 +251,8 @@ def _name_the_original(url: str, source: str | None) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``qmoe-ray eval`` options."""
+    from qmoe_ray.cli import add_storage_options
+
     parser.add_argument("model", nargs="?", default=EMBEDDED,
                         help="checkpoint folder or URL (HF layout or compressed); default: the "
                              "embedded tiny model")
@@ -266,8 +268,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample choice")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer.json for text data (default: the model's)")
-    parser.add_argument("--storage-options", default=None, metavar="JSON",
-                        help='fsspec options as JSON, e.g. \'{"endpoint_url": "..."}\'')
+    add_storage_options(parser, "the model(s) and the data")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--compare", nargs="?", const=ASK_SOURCE, default=None,
@@ -283,9 +284,9 @@ def main(args: argparse.Namespace) -> int:
     """Run ``qmoe-ray eval``; returns the exit status. Bad input (``InputError``,
     ``CheckpointError``, ...) is raised, and ``qmoe_ray.cli.run`` shows it as one line with exit
     status 2; so is a bare ``--compare`` (the message names the manifest's source to pass)."""
-    opts = json.loads(args.storage_options) if args.storage_options else None
-    if opts is not None and not isinstance(opts, dict):
-        raise InputError("--storage-options must be a JSON object")
+    from qmoe_ray.cli import storage_options
+
+    opts = storage_options(args) or None
     compare = getattr(args, "compare", None)
     if compare is not None:
         both = compare_eval(args.model, None if compare is ASK_SOURCE else compare, args.data,

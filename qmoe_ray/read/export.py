@@ -301,6 +301,8 @@ def _write_weights(url: str, manifest: Mapping[str, Any],
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``qmoe-ray export`` options."""
+    from qmoe_ray.cli import add_storage_options
+
     parser.add_argument("url", help="compressed checkpoint folder or URL")
     parser.add_argument("out_dir", help="output folder or URL for the HF bf16 checkpoint")
     parser.add_argument("--layout", choices=LAYOUTS, default="auto",
@@ -310,27 +312,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write only the weights, index and config, not the tokenizer files "
                         "the job copied (for a checkpoint whose copied files have no hashes)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--storage-options", default=None, metavar="JSON",
-                        help="fsspec options for URL as JSON")
-    parser.add_argument("--output-options", default=None, metavar="JSON",
-                        help="fsspec options for OUT_DIR as JSON")
-
-
-def _json_opts(text: str | None, flag: str) -> dict[str, Any]:
-    if not text:
-        return {}
-    opts = json.loads(text)
-    if not isinstance(opts, dict):
-        raise ValueError(f"{flag} must be a JSON object")
-    return opts
+    add_storage_options(parser, "URL and OUT_DIR")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``qmoe-ray export``; returns the exit status (bad input: raised, and shown as one
     line with exit status 2 by ``qmoe_ray.cli.run``)."""
+    from qmoe_ray.cli import storage_options
+
     res = export(args.url, args.out_dir, args.layout, args.overwrite,
-                 _json_opts(args.storage_options, "--storage-options"),
-                 _json_opts(args.output_options, "--output-options"),
+                 storage_options(args), storage_options(args),
                  progress=not args.quiet, copy_files=not args.no_copied_files)
     print(f"wrote {res['tensors']} tensors ({res['bytes'] / 2**20:.1f} MiB bf16, "
           f"{res['layout']} experts) in {len(res['files'])} files to {args.out_dir} in "

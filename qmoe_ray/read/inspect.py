@@ -21,7 +21,6 @@ import statistics
 from collections.abc import Mapping
 from typing import Any
 
-from qmoe_ray.errors import InputError
 from qmoe_ray.format.sizes import by_kind, size_summary
 from qmoe_ray.storage.fs import redact
 
@@ -216,22 +215,23 @@ def format_text(info: Mapping[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``qmoe-ray inspect`` options."""
+    from qmoe_ray.cli import add_storage_options
+
     parser.add_argument("url", help="compressed checkpoint folder or URL")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--no-verify", action="store_true",
                         help="do not read the shards to verify their checksums")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--storage-options", default=None, metavar="JSON",
-                        help='fsspec options as JSON, e.g. \'{"endpoint_url": "..."}\'')
+    add_storage_options(parser, "the checkpoint")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``qmoe-ray inspect``; exit status 0, 1 when a checksum fails. Bad input (a bad
     checkpoint: ``CheckpointError``) is raised, and ``qmoe_ray.cli.run`` shows it as one line
     with exit status 2."""
-    opts = json.loads(args.storage_options) if args.storage_options else {}
-    if not isinstance(opts, dict):
-        raise InputError("--storage-options must be a JSON object")
+    from qmoe_ray.cli import storage_options
+
+    opts = storage_options(args)
     info = inspect(args.url, verify=not args.no_verify, progress=not args.quiet, **opts)
     print(json.dumps(info, indent=1) if args.json else format_text(info))
     return 1 if info["checksums"]["status"] == "failed" else 0

@@ -30,6 +30,7 @@ import json
 import posixpath
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import IO, Any
 
 import torch
@@ -403,3 +404,56 @@ def open_checkpoint(url: str, **storage_options: Any) -> Checkpoint:
         tensors = headers[SINGLE]
     check_source_dtypes(tensors)
     return Checkpoint(url, fs, root, config, tensors, opts)
+
+
+@dataclass(frozen=True)
+class SourceIndex:
+    """What ``open_checkpoint`` reads before any tensor data: ``config.json`` and the parsed
+    tensor index (every shard's header). Picklable, holds no credentials.
+
+    The compression driver opens the source once, takes its index (``source_index``) and hands it
+    to every actor, which then opens the source with ``open_from_index``: no actor re-reads the
+    config, the index or a shard header (with W workers and S stores, a source of F shards would
+    otherwise cost (W + S + 1) x 2F requests per start, again after every restart).
+    """
+
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+
+    def to_json(self) -> bytes:
+        """The index as JSON (``from_json`` reads it back equal)."""
+        tensors = {n: [i.file, str(i.dtype).removeprefix("torch."), list(i.shape), i.start, i.end]
+                   for n, i in self.tensors.items()}
+        return json.dumps({"config": self.config, "tensors": tensors}, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> SourceIndex:
+        """The index ``to_json`` wrote."""
+        doc = json.loads(raw)
+        return cls(doc["config"], {
+            n: TensorInfo(f, getattr(torch, dt), tuple(shape), start, end)
+            for n, (f, dt, shape, start, end) in doc["tensors"].items()})
+
+
+def source_index(ckpt: Checkpoint) -> SourceIndex:
+    """The index of an opened checkpoint, for ``open_from_index``."""
+    return SourceIndex(ckpt.config, {n: ckpt.info(n) for n in ckpt.names})
+
+
+def open_from_index(url: str, index: SourceIndex, **storage_options: Any) -> Checkpoint:
+    """Open ``url`` for lazy tensor reads from an index already read (``source_index``).
+
+    Makes no request: the config, the index and the shard headers are taken from ``index``, which
+    ``open_checkpoint`` validated when it read them. Tensor reads are those of ``open_checkpoint``.
+    """
+    fs, root = url_to_fs(url, **storage_options)
+    root = root.rstrip("/") or root
+    return Checkpoint(url, fs, root, dict(index.config), dict(index.tensors),
+                      dict(storage_options))
+
+
+def open_source(url: str, storage_options: Any = None, index: SourceIndex | None = None
+                ) -> Checkpoint:
+    """``open_from_index`` when an index is given, else ``open_checkpoint``."""
+    opts = dict(storage_options or {})
+    return open_checkpoint(url, **opts) if index is None else open_from_index(url, index, **opts)
