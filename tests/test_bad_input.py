@@ -78,6 +78,8 @@ CASES = [  # (flags, what the one line must say)
     (["--source-option", "endpoint_url"], "--source-option 'endpoint_url': expected KEY=VALUE"),
     (["--source", "https://alice:s3cret@127.0.0.1:9/model?sig=topsecret"], "127.0.0.1:9/model"),
     (["--source", "{d}/norouter"], "router of layer model.layers.0 not found"),
+    # nothing listens on 127.0.0.1:9: refused in seconds, not after minutes of Ray's retries
+    (["--address", "127.0.0.1:9"], "--address 127.0.0.1:9: no Ray head answers there"),
 ]
 
 

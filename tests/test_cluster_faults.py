@@ -104,14 +104,14 @@ def _stores_off_head(monkeypatch):
     """Make ``make_actors`` place each store on a non-head node (one "store_slot" each)."""
     from qmoe_ray.job import actors
 
-    real = actors.ActivationStore
+    real = actors.ActivationStoreActor
 
     class Pinned:
         @staticmethod
         def options(**kw):
             return real.options(resources={"store_slot": 1}, **kw)
 
-    monkeypatch.setattr(actors, "ActivationStore", Pinned)
+    monkeypatch.setattr(actors, "ActivationStoreActor", Pinned)
 
 
 def test_lost_store_node_mid_layer(cluster, model, clean, tmp_path, _stores_off_head):

@@ -110,9 +110,9 @@ def test_gptq_group_beats_rtn_on_outputs():
 
 def test_group_worker_without_ray(tiny_mixtral):
     from qmoe_ray.format.matrices import unpack_matrix
-    from qmoe_ray.job.workers import GroupWorker
+    from qmoe_ray.job.workers import QuantWorker
 
-    worker = GroupWorker(str(tiny_mixtral), {}, QuantOptions(parse_scheme("ternary")))
+    worker = QuantWorker(str(tiny_mixtral), {}, QuantOptions(parse_scheme("ternary")))
     layer = [l for l in worker.family.layers() if l.moe][0]
     rng = np.random.default_rng(0)
     d = worker.ckpt.config["hidden_size"]
@@ -132,12 +132,12 @@ def test_group_worker_without_ray(tiny_mixtral):
 
 def test_group_worker_segment_symbols_change_the_layout_not_the_codes(tiny_mixtral):
     from qmoe_ray.format.matrices import unpack_matrix
-    from qmoe_ray.job.workers import GroupWorker
+    from qmoe_ray.job.workers import QuantWorker
 
     rng = np.random.default_rng(1)
     runs = []
     for seg in (4096, 7):
-        worker = GroupWorker(str(tiny_mixtral), {},
+        worker = QuantWorker(str(tiny_mixtral), {},
                              QuantOptions(parse_scheme("ternary"), segment_symbols=seg))
         layer = [l for l in worker.family.layers() if l.moe][0]
         d = worker.ckpt.config["hidden_size"]

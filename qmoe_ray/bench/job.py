@@ -241,10 +241,8 @@ def _loss_table(runs: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def run(args) -> BenchResult:
-    import ray
-
     from qmoe_ray.data import embedded_model_path, embedded_switch_path, resolve_data
-    from qmoe_ray.job.cluster import ray_init
+    from qmoe_ray.job.cluster import ray_init, shutdown
     from qmoe_ray.job.driver import run_compression
 
     src = embedded_model_path()
@@ -315,7 +313,7 @@ def run(args) -> BenchResult:
                 for k, v in sw_runs.items()
             }
         if not args.skip_synthetic:
-            ray.shutdown()
+            shutdown()
             ray_init(CompressConfig(num_workers=2))
             syn = _synthetic_4x(Path(src), tmp / "syn4x")
             rep4 = run_compression(
@@ -333,7 +331,7 @@ def run(args) -> BenchResult:
                 for lam in (0.05, 0.1)
             ]
     finally:
-        ray.shutdown()
+        shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
     return BenchResult(figures, _markdown(figures))
 

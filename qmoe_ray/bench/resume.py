@@ -111,20 +111,13 @@ def recompute_stream(out: Path, source: str, cfg: CompressConfig, upto: int,
 
 
 def run(args: argparse.Namespace) -> BenchResult:
-    import os
-
-    # a local cluster on loopback (read when ray is first imported; see job.cluster.ray_init)
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
     from qmoe_ray.data import resolve_source
+    from qmoe_ray.job.cluster import ray_init, shutdown
     from qmoe_ray.job.driver import run_compression
     from qmoe_ray.job.progress import Progress, layer_record_name
 
     tmp = Path(tempfile.mkdtemp(prefix="qmoe-bench-resume-"))
-    ray.init(address="local", num_cpus=max(2, args.workers), include_dashboard=False, _node_ip_address="127.0.0.1",
-             object_store_memory=512 * 2**20)
+    ray_init(CompressConfig(num_workers=args.workers))  # the job's own local cluster, on loopback
     try:
         def cfg(out: Path) -> CompressConfig:
             return CompressConfig(source=args.source, output=str(out), num_samples=args.samples,
@@ -178,7 +171,7 @@ def run(args: argparse.Namespace) -> BenchResult:
         resumed = run_compression(cfg(part), progress=False, hook=watch)
         identical = _files(part) == _files(tmp / "clean")
     finally:
-        ray.shutdown()
+        shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 
     mean_layer = statistics.mean(layer_s)

@@ -25,8 +25,8 @@ import ray
 from qmoe_ray.job.config import CompressConfig, StorageOptions
 from qmoe_ray.job.group import QuantOptions
 from qmoe_ray.job.progress import Progress
-from qmoe_ray.job.stores import ActivationShard
-from qmoe_ray.job.workers import GroupWorker
+from qmoe_ray.job.stores import ActivationStore
+from qmoe_ray.job.workers import QuantWorker
 from qmoe_ray.job.writer import CheckpointWriter
 
 
@@ -35,7 +35,7 @@ def _node_id() -> str:
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
-class ActivationStore(ActivationShard):
+class ActivationStoreActor(ActivationStore):
     """A store whose batches' state lives in Ray's object store (spilled to disk when full).
 
     Its constructor arguments are small (URLs, options, a batch range), so Ray keeps them inline
@@ -66,14 +66,14 @@ class ActivationStore(ActivationShard):
 
 
 @ray.remote(max_restarts=-1, max_task_retries=-1)
-class QuantWorker:
+class QuantWorkerActor:
     """A quantization worker (its resources are set by ``make_actors``); it opens the source by
     the index in the job's progress folder at ``output``."""
 
     def __init__(self, source: str, storage_options: Mapping[str, Any], opts: QuantOptions,
                  threads: int, device: str, output: str, output_options: Mapping[str, Any]):
         index = Progress(output, output_options).load_source_index()
-        self.worker = GroupWorker(source, storage_options, opts, threads=threads, device=device,
+        self.worker = QuantWorker(source, storage_options, opts, threads=threads, device=device,
                                   index=index)
 
     def run(self, layer, group, experts, cap, *parts):
@@ -94,7 +94,7 @@ class QuantWorker:
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
-class Writer(CheckpointWriter):
+class CheckpointWriterActor(CheckpointWriter):
     """The checkpoint writer; it opens the source by the index in the job's progress folder."""
 
     def __init__(self, output: str, output_options: Mapping[str, Any], source: str,
@@ -137,7 +137,7 @@ def split_batches(n: int, batch_size: int, parts: int) -> list[tuple[int, int]]:
 
 def save_inputs(prog: Progress, inputs: Mapping[str, np.ndarray], is_calib: np.ndarray,
                 batch_size: int) -> None:
-    """Write every batch's inputs to the job's progress folder (see ``ActivationStore``)."""
+    """Write every batch's inputs to the job's progress folder (see ``ActivationStoreActor``)."""
     for i, a in enumerate(range(0, len(is_calib), batch_size)):
         prog.save_inputs(i, {k: v[a: a + batch_size] for k, v in inputs.items()},
                          is_calib[a: a + batch_size])
@@ -151,15 +151,15 @@ def make_actors(cfg: CompressConfig, storage: StorageOptions, source: str, opts:
     stores = []
     for a, b in split_batches(num_samples, cfg.batch_size, cfg.num_stores):
         first = a // cfg.batch_size
-        stores.append(ActivationStore.options(max_concurrency=1, scheduling_strategy="SPREAD").remote(
+        stores.append(ActivationStoreActor.options(max_concurrency=1, scheduling_strategy="SPREAD").remote(
             source, storage.source, cfg.batch_size, first, -(-b // cfg.batch_size) - first,
             cfg.output, storage.output))
     device = "cuda" if cfg.gpus_per_worker > 0 else "cpu"
     workers = [
-        QuantWorker.options(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker).remote(
+        QuantWorkerActor.options(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker).remote(
             source, storage.source, opts, max(1, int(cfg.cpus_per_worker)), device, cfg.output,
             storage.output)
         for _ in range(cfg.num_workers)
     ]
-    writer = Writer.remote(cfg.output, storage.output, source, storage.source)
+    writer = CheckpointWriterActor.remote(cfg.output, storage.output, source, storage.source)
     return Actors(stores, workers, writer)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Iterable
@@ -79,6 +80,27 @@ def check_local_cpus(cfg: CompressConfig) -> None:
             "cluster")
 
 
+def check_address(join: str, timeout_s: float = 5.0) -> None:
+    """Refuse, in seconds, an address where nothing listens (``ray.init`` would retry for
+    minutes, then fail with a traceback). Only ``HOST:PORT`` addresses are probed (``auto``
+    and ``ray://`` client addresses are left to Ray).
+
+    Raises:
+        InputError: nothing accepts a connection at ``HOST:PORT`` within ``timeout_s``.
+    """
+    host, sep, port = join.rpartition(":")
+    if not sep or "://" in join or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise InputError(
+            f"--address {join}: no Ray head answers there ({reason}); start one (ray start "
+            "--head) or give the address `ray start` printed (HOST:6379 by default)") from None
+
+
 def ray_init(cfg: CompressConfig) -> bool:
     """Connect to (or start) Ray. Returns True when this call started it (or connected it)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -93,7 +115,11 @@ def ray_init(cfg: CompressConfig) -> bool:
     if ray.is_initialized():
         return False
     if join:
-        ray.init(address=join, log_to_driver=True)
+        check_address(join)
+        try:
+            ray.init(address=join, log_to_driver=True)
+        except ConnectionError as exc:  # e.g. a cluster that wants another auth token
+            raise InputError(f"--address {join}: could not join the Ray cluster: {exc}") from None
         return True
     # address="local": always a new cluster of our own, never one that `ray start` (or a stale
     # /tmp/ray/ray_current_cluster file) points at. It is sized to the machine (its cores), so
@@ -172,6 +198,15 @@ def check_resources(cfg: CompressConfig, wait_s: float = 0.0) -> None:
                         "(%s)", problem, wait_s, RESOURCE_WAIT_ENV)
             asked = True
         time.sleep(2.0)
+
+
+def shutdown() -> None:
+    """Disconnect from Ray (stopping a cluster this process started); nothing if not connected.
+    For callers outside the job package (benchmarks), which do not import Ray themselves."""
+    if ray_running():
+        import ray
+
+        ray.shutdown()
 
 
 def release(started: bool, actors: Iterable[Any]) -> None:

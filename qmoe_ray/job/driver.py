@@ -4,8 +4,8 @@ Shape of a run (see DESIGN.md): the driver reads only the source's config and te
 everything it can before the cluster does work (scheme, output writable, enough calibration
 tokens, the resources asked for), then creates
 
-- ``ActivationStore`` actors, each holding contiguous batches of samples (``stores.py``),
-- ``QuantWorker`` actors (``num_gpus``/``num_cpus`` per worker) running ``GroupWorker`` (``workers.py``),
+- ``ActivationStoreActor`` actors, each holding contiguous batches of samples (``stores.py``),
+- ``QuantWorkerActor`` actors (``num_gpus``/``num_cpus`` per worker) running ``QuantWorker`` (``workers.py``),
 - one ``Writer`` actor running ``CheckpointWriter`` (``writer.py``),
 
 and walks the layers in order. For an MoE layer: every store runs its part of the block up to the

@@ -70,7 +70,7 @@ def dense_dtype(name: str, src: torch.dtype, router_names: set[str]) -> torch.dt
     return src if name in router_names else torch.bfloat16
 
 
-class ActivationShard:
+class ActivationStore:
     """The samples of one store and their state between layers (see module doc).
 
     Args:

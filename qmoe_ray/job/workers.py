@@ -1,6 +1,6 @@
 """Quantization workers: one expert group in, encoded experts and their outputs out.
 
-``GroupWorker`` is a plain class (testable without Ray); the driver runs it inside Ray actors with
+``QuantWorker`` is a plain class (testable without Ray); the driver runs it inside Ray actors with
 ``num_gpus``/``num_cpus`` resources. Each call reads the group's weights lazily from the source
 (range reads: only this group's tensors), concatenates the group's tokens from every store (store
 order = sample order, so the result does not depend on how samples were sharded), runs the joint
@@ -49,7 +49,7 @@ class EncodedGroup:
         return st_load(self.blob)
 
 
-class GroupWorker:
+class QuantWorker:
     """Quantizes expert groups of one source model (see module doc).
 
     Args:
