@@ -55,6 +55,7 @@ from qmoe_ray.models.config import (  # noqa: F401 - the config bounds and parse
     config_float,
     config_int,
 )
+from qmoe_ray.quant.hessian import rows_by_id
 
 State = dict[str, torch.Tensor]
 
@@ -374,14 +375,7 @@ def moe_dense(
     idx_f = idx.reshape(-1, k)
     gate_f = gate.reshape(-1, k).to(xf.dtype)
     out = torch.zeros_like(xf)
-    flat_e = idx_f.reshape(-1)
-    order = torch.argsort(flat_e, stable=True)
-    sorted_e = flat_e[order]
-    uniq, counts = torch.unique_consecutive(sorted_e, return_counts=True)
-    start = 0
-    for e, c in zip(uniq.tolist(), counts.tolist(), strict=True):
-        sel = order[start : start + c]
-        start += c
+    for e, sel in rows_by_id(idx_f.reshape(-1)):
         if e < 0:
             continue
         tok = sel // k

@@ -36,6 +36,15 @@ def _product_dtype(X: torch.Tensor) -> torch.dtype:
     return torch.float64 if X.dtype == torch.float64 else torch.float32
 
 
+def rows_by_id(ids: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """Bucket the positions of a 1-D id tensor by id with one stable sort: ``[(id, positions)]``
+    in increasing id, positions in increasing order (tokens per expert, without one scan per
+    expert)."""
+    order = torch.argsort(ids, stable=True)
+    uniq, counts = torch.unique_consecutive(ids[order], return_counts=True)
+    return list(zip(uniq.tolist(), torch.split(order, counts.tolist()), strict=True))
+
+
 class HessianAccumulator:
     """Running sums of ``x x^T`` and token counts for ``experts`` experts with ``cols`` inputs.
 
@@ -127,14 +136,7 @@ class HessianAccumulator:
         _check_x(X, self.cols, "X")
         if experts.shape != X.shape[:1]:
             raise ValueError(f"experts must have shape [{X.shape[0]}], got {tuple(experts.shape)}")
-        ids = experts.to(torch.int64).cpu()
-        order = torch.argsort(ids, stable=True)
-        sorted_ids = ids[order]
-        uniq, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-        start = 0
-        for e, c in zip(uniq.tolist(), counts.tolist(), strict=True):
-            sel = order[start : start + c]
-            start += c
+        for e, sel in rows_by_id(experts.to(torch.int64).cpu()):
             if 0 <= e < self.experts:
                 self.add(e, X[sel.to(X.device)])
 
