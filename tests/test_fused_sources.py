@@ -112,7 +112,8 @@ def test_writer_keeps_fused_experts_out_of_the_dense_tensors(twins, model_type, 
     layer = w.layers[0]
     dense = w.dense_names(layer)
     assert not any("experts" in n for n in dense), dense
-    assert ROUTER[model_type] in w.routers and ROUTER[model_type] in dense
+    assert ROUTER[model_type] in w.family.router_names() and ROUTER[model_type] in dense
+    assert w.family.stored_dtype(ROUTER[model_type], torch.float32) == torch.float32
     # (that the router keeps its float32 in the output: the job test below, from the shard)
     assert w.family.expert_layout == "fused"
 

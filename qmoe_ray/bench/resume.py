@@ -78,8 +78,7 @@ def recompute_stream(out: Path, source: str, cfg: CompressConfig, upto: int,
     t0 = time.perf_counter()
     ckpt = open_checkpoint(source)
     fam = get_family(ckpt.config, ckpt)  # the source's expert layout, bound from its names
-    routers = {fam.router_name(l) for l in fam.layers() if l.moe}
-    embed_W = CachedWeights(ckpt, lambda n: n in routers)  # embeddings: what the stores used
+    embed_W = CachedWeights(ckpt, fam.stored_dtype)  # embeddings: what the stores used
     tensors: dict[str, torch.Tensor] = {}
     quantized: dict[str, Any] = {}
     tables: dict[str, Any] = {}

@@ -41,19 +41,19 @@ Holder = Callable[[State], Any]
 
 class CachedWeights:
     """A ``WeightSource`` over a checkpoint that caches what one layer reads, rounding dense
-    tensors to the dtype the output checkpoint stores them in (see ``dense_dtype``), so the
-    calibration sees exactly the weights that will be shipped."""
+    tensors to the dtype the output checkpoint stores them in (the family's ``stored_dtype``),
+    so the calibration sees exactly the weights that will be shipped."""
 
-    def __init__(self, ckpt: Any, keep_dtype: Callable[[str], bool]):
+    def __init__(self, ckpt: Any, stored_dtype: Callable[[str, torch.dtype], torch.dtype]):
         self._ckpt = ckpt
         self._cache: dict[str, torch.Tensor] = {}
-        self._keep = keep_dtype
+        self._stored = stored_dtype
 
     def __call__(self, name: str) -> torch.Tensor:
         t = self._cache.get(name)
         if t is None:
             raw = self._ckpt.read(name)
-            t = raw.float() if self._keep(name) else raw.to(torch.bfloat16).float()
+            t = raw.to(self._stored(name, raw.dtype)).float()
             self._cache[name] = t
         return t
 
@@ -62,12 +62,6 @@ class CachedWeights:
 
     def clear(self) -> None:
         self._cache.clear()
-
-
-def dense_dtype(name: str, src: torch.dtype, router_names: set[str]) -> torch.dtype:
-    """The dtype a non-expert tensor is stored in: routers keep their source precision (routing
-    decisions are sensitive to it); everything else is bf16."""
-    return src if name in router_names else torch.bfloat16
 
 
 class ActivationStore:
@@ -107,8 +101,7 @@ class ActivationStore:
         self.progress = Progress(output, output_options) if output else None
         self.ckpt = open_source(source, storage_options, index)
         self.family = get_family(self.ckpt.config, self.ckpt)  # layout bound from its names
-        routers = {self.family.router_name(l) for l in self.family.layers() if l.moe}
-        self.W = CachedWeights(self.ckpt, lambda n: n in routers)
+        self.W = CachedWeights(self.ckpt, self.family.stored_dtype)
         self._keep = keep or (lambda s: s)
         self._fetch = fetch or (lambda s: s)
         self.calib = [torch.from_numpy(np.array(calib[s: s + batch_size], dtype=bool))

@@ -19,7 +19,6 @@ import torch
 
 from qmoe_ray.format import shards as mf  # serialize_shard: the format's shard writer
 from qmoe_ray.job.progress import put_file, with_retries
-from qmoe_ray.job.stores import dense_dtype
 from qmoe_ray.job.workers import EncodedGroup
 from qmoe_ray.models import LayerSpec, get_family
 from qmoe_ray.storage.checkpoint import SourceIndex, open_source
@@ -51,7 +50,6 @@ class CheckpointWriter:
         self.ckpt = open_source(source, source_options, index)
         self.family = get_family(self.ckpt.config, self.ckpt)  # layout bound from its names
         self.layers = self.family.layers()
-        self.routers = {self.family.router_name(l) for l in self.layers if l.moe}
         expert_src: set[str] = set()
         for layer in self.layers:
             if layer.moe:
@@ -100,7 +98,7 @@ class CheckpointWriter:
         out = {}
         for n in names:
             t = self.ckpt.read(n)
-            out[n] = t.to(dense_dtype(n, t.dtype, self.routers))
+            out[n] = t.to(self.family.stored_dtype(n, t.dtype))
         return out
 
     def add_group(self, enc: EncodedGroup) -> None:
