@@ -22,7 +22,7 @@ import pytest
 from fixtures_s3 import free_port
 from resume_helpers import job_options, make_tiny_mixtral
 
-from qmoe_ray.job.driver import local_cpus
+from qmoe_ray.job.cluster import local_cpus
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
