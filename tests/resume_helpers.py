@@ -50,3 +50,23 @@ def assert_same_bytes(a: dict[str, bytes], b: dict[str, bytes]) -> None:
     assert sorted(a) == sorted(b)
     differ = [k for k in a if a[k] != b[k]]
     assert not differ, f"files differ: {differ}"
+
+
+def stop_head(proc: Any, temp: str) -> None:
+    """Stop a Ray head a test started with ``ray start --head --block`` (in its own session) and
+    remove its temp dir: SIGTERM stops the node's processes, then anything left in the session."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    shutil.rmtree(temp, ignore_errors=True)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from fixtures_s3 import free_port
-from resume_helpers import job_options, make_tiny_mixtral
+from resume_helpers import job_options, make_tiny_mixtral, stop_head
 
 from qmoe_ray.job.cluster import local_cpus
 
@@ -74,16 +72,7 @@ def head(tmp_path_factory):
             time.sleep(0.5)
         yield address, Path(temp)
     finally:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its node's processes
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # anything of that node left in its session
-        except ProcessLookupError:
-            pass
-        shutil.rmtree(temp, ignore_errors=True)
+        stop_head(proc, temp)
 
 
 def _compress(model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:

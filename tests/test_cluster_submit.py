@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -17,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from fixtures_s3 import FAKE_KEY, FAKE_SECRET, free_port, make_bucket, moto_endpoint, upload_dir  # noqa: F401
-from resume_helpers import make_tiny_mixtral
+from resume_helpers import make_tiny_mixtral, stop_head
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 
@@ -76,16 +74,7 @@ def head(tmp_path_factory):
                 time.sleep(1)
         yield url
     finally:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its node's processes
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # anything of that node left in its session
-        except ProcessLookupError:
-            pass
-        shutil.rmtree(temp, ignore_errors=True)
+        stop_head(proc, temp)
 
 
 def test_ray_job_submit_s3_to_s3(head, moto_endpoint, tmp_path, monkeypatch):  # noqa: F811
