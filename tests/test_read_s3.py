@@ -27,7 +27,7 @@ def remote(ckpt, moto_endpoint, s3_credentials):  # noqa: F811
     fs = make_bucket(moto_endpoint, BUCKET)
     if not fs.exists(f"{BUCKET}/ck/manifest.json"):
         upload_dir(fs, ckpt, f"{BUCKET}/ck")
-    return fs, json.dumps({"endpoint_url": moto_endpoint})
+    return fs, f"endpoint_url={moto_endpoint}"
 
 
 def _run_json(capsys, argv: list[str]) -> dict:
@@ -41,7 +41,7 @@ def _run_json(capsys, argv: list[str]) -> dict:
 def test_inspect_on_s3_equals_local(ckpt, remote, capsys):
     _, opts = remote
     there = _run_json(capsys, ["inspect", f"s3://{BUCKET}/ck", "--json", "--quiet",
-                               "--storage-options", opts])
+                               "--storage-option", opts])
     here = _run_json(capsys, ["inspect", str(ckpt), "--json", "--quiet"])
     assert there["checksums"]["status"] == "ok" and there["checksums"]["tensors"] > 0
     assert there["url"] == f"s3://{BUCKET}/ck"
@@ -52,7 +52,7 @@ def test_inspect_on_s3_equals_local(ckpt, remote, capsys):
 def test_eval_on_s3_equals_local(ckpt, remote, capsys):
     _, opts = remote
     args = ["--samples", "2", "--seq-len", "16", "--json", "--quiet"]
-    there = _run_json(capsys, ["eval", f"s3://{BUCKET}/ck", *args, "--storage-options", opts])
+    there = _run_json(capsys, ["eval", f"s3://{BUCKET}/ck", *args, "--storage-option", opts])
     here = _run_json(capsys, ["eval", str(ckpt), *args])
     assert there["tokens"] == here["tokens"] == 2 * 15
     assert there["loss"] == pytest.approx(here["loss"], rel=1e-6) and there["loss"] > 0
@@ -63,7 +63,7 @@ def test_export_s3_to_s3_equals_a_local_export(ckpt, remote, tmp_path, capsys):
 
     fs, opts = remote
     assert main(["export", f"s3://{BUCKET}/ck", f"s3://{BUCKET}/hf", "--quiet",
-                 "--storage-options", opts, "--output-options", opts]) == 0
+                 "--storage-option", opts]) == 0
     assert main(["export", str(ckpt), str(tmp_path / "hf"), "--quiet"]) == 0
     local = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
     keys = sorted(k.rsplit("/", 1)[-1] for k in fs.find(f"{BUCKET}/hf"))
@@ -75,7 +75,7 @@ def test_export_s3_to_s3_equals_a_local_export(ckpt, remote, tmp_path, capsys):
     # a second export to the now non-empty destination is refused (exit 2) without --overwrite
     capsys.readouterr()
     assert main(["export", f"s3://{BUCKET}/ck", f"s3://{BUCKET}/hf", "--quiet",
-                 "--storage-options", opts, "--output-options", opts]) == 2
+                 "--storage-option", opts]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
 
@@ -91,7 +91,7 @@ def test_inspect_on_s3_reports_a_corrupted_object(ckpt, remote, capsys):
     upload_dir(fs, ckpt, f"{BUCKET}/bad")
     fs.pipe_file(f"{BUCKET}/bad/{shard}", bytes(raw))
     capsys.readouterr()
-    rc = main(["inspect", f"s3://{BUCKET}/bad", "--json", "--quiet", "--storage-options", opts])
+    rc = main(["inspect", f"s3://{BUCKET}/bad", "--json", "--quiet", "--storage-option", opts])
     out = capsys.readouterr()
     checks = json.loads(out.out)["checksums"]
     assert rc != 0 and checks["status"] == "failed" and name in checks["error"]
