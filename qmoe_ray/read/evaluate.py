@@ -173,8 +173,9 @@ def evaluate(
     family = get_family(config)
     family.bind(list(weights.names))
     if trim_plan is not None:
-        family = TrimmedFamily(family, _as_plan(trim_plan, opts))
-        experts_for = experts_for and family.experts_for(experts_for)
+        trimmed = TrimmedFamily(family, _as_plan(trim_plan, opts))
+        experts_for = experts_for and trimmed.experts_for(experts_for)  # a compressed model's
+        family = trimmed
     if split is None:  # the embedded sets' default is their held-out part
         split = "heldout" if data_spec == EMBEDDED else "all"
     data_spec = resolve_data(data_spec, model_url)
@@ -228,7 +229,7 @@ def _as_plan(plan: Any, storage_options: Mapping[str, Any]) -> Any:
 
     if isinstance(plan, TrimPlan):
         return plan
-    from qmoe_ray.read.analyze import read_plan
+    from qmoe_ray.read.plans import read_plan
 
     return read_plan(str(plan), storage_options)
 
