@@ -315,3 +315,19 @@ def test_bad_plan_files(mixtral, tmp_path):
         with pytest.raises(InputError) as e:
             TrimmedFamily(fam, read_plan(str(tmp_path / "p.json")))
         assert "trim plan" in str(e.value), (what, e.value)
+
+
+def test_trim_over_an_untrimmed_experts_hook(mixtral):
+    """A compressed checkpoint hands its experts by the untrimmed model's ids: a plan applied
+    over such a hook gives the loss of the plan applied to the source."""
+    from qmoe_ray.models import experts_from
+
+    fam, _, _ = mixtral
+    ckpt = open_checkpoint(str(embedded_model_path()))
+    plan = TrimPlan(model_identity(fam), ("model.layers.2",), (),
+                    {"model.layers.0": (0, 3, 7), "model.layers.3": (1, 2, 4, 5)})
+    direct = evaluate(num_samples=8, trim_plan=plan)["loss"]
+    hooked = evaluate(num_samples=8, weights=ckpt, config=ckpt.config, trim_plan=plan,
+                      experts_for=experts_from(fam, ckpt))["loss"]
+    assert hooked == pytest.approx(direct, abs=1e-6)
+    assert direct != pytest.approx(evaluate(num_samples=8)["loss"], abs=1e-3)
