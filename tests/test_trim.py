@@ -331,3 +331,21 @@ def test_trim_over_an_untrimmed_experts_hook(mixtral):
                       experts_for=experts_from(fam, ckpt))["loss"]
     assert hooked == pytest.approx(direct, abs=1e-6)
     assert direct != pytest.approx(evaluate(num_samples=8)["loss"], abs=1e-3)
+
+
+def test_scores_of_a_trimmed_model(mixtral):
+    """The scores run on a trimmed model too: its routing weights are over the kept experts
+    (the softmax of their rows: each token's sum to 1), the dropped block is not scored."""
+    from qmoe_ray.models.trim import trim_scores
+    from qmoe_ray.read.evaluate import load_batches
+
+    fam, _, _ = mixtral
+    ckpt = open_checkpoint(str(embedded_model_path()))
+    tf = TrimmedFamily(fam, TrimPlan(model_identity(fam), ("model.layers.2",), (),
+                                     {"model.layers.0": (0, 3, 7)}))
+    batches, _, _ = load_batches("embedded", ckpt.config, 8, None, 8, split="calib")
+    s = trim_scores(tf, ckpt, [tf.embed(ckpt, b) for b in batches])
+    assert list(s.blocks) == ["model.layers.0", "model.layers.1", "model.layers.3"]
+    assert len(s.experts["model.layers.0"]) == 3 and len(s.experts["model.layers.1"]) == 8
+    for v in s.experts.values():
+        assert sum(v) == pytest.approx(1.0, abs=1e-5)

@@ -75,9 +75,9 @@ class TrimPlan:
     scores: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        blocks = self.model.get("blocks") if isinstance(self.model, Mapping) else None
-        experts = self.model.get("experts") if isinstance(self.model, Mapping) else None
-        if (not isinstance(self.model.get("model_type"), str) or type(blocks) is not int
+        m = self.model if isinstance(self.model, Mapping) else {}
+        blocks, experts = m.get("blocks"), m.get("experts")
+        if (not isinstance(m.get("model_type"), str) or type(blocks) is not int
                 or not isinstance(experts, Mapping)
                 or not all(type(n) is int and n > 0 for n in experts.values())):
             raise InputError("trim plan 'model' must be {model_type: str, blocks: int, experts: "
