@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> BenchResult:
     # each pair ran back to back and so shared the machine's load of the moment: the figure is the
     # median of the per-pair ratios (robust to load that drifts over the run, unlike the ratio of
     # the two medians, which is kept beside it)
-    ratio = {k: statistics.median(t[k] / b[k] for b, t in zip(runs["baseline"], runs["this"])
+    ratio = {k: statistics.median(t[k] / b[k] for b, t in zip(runs["baseline"], runs["this"], strict=True)
                                   if b[k]) for k in med["this"]}
     same = digests["this"] == digests["baseline"]
     figures: dict[str, Any] = {"median": med, "ratio_this_over_baseline": ratio,
