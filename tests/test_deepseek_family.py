@@ -6,7 +6,6 @@ export -> transformers loads the export); a config that names another family's t
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,15 +14,20 @@ import torch
 pytest.importorskip("transformers")
 
 from fixtures_s3 import save_tiny, tiny_model  # noqa: E402
-from sigmoid_fixtures import tiny_sigmoid_model  # noqa: E402
+from sigmoid_fixtures import (  # noqa: E402
+    Case,
+    check_against_transformers,
+    check_loss_and_evaluate,
+    inputs_for,
+    tiny_sigmoid_model,
+)
 
 from qmoe_ray.errors import MissingTensorError  # noqa: E402
-from qmoe_ray.models import DictWeights, get_family, run_forward, walk_layers  # noqa: E402
+from qmoe_ray.models import DictWeights, get_family, run_forward  # noqa: E402
 from qmoe_ray.storage.checkpoint import open_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-ATOL = 1e-4
 #: the variants: YaRN + q_lora + 4 groups (the default tiny config); plain q_proj, default RoPE,
 #: non-interleaved, two dense blocks, no group limit
 VARIANTS = {
@@ -34,76 +38,9 @@ VARIANTS = {
 }
 
 
-def inputs_for(seed: int = 0, b: int = 3, s: int = 9) -> dict[str, torch.Tensor]:
-    """Token ids with right padding in two rows."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 97, (b, s), generator=g)
-    mask = torch.ones(b, s, dtype=torch.int64)
-    mask[1, 6:] = 0
-    mask[2, 4:] = 0
-    ids[mask == 0] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-class Case:
-    def __init__(self, model_type: str, folder: Path, seed: int = 0, **overrides):
-        self.model = tiny_sigmoid_model(model_type, seed=seed, **overrides)
-        self.folder = save_tiny(self.model, folder)
-        self.ckpt = open_checkpoint(str(self.folder))
-        self.family = get_family(self.ckpt.config, self.ckpt)
-
-
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def case(request, tmp_path_factory) -> Case:
     return Case("deepseek_v3", tmp_path_factory.mktemp(request.param), **VARIANTS[request.param])
-
-
-def reference(model, inputs):
-    """transformers' logits and each decoder layer's output."""
-    outs: list[torch.Tensor] = []
-    hooks = [
-        layer.register_forward_hook(lambda m, i, o: outs.append(o[0] if isinstance(o, tuple) else o))
-        for layer in model.model.layers
-    ]
-    try:
-        with torch.no_grad():
-            res = model(**inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return res.logits, outs
-
-
-def check_against_transformers(case: Case, inputs) -> None:
-    """Blocks, routing (same experts and gates as transformers' router on our MoE input) and
-    logits within fp32 tolerance; shared by the GLM / MiniMax tests."""
-    ref_logits, ref_blocks = reference(case.model, inputs)
-    blocks, routes = [], {}
-    fam, W = case.family, case.ckpt
-    (state,) = walk_layers(
-        fam, W, [fam.embed(W, inputs)],
-        on_route=lambda lay, _, x, idx, gate: routes.__setitem__(lay.block, (x, idx, gate)),
-        after_layer=lambda lay, states: blocks.append(states[0]["hidden"]),
-    )
-    logits = fam.logits(W, state)
-    assert len(blocks) == len(ref_blocks) == case.model.config.num_hidden_layers
-    for i, (ours, ref) in enumerate(zip(blocks, ref_blocks, strict=True)):
-        torch.testing.assert_close(ours, ref, atol=ATOL, rtol=1e-4, msg=f"block {i}")
-    torch.testing.assert_close(logits, ref_logits, atol=ATOL, rtol=1e-4)
-    assert ref_logits.abs().max() > 1.0
-    assert routes and set(routes) == {lay.block for lay in fam.layers() if lay.moe}
-    for block, (x, idx, gate) in routes.items():
-        moe = case.model.model.layers[block].mlp
-        with torch.no_grad():
-            flat = x.reshape(-1, x.shape[-1])
-            if hasattr(moe, "e_score_correction_bias"):  # MiniMax: the bias beside the router
-                _, w_ref, i_ref = moe.gate(flat, moe.e_score_correction_bias)
-            else:
-                _, w_ref, i_ref = moe.gate(flat)
-        i_ref, w_ref = i_ref.reshape(idx.shape), w_ref.reshape(gate.shape)
-        order, ref_order = idx.argsort(-1), i_ref.argsort(-1)
-        assert torch.equal(idx.gather(-1, order), i_ref.gather(-1, ref_order))
-        torch.testing.assert_close(gate.gather(-1, order), w_ref.gather(-1, ref_order).float())
 
 
 def test_blocks_routes_and_logits_match_transformers(case):
@@ -116,21 +53,7 @@ def test_blocks_routes_and_logits_match_transformers(case):
 
 
 def test_loss_and_evaluate_match_transformers(case, tmp_path):
-    from qmoe_ray.read.evaluate import evaluate
-
-    inputs = inputs_for(seed=1)
-    total, count = case.family.loss_terms(run_forward(case.family, case.ckpt, inputs), inputs)
-    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
-    with torch.no_grad():
-        ref = case.model(**inputs, labels=labels).loss
-    torch.testing.assert_close(total / count, ref, atol=ATOL, rtol=1e-4)
-    rows = np.random.default_rng(0).integers(3, 97, size=(6, 12)).astype(np.int64)
-    np.save(tmp_path / "rows.npy", rows)
-    ours = evaluate(str(case.folder), str(tmp_path / "rows.npy"), batch_size=4)["loss"]
-    x = torch.from_numpy(rows)
-    with torch.no_grad():
-        want = float(case.model(x, labels=x).loss)
-    assert abs(ours - want) <= 5e-4 * want, (ours, want)
+    check_loss_and_evaluate(case, tmp_path)
 
 
 def test_router_bias_and_groups_are_observable(case):
