@@ -126,6 +126,12 @@ def test_bad_configs_are_named():
         get_family({**cfg, "topk_group": 7})
     with pytest.raises(ValueError, match="'longrope' is not supported"):
         get_family({**cfg, "rope_scaling": {"type": "longrope", "factor": 2.0}})
+    with pytest.raises(ValueError, match="scoring_func='softmax' is not supported"):
+        get_family({**cfg, "scoring_func": "softmax"})
+    with pytest.raises(ValueError, match="moe_layer_freq=2"):
+        get_family({**cfg, "moe_layer_freq": 2})
+    assert get_family({**cfg, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+                       "moe_layer_freq": 1}).router.scale == 1.0
     with pytest.raises(ValueError, match="kv_lora_rank"):
         get_family({k: v for k, v in cfg.items() if k != "kv_lora_rank"})
     # the Hub's legacy form: rope_scaling with "type", top-level rope_theta
@@ -158,10 +164,11 @@ def test_config_says_deepseek_but_tensors_are_mixtral(tmp_path):
 
 @pytest.mark.ray
 def test_compress_load_eval_export_round_trip(tmp_path):
-    """The whole job on a tiny DeepSeek-V3 (bf16 source, as checkpoints ship): compress (Ray,
-    in-process on 127.0.0.1), load, evaluate, export; transformers loads the export and gives our
-    loaded model's logits."""
+    """The whole job on a tiny DeepSeek-V3 (bf16 source, as checkpoints ship, with an MTP layer):
+    compress (Ray, in-process on 127.0.0.1), load, evaluate, export; transformers loads the export
+    and gives our loaded model's logits."""
     import transformers as tf
+    from safetensors.torch import load_file, save_file
 
     from qmoe_ray.job.config import CompressConfig
     from qmoe_ray.job.driver import run_compression
@@ -171,6 +178,12 @@ def test_compress_load_eval_export_round_trip(tmp_path):
 
     model = tiny_sigmoid_model("deepseek_v3", seed=3)
     src = save_tiny(model, tmp_path / "src", dtype=torch.bfloat16)
+    # a multi-token-prediction layer after the stack, as DeepSeek-V3 ships its layer 61
+    t = load_file(src / "model.safetensors")
+    mtp = {k.replace("model.layers.2.", "model.layers.3."): v.clone()
+           for k, v in t.items() if k.startswith("model.layers.2.")}
+    mtp["model.layers.3.eh_proj.weight"] = torch.ones(32, 64, dtype=torch.bfloat16)
+    save_file({**t, **mtp}, src / "model.safetensors", metadata={"format": "pt"})
     np.save(src / "tokens.npy", np.random.default_rng(0).integers(3, 97, (48, 16)))
     out = tmp_path / "c"
     rep = run_compression(CompressConfig(
@@ -180,6 +193,8 @@ def test_compress_load_eval_export_round_trip(tmp_path):
     moe = [i for i in range(3) if i >= 1]  # first_k_dense_replace=1: blocks 1, 2 are MoE
     assert len(manifest["quantized"]) == len(moe) * 16 * 3
     assert not any("shared_experts" in n for n in manifest["quantized"])
+    # the MTP layer is carried through unchanged (dense, bf16), never quantized
+    assert {n for n in manifest["tensors"] if n.startswith("model.layers.3.")} == set(mtp)
     bias = "model.layers.1.mlp.gate.e_score_correction_bias"
     assert manifest["tensors"][bias]["dtype"] in ("BF16", "bfloat16")  # its source precision
     ours = load(str(out))
@@ -193,6 +208,7 @@ def test_compress_load_eval_export_round_trip(tmp_path):
     names = set(json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
                 ["weight_map"])
     assert "model.layers.2.mlp.experts.15.down_proj.weight" in names and bias in names
+    assert set(mtp) <= names  # exported under its names; transformers' model skips it
     hf = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
     assert type(hf).__name__ == "DeepseekV3ForCausalLM"
     with torch.no_grad():

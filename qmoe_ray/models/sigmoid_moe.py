@@ -26,7 +26,9 @@ the output checkpoint (``stored_dtype``). Shared experts (``mlp.shared_experts``
 routed output without a gate.
 
 Multi-token-prediction layers (``num_nextn_predict_layers``: ``model.layers.{num_hidden_layers}``
-and later) are not part of the forward (no policy for them yet: their tensors are not checked).
+and later) are not part of the forward: the job carries their tensors through unchanged (dense,
+bf16, experts included, never quantized) and the export writes them under their names, which
+transformers' models skip on load. Their shapes are not checked (no ``--drop-mtp`` yet).
 """
 
 from __future__ import annotations
@@ -45,6 +47,15 @@ from qmoe_ray.models.rope import RopeSpec, parse_rope
 from qmoe_ray.models.routers import SigmoidRouter
 
 BIAS = "e_score_correction_bias"
+#: routing fields of the reference configs (DeepSeek-V3's and MiniMax-M2's config.json) and the
+#: values this router implements; anything else (DeepSeek-V2's softmax / greedy routing, MoE
+#: blocks every other layer) is refused rather than run wrong
+ROUTING_FIELDS: dict[str, tuple[Any, ...]] = {
+    "scoring_func": (None, "sigmoid"),
+    "topk_method": (None, "noaux_tc"),
+    "moe_layer_freq": (None, 1),
+    "use_routing_bias": (None, True),
+}
 
 
 class SigmoidMoE(DecoderMoE):
@@ -63,6 +74,12 @@ class SigmoidMoE(DecoderMoE):
     default_partial: ClassVar[float] = 1.0
 
     def __init__(self, config: Mapping[str, Any], names: Sequence[str] | None = None):
+        for key, ok in ROUTING_FIELDS.items():
+            if config.get(key) not in ok:
+                raise ValueError(
+                    f"config.json {key}={config.get(key)!r} is not supported by "
+                    f"{self.model_type} (supported: {', '.join(map(repr, ok[1:]))} or absent)"
+                )
         super().__init__(config, names)
         s = self.spec
         self.router = SigmoidRouter.from_config(
