@@ -97,29 +97,36 @@ def test_minimax_names_are_mixtrals(tmp_path):
 
 
 @pytest.mark.ray
-def test_glm_compress_load_export_round_trip(tmp_path):
-    """The whole job on a tiny GLM-4.5 (bf16 source); transformers loads the export and gives our
-    loaded model's logits."""
+@pytest.mark.s3
+def test_glm_s3_compress_eval_export_round_trip(tmp_path, moto_endpoint, s3_credentials, capsys):
+    """The whole job on a tiny GLM-4.5 (bf16 source), source and output on moto's s3, through
+    the CLI: compress, eval (the loaded model's loss), export; transformers loads the export and
+    gives our loaded model's logits."""
     import transformers as tf
+    from fixtures_s3 import make_bucket, upload_dir
 
-    from qmoe_ray.job.config import CompressConfig
-    from qmoe_ray.job.driver import run_compression
-    from qmoe_ray.read.export import export
+    from qmoe_ray.cli import main
     from qmoe_ray.read.loader import load
 
     src = save_tiny(tiny_sigmoid_model("glm4_moe", seed=5), tmp_path / "src", dtype=torch.bfloat16)
     np.save(src / "tokens.npy", np.random.default_rng(0).integers(3, 97, (48, 16)))
-    out = tmp_path / "c"
-    run_compression(CompressConfig(
-        source=str(src), output=str(out), data=str(src / "tokens.npy"), num_samples=24,
-        seq_len=16, eval_samples=4, batch_size=12, group_size=8), progress=False)
-    manifest = json.loads((out / "manifest.json").read_text())
+    fs = make_bucket(moto_endpoint, "qmoe-glm")
+    upload_dir(fs, src, "qmoe-glm/src")
+    opt = ["--storage-option", f"endpoint_url={moto_endpoint}"]
+    assert main(["compress", "--source", "s3://qmoe-glm/src", "--output", "s3://qmoe-glm/out",
+                 "--data", "s3://qmoe-glm/src/tokens.npy", "--num-samples", "24", "--seq-len",
+                 "16", "--eval-samples", "4", "--group-size", "8", "--quiet", *opt]) == 0
+    manifest = json.loads(fs.cat_file("qmoe-glm/out/manifest.json"))
     assert len(manifest["quantized"]) == 2 * 16 * 3  # blocks 1, 2 x 16 experts x 3 matrices
-    ours = load(str(out))
-    ids = torch.from_numpy(np.random.default_rng(1).integers(3, 97, (2, 10)))
-    res = export(str(out), str(tmp_path / "hf"))
-    assert res["layout"] == "per-expert"
+    ours = load("s3://qmoe-glm/out", endpoint_url=moto_endpoint)
+    capsys.readouterr()
+    assert main(["eval", "s3://qmoe-glm/out", "--data", str(src / "tokens.npy"), "--samples",
+                 "8", "--json", "--quiet", *opt]) == 0
+    loss = json.loads(capsys.readouterr().out)["loss"]
+    assert np.isfinite(loss) and 0 < loss < 10
+    assert main(["export", "s3://qmoe-glm/out", str(tmp_path / "hf"), "--quiet", *opt]) == 0
     hf = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
     assert type(hf).__name__ == "Glm4MoeForCausalLM"
+    ids = torch.from_numpy(np.random.default_rng(1).integers(3, 97, (2, 10)))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours.logits(ids), rtol=1e-4, atol=1e-4)
