@@ -14,6 +14,8 @@ import torch
 pytest.importorskip("transformers")
 
 from fixtures_s3 import save_tiny, tiny_model  # noqa: E402
+from sigmoid_fixtures import DEEPSEEK as DEEPSEEK_TINY  # noqa: E402
+from sigmoid_fixtures import YARN as DEEPSEEK_YARN  # noqa: E402
 from sigmoid_fixtures import (  # noqa: E402
     Case,
     check_against_transformers,
@@ -213,3 +215,27 @@ def test_compress_load_eval_export_round_trip(tmp_path):
     assert type(hf).__name__ == "DeepseekV3ForCausalLM"
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("extra", [
+    {},
+    {"truncate": False, "beta_fast": 16, "beta_slow": 2},
+    {"attention_factor": 0.9, "mscale": None, "mscale_all_dim": None},
+    {"mscale": None, "mscale_all_dim": None, "factor": 8.0},
+])
+def test_yarn_tables_match_transformers(extra):
+    """Our YaRN frequencies, cos/sin scale and softmax scale are transformers' for the variants
+    of the rope parameters (rounded or exact correction range, explicit attention factor, no
+    mscale)."""
+    import transformers as tf
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, yarn_apply_mscale
+
+    rope = {k: v for k, v in {**DEEPSEEK_YARN, **extra}.items() if v is not None}
+    cfg = tf.DeepseekV3Config(**{**DEEPSEEK_TINY, "rope_parameters": rope})
+    inv, att = ROPE_INIT_FUNCTIONS["yarn"](cfg)
+    fam = get_family(json.loads(cfg.to_json_string()))
+    assert torch.equal(fam.rope.inv_freq, inv.to(torch.float32))
+    assert fam.rope.cos_scale == pytest.approx(att, rel=1e-12)
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    want = yarn_apply_mscale(cfg.rope_parameters, qk**-0.5)
+    assert fam.rope.softmax_scale(qk) == pytest.approx(want, rel=1e-12)
