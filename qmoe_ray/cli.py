@@ -20,6 +20,8 @@ STORAGE_OPTION = "--storage-option"
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "compress": ("qmoe_ray.job.cli", "compress an MoE checkpoint (a Ray job)"),
+    "analyze": ("qmoe_ray.read.analyze", "score experts, MoE layers and blocks; write a trim "
+                "plan"),
     "eval": ("qmoe_ray.read.evaluate", "held-out loss and perplexity of a model"),
     "export": ("qmoe_ray.read.export", "write a plain HF bf16 checkpoint of a compressed model"),
     "inspect": ("qmoe_ray.read.inspect", "what is inside a compressed checkpoint"),

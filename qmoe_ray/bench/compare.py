@@ -1,9 +1,9 @@
 """This checkout against another one, on the same job and the same load, in one run:
 ``python jobs/benchmark.py compare --baseline DIR``.
 
-For a change that must not slow anything (a refactor), the figure is the ratio of the two trees'
-medians measured side by side: runs alternate (baseline, this, baseline, this, ...) so the noise of
-a shared machine falls on both. Each run is a fresh process with ``PYTHONPATH`` set to its tree
+For a change that must not slow anything (a refactor), the figure is the median over pairs of the
+ratio this / baseline: runs alternate (baseline, this, baseline, this, ...) so the noise of a
+shared machine falls on both runs of a pair. Each run is a fresh process with ``PYTHONPATH`` set to its tree
 and a working directory outside both, through interfaces every version has: the ``compress``
 command on the embedded model (its wall time, Ray start-up included, and the job's own seconds
 from ``report.json``) and ``qmoe_ray.load`` of the checkpoint it wrote (decode mode, CPU). The
@@ -93,7 +93,11 @@ def run(args: argparse.Namespace) -> BenchResult:
                       + ", ".join(f"{k} {v:.2f}" for k, v in figures.items()), flush=True)
     med = {label: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
            for label, rs in runs.items()}
-    ratio = {k: med["this"][k] / med["baseline"][k] for k in med["this"] if med["baseline"][k]}
+    # each pair ran back to back and so shared the machine's load of the moment: the figure is the
+    # median of the per-pair ratios (robust to load that drifts over the run, unlike the ratio of
+    # the two medians, which is kept beside it)
+    ratio = {k: statistics.median(t[k] / b[k] for b, t in zip(runs["baseline"], runs["this"])
+                                  if b[k]) for k in med["this"]}
     same = digests["this"] == digests["baseline"]
     figures: dict[str, Any] = {"median": med, "ratio_this_over_baseline": ratio,
                                "identical_output": same, "repeat": args.repeat,
@@ -104,7 +108,7 @@ def run(args: argparse.Namespace) -> BenchResult:
         f"This checkout vs `{base.name}` ({args.repeat} alternated runs each, medians; embedded "
         f"model, {args.samples} calibration samples, CPU; {machine_description()}).",
         "",
-        "| figure | baseline s | this s | ratio |",
+        "| figure | baseline s (median) | this s (median) | ratio (median of pairs) |",
         "|---|---|---|---|",
         *rows,
         "",

@@ -321,9 +321,31 @@ class MoEFamily(ABC):
 
     @abstractmethod
     def route(
-        self, layer: LayerSpec, W: WeightSource, x: torch.Tensor, state: State
+        self,
+        layer: LayerSpec,
+        W: WeightSource,
+        x: torch.Tensor,
+        state: State,
+        keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Router: ``(idx int64 [B,S,k], gate float32 [B,S,k])``; ``idx == -1`` means dropped."""
+        """Router: ``(idx int64 [B,S,k], gate float32 [B,S,k])``; ``idx == -1`` means dropped.
+
+        ``keep`` (Expert Drop, ``qmoe_ray.models.trim``): int64 original ids of the experts
+        kept; the router runs over their rows only, top-k becomes ``min(k, len(keep))`` and
+        ``idx`` indexes ``keep`` (the trimmed model's expert numbering).
+        """
+
+    def router_probs(
+        self, layer: LayerSpec, W: WeightSource, x: torch.Tensor, state: State
+    ) -> torch.Tensor | None:
+        """The full routing distribution ``float32 [B, S, num_experts]`` (Expert Drop scores),
+        or None for a router that only has top-k weights (the scores then use those)."""
+        return None
+
+    def block_droppable(self, layer: LayerSpec) -> bool:
+        """Whether Block Drop may remove this block (Switch: not block 0 of a stack, which
+        holds the relative attention bias every block of the stack reads)."""
+        return True
 
     @abstractmethod
     def post_moe(self, layer: LayerSpec, W: WeightSource, state: State, y: torch.Tensor) -> State:
@@ -411,6 +433,7 @@ def walk_layers(
     on_route: Callable[[LayerSpec, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
     | None = None,
     after_layer: Callable[[LayerSpec, list[State]], None] | None = None,
+    after_moe: Callable[[LayerSpec, int, State, State], None] | None = None,
 ) -> list[State]:
     """The one walk over a model's blocks (see the module doc): every batch's state through
     ``layers``, layer-major, with dense experts (``moe_dense``). ``run_forward``, the evaluator,
@@ -428,6 +451,8 @@ def walk_layers(
         on_route: ``(layer, batch index, x, idx, gate)`` after each MoE layer's routing.
         after_layer: ``(layer, states)`` after each block has run over every batch (a weight
             cache drops the layer's tensors here).
+        after_moe: ``(layer, batch index, before, after)`` after each MoE layer's ``post_moe``:
+            the state entering the MoE (``pre_moe``'s) and the one leaving it (trim scores).
 
     Returns:
         ``states``, now after the last of ``layers``.
@@ -446,6 +471,8 @@ def walk_layers(
                     on_route(layer, i, x, idx, gate)
                 y = moe_dense(family.expert_spec, get, x, idx, gate)
                 states[i] = family.post_moe(layer, W, s, y)
+                if after_moe is not None:
+                    after_moe(layer, i, s, states[i])
             del get  # the layer's experts go before the next layer's are read
         if after_layer is not None:
             after_layer(layer, states)

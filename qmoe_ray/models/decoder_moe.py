@@ -151,11 +151,26 @@ class DecoderMoE(DecoderLayout):
         return self._pre(layer, W, state)
 
     def route(
-        self, layer: LayerSpec, W: WeightSource, x: torch.Tensor, state: State
+        self,
+        layer: LayerSpec,
+        W: WeightSource,
+        x: torch.Tensor,
+        state: State,
+        keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.spec
         r = self._w(W, self.router_name(layer, W), (s.num_experts, s.hidden_size))
-        return L.softmax_topk_router(x, r, s.top_k, s.norm_topk)
+        if keep is None:
+            return L.softmax_topk_router(x, r, s.top_k, s.norm_topk)
+        return L.softmax_topk_router(x, r[keep], min(s.top_k, len(keep)), s.norm_topk)
+
+    def router_probs(
+        self, layer: LayerSpec, W: WeightSource, x: torch.Tensor, state: State
+    ) -> torch.Tensor:
+        """The router's softmax over every expert (the distribution top-k picks from)."""
+        s = self.spec
+        r = self._w(W, self.router_name(layer, W), (s.num_experts, s.hidden_size))
+        return torch.softmax(L.linear(x.to(torch.float32), r), dim=-1, dtype=torch.float32)
 
     def post_moe(self, layer: LayerSpec, W: WeightSource, state: State, y: torch.Tensor) -> State:
         h = state["hidden"]

@@ -167,21 +167,47 @@ class SwitchTransformers(SwitchLayout):
         return state, self._norm(W, f"{self._ff(layer)}.layer_norm", h)
 
     def route(
-        self, layer: LayerSpec, W: WeightSource, x: torch.Tensor, state: State
+        self,
+        layer: LayerSpec,
+        W: WeightSource,
+        x: torch.Tensor,
+        state: State,
+        keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-1 routing with per-sequence expert capacity, as transformers does at inference.
+        """Top-1 routing with per-sequence expert capacity, as transformers does at inference
+        (``keep``: over those experts' router rows only, the capacity unchanged).
 
         Returns:
             ``idx`` int64 ``[B, S, 1]`` (-1 where the expert was over capacity) and ``gate``
             float32 ``[B, S, 1]`` (the top-1 router probability).
         """
+        w, b = self._router(layer, W)
+        if keep is not None:
+            w, b = w[keep], None if b is None else b[keep]
+        return L.top1_capacity_router(x, w, b, self.router_dtype, self.expert_capacity)
+
+    def router_probs(
+        self, layer: LayerSpec, W: WeightSource, x: torch.Tensor, state: State
+    ) -> torch.Tensor:
+        """The router's softmax over every expert, in ``router_dtype`` as ``route`` computes it."""
+        w, b = self._router(layer, W)
+        logits = x.to(self.router_dtype) @ w.to(self.router_dtype).T
+        if b is not None:
+            logits = logits + b.to(self.router_dtype)
+        return torch.softmax(logits, dim=-1, dtype=self.router_dtype).to(torch.float32)
+
+    def block_droppable(self, layer: LayerSpec) -> bool:
+        """Not block 0 of either stack: it holds the stack's relative attention bias."""
+        return layer.block != 0
+
+    def _router(self, layer: LayerSpec, W: WeightSource) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._check_moe(layer)
         name = self.router_name(layer)
         w = _get(W, name, (self.num_experts, self.d_model), self._cfg_hint("router"))
         b = None
         if self.router_bias:
             b = _get(W, name[: -len("weight")] + "bias", (self.num_experts,), "router_bias=true")
-        return L.top1_capacity_router(x, w, b, self.router_dtype, self.expert_capacity)
+        return w, b
 
     def post_moe(self, layer: LayerSpec, W: WeightSource, state: State, y: torch.Tensor) -> State:
         """Residual add of the routed experts' output (dropped tokens contribute nothing)."""

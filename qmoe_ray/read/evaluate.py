@@ -121,6 +121,7 @@ def evaluate(
     experts_for: ExpertsFor | None = None,
     tokenizer_source: Any = None,
     progress: bool = False,
+    trim_plan: Any = None,
 ) -> dict[str, Any]:
     """Mean cross-entropy and perplexity of a model on held-out data, walking layer by layer.
 
@@ -140,20 +141,24 @@ def evaluate(
         experts_for: ``layer -> (expert id -> {role: weight})``; default reads them from weights.
         tokenizer_source: tokenizer for text data (default: the model's ``tokenizer.json``).
         progress: show a progress bar while a compressed checkpoint loads.
+        trim_plan: a ``TrimPlan`` or its file/URL (``qmoe-ray analyze``): the model is
+            evaluated trimmed (``qmoe_ray.models.trim``; a compressed model is trimmed after
+            decoding).
 
     Returns:
         ``{"loss", "perplexity", "tokens", "samples", "seconds", "seq_len", "batch_size"}``.
 
     Raises:
         ValueError / FileNotFoundError / KeyError: bad model, data or options (before the walk).
+        InputError: a trim plan that is bad or made for another model.
         CheckpointError: a compressed checkpoint that is malformed, inconsistent with its config
             or corrupted (``qmoe_ray.read.loader.load``).
     """
-    import numpy as np
     import torch
 
-    from qmoe_ray.data import load_samples, resolve_data
+    from qmoe_ray.data import resolve_data
     from qmoe_ray.models import get_family, walk_layers
+    from qmoe_ray.models.trim import TrimmedFamily
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -167,14 +172,16 @@ def evaluate(
         raise ValueError("evaluate(weights=...) needs config= (the model's config.json)")
     family = get_family(config)
     family.bind(list(weights.names))
+    if trim_plan is not None:
+        trimmed = TrimmedFamily(family, _as_plan(trim_plan, opts))
+        experts_for = experts_for and trimmed.experts_for(experts_for)  # a compressed model's
+        family = trimmed
     if split is None:  # the embedded sets' default is their held-out part
         split = "heldout" if data_spec == EMBEDDED else "all"
     data_spec = resolve_data(data_spec, model_url)
-    arrays = load_samples(data_spec, config, num_samples, seq_len, seed=seed, split=split,
-                          tokenizer_source=tokenizer_source, storage_options=opts)
-    n = len(arrays["input_ids"])
-    batches = [{k: torch.from_numpy(np.ascontiguousarray(v[i : i + batch_size]))
-                for k, v in arrays.items()} for i in range(0, n, batch_size)]
+    batches, n, arrays = load_batches(data_spec, config, num_samples, seq_len, batch_size,
+                                      seed=seed, split=split, tokenizer_source=tokenizer_source,
+                                      storage_options=opts)
     W = LayerCache(weights)
     experts_for = experts_for or _lazy_experts(family, W)
     total, count = 0.0, 0
@@ -199,6 +206,32 @@ def evaluate(
         "batch_size": batch_size,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def load_batches(data_spec: str, config: Mapping[str, Any], num_samples: int | None,
+                 seq_len: int | None, batch_size: int, **kw: Any) -> tuple[list, int, dict]:
+    """``(batches of torch tensors, number of samples, the numpy arrays)`` of
+    ``qmoe_ray.data.load_samples(data_spec, config, num_samples, seq_len, **kw)``."""
+    import numpy as np
+    import torch
+
+    from qmoe_ray.data import load_samples
+
+    arrays = load_samples(data_spec, config, num_samples, seq_len, **kw)
+    n = len(arrays["input_ids"])
+    batches = [{k: torch.from_numpy(np.ascontiguousarray(v[i : i + batch_size]))
+                for k, v in arrays.items()} for i in range(0, n, batch_size)]
+    return batches, n, arrays
+
+
+def _as_plan(plan: Any, storage_options: Mapping[str, Any]) -> Any:
+    from qmoe_ray.models.trim_plan import TrimPlan
+
+    if isinstance(plan, TrimPlan):
+        return plan
+    from qmoe_ray.read.plans import read_plan
+
+    return read_plan(str(plan), storage_options)
 
 
 def compare_eval(compressed_url: str, original_url: str | None = None, data_spec: str = "embedded",
@@ -271,6 +304,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_storage_options(parser, "the model(s) and the data")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--trim-plan", default=None, metavar="PLAN.json",
+                        help="evaluate the model trimmed by this plan (qmoe-ray analyze; "
+                             "docs/TRIM.md)")
     parser.add_argument("--compare", nargs="?", const=ASK_SOURCE, default=None,
                         metavar="ORIGINAL",
                         help="MODEL is compressed: also evaluate ORIGINAL (the source model's "
@@ -291,12 +327,14 @@ def main(args: argparse.Namespace) -> int:
     if compare is not None:
         both = compare_eval(args.model, None if compare is ASK_SOURCE else compare, args.data,
                             args.samples, args.seq_len, args.batch_size, opts, split=args.split,
-                            seed=args.seed, progress=not args.quiet)
+                            seed=args.seed, progress=not args.quiet,
+                            trim_plan=args.trim_plan)
         print(json.dumps(both) if args.json else _side_by_side(both))
         return 0
     result = evaluate(args.model, args.data, args.samples, args.seq_len, args.batch_size,
                       opts, split=args.split, seed=args.seed,
-                      tokenizer_source=args.tokenizer, progress=not args.quiet)
+                      tokenizer_source=args.tokenizer, progress=not args.quiet,
+                      trim_plan=args.trim_plan)
     result = {"model": args.model, "data": args.data, **result}
     if args.json:
         print(json.dumps(result))
