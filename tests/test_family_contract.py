@@ -31,7 +31,17 @@ TINY = {
     "qwen3_moe": dict(_DEC, head_dim=8, moe_intermediate_size=12, num_experts=4,
                       norm_topk_prob=True),
     "olmoe": dict(_DEC, intermediate_size=12, num_experts=4, clip_qkv=3.0),
+    "deepseek_v3": dict(_DEC, num_key_value_heads=4, intermediate_size=24,
+                        moe_intermediate_size=8, n_routed_experts=8, n_shared_experts=1,
+                        kv_lora_rank=8, q_lora_rank=12, qk_nope_head_dim=4, qk_rope_head_dim=4,
+                        v_head_dim=6, n_group=2, topk_group=1, first_k_dense_replace=1),
+    "glm4_moe": dict(_DEC, head_dim=8, intermediate_size=24, moe_intermediate_size=8,
+                     n_routed_experts=8, n_shared_experts=1, n_group=2, topk_group=1,
+                     first_k_dense_replace=1, use_qk_norm=True, attention_bias=True),
+    "minimax_m2": dict(_DEC, head_dim=8, intermediate_size=12, num_local_experts=4,
+                       rotary_dim=4),
 }
+TINY["kimi_k2"] = TINY["deepseek_v3"]
 
 #: what the contract offers besides MoEFamily's methods and class attributes: the parsed config
 _INSTANCE = {"config"}
@@ -114,8 +124,10 @@ def test_family_implements_the_whole_contract(model_type):
     routers = fam.router_names()
     assert routers == {fam.router_name(lay) for lay in moe} and routers <= set(shapes)
     dense = fam.dense_names(list(tensors))
-    for n in dense:  # routers keep their source precision, the rest is stored in bf16
-        want = torch.float32 if n in routers else torch.bfloat16
+    for n in dense:  # routers (and their correction biases) keep their source precision,
+        # the rest is stored in bf16
+        want = torch.float32 if n in routers or n.endswith("e_score_correction_bias") else (
+            torch.bfloat16)
         assert fam.stored_dtype(n, torch.float32) == want
     assert set(dense) == set(tensors) - experts
     state = fam.embed(W, inputs)

@@ -29,6 +29,10 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "qwen2_moe": ("qmoe_ray.models.decoder_moe", "Qwen2Moe"),
     "qwen3_moe": ("qmoe_ray.models.decoder_moe", "Qwen3Moe"),
     "olmoe": ("qmoe_ray.models.decoder_moe", "Olmoe"),
+    "deepseek_v3": ("qmoe_ray.models.sigmoid_moe", "DeepseekV3"),
+    "kimi_k2": ("qmoe_ray.models.sigmoid_moe", "KimiK2"),
+    "glm4_moe": ("qmoe_ray.models.sigmoid_moe", "Glm4Moe"),
+    "minimax_m2": ("qmoe_ray.models.sigmoid_moe", "MiniMaxM2"),
 }
 
 SUPPORTED = tuple(sorted(FAMILIES))

@@ -226,7 +226,7 @@ class DecoderLayout(MoEFamily):
             num_kv_heads=config_int(c, "num_key_value_heads", MAX_HEADS, default=heads),
             head_dim=config_int(c, "head_dim", MAX_HEAD_DIM, default=max(hidden // heads, 1)),
             rms_eps=config_float(c, "rms_norm_eps", self.default_eps),
-            rope_theta=_rope_theta(c, self.default_rope_theta),
+            rope_theta=self._rope_theta(c),
             num_experts=e,
             top_k=top_k,
             moe_ff=_need_int(c, mt, MAX_FF, *self._moe_ff_keys()),
@@ -239,6 +239,10 @@ class DecoderLayout(MoEFamily):
             clip_qkv=None if clip is None else config_float(c, "clip_qkv", 1.0),
             tie_embeddings=bool(c.get("tie_word_embeddings", False)),
         )
+
+    def _rope_theta(self, c: Mapping[str, Any]) -> float:
+        """The default-RoPE base (a family with another RoPE kind parses it itself)."""
+        return _rope_theta(c, self.default_rope_theta)
 
     def _expert_count_keys(self) -> tuple[str, ...]:
         return ("num_experts", "num_local_experts")

@@ -101,13 +101,20 @@ class DecoderMoE(DecoderLayout):
             q = L.rms_norm(q, self._w(W, f"{p}.q_norm.weight", (hd,)), s.rms_eps)
             k = L.rms_norm(k, self._w(W, f"{p}.k_norm.weight", (hd,)), s.rms_eps)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        cos, sin = L.rope_cos_sin(state["position_ids"], hd, s.rope_theta)
-        q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
+        q, k = self._rotate(q, k, state)
         allowed = L.causal_mask(state["attention_mask"], s.windows[i])
         o = L.attention(q, k, v, allowed)
         return L.linear(
             o, self._w(W, f"{p}.o_proj.weight", (d, qd)), self._opt(W, f"{p}.o_proj.bias")
         )
+
+    def _rotate(
+        self, q: torch.Tensor, k: torch.Tensor, state: State
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on ``q`` / ``k`` ``[B, H, S, head_dim]``: the default kind over whole heads (a
+        family with another RoPE kind overrides this)."""
+        cos, sin = L.rope_cos_sin(state["position_ids"], self.spec.head_dim, self.spec.rope_theta)
+        return L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
 
     def _mlp(self, W: WeightSource, p: str, x: torch.Tensor, ff: int) -> torch.Tensor:
         d = self.spec.hidden_size

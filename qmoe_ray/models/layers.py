@@ -15,6 +15,10 @@ a variant here and picks it, rather than copying a block:
 - feed-forward: ``swiglu_mlp`` (dense blocks, shared experts), ``ACTIVATIONS`` by config name;
 - routers: ``softmax_topk_router`` (top-k of a float32 softmax, optionally renormalised),
   ``top1_capacity_router`` (Switch: top-1 with per-sequence expert capacity).
+
+The kinds of the newer families live beside this module: ``rope`` (partial, interleaved, YaRN),
+``routers`` (sigmoid scores with a correction bias and group limit), ``attention`` (multi-head
+latent attention).
 """
 
 from __future__ import annotations
@@ -82,13 +86,19 @@ def causal_mask(attention_mask: torch.Tensor, sliding_window: int | None = None)
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention with grouped KV heads.
 
     Args:
-        q: ``[B, H, S, D]``; k, v: ``[B, H_kv, S, D]`` with ``H % H_kv == 0``.
+        q, k: ``[B, H, S, D]`` / ``[B, H_kv, S, D]`` with ``H % H_kv == 0``; v: ``[B, H_kv, S,
+            D_v]`` (``D_v`` may differ from ``D``: multi-head latent attention).
         allowed: ``bool [B, 1, S, S]`` from ``causal_mask``.
+        scale: the logits' scale (default ``D^-1/2``).
 
     Returns:
         ``[B, S, H * D]``. Rows with no allowed key (fully padded) attend uniformly instead of
@@ -98,7 +108,7 @@ def attention(
     if rep > 1:
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     out = probs @ v
