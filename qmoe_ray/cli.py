@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("qmoe_ray.read.evaluate", "held-out loss and perplexity of a model"),
     "export": ("qmoe_ray.read.export", "write a plain HF bf16 checkpoint of a compressed model"),
     "inspect": ("qmoe_ray.read.inspect", "what is inside a compressed checkpoint"),
+    "plan": ("qmoe_ray.job.estimate", "parameters, sizes and job memory of a model, from its "
+             "config.json alone"),
 }
 
 

@@ -1,0 +1,309 @@
+"""``qmoe-ray plan CONFIG``: what a compression job of a model will hold and write, from its
+``config.json`` alone (no weights are read).
+
+Parameters are counted from the family's own tensor table (``MoEFamily.expected_shapes``, the
+shapes the job checks a source against), so the count is the family's, not a second model of it:
+every tensor goes to one kind (``KINDS``; the routed experts are the family's
+``source_expert_names``). From the counts:
+
+- the source size, from ``torch_dtype`` (bf16 when absent) or, for a quantized source, from its
+  ``quantization_config`` (FP8 128x128 blocks: 1 byte + a float32 scale per block; a
+  compressed-tensors group-quantized INT4/INT8: the packed bits + a bf16 scale per group), applied
+  to the 2-D linear weights the quantization covers;
+- the compressed size per scheme: the routed experts at the scheme's bits per parameter, the rest
+  as the checkpoint stores it (bf16). Bit-packed schemes (int3/int4/int8) are exact arithmetic:
+  the code bits plus a bf16 scale and a uint8 zero per row (or per ``--quant-group-size``
+  columns). The entropy-coded schemes (ternary, int2) depend on the weights: the figure is a
+  measured bits-per-parameter rate (``CODED_RATES``, with where it was measured);
+- multi-token-prediction layers (``num_nextn_predict_layers``: DeepSeek-V3, GLM) are counted
+  apart: the job carries them through unchanged, so they stay at bf16 in every scheme's size;
+- the job's memory: the Hessians of one expert group (``--group-size`` experts, float64
+  ``cols x cols`` per matrix input) and the calibration activations the stores hold (float32
+  ``samples x seq_len x hidden``, shared among the stores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+from qmoe_ray.errors import InputError
+from qmoe_ray.job.config import SCHEMES, CompressConfig
+
+KINDS = ("routed experts", "shared experts", "dense ffn", "attention", "router",
+         "embeddings/head", "norms and biases", "other", "mtp layers")
+
+#: Bits per routed-expert parameter of the entropy-coded schemes as written (codes, segment
+#: lengths, tables, bf16 row scales), and where each rate was measured (BENCHMARKS.md).
+CODED_RATES: dict[str, tuple[float, str]] = {
+    "ternary": (0.838, "switch-base-shaped layer, 16 experts of 768x3072, correlated calibration "
+                       "with outlier channels, 8192 tokens per expert (BENCHMARKS.md, job); the "
+                       "paper reports 0.807 on switch-c-2048"),
+    "int2": (1.835, "embedded tiny Mixtral, 128x192 experts (BENCHMARKS.md, job): an upper bound "
+                    "at real shapes, where the per-row scales weigh less"),
+}
+PACKED_BITS = {"int3": 3, "int4": 4, "int8": 8}
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
+
+
+class _SourceNames:
+    """A tensor-name lookup for a source with every tensor of the per-expert layout (each tensor
+    a ``...weight`` or a bias), as transformers saves it: binds a family without a checkpoint.
+    The counts do not depend on the layout (fused tensors hold the same weights); the per-expert
+    one gives each expert matrix's own shape. A Switch checkpoint's stacks share
+    ``shared.weight`` (transformers ties their ``embed_tokens`` to it and saves it once)."""
+
+    _TIED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+
+    def __contains__(self, name: object) -> bool:
+        return (isinstance(name, str) and name.endswith(("weight", "bias"))
+                and name not in self._TIED)
+
+
+def _kind(name: str, shape: tuple[int, ...], routed: set[str], routers: set[str]) -> str:
+    if name in routed:
+        return "routed experts"
+    if name in routers:
+        return "router"
+    low = name.lower()
+    if "embed" in low or "lm_head" in low or name == "shared.weight":
+        return "embeddings/head"
+    if len(shape) < 2:
+        return "norms and biases"
+    if "shared_expert" in low:
+        return "shared experts"
+    if any(k in low for k in ("attn", "attention")):
+        return "attention"
+    if any(k in low for k in ("mlp", "densereludense", "ffn", "experts")):
+        return "dense ffn"
+    return "other"
+
+
+def count_parameters(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Parameters by kind (every one of ``KINDS``), the MoE structure and the routed matrices'
+    shapes, from a parsed ``config.json``.
+
+    Raises:
+        ValueError: the model type is not supported, or a field is missing or out of bounds.
+    """
+    from qmoe_ray.models import get_family
+
+    family = get_family(dict(config)).bind(_SourceNames())
+    shapes = family.expected_shapes()
+    moe = [lay for lay in family.layers() if lay.moe]
+    routed = {n for lay in moe for n in family.source_expert_names(lay)}
+    routers = set(family.router_names())
+    params = dict.fromkeys(KINDS, 0)
+    linear = 0  # 2-D weights outside embeddings, norms and routers (what FP8 sources quantize)
+    for name, shape in shapes.items():
+        kind = _kind(name, shape, routed, routers)
+        params[kind] += math.prod(shape)
+        if len(shape) >= 2 and kind not in ("embeddings/head", "router"):
+            linear += math.prod(shape)
+    mtp = config.get("num_nextn_predict_layers")
+    if isinstance(mtp, int) and mtp > 0 and moe:
+        # each multi-token-prediction layer: a copy of an MoE block, its own embeddings and head,
+        # the projection of [embedding; hidden] (2d -> d) and its norms; the job carries it
+        # through unchanged (bf16, its experts not quantized)
+        d = _hidden_size(config, 0)
+        block = sum(math.prod(v) for k, v in shapes.items() if k.startswith(moe[-1].name + "."))
+        per = block + params["embeddings/head"] + 2 * d * d + 3 * d
+        params["mtp layers"] = mtp * per
+        linear += mtp * per
+    matrices: list[tuple[int, int]] = []  # (rows, cols) of each matrix of one routed expert
+    if moe:
+        first = moe[0]
+        seen = Counter(shapes[n] for n in family.source_expert_names(first) if n in shapes)
+        for shape, n in sorted(seen.items()):
+            matrices += [(int(shape[-2]), int(shape[-1]))] * max(n // first.num_experts, 1)
+    return {
+        "model_type": family.model_type,
+        "params": params,
+        "total": sum(params.values()),
+        "linear": linear,
+        "moe_layers": len(moe),
+        "blocks": len(family.layers()),
+        "experts_per_layer": sorted({lay.num_experts for lay in moe}),
+        "top_k": sorted({lay.top_k for lay in moe}),
+        "expert_matrices": matrices,
+        "expert_layout": family.expert_layout,
+    }
+
+
+def source_bytes(config: Mapping[str, Any], counts: Mapping[str, Any]) -> tuple[int, str]:
+    """The source's size in bytes and its precision in words.
+
+    Raises:
+        InputError: a ``quantization_config`` this estimate does not know (named).
+    """
+    q = config.get("quantization_config") or config.get("compression_config")
+    total, linear = counts["total"], counts["linear"]
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    width = _DTYPE_BYTES.get(dtype.removeprefix("torch."), 2)
+    if not q:
+        return total * width, dtype
+    method = q.get("quant_method")
+    if method == "fp8":
+        br, bc = (q.get("weight_block_size") or [128, 128])[:2]
+        scales = linear / (br * bc)  # approximately: edge blocks round up
+        return int(linear + 4 * scales + (total - linear) * 2), f"fp8 e4m3, {br}x{bc} blocks"
+    if method == "compressed-tensors":
+        groups = q.get("config_groups") or {}
+        w = next((g.get("weights") or {} for g in groups.values()), {})
+        bits, size = w.get("num_bits"), w.get("group_size")
+        if not isinstance(bits, int) or not isinstance(size, int) or size <= 0:
+            raise InputError("quantization_config.config_groups: no weights num_bits and "
+                             "group_size to size the source from")
+        routed = counts["params"]["routed experts"]
+        quantized = routed * (bits / 8 + 2 / size)
+        return int(quantized + (total - routed) * 2), f"int{bits} group {size} (compressed-tensors)"
+    raise InputError(f"quantization_config.quant_method {method!r}: plan sizes sources of "
+                     "quant_method fp8 or compressed-tensors (or unquantized ones)")
+
+
+def expert_bits(scheme: str, rows: int, cols: int, quant_group: int | None) -> float:
+    """Bits per routed-expert parameter of ``scheme`` for a ``rows x cols`` matrix."""
+    if scheme in CODED_RATES:
+        return CODED_RATES[scheme][0]
+    groups = math.ceil(cols / quant_group) if quant_group else 1
+    return PACKED_BITS[scheme] + groups * (16 + 8) / cols  # bf16 scale + uint8 zero per group
+
+
+def estimate(config: Mapping[str, Any], *, group_size: int, num_samples: int, seq_len: int,
+             num_stores: int = 1, quant_group_size: int | None = None) -> dict[str, Any]:
+    """The ``qmoe-ray plan`` figures for a parsed ``config.json`` (see the module docstring)."""
+    counts = count_parameters(config)
+    src, precision = source_bytes(config, counts)
+    routed = counts["params"]["routed experts"]
+    rest = counts["total"] - routed
+    mats = counts["expert_matrices"]
+    per_expert = sum(r * c for r, c in mats) or 1
+    schemes = {}
+    for scheme in SCHEMES:
+        bits = sum(expert_bits(scheme, r, c, quant_group_size) * r * c
+                   for r, c in mats) / per_expert if mats else 0.0
+        size = routed * bits / 8 + rest * 2
+        schemes[scheme] = {"expert_bits_per_param": round(bits, 4), "bytes": int(size),
+                           "vs_source": round(src / size, 2) if size else None,
+                           "basis": CODED_RATES[scheme][1] if scheme in CODED_RATES
+                           else "exact: packed code bits + bf16 scale + uint8 zero per group"}
+    hidden = max((c for _, c in mats), default=0)
+    # one float64 Hessian per distinct input of an expert (the input matrices share theirs)
+    hessian = group_size * sum(c * c for c in {c for _, c in mats}) * 8
+    acts = num_samples * seq_len * _hidden_size(config, hidden) * 4
+    return {
+        **counts,
+        "expert_share": round(routed / counts["total"], 4) if counts["total"] else 0.0,
+        "source_bytes": src,
+        "source_precision": precision,
+        "schemes": schemes,
+        "hessian_bytes_per_group": hessian,
+        "group_size": group_size,
+        "activation_bytes": acts,
+        "activation_bytes_per_store": math.ceil(acts / max(num_stores, 1)),
+        "calibration": {"samples": num_samples, "seq_len": seq_len, "stores": num_stores},
+    }
+
+
+def _hidden_size(config: Mapping[str, Any], fallback: int) -> int:
+    for key in ("hidden_size", "d_model"):
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    return fallback
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.2f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
+
+
+def format_text(p: Mapping[str, Any]) -> str:
+    """``estimate``'s figures as the text ``qmoe-ray plan`` prints."""
+    lines = [f"{p['model_type']}: {p['total'] / 1e9:,.3f}B parameters, {p['blocks']} blocks, "
+             f"{p['moe_layers']} MoE layers x {'/'.join(map(str, p['experts_per_layer']))} "
+             f"experts (top-{'/'.join(map(str, p['top_k']))}); routed experts "
+             f"{100 * p['expert_share']:.1f}% of the parameters",
+             "", "| kind | parameters | share |", "|---|---|---|"]
+    for kind, n in p["params"].items():
+        if n:
+            lines.append(f"| {kind} | {n:,} | {100 * n / p['total']:.2f}% |")
+    lines += ["", f"source: {_gb(p['source_bytes'])} ({p['source_precision']})", "",
+              "| scheme | expert bits/param | compressed | vs source | basis |",
+              "|---|---|---|---|---|"]
+    for scheme, s in p["schemes"].items():
+        lines.append(f"| {scheme} | {s['expert_bits_per_param']:.3f} | {_gb(s['bytes'])} | "
+                     f"{s['vs_source']}x | {s['basis']} |")
+    c = p["calibration"]
+    lines += ["", f"Hessians of one group of {p['group_size']} experts (float64): "
+              f"{_gb(p['hessian_bytes_per_group'])}",
+              f"calibration activations ({c['samples']} x {c['seq_len']} tokens, float32): "
+              f"{_gb(p['activation_bytes'])} in all, {_gb(p['activation_bytes_per_store'])} per "
+              f"store ({c['stores']} stores)"]
+    return "\n".join(lines)
+
+
+def read_config(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``config.json`` at ``url`` (the file, or a folder holding it), parsed.
+
+    Raises:
+        InputError: nothing there, or not a JSON object.
+    """
+    from qmoe_ray.storage.fs import join, read_small, url_to_fs
+
+    opts = dict(storage_options or {})
+    fs, path = url_to_fs(url, **opts)
+    if fs.isdir(path):
+        url, path = join(url, "config.json"), join(path, "config.json")
+    if not fs.isfile(path):
+        raise InputError(f"CONFIG {url}: no such file (give a config.json or a folder with one)")
+    raw = read_small(fs, path, 16 * 2**20, url, url=url, storage_options=opts)
+    try:
+        config = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"CONFIG {url}: not JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"CONFIG {url}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``qmoe-ray plan`` options (defaults: the job's, ``CompressConfig``)."""
+    from qmoe_ray.cli import add_storage_options
+
+    d = {f.name: f.default for f in dataclasses.fields(CompressConfig)}
+    parser.add_argument("config", metavar="CONFIG", help="a config.json (path or URL) or a "
+                        "folder holding one")
+    parser.add_argument("--group-size", type=int, default=d["group_size"],
+                        help="experts quantized together by one worker call")
+    parser.add_argument("--calib-samples", type=int, default=d["num_samples"],
+                        help="calibration samples")
+    parser.add_argument("--seq-len", type=int, default=d["seq_len"], help="tokens per sample")
+    parser.add_argument("--num-stores", type=int, default=d["num_stores"],
+                        help="activation store actors")
+    parser.add_argument("--quant-group-size", type=int, default=d["quant_group_size"],
+                        help="int schemes: input columns per scale group (default: per row)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_storage_options(parser, "CONFIG")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``qmoe-ray plan``."""
+    from qmoe_ray.cli import storage_options
+
+    for flag, value in (("--group-size", args.group_size), ("--calib-samples", args.calib_samples),
+                        ("--seq-len", args.seq_len), ("--num-stores", args.num_stores)):
+        if value < 1:
+            raise InputError(f"{flag} {value}: expected a positive integer")
+    if args.quant_group_size is not None and args.quant_group_size < 1:
+        raise InputError(f"--quant-group-size {args.quant_group_size}: expected a positive "
+                         "integer (or leave it out: one scale per row)")
+    config = read_config(args.config, storage_options(args))
+    p = estimate(config, group_size=args.group_size, num_samples=args.calib_samples,
+                 seq_len=args.seq_len, num_stores=args.num_stores,
+                 quant_group_size=args.quant_group_size)
+    print(json.dumps(p, indent=1) if args.json else format_text(p))
+    return 0
