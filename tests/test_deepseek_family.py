@@ -165,10 +165,11 @@ def test_config_says_deepseek_but_tensors_are_mixtral(tmp_path):
 
 
 @pytest.mark.ray
-def test_compress_load_eval_export_round_trip(tmp_path):
+def test_compress_load_eval_export_round_trip(tmp_path, capsys):
     """The whole job on a tiny DeepSeek-V3 (bf16 source, as checkpoints ship, with an MTP layer):
     compress (Ray, in-process on 127.0.0.1), load, evaluate, export; transformers loads the export
-    and gives our loaded model's logits."""
+    and gives our loaded model's logits. The MTP layer is carried (inspect says so, the export
+    says what happens to it), or left out with ``drop_mtp``."""
     import transformers as tf
     from safetensors.torch import load_file, save_file
 
@@ -205,8 +206,18 @@ def test_compress_load_eval_export_round_trip(tmp_path):
     assert torch.isfinite(logits).all()
     held = evaluate(str(out), str(src / "tokens.npy"), num_samples=8, seq_len=16)
     assert np.isfinite(held["loss"]) and rep["heldout_loss"] > 0
-    res = export(str(out), str(tmp_path / "hf"))
-    assert res["layout"] == "per-expert"
+    from qmoe_ray.cli import main
+    from qmoe_ray.read.inspect import format_text, inspect
+
+    assert "1, carried through unchanged" in format_text(inspect(str(out)))
+    assert inspect(str(out), verify=False)["mtp"] == {
+        "layers": 1, "policy": "carried", "tensors": len(mtp),
+        "bytes": sum(v.numel() * 2 for v in mtp.values())}
+    capsys.readouterr()
+    assert main(["export", str(out), str(tmp_path / "hf"), "--quiet"]) == 0
+    assert f"{len(mtp)} tensors of the multi-token-prediction layers" in capsys.readouterr().err
+    res = export(str(out), str(tmp_path / "hf"), overwrite=True)
+    assert res["layout"] == "per-expert" and res["mtp_tensors"] == len(mtp)
     names = set(json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
                 ["weight_map"])
     assert "model.layers.2.mlp.experts.15.down_proj.weight" in names and bias in names
@@ -215,6 +226,18 @@ def test_compress_load_eval_export_round_trip(tmp_path):
     assert type(hf).__name__ == "DeepseekV3ForCausalLM"
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, logits, rtol=1e-4, atol=1e-4)
+
+    # --drop-mtp: the same job without the MTP layer; everything else byte-identical
+    dropped = tmp_path / "d"
+    run_compression(CompressConfig(
+        source=str(src), output=str(dropped), data=str(src / "tokens.npy"), num_samples=24,
+        seq_len=16, eval_samples=4, batch_size=12, group_size=8, drop_mtp=True), progress=False)
+    m2 = json.loads((dropped / "manifest.json").read_text())
+    assert set(m2["tensors"]) == set(manifest["tensors"]) - set(mtp)
+    assert m2["quantized"] == manifest["quantized"]
+    assert inspect(str(dropped), verify=False)["mtp"]["policy"] == "dropped"
+    assert export(str(dropped), str(tmp_path / "hf2"))["mtp_tensors"] == 0
+    torch.testing.assert_close(load(str(dropped)).logits(ids), logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("extra", [

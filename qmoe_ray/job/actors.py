@@ -98,9 +98,9 @@ class CheckpointWriterActor(CheckpointWriter):
     """The checkpoint writer; it opens the source by the index in the job's progress folder."""
 
     def __init__(self, output: str, output_options: Mapping[str, Any], source: str,
-                 source_options: Mapping[str, Any]):
+                 source_options: Mapping[str, Any], drop_mtp: bool = False):
         index = Progress(output, output_options).load_source_index()
-        super().__init__(output, output_options, source, source_options, index)
+        super().__init__(output, output_options, source, source_options, index, drop_mtp)
 
     def node_id(self) -> str:
         """The Ray node the writer runs on."""
@@ -161,5 +161,6 @@ def make_actors(cfg: CompressConfig, storage: StorageOptions, source: str, opts:
             storage.output)
         for _ in range(cfg.num_workers)
     ]
-    writer = CheckpointWriterActor.remote(cfg.output, storage.output, source, storage.source)
+    writer = CheckpointWriterActor.remote(cfg.output, storage.output, source, storage.source,
+                                          drop_mtp=cfg.drop_mtp)
     return Actors(stores, workers, writer)

@@ -39,6 +39,8 @@ _HELP = {
                    "their loss (in grid steps squared) is below this x the bits saved (0: off)",
     "segment_symbols": "symbols per rANS segment: smaller = more decode parallelism (GPU resident "
                        "mode), larger = smaller files",
+    "drop_mtp": "leave the multi-token-prediction layers out of the output (default: carried "
+                "through unchanged, bf16, unquantized)",
     "num_samples": "calibration samples",
     "seq_len": "tokens per sample",
     "eval_samples": "held-out samples for the report's loss (0: none)",

@@ -51,6 +51,9 @@ class CompressConfig:
             of decode parallelism (one GPU thread or CPU loop each) against a few bytes of
             overhead per segment; 4096 costs +0.6% over the entropy at P(0)=0.885, 1024 +1.6%.
             Smaller segments make the GPU's resident (fused) product more parallel.
+        drop_mtp: leave the source's multi-token-prediction layers (DeepSeek-V3's
+            ``model.layers.61``, GLM's last layer: outside the main stack, unused by generation
+            here) out of the output (False: carry them through unchanged, bf16, unquantized).
         num_samples: calibration samples.
         seq_len: tokens per calibration sample.
         eval_samples: held-out samples carried through the compressed layers for the report's loss.
@@ -78,6 +81,7 @@ class CompressConfig:
     quant_group_size: int | None = None
     rate_lambda: float = 0.0
     segment_symbols: int = 4096
+    drop_mtp: bool = False
     num_samples: int = 256
     seq_len: int = 128
     eval_samples: int = 64

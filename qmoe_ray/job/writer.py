@@ -44,6 +44,7 @@ class CheckpointWriter:
         source: str,
         source_options: Mapping[str, Any] | None,
         index: SourceIndex | None = None,
+        drop_mtp: bool = False,
     ):
         self.fs, self.root = url_to_fs(output, **dict(output_options or {}))
         self.output = output
@@ -55,6 +56,8 @@ class CheckpointWriter:
             if layer.moe:
                 expert_src.update(self.family.source_expert_names(layer))
         self.expert_src = expert_src
+        # the multi-token-prediction layers' tensors (outside every block): left out on request
+        self.dropped = set(self.family.mtp_names(self.ckpt.names)) if drop_mtp else set()
         self._groups: dict[int, dict[int, EncodedGroup]] = {}
         self.incarnation = uuid.uuid4().hex  # changes when Ray restarts the actor
 
@@ -89,7 +92,7 @@ class CheckpointWriter:
     def dense_names(self, layer: LayerSpec | None) -> list[str]:
         """Source tensors stored densely in ``layer``'s shard (None: in the 'other' shard)."""
         prefixes = [l.name + "." for l in self.layers]
-        names = [n for n in self.ckpt.names if n not in self.expert_src]
+        names = [n for n in self.ckpt.names if n not in self.expert_src and n not in self.dropped]
         if layer is None:
             return [n for n in names if not any(n.startswith(p) for p in prefixes)]
         return [n for n in names if n.startswith(layer.name + ".")]

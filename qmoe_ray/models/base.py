@@ -231,6 +231,12 @@ class MoEFamily(ABC):
                 expert.update(self.source_expert_names(layer))
         return [n for n in W_names if n not in expert]
 
+    def mtp_names(self, W_names: Sequence[str]) -> list[str]:
+        """Names from a checkpoint's tensor list that belong to its multi-token-prediction
+        layers (outside the forward; the job carries them through, or drops them with
+        ``drop_mtp``). None by default."""
+        return []
+
     @abstractmethod
     def source_expert_names(self, layer: LayerSpec) -> list[str]:
         """The source checkpoint's tensor names holding this layer's routed experts."""

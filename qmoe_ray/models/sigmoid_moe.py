@@ -28,7 +28,8 @@ routed output without a gate.
 Multi-token-prediction layers (``num_nextn_predict_layers``: ``model.layers.{num_hidden_layers}``
 and later) are not part of the forward: the job carries their tensors through unchanged (dense,
 bf16, experts included, never quantized) and the export writes them under their names, which
-transformers' models skip on load. Their shapes are not checked (no ``--drop-mtp`` yet).
+transformers' models skip on load; ``drop_mtp`` (``--drop-mtp``) leaves them out (``mtp_names``).
+Their shapes are not checked.
 """
 
 from __future__ import annotations
@@ -93,6 +94,17 @@ class SigmoidMoE(DecoderMoE):
         if self.shared_ff > MAX_FF:
             raise ValueError(f"config.json: n_shared_experts={n_shared} x moe_intermediate_size "
                              f"exceeds {MAX_FF}")
+
+    def mtp_names(self, W_names: Sequence[str]) -> list[str]:
+        """The tensors of ``model.layers.{k}`` for ``k >= num_hidden_layers`` (the MTP layers)."""
+        n = self.spec.num_layers
+        out = []
+        for name in W_names:
+            head, _, rest = name.partition("model.layers.")
+            idx = rest.split(".", 1)[0]
+            if not head and idx.isdigit() and int(idx) >= n:
+                out.append(name)
+        return out
 
     # -- config hooks -----------------------------------------------------------------------------
     def _rope_theta(self, c: Mapping[str, Any]) -> float:

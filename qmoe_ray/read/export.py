@@ -184,7 +184,8 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
             against its hash; False writes only the weights, index and config.
 
     Returns:
-        ``{"files", "copied", "tensors", "bytes", "layout", "seconds", "timings"}``.
+        ``{"files", "copied", "tensors", "bytes", "layout", "mtp_tensors", "seconds", "timings"}``
+        (``mtp_tensors``: tensors of multi-token-prediction layers, exported under their names).
 
     Raises:
         FileExistsError: ``out_dir`` is not empty and ``overwrite`` is False, or holds something
@@ -234,8 +235,11 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
         remove(ofs, staging)
         raise
     timings.wall = time.perf_counter() - t0
+    from qmoe_ray.models import get_family
+
+    mtp = get_family(manifest["config"]).mtp_names(list(weight_map))
     return {"files": sorted(set(weight_map.values())), "copied": sorted(copied),
-            "tensors": len(weight_map), "bytes": total, "layout": kind,
+            "tensors": len(weight_map), "bytes": total, "layout": kind, "mtp_tensors": len(mtp),
             "seconds": time.perf_counter() - t0, "timings": timings.as_dict()}
 
 
@@ -326,4 +330,11 @@ def main(args: argparse.Namespace) -> int:
     print(f"wrote {res['tensors']} tensors ({res['bytes'] / 2**20:.1f} MiB bf16, "
           f"{res['layout']} experts) in {len(res['files'])} files to {args.out_dir} in "
           f"{res['seconds']:.1f} s")
+    if res["mtp_tensors"]:
+        import sys
+
+        print(f"note: {res['mtp_tensors']} tensors of the multi-token-prediction layers were "
+              "exported under their own names, as the job carried them (bf16, unquantized); "
+              "transformers skips them on load, other servers may use them for speculative "
+              "decoding. Compress with --drop-mtp to leave them out.", file=sys.stderr)
     return 0

@@ -81,7 +81,23 @@ def summarize(manifest: Mapping[str, Any]) -> dict[str, Any]:
         "heldout_loss": manifest.get("heldout_loss"),
         "fallbacks": fallbacks,
         "coverage": coverage,
+        "mtp": mtp_summary(family, manifest),
     }
+
+
+def mtp_summary(family: Any, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The multi-token-prediction layers: how many the config declares, what the job did with
+    them (``"carried"``: unchanged, bf16, unquantized; ``"dropped"``: ``--drop-mtp``;
+    ``"none"``), and the tensors and bytes they hold in this checkpoint."""
+    names = family.mtp_names(list(manifest["tensors"]))
+    declared = manifest["config"].get("num_nextn_predict_layers")
+    declared = declared if isinstance(declared, int) and declared > 0 else 0
+    if names:
+        policy = "carried"
+    else:
+        policy = "dropped" if declared and manifest.get("options", {}).get("drop_mtp") else "none"
+    nbytes = sum(int(manifest["tensors"][n].get("nbytes", 0)) for n in names)
+    return {"layers": declared, "policy": policy, "tensors": len(names), "bytes": nbytes}
 
 
 def _experts(manifest: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -189,6 +205,13 @@ def format_text(info: Mapping[str, Any]) -> str:
     ]
     if info.get("heldout_loss") is not None:
         lines.append(f"held-out loss reported by the job: {info['heldout_loss']:.4f}")
+    mtp = info.get("mtp") or {}
+    if mtp.get("policy") == "carried":
+        lines.append(f"multi-token-prediction layers: {mtp['layers']}, carried through unchanged "
+                     f"({mtp['tensors']} tensors, {_mib(mtp['bytes'])}, bf16, unquantized; "
+                     "compress with --drop-mtp to leave them out)")
+    elif mtp.get("policy") == "dropped":
+        lines.append(f"multi-token-prediction layers: {mtp['layers']}, dropped (--drop-mtp)")
     fb = info["fallbacks"]
     lines += ["", f"fallbacks to round-to-nearest: {fb['experts']} of {fb['of']} experts "
                   f"{fb['by_reason'] or ''}".rstrip()]
