@@ -145,8 +145,11 @@ def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> Any:
     }[model_type]
     cfg = cls[0](**{**COMMON, **FAMILY_KW[model_type], **overrides})
     torch.manual_seed(seed)
-    model = cls[1](cfg).eval()
-    g = torch.Generator().manual_seed(seed + 1)
+    return randomize(cls[1](cfg).eval(), torch.Generator().manual_seed(seed + 1))
+
+
+def randomize(model: Any, g: torch.Generator) -> Any:
+    """Re-draw ``model``'s parameters in place as ``tiny_model`` describes; returns it."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1 and "norm" in name:
@@ -156,6 +159,24 @@ def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> Any:
             else:
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
     return model
+
+
+def layer_outputs(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list]:
+    """transformers' logits and each decoder layer's output (forward hooks)."""
+    outs: list[torch.Tensor] = []
+    hooks = [
+        layer.register_forward_hook(
+            lambda mod, i, o: outs.append(o[0] if isinstance(o, tuple) else o)
+        )
+        for layer in model.model.layers
+    ]
+    try:
+        with torch.no_grad():
+            res = model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return res.logits, outs
 
 
 def save_tiny(

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from fixtures_s3 import COMMON, save_tiny
+from fixtures_s3 import COMMON, layer_outputs, randomize, save_tiny
 
 from qmoe_ray.models import get_family, run_forward, walk_layers
 from qmoe_ray.storage.checkpoint import open_checkpoint
@@ -52,16 +52,9 @@ def tiny_sigmoid_model(model_type: str, seed: int = 0, **overrides: Any) -> Any:
     }[model_type]
     cfg = cfg_cls(**{**COMMON, **kw, **overrides})
     torch.manual_seed(seed)
-    model = model_cls(cfg).eval()
     g = torch.Generator().manual_seed(seed + 1)
+    model = randomize(model_cls(cfg).eval(), g)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif p.dim() == 1:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
         n = 0
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
@@ -90,20 +83,7 @@ class Case:
         self.family = get_family(self.ckpt.config, self.ckpt)
 
 
-def reference(model, inputs):
-    """transformers' logits and each decoder layer's output."""
-    outs: list[torch.Tensor] = []
-    hooks = [
-        layer.register_forward_hook(lambda m, i, o: outs.append(o[0] if isinstance(o, tuple) else o))
-        for layer in model.model.layers
-    ]
-    try:
-        with torch.no_grad():
-            res = model(**inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return res.logits, outs
+reference = layer_outputs  # transformers' logits and each decoder layer's output
 
 
 def check_against_transformers(case: Case, inputs) -> None:

@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from fixtures_s3 import save_tiny, tiny_model  # noqa: E402
+from fixtures_s3 import layer_outputs, save_tiny, tiny_model  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from qmoe_ray.errors import CheckpointError  # noqa: E402
@@ -61,21 +61,7 @@ def case(request, tmp_path_factory) -> Case:
     return Case(request.param, tmp_path_factory.mktemp(request.param))
 
 
-def _reference(model, inputs):
-    outs: list[torch.Tensor] = []
-    hooks = [
-        layer.register_forward_hook(
-            lambda mod, i, o: outs.append(o[0] if isinstance(o, tuple) else o)
-        )
-        for layer in model.model.layers
-    ]
-    try:
-        with torch.no_grad():
-            res = model(**inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return res.logits, outs
+_reference = layer_outputs
 
 
 def _walk(family, W, inputs):
