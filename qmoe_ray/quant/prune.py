@@ -133,6 +133,7 @@ def wanda_mask(W: torch.Tensor, H: torch.Tensor, spec: PruneSpec) -> torch.Tenso
     """Wanda: the smallest ``|W| * sqrt(mean x^2)`` of each row; ``H`` ``[..., cols, cols]`` the
     mean Hessian of the inputs (its diagonal is ``mean x^2``)."""
     norm = H.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt()
+    norm = torch.where(norm.sum(-1, keepdim=True) > 0, norm, 1.0)  # no tokens: magnitude
     return select(W.abs() * norm.unsqueeze(-2).to(W.dtype), spec)
 
 
@@ -163,6 +164,9 @@ class SweepMask:
                  perm: torch.Tensor | None = None):
         if (spec is None) == (mask is None):
             raise ValueError("SweepMask needs exactly one of a PruneSpec or a mask")
+        if spec is not None and spec.nm is not None and perm is not None:
+            raise ValueError("N:M SparseGPT needs actorder=False: N:M groups are consecutive "
+                             "input columns, and act-order sweeps them out of order")
         self.spec, self.fixed = spec, None
         if mask is not None:
             mask = mask[None] if mask.dim() == 2 else mask
