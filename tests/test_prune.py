@@ -303,6 +303,7 @@ def test_cli_ternary_sparsegpt_job_manifest_and_inspect(runs, tmp_path, capsys):
     assert main(["inspect", str(out), "--no-verify"]) == 0
     text = capsys.readouterr().out
     assert "pruning: sparsegpt, 50% unstructured" in text and "mean 0.5000" in text
+    assert "experts pruned: sparsegpt, 50% unstructured" in (out / "report.md").read_text()
 
     pruned, plain = load(str(out)), load(str(runs["ternary"]["path"]))
     names = list(m["quantized"])
