@@ -59,6 +59,11 @@ def run(args) -> BenchResult:
              "", "| variant | held-out loss | rise | expert bits/param |", "|---|---|---|---|"]
     for label, r in rows.items():
         lines.append(f"| {label} | {r['loss']:.4f} | {r['rise']:+.4f} | {r['bits']:.3f} |")
+    for kind in ("50%", "2:4"):
+        got = {m: rows[f"int8 + {m} {kind}"]["rise"] for m in ("magnitude", "wanda", "sparsegpt")}
+        lines.append(f"{'' if kind == '2:4' else chr(10)}Lowest rise at {kind} (int8 grid): "
+                     f"{min(got, key=got.get)}; order " + " < ".join(sorted(got, key=got.get))
+                     + ".")
     notes = ["int8 is bit-packed: its zeros cost the same 8 bits, so its bits/param do not move; "
              "ternary's entropy code is where pruned zeros pay off.",
              "The 2:4 rows run without act-order (SparseGPT needs it off for N:M: N:M groups are consecutive input columns)."]
