@@ -448,6 +448,14 @@ def _check_quantized(name: Any, e: Any, where: str) -> None:
         _count(e.get(key), where, f"{what} {key}", optional=True)
     if e.get("role") is not None and not isinstance(e["role"], str):
         _fail(where, f"{what} role is {_short(e['role'])}, expected a string")
+    _fraction(e.get("sparsity"), where, f"{what} sparsity")
+
+
+def _fraction(value: Any, where: str, what: str) -> None:
+    """An optional fraction in [0, 1] (a pruned matrix's achieved sparsity)."""
+    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                              or not 0 <= value <= 1):
+        _fail(where, f"{what} is {_short(value)}, expected a fraction in [0, 1]")
 
 
 def _check_experts(experts: Any, where: str) -> None:
@@ -476,6 +484,8 @@ def _check_experts(experts: Any, where: str) -> None:
                 for k, v in _obj(loss, where, f"{what} proxy_loss").items():
                     if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
                         _fail(where, f"{what} proxy_loss[{_short(k)}] is not a number")
+            for k, v in _obj(s.get("sparsity") or {}, where, f"{what} sparsity").items():
+                _fraction(v, where, f"{what} sparsity[{_short(k)}]")
 
 
 def build_manifest(*, created_by: str, source: str, source_fingerprint: str, model_type: str,

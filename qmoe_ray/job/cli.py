@@ -37,6 +37,10 @@ _HELP = {
     "quant_group_size": "int schemes: scale groups along the input dimension",
     "rate_lambda": "rate-aware GPTQ rounding: near-threshold weights become cheap zeros when "
                    "their loss (in grid steps squared) is below this x the bits saved (0: off)",
+    "prune": "prune the experts: magnitude, wanda or sparsegpt (with --sparsity or "
+             "--prune-pattern; kept zero through the GPTQ sweep)",
+    "sparsity": "unstructured pruning: fraction of each expert row zeroed, in [0, 1)",
+    "prune_pattern": "N:M pruning, e.g. 2:4: N of every M consecutive input weights zeroed",
     "segment_symbols": "symbols per rANS segment: smaller = more decode parallelism (GPU resident "
                        "mode), larger = smaller files",
     "drop_mtp": "leave the multi-token-prediction layers out of the output (default: carried "
@@ -64,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=_HELP.get(f.name))
             continue
-        kind = {"int": int, "float": float, "int | None": int, "str | None": str}.get(str(f.type), str)
+        kind = {"int": int, "float": float, "int | None": int, "float | None": float,
+                "str | None": str}.get(str(f.type), str)
         parser.add_argument(flag, type=kind, default=None, help=f"{_HELP.get(f.name, '')} "
                             f"(default: {f.default})")
     add_storage_options(parser, "the source and the output")

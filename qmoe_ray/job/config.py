@@ -47,6 +47,13 @@ class CompressConfig:
             minimises its loss increase plus ``rate_lambda`` x one grid step's loss x its code
             length in bits, so near-threshold weights become cheap zeros (0: plain GPTQ; 0.05
             cut ternary bits by a third for +3% proxy loss on switch-base-sized experts).
+        prune: expert pruning before/with the quantization (``qmoe_ray.quant.prune``):
+            ``magnitude``, ``wanda`` or ``sparsegpt`` (None: no pruning). Needs ``sparsity`` or
+            ``prune_pattern``; the pruned weights are exact zeros of the grid, kept at zero
+            through the GPTQ sweep, whose error feedback compensates them.
+        sparsity: unstructured pruning: the fraction of each expert matrix row zeroed, in [0, 1).
+        prune_pattern: N:M pruning (``"2:4"``, ``"4:8"``): N of every M consecutive input
+            weights of each row zeroed (1 <= N < M).
         segment_symbols: symbols per rANS segment of an encoded matrix (ternary/int2): the unit
             of decode parallelism (one GPU thread or CPU loop each) against a few bytes of
             overhead per segment; 4096 costs +0.6% over the entropy at P(0)=0.885, 1024 +1.6%.
@@ -80,6 +87,9 @@ class CompressConfig:
     sequential_experts: bool = True
     quant_group_size: int | None = None
     rate_lambda: float = 0.0
+    prune: str | None = None
+    sparsity: float | None = None
+    prune_pattern: str | None = None
     segment_symbols: int = 4096
     drop_mtp: bool = False
     num_samples: int = 256
@@ -137,6 +147,7 @@ class CompressConfig:
         if self.rate_lambda and self.method != "gptq":
             raise bad("rate_lambda", self.rate_lambda, "0 with --method rtn (rate-aware "
                       "rounding is part of the GPTQ sweep)")
+        self._check_prune(bad)
         if self.token_cap < 0:
             raise bad("token_cap", self.token_cap, "a number >= 0 (0 disables the cap)")
         if not 0 <= self.percdamp < 10:
@@ -156,6 +167,39 @@ class CompressConfig:
             raise bad("gpus_per_worker", self.gpus_per_worker, "a number >= 0")
         if not self.output:
             raise bad("output", self.output, "a URL or path to write the checkpoint to")
+
+    def _check_prune(self, bad: Any) -> None:
+        from qmoe_ray.quant.prune import PRUNE_METHODS, parse_pattern
+
+        if self.prune is None:
+            for name in ("sparsity", "prune_pattern"):
+                if getattr(self, name) is not None:
+                    raise bad(name, getattr(self, name), "no value without --prune METHOD "
+                              f"(one of {', '.join(PRUNE_METHODS)})")
+            return
+        if self.prune not in PRUNE_METHODS:
+            raise bad("prune", self.prune, f"one of {', '.join(PRUNE_METHODS)}")
+        if (self.sparsity is None) == (self.prune_pattern is None):
+            raise bad("prune", self.prune, "one of --sparsity FRACTION (unstructured) or "
+                      "--prune-pattern N:M with it, not " + ("both" if self.sparsity is not None
+                                                             else "neither"))
+        if self.sparsity is not None and (isinstance(self.sparsity, bool)
+                                          or not isinstance(self.sparsity, (int, float))
+                                          or not 0 <= self.sparsity < 1):
+            raise bad("sparsity", self.sparsity, "a fraction in [0, 1), such as 0.5")
+        if self.prune_pattern is not None:
+            try:
+                parse_pattern(self.prune_pattern)
+            except ValueError:
+                raise bad("prune_pattern", self.prune_pattern,
+                          "N:M with 1 <= N < M, such as 2:4 or 4:8") from None
+        if self.prune == "sparsegpt" and self.method != "gptq":
+            raise bad("prune", self.prune, "magnitude or wanda with --method rtn (SparseGPT "
+                      "chooses its mask inside the GPTQ sweep)")
+        if self.prune == "sparsegpt" and self.prune_pattern is not None and self.actorder:
+            raise bad("prune_pattern", self.prune_pattern, "used with --no-actorder for "
+                      "--prune sparsegpt (N:M groups are consecutive input columns; act-order "
+                      "sweeps them out of order)")
 
     # Options that change the output bytes: a resumed run must agree on all of them.
     def output_options(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import torch
 from qmoe_ray.job.config import CompressConfig
 from qmoe_ray.models.base import ExpertSpec
 from qmoe_ray.quant import QuantResult, Scheme, gptq, hessian, parse_scheme, rtn
+from qmoe_ray.quant.prune import PruneSpec, prune_mask
 
 _D = CompressConfig  # the defaults: CompressConfig's fields, one place for every option
 
@@ -48,6 +49,8 @@ class QuantOptions:
     """Symbols per rANS segment when the worker encodes the codes (see ``CompressConfig``)."""
     rate_lambda: float = _D.rate_lambda
     """Rate-aware rounding strength (``qmoe_ray.quant.rate``; 0: plain GPTQ)."""
+    prune: PruneSpec | None = None
+    """Expert pruning (``qmoe_ray.quant.prune``), joint with the quantization; None: none."""
 
     @classmethod
     def from_config(cls, cfg: CompressConfig) -> QuantOptions:
@@ -59,7 +62,9 @@ class QuantOptions:
         return cls(scheme=parse_scheme(cfg.scheme, cfg.quant_group_size), method=cfg.method,
                    blocksize=cfg.blocksize, percdamp=cfg.percdamp, actorder=cfg.actorder,
                    sequential=cfg.sequential_experts, segment_symbols=cfg.segment_symbols,
-                   rate_lambda=cfg.rate_lambda)
+                   rate_lambda=cfg.rate_lambda,
+                   prune=None if cfg.prune is None else PruneSpec(cfg.prune, cfg.sparsity,
+                                                                  cfg.prune_pattern))
 
 
 @dataclass
@@ -120,8 +125,17 @@ def _sync(device: str) -> None:
 def _quantize(
     W: torch.Tensor, H: torch.Tensor, tokens: torch.Tensor, opts: QuantOptions
 ) -> QuantResult:
+    p = opts.prune
+    mask = None if p is None or p.method == "sparsegpt" else prune_mask(W, H, p)
     if opts.method == "rtn":
-        return rtn(W, opts.scheme, H=H, tokens=tokens)
+        if mask is None:
+            return rtn(W, opts.scheme, H=H, tokens=tokens)
+        # no sweep to feed the error back: the kept weights are rounded to nearest on the grid
+        # of the pruned matrix, where a pruned 0 is exactly 0 (ternary code 0, int code zero)
+        res = rtn(W.masked_fill(mask, 0.0), opts.scheme, H=H, tokens=tokens)
+        D = W - res.dequantize()
+        loss = (torch.bmm(D, H) * D).sum(dim=(1, 2), dtype=torch.float64).cpu()
+        return dataclasses.replace(res, loss=loss, pruned=_fraction(mask))
     return gptq(
         W,
         H,
@@ -131,7 +145,14 @@ def _quantize(
         actorder=opts.actorder,
         tokens=tokens,
         rate_lambda=opts.rate_lambda,
+        mask=mask,
+        prune=p if mask is None else None,
     )
+
+
+def _fraction(mask: torch.Tensor) -> torch.Tensor:
+    """float64 ``[E]``: the fraction of each expert's matrix that ``mask`` prunes."""
+    return mask.sum(dim=(1, 2), dtype=torch.float64).cpu() / (mask.shape[1] * mask.shape[2])
 
 
 def quantize_group(
@@ -241,6 +262,8 @@ def quantize_group(
                 "proxy_loss": {r: float(results[r].loss[i]) for r in spec.roles},
             }
         )
+        if opts.prune is not None:
+            stats[-1]["sparsity"] = {r: float(results[r].pruned[i]) for r in spec.roles}
     return GroupResult(
         experts=experts,
         results=results,
@@ -260,4 +283,5 @@ def _to_cpu(q: QuantResult) -> QuantResult:
         params={k: v.cpu() for k, v in q.params.items()},
         loss=q.loss.cpu(),
         tokens=None if q.tokens is None else q.tokens.cpu(),
+        pruned=None if q.pruned is None else q.pruned.cpu(),
     )

@@ -72,6 +72,11 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         f"- whole model: {s['total_bytes']:,} bytes, {s['bits_per_param']:.3f} bits/param "
         f"({s['ratio_vs_bf16']:.2f}x vs bf16)",
     ]
+    o = report["options"]
+    if o.get("prune"):
+        asked = o["prune_pattern"] or f"{o['sparsity']:.0%} unstructured"
+        lines.append(f"- experts pruned: {o['prune']}, {asked} (achieved sparsity per matrix: "
+                     "the manifest's `sparsity`, `qmoe-ray inspect`)")
     if report.get("heldout_loss") is not None:
         lines.append(
             f"- held-out loss (compressed): {report['heldout_loss']:.4f} over "

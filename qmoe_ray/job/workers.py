@@ -126,6 +126,8 @@ class QuantWorker:
                 t, entry = pack_matrix(names[role], qr.scheme, qr.codes[i], params, *shared[role],
                                        segment_symbols=self.opts.segment_symbols)
                 entry.update(layer=layer.index, expert=int(e), role=role)
+                if qr.pruned is not None:
+                    entry["sparsity"] = float(qr.pruned[i])
                 tensors.update(t)
                 entries[names[role]] = entry
         outputs: list[list[np.ndarray]] = []

@@ -48,6 +48,7 @@ from qmoe_ray.quant.grids import (
     quantize_int,
     ternary_thresholds,
 )
+from qmoe_ray.quant.prune import PruneSpec, SweepMask
 from qmoe_ray.quant.rate import RateModel, choose_int, choose_ternary, rate_unit
 
 NO_TOKENS = "no_tokens"
@@ -75,6 +76,8 @@ class QuantResult:
             ``"no_tokens"``, ``"few_tokens"``, ``"cholesky_failed"``, ``"nonfinite_hessian"``.
         squeeze: the input was one ``[rows, cols]`` matrix (``codes`` still has ``E = 1``;
             ``dequantize`` returns 2-D).
+        pruned: float64 ``[E]`` (CPU): the fraction of each matrix pruned to 0 (``mask`` /
+            ``prune`` of ``gptq``), or ``None`` without pruning.
     """
 
     scheme: Scheme
@@ -84,6 +87,7 @@ class QuantResult:
     tokens: torch.Tensor | None
     fallback: list[str | None]
     squeeze: bool = False
+    pruned: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -188,15 +192,8 @@ def rtn(
     params = grid_params(W, scheme, scale_dtype)
     codes = quantize(W, scheme, params)
     Q = dequantize(scheme, codes, params)
-    return QuantResult(
-        scheme=scheme,
-        codes=codes,
-        params=params,
-        loss=_proxy_loss(W, Q, Hf),
-        tokens=tok,
-        fallback=[None] * W.shape[0],
-        squeeze=squeeze,
-    )
+    return QuantResult(scheme=scheme, codes=codes, params=params, loss=_proxy_loss(W, Q, Hf),
+                       tokens=tok, fallback=[None] * W.shape[0], squeeze=squeeze)
 
 
 # -- GPTQ -----------------------------------------------------------------------------------------
@@ -303,6 +300,8 @@ def gptq(
     min_tokens: int = 1,
     on_nonfinite: str = "raise",
     rate_lambda: float = 0.0,
+    mask: torch.Tensor | None = None,
+    prune: PruneSpec | None = None,
 ) -> QuantResult:
     """GPTQ over a stack of experts in one batched computation.
 
@@ -324,6 +323,10 @@ def gptq(
         rate_lambda: rate-aware rounding (``qmoe_ray.quant.rate``): each weight goes to the grid
             point minimising its loss increase plus ``rate_lambda`` x (one grid step's loss) x
             its code length in bits, so cheap zeros win near the thresholds. 0: plain GPTQ.
+        mask: optional bool ``[E, rows, cols]`` (True: pruned) fixed before the sweep
+            (``qmoe_ray.quant.prune``): those weights become exactly 0 and their error is fed
+            back to the columns still to come, like any rounding error.
+        prune: optional SparseGPT ``PruneSpec``: the mask is chosen per block inside the sweep.
 
     Returns:
         A ``QuantResult``; ``fallback[e]`` says whether and why expert ``e`` was rounded to
@@ -392,22 +395,17 @@ def gptq(
         if reasons[e] is None:
             reasons[e] = CHOLESKY_FAILED
 
-    codes, params = _sweep(W, U, scheme, blocksize, perm, scale_dtype, float(rate_lambda))
+    masks = None if mask is None and prune is None else SweepMask(prune, mask, perm)
+    codes, params = _sweep(W, U, scheme, blocksize, perm, scale_dtype, float(rate_lambda), masks)
     Q = dequantize(scheme, codes, params)
     if not finite.all():
         H = H.clone()
         H[~finite] = 0.0
     loss = _proxy_loss(W, Q, H)
     loss[~finite.cpu()] = float("nan")
-    return QuantResult(
-        scheme=scheme,
-        codes=codes,
-        params=params,
-        loss=loss,
-        tokens=tok,
-        fallback=reasons,
-        squeeze=squeeze,
-    )
+    return QuantResult(scheme=scheme, codes=codes, params=params, loss=loss, tokens=tok,
+                       fallback=reasons, squeeze=squeeze,
+                       pruned=None if masks is None else masks.fraction(R, C))
 
 
 def _rate_model(W: torch.Tensor, U: torch.Tensor, scheme: Scheme,
@@ -435,6 +433,7 @@ def _sweep(
     perm: torch.Tensor | None,
     scale_dtype: torch.dtype | None,
     rate_lambda: float = 0.0,
+    masks: SweepMask | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GPTQ column sweep over all experts at once; returns ``(codes, params)``.
 
@@ -481,6 +480,8 @@ def _sweep(
         Err1 = torch.empty_like(W1)
         U1 = U[:, i1:i2, i1:i2]
         n = i2 - i1
+        m1 = None if masks is None else masks.block(
+            W1.transpose(1, 2), U1.diagonal(dim1=1, dim2=2), i1).transpose(1, 2)
         for s1 in range(0, n, sub):
             s2 = min(s1 + sub, n)
             for i in range(s1, s2):
@@ -504,16 +505,20 @@ def _sweep(
                         code = choose_int(w, scale, zero, scheme.maxq, d2, rate.lengths(),
                                           rate.lam)
                         q = dequantize_int(code, scale, zero)
-                    codes_t[:, j] = code
-                    rate.update(code)
                 elif scheme.is_ternary:
                     pos, neg = w > t_hi, w < t_lo
-                    codes_t[:, j] = pos.to(torch.int8) - neg.to(torch.int8)
+                    code = pos.to(torch.int8) - neg.to(torch.int8)
                     q = torch.where(pos, hi, torch.where(neg, lo, zero_f))
                 else:
                     code = quantize_int(w, scale, zero, scheme.maxq)
-                    codes_t[:, j] = code
                     q = dequantize_int(code, scale, zero)
+                if m1 is not None:  # pruned: exactly 0 (ternary code 0, int code ``zero``)
+                    q = q.masked_fill(m1[:, i], 0.0)
+                    code = torch.where(m1[:, i], 0 if scheme.is_ternary else zero.to(code.dtype),
+                                       code)
+                codes_t[:, j] = code
+                if rate is not None:
+                    rate.update(code)
                 err = Err1[:, i]
                 torch.sub(w, q, out=err)
                 err.div_(U1[:, i, i, None])

@@ -79,6 +79,7 @@ def summarize(manifest: Mapping[str, Any]) -> dict[str, Any]:
             "whole_ratio_vs_bf16": 16 * total_params / max(8 * total_bytes, 1),
         },
         "heldout_loss": manifest.get("heldout_loss"),
+        "pruning": _pruning(manifest),
         "fallbacks": fallbacks,
         "coverage": coverage,
         "mtp": mtp_summary(family, manifest),
@@ -98,6 +99,26 @@ def mtp_summary(family: Any, manifest: Mapping[str, Any]) -> dict[str, Any]:
         policy = "dropped" if declared and manifest.get("options", {}).get("drop_mtp") else "none"
     nbytes = sum(int(manifest["tensors"][n].get("nbytes", 0)) for n in names)
     return {"layers": declared, "policy": policy, "tensors": len(names), "bytes": nbytes}
+
+
+def _pruning(manifest: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The pruning asked (method, sparsity or N:M pattern) and the sparsity each quantized
+    matrix achieved (``sparsity`` of its manifest entry): mean, min, max, per role; None when
+    the checkpoint was not pruned."""
+    opts = manifest.get("options", {})
+    got = [(e.get("role"), e["sparsity"]) for e in manifest["quantized"].values()
+           if e.get("sparsity") is not None]
+    if not opts.get("prune") and not got:
+        return None
+    vals = [v for _, v in got]
+    roles: dict[str, list[float]] = {}
+    for r, v in got:
+        roles.setdefault(str(r), []).append(v)
+    return {"method": opts.get("prune"), "sparsity": opts.get("sparsity"),
+            "pattern": opts.get("prune_pattern"), "matrices": len(vals),
+            "mean": statistics.fmean(vals) if vals else None,
+            "min": min(vals, default=None), "max": max(vals, default=None),
+            "by_role": {r: statistics.fmean(v) for r, v in sorted(roles.items())}}
 
 
 def _experts(manifest: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -212,6 +233,15 @@ def format_text(info: Mapping[str, Any]) -> str:
                      "compress with --drop-mtp to leave them out)")
     elif mtp.get("policy") == "dropped":
         lines.append(f"multi-token-prediction layers: {mtp['layers']}, dropped (--drop-mtp)")
+    pr = info.get("pruning")
+    if pr:
+        asked = (f"{pr['pattern']} (N:M)" if pr["pattern"] else
+                 f"{pr['sparsity']:.0%} unstructured" if pr["sparsity"] is not None else "?")
+        lines.append(f"pruning: {pr['method']}, {asked}; achieved sparsity of {pr['matrices']} "
+                     "expert matrices: " + (f"mean {pr['mean']:.4f} (min {pr['min']:.4f}, max "
+                     f"{pr['max']:.4f}); by role " + ", ".join(
+                         f"{r} {v:.4f}" for r, v in pr["by_role"].items())
+                     if pr["matrices"] else "not recorded"))
     fb = info["fallbacks"]
     lines += ["", f"fallbacks to round-to-nearest: {fb['experts']} of {fb['of']} experts "
                   f"{fb['by_reason'] or ''}".rstrip()]
