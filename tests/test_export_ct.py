@@ -127,18 +127,24 @@ def test_transformers_loads_the_export_with_our_logits(tmp_path_factory, tmp_pat
     ckpt = _ckpt(tmp_path_factory, case)
     out = tmp_path / "ct"
     export(str(ckpt), str(out), format="compressed-tensors", symmetric=True)
-    model = tf.AutoModelForCausalLM.from_pretrained(str(out)).float().eval()
+    model = tf.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     ours = load(str(ckpt))
     sd = model.state_dict()
     gu = sd["model.layers.0.mlp.experts.gate_up_proj"]
     g = ours.experts["model.layers.0.mlp.experts.0.gate_proj.weight"]
-    assert torch.equal(gu[0, : g.shape[0]], g.float())  # decompressed bit for bit
+    assert gu.dtype == torch.bfloat16  # the decompressed experts keep the scales' dtype
+    assert torch.equal(gu[0, : g.shape[0]], g)  # decompressed bit for bit
     ids = torch.from_numpy(np.random.default_rng(0).integers(3, ours.config["vocab_size"],
                                                              size=(2, 10)))
+    want = ours.logits(ids)
     with torch.no_grad():
-        theirs = model(ids).logits
+        as_loaded = model(ids).logits  # its expert products in bf16, ours in float32
+        for p in model.parameters():
+            p.data = p.data.float()
+        widened = model(ids).logits
+    torch.testing.assert_close(as_loaded, want, rtol=2e-2, atol=5e-2)
     # same bf16 weights, float32 arithmetic on both sides: only summation order differs
-    torch.testing.assert_close(theirs, ours.logits(ids), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(widened, want, rtol=1e-4, atol=1e-4)
 
 
 def test_ternary_rows_map_to_two_bit_exactly_when_evenly_spaced():
@@ -215,3 +221,22 @@ def test_cli_export_compressed_tensors(tmp_path_factory, tmp_path, capsys):
     assert main(["export", str(ternary), str(tmp_path / "t"), "--format",
                  "compressed-tensors", "--quiet"]) == 2
     assert "not evenly spaced" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_inspect_says_which_formats_are_lossless(tmp_path_factory):
+    from qmoe_ray.read.inspect import format_text, inspect
+
+    ternary = inspect(str(compressed_checkpoint(tmp_path_factory)))["export_formats"]
+    assert ternary["hf"] is None
+    assert "ternary rows are not an evenly spaced 2-bit grid" in ternary["compressed-tensors"]
+    unchecked = inspect(str(compressed_checkpoint(tmp_path_factory)), verify=False)
+    assert unchecked["export_formats"]["compressed-tensors"] == "ternary rows: not checked"
+    int8 = inspect(str(_ckpt(tmp_path_factory, "int8")))
+    assert int8["export_formats"] == {"hf": None, "compressed-tensors": None,
+                                      "compressed-tensors --symmetric":
+                                      "int8 has no symmetric form (9-bit codes)"}
+    assert "  compressed-tensors: yes" in format_text(int8)
+    partial = inspect(str(_ckpt(tmp_path_factory, "int4-g128")), verify=False)
+    assert "[192] are not multiples of quant_group_size 128" in \
+        partial["export_formats"]["compressed-tensors"]

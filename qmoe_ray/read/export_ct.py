@@ -256,3 +256,36 @@ def quantization_config(weights: Mapping[str, Any], expert_modules: list[str],
         "transform_config": {},
         "global_compression_ratio": None,
     }
+
+
+def export_formats(manifest: Mapping[str, Any]) -> dict[str, str | None]:
+    """Which export formats hold the checkpoint losslessly, from its manifest alone: format ->
+    ``None`` (lossless) or the reason it is refused. A ternary checkpoint's rows decide (their
+    ``lo``/``hi`` values): ``"ternary rows: not checked"`` until ``ternary_rows_refused`` has seen
+    them (``inspect`` does so while verifying the checksums)."""
+    out: dict[str, str | None] = {"hf": None}
+    quantized = manifest["quantized"]
+    grids = {(e["scheme"], e.get("quant_group_size")) for e in quantized.values()}
+    reason = None
+    if len(grids) != 1:
+        reason = f"the experts use several grids {sorted(grids, key=str)}"
+    else:
+        name, gs = next(iter(grids))
+        partial = sorted({e["shape"][1] for e in quantized.values()
+                          if gs is not None and e["shape"][1] > gs and e["shape"][1] % gs})
+        if partial:
+            reason = (f"input dimensions {partial} are not multiples of quant_group_size {gs} "
+                      "(a partial last group)")
+        elif name == "ternary":
+            reason = "ternary rows: not checked"
+    out["compressed-tensors"] = reason
+    sym = reason
+    if reason is None and next(iter(grids))[0] == "int8":
+        sym = "int8 has no symmetric form (9-bit codes)"
+    out["compressed-tensors --symmetric"] = sym
+    return out
+
+
+def ternary_rows_refused(lo: torch.Tensor, hi: torch.Tensor) -> int:
+    """How many ternary rows the compressed-tensors export cannot hold (see the module doc)."""
+    return int((~_ternary_rows(lo, hi)[3]).sum())
