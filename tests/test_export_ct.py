@@ -206,6 +206,8 @@ def test_refuses_grids_compressed_tensors_cannot_hold(tmp_path_factory, tmp_path
                format="compressed-tensors", symmetric=True)
     with pytest.raises(InputError, match="per-expert"):
         export(str(partial), str(tmp_path / "f"), format="compressed-tensors", layout="fused")
+    with pytest.raises(InputError, match="--symmetric"):
+        export(str(partial), str(tmp_path / "h"), symmetric=True)
     assert list(tmp_path.iterdir()) == []
 
 

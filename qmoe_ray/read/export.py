@@ -3,7 +3,8 @@
 For serving stacks that expect an HF folder: ``config.json`` (the source config, dtype bf16), the
 tokenizer files the job copied, ``model-0000k-of-0000n.safetensors`` shards and
 ``model.safetensors.index.json``. transformers loads it with its own class for
-``config["model_type"]``.
+``config["model_type"]``. ``format="compressed-tensors"`` keeps the experts quantized instead
+(``qmoe_ray.read.export_ct``: the tensors, the exactness check, the ``quantization_config``).
 
 Why it streams: the decompressed model is ~10-20x larger than the compressed one, so it is never
 held whole. Each compressed shard (one transformer block) is read, verified, decoded and written
@@ -208,6 +209,9 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
     if format not in FORMATS:
         raise ValueError(f"format={format!r}: expected one of {FORMATS}")
     ct = format == "compressed-tensors"
+    if symmetric and not ct:
+        raise InputError("symmetric=True (--symmetric) is for format='compressed-tensors' "
+                         "(--format compressed-tensors) only")
     if ct and layout == "fused":
         raise InputError("the compressed-tensors export writes per-expert Linear modules (its "
                          "quantized weights are per module): use layout='auto' or 'per-expert'")
