@@ -3,7 +3,8 @@
 For serving stacks that expect an HF folder: ``config.json`` (the source config, dtype bf16), the
 tokenizer files the job copied, ``model-0000k-of-0000n.safetensors`` shards and
 ``model.safetensors.index.json``. transformers loads it with its own class for
-``config["model_type"]``.
+``config["model_type"]``. ``format="compressed-tensors"`` keeps the experts quantized instead
+(``qmoe_ray.read.export_ct``: the tensors, the exactness check, the ``quantization_config``).
 
 Why it streams: the decompressed model is ~10-20x larger than the compressed one, so it is never
 held whole. Each compressed shard (one transformer block) is read, verified, decoded and written
@@ -51,10 +52,11 @@ from typing import Any
 import torch
 from fsspec import AbstractFileSystem
 
-from qmoe_ray.errors import CheckpointError
+from qmoe_ray.errors import CheckpointError, InputError
 from qmoe_ray.format.manifest import MANIFEST, read_manifest
 from qmoe_ray.format.matrices import stored_names
 from qmoe_ray.format.shards import Timings, iter_shards, serialize_shard
+from qmoe_ray.read import export_ct
 from qmoe_ray.read.export_files import (
     INDEX,
     check_destination,
@@ -68,6 +70,7 @@ from qmoe_ray.read.weights import decode_matrix, encoded_matrix
 from qmoe_ray.storage.fs import check_relname, fs_errors, redact, url_to_fs
 
 LAYOUTS = ("auto", "per-expert", "fused")
+FORMATS = ("hf", "compressed-tensors")
 
 
 def expert_layout(manifest: Mapping[str, Any], layout: str = "auto"
@@ -168,8 +171,10 @@ def check_experts(manifest: Mapping[str, Any], where: str = "manifest") -> dict[
 def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False,
            storage_options: Mapping[str, Any] | None = None,
            output_options: Mapping[str, Any] | None = None, workers: int = 4,
-           progress: bool = False, copy_files: bool = True) -> dict[str, Any]:
-    """Write a plain HF bf16 checkpoint of the decompressed model.
+           progress: bool = False, copy_files: bool = True, format: str = "hf",
+           symmetric: bool = False) -> dict[str, Any]:
+    """Write a plain HF bf16 checkpoint of the decompressed model, or (``format=
+    "compressed-tensors"``) one whose experts stay quantized (``qmoe_ray.read.export_ct``).
 
     Args:
         url: the compressed checkpoint (any fsspec URL).
@@ -182,9 +187,14 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
         progress: show a progress bar on stderr.
         copy_files: copy the checkpoint's ``copied_files`` (tokenizer files), each checked
             against its hash; False writes only the weights, index and config.
+        format: ``"hf"`` (bf16 experts) or ``"compressed-tensors"`` (``pack-quantized``
+            experts under their per-expert names; ``layout="fused"`` is refused).
+        symmetric: compressed-tensors only: no zero points, codes in one more bit (for
+            loaders that read no zero points: transformers 5.25 drops them for MoE experts).
 
     Returns:
-        ``{"files", "copied", "tensors", "bytes", "layout", "mtp_tensors", "seconds", "timings"}``
+        ``{"files", "copied", "tensors", "bytes", "layout", "format", "mtp_tensors", "seconds",
+        "timings"}``
         (``mtp_tensors``: tensors of multi-token-prediction layers, exported under their names).
 
     Raises:
@@ -192,10 +202,23 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
             other than an earlier export (see ``qmoe_ray.read.export_files.check_destination``).
         CheckpointError: the checkpoint is damaged, incomplete (a missing expert) or has a
             refused or altered copied file (see ``check_experts``, ``copied_files``).
+        InputError: ``format="compressed-tensors"`` for a grid it cannot hold exactly (see
+            ``qmoe_ray.read.export_ct``), or with ``layout="fused"``.
         ValueError / FileNotFoundError / PermissionError: see ``qmoe_ray.read.loader.load``.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r}: expected one of {FORMATS}")
+    ct = format == "compressed-tensors"
+    if symmetric and not ct:
+        raise InputError("symmetric=True (--symmetric) is for format='compressed-tensors' "
+                         "(--format compressed-tensors) only")
+    if ct and layout == "fused":
+        raise InputError("the compressed-tensors export writes per-expert Linear modules (its "
+                         "quantized weights are per module): use layout='auto' or 'per-expert'")
+    if ct:
+        layout = "per-expert"
     t0 = time.perf_counter()
     so, oo = dict(storage_options or {}), dict(output_options or {})
     ofs, oroot = url_to_fs(out_dir, **oo)
@@ -218,11 +241,16 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
             data = read_copied(src_fs, src_root, url, rel, entry, so)
             with fs_errors(out_dir, "write", oo):
                 ofs.pipe_file(f"{staging}/{rel}", data)
-        weight_map, total, timings = _write_weights(url, manifest, names, file_of, ofs,
-                                                    staging, out_dir, so, oo, workers, progress)
+        weight_map, total, timings, ct_info = _write_weights(
+            url, manifest, names, file_of, ofs, staging, out_dir, so, oo, workers, progress,
+            ct and (symmetric and "symmetric" or "asymmetric"))
         config = dict(manifest["config"])
         config["dtype"] = "bfloat16"
         config.pop("torch_dtype", None)
+        if ct:
+            config["quantization_config"] = export_ct.quantization_config(
+                export_ct.grid_args(ct_info["schemes"], symmetric), ct_info["experts"],
+            ct_info["dense"])
         index_doc = {"metadata": {"total_size": total, "format": "pt"},
                      "weight_map": dict(sorted(weight_map.items()))}
         with fs_errors(out_dir, "write", oo):
@@ -239,7 +267,8 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
 
     mtp = get_family(manifest["config"]).mtp_names(list(weight_map))
     return {"files": sorted(set(weight_map.values())), "copied": sorted(copied),
-            "tensors": len(weight_map), "bytes": total, "layout": kind, "mtp_tensors": len(mtp),
+            "tensors": len(weight_map), "bytes": total, "layout": kind, "format": format,
+            "mtp_tensors": len(mtp),
             "seconds": time.perf_counter() - t0, "timings": timings.as_dict()}
 
 
@@ -247,11 +276,15 @@ def _write_weights(url: str, manifest: Mapping[str, Any],
                    names: Mapping[str, tuple[str, int | None, str | None]],
                    file_of: Mapping[str, str], ofs: AbstractFileSystem, staging: str,
                    out_dir: str, so: Mapping[str, Any], oo: Mapping[str, Any], workers: int,
-                   progress: bool) -> tuple[dict[str, str], int, Any]:
-    """Decode each verified shard into one output shard under ``staging``.
+                   progress: bool, ct: str = ""
+                   ) -> tuple[dict[str, str], int, Any, dict[str, Any]]:
+    """Decode each verified shard into one output shard under ``staging`` (``ct``: experts as
+    compressed-tensors tensors, ``qmoe_ray.read.export_ct.ct_tensors``; ``"symmetric"`` or
+    ``"asymmetric"``).
 
     Returns:
-        ``(weight_map, total bytes, timings)``.
+        ``(weight_map, total bytes, timings, ct_info)``, ``ct_info`` the grids, expert modules
+        and dense 2-D weights met (for the ``quantization_config``).
 
     Raises:
         CheckpointError: a shard fails verification (a missing tensor, a checksum) or decoding.
@@ -264,6 +297,7 @@ def _write_weights(url: str, manifest: Mapping[str, Any],
     weight_map: dict[str, str] = {}
     total = 0
     timings = Timings()
+    ct_info: dict[str, Any] = {"schemes": set(), "experts": [], "dense": []}
     shards = iter_shards(url, manifest, workers=workers, timings=timings,
                          progress="exporting" if progress else False, checked=True, **so)
     try:
@@ -273,13 +307,24 @@ def _write_weights(url: str, manifest: Mapping[str, Any],
             for name, t in part.items():
                 if name not in stored:
                     out[name] = t.to(torch.bfloat16) if t.is_floating_point() else t
+                    if t.dim() == 2 and name.endswith(".weight"):
+                        ct_info["dense"].append(name)
             cache: dict[str, Any] = {}
             t_dec = time.perf_counter()
             for name, entry in quantized.items():
                 if file_of[name] != rel:
                     continue
-                w = decode_matrix(encoded_matrix(name, entry, part, tables, cache)).contiguous()
+                enc = encoded_matrix(name, entry, part, tables, cache)
                 target, e, role = names[name]
+                if ct:
+                    module = target.removesuffix(".weight")
+                    for k, v in export_ct.ct_tensors(module, enc.scheme, enc.codes(),
+                                                     enc.params, ct == "symmetric").items():
+                        out[f"{module}.{k}"] = v
+                    ct_info["schemes"].add((enc.scheme.name, enc.scheme.group_size))
+                    ct_info["experts"].append(module)
+                    continue
+                w = decode_matrix(enc).contiguous()
                 if e is None:
                     out[target] = w
                 else:
@@ -295,12 +340,12 @@ def _write_weights(url: str, manifest: Mapping[str, Any],
             for n in index:
                 weight_map[n] = fname
             total += sum(v["nbytes"] for v in index.values())
-    except CheckpointError:
+    except (CheckpointError, InputError):
         raise
     except (KeyError, ValueError) as exc:  # the loader's plain errors: a bad checkpoint
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         raise CheckpointError(f"{redact(url)}: {msg}") from None
-    return weight_map, total, timings
+    return weight_map, total, timings, ct_info
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -308,9 +353,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from qmoe_ray.cli import add_storage_options
 
     parser.add_argument("url", help="compressed checkpoint folder or URL")
-    parser.add_argument("out_dir", help="output folder or URL for the HF bf16 checkpoint")
+    parser.add_argument("out_dir", help="output folder or URL for the HF checkpoint")
+    parser.add_argument("--format", choices=FORMATS, default="hf",
+                        help="hf: every weight bf16 (default); compressed-tensors: the experts "
+                        "as pack-quantized int weights (transformers, vLLM), the rest bf16")
     parser.add_argument("--layout", choices=LAYOUTS, default="auto",
                         help="expert tensor layout (default: what transformers saves)")
+    parser.add_argument("--symmetric", action="store_true",
+                        help="compressed-tensors: no zero points, codes in one more bit (for "
+                        "loaders that drop zero points, e.g. transformers 5.25's MoE experts)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export")
     parser.add_argument("--no-copied-files", action="store_true",
                         help="write only the weights, index and config, not the tokenizer files "
@@ -326,8 +377,10 @@ def main(args: argparse.Namespace) -> int:
 
     res = export(args.url, args.out_dir, args.layout, args.overwrite,
                  storage_options(args), storage_options(args),
-                 progress=not args.quiet, copy_files=not args.no_copied_files)
-    print(f"wrote {res['tensors']} tensors ({res['bytes'] / 2**20:.1f} MiB bf16, "
+                 progress=not args.quiet, copy_files=not args.no_copied_files,
+                 format=args.format, symmetric=args.symmetric)
+    kind = "bf16" if res["format"] == "hf" else res["format"]
+    print(f"wrote {res['tensors']} tensors ({res['bytes'] / 2**20:.1f} MiB {kind}, "
           f"{res['layout']} experts) in {len(res['files'])} files to {args.out_dir} in "
           f"{res['seconds']:.1f} s")
     if res["mtp_tensors"]:

@@ -45,6 +45,8 @@ def summarize(manifest: Mapping[str, Any]) -> dict[str, Any]:
     expert_bytes, total_bytes = sz["expert_stored_bytes"], sz["total_bytes"]
     schemes = sorted({e["scheme"] for e in quantized.values()})
     fallbacks, coverage = _experts(manifest)
+    from qmoe_ray.read.export_ct import export_formats
+
     return {
         "model": {
             "model_type": family.model_type,
@@ -80,6 +82,7 @@ def summarize(manifest: Mapping[str, Any]) -> dict[str, Any]:
         },
         "heldout_loss": manifest.get("heldout_loss"),
         "pruning": _pruning(manifest),
+        "export_formats": export_formats(manifest),
         "fallbacks": fallbacks,
         "coverage": coverage,
         "mtp": mtp_summary(family, manifest),
@@ -175,10 +178,14 @@ def inspect(url: str, verify: bool = True, progress: bool = False,
     """
     from qmoe_ray.format.manifest import read_manifest
     from qmoe_ray.format.shards import Timings, iter_shards
+    from qmoe_ray.read.export_ct import ternary_rows_refused
 
     manifest = read_manifest(url, **storage_options)  # checked once: check_manifest
     info = {"url": redact(url), **summarize(manifest)}
     status: dict[str, Any] = {"status": "not checked", "files": 0, "tensors": 0, "bytes": 0}
+    formats = info["export_formats"]
+    ternary = formats["compressed-tensors"] == "ternary rows: not checked"
+    refused = rows = 0
     if verify:
         t = Timings()
         try:
@@ -187,7 +194,15 @@ def inspect(url: str, verify: bool = True, progress: bool = False,
                                        checked=True, **storage_options):
                 status["files"] += 1
                 status["tensors"] += len(part)
+                for n in manifest["quantized"] if ternary else ():
+                    if f"{n}.lo" in part:
+                        refused += ternary_rows_refused(part[f"{n}.lo"], part[f"{n}.hi"])
+                        rows += part[f"{n}.lo"].shape[0]
             status["status"] = "ok"
+            if ternary:
+                why = (f"{refused} of {rows} ternary rows are not an evenly spaced 2-bit grid"
+                       if refused else None)
+                formats["compressed-tensors"] = formats["compressed-tensors --symmetric"] = why
         except (ValueError, FileNotFoundError, PermissionError) as exc:
             status.update(status="failed", error=str(exc))
         status["bytes"] = t.bytes
@@ -242,6 +257,10 @@ def format_text(info: Mapping[str, Any]) -> str:
                      f"{pr['max']:.4f}); by role " + ", ".join(
                          f"{r} {v:.4f}" for r, v in pr["by_role"].items())
                      if pr["matrices"] else "not recorded"))
+    lines.append("")
+    lines.append("lossless export formats (qmoe-ray export --format):")
+    for fmt, why in info.get("export_formats", {}).items():
+        lines.append(f"  {fmt}: " + ("yes" if why is None else f"no ({why})"))
     fb = info["fallbacks"]
     lines += ["", f"fallbacks to round-to-nearest: {fb['experts']} of {fb['of']} experts "
                   f"{fb['by_reason'] or ''}".rstrip()]
