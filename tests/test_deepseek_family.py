@@ -227,6 +227,25 @@ def test_compress_load_eval_export_round_trip(tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, logits, rtol=1e-4, atol=1e-4)
 
+    # the same checkpoint as Kimi-K2 ships its config (model_type kimi_k2, remote code in
+    # auto_map): the export says deepseek_v3, which transformers loads with no remote code
+    import shutil
+
+    kimi = tmp_path / "kimi"
+    shutil.copytree(out, kimi)
+    km = json.loads((kimi / "manifest.json").read_text())
+    km["config"].update(model_type="kimi_k2", auto_map={"AutoConfig": "x.KimiConfig"})
+    (kimi / "manifest.json").write_text(json.dumps(km))
+    if (kimi / "config.json").exists():
+        (kimi / "config.json").write_text(json.dumps(km["config"]))
+    export(str(kimi), str(tmp_path / "hf-kimi"))
+    exported = json.loads((tmp_path / "hf-kimi" / "config.json").read_text())
+    assert exported["model_type"] == "deepseek_v3" and "auto_map" not in exported
+    hk = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf-kimi"),
+                                                 dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hk(ids).logits, logits, rtol=1e-4, atol=1e-4)
+
     # --drop-mtp: the same job without the MTP layer; everything else byte-identical
     dropped = tmp_path / "d"
     run_compression(CompressConfig(

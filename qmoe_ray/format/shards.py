@@ -282,9 +282,11 @@ def iter_shards(
         bar = _progress_bar(progress, sum(e["nbytes"] for e in manifest["tensors"].values()))
         try:
             while queue or pending:
-                while queue and len(pending) < max(1, prefetch):
+                if not pending:
                     submit(queue.popleft())
                 rel, size, futs = pending.popleft()
+                while queue and len(pending) < max(1, prefetch):  # ahead while this one is used
+                    submit(queue.popleft())
                 t0 = time.perf_counter()
                 buf = bytearray(size)
                 for s, fut in futs:

@@ -231,6 +231,11 @@ class MoEFamily(ABC):
                 expert.update(self.source_expert_names(layer))
         return [n for n in W_names if n not in expert]
 
+    def export_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """The ``config.json`` an HF export writes for this family's ``config`` (the source's,
+        unchanged by default)."""
+        return dict(config)
+
     def mtp_names(self, W_names: Sequence[str]) -> list[str]:
         """Names from a checkpoint's tensor list that belong to its multi-token-prediction
         layers (outside the forward; the job carries them through, or drops them with

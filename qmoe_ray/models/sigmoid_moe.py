@@ -214,6 +214,13 @@ class KimiK2(DeepseekV3):
 
     model_type = "kimi_k2"
 
+    def export_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """As ``deepseek_v3``: transformers has no ``kimi_k2`` type (the release loads it with
+        its own remote code, whose files an export does not carry: ``auto_map`` goes too)."""
+        out = {k: v for k, v in config.items() if k != "auto_map"}
+        out["model_type"] = "deepseek_v3"
+        return out
+
 
 class Glm4Moe(SigmoidMoE):
     """GLM-4.5 / 4.6 / 4.7: grouped-KV attention with q/k/v biases (``attention_bias``), optional

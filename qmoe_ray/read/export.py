@@ -226,6 +226,9 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
     exists = check_destination(ofs, oroot, out_dir, overwrite, oo)
     where = f"{redact(url)}/{MANIFEST}"
     manifest = read_manifest(url, **so)  # checked once: check_manifest
+    from qmoe_ray.models import get_family
+
+    family = get_family(manifest["config"])
     try:
         kind, names = expert_layout(manifest, layout)
         file_of = check_experts(manifest, where)
@@ -244,7 +247,7 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
         weight_map, total, timings, ct_info = _write_weights(
             url, manifest, names, file_of, ofs, staging, out_dir, so, oo, workers, progress,
             ct and (symmetric and "symmetric" or "asymmetric"))
-        config = dict(manifest["config"])
+        config = family.export_config(manifest["config"])  # e.g. kimi_k2 as deepseek_v3
         config["dtype"] = "bfloat16"
         config.pop("torch_dtype", None)
         if ct:
@@ -263,9 +266,7 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
         remove(ofs, staging)
         raise
     timings.wall = time.perf_counter() - t0
-    from qmoe_ray.models import get_family
-
-    mtp = get_family(manifest["config"]).mtp_names(list(weight_map))
+    mtp = family.mtp_names(list(weight_map))
     return {"files": sorted(set(weight_map.values())), "copied": sorted(copied),
             "tensors": len(weight_map), "bytes": total, "layout": kind, "format": format,
             "mtp_tensors": len(mtp),
