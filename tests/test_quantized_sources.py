@@ -1,11 +1,18 @@
-"""Quantized sources are refused before any work, until they are decoded.
+"""Quantized sources: FP8 block-scaled and compressed-tensors int4 checkpoints, decoded at read time.
 
-The FP8 source is built the way Qwen3-*-FP8 / DeepSeek-V3 / Kimi-K2 ship: every linear weight as
-float8_e4m3fn with a float32 ``weight_scale_inv`` per 128x128 block, embeddings, norms and routers
-kept in bf16, and ``quantization_config.quant_method = "fp8"`` in config.json; the weights are those
-of a tiny Qwen3-MoE saved by transformers, written back with safetensors. Read without its scales
-such a checkpoint gives wrong weights silently, so ``open_checkpoint`` (and through it
-``qmoe-ray compress``) must refuse it, naming the key or the tensor.
+The FP8 sources are built the way DeepSeek-V3 / Kimi-K2 / the ``-FP8`` releases ship: every linear
+weight as float8_e4m3fn with a ``weight_scale_inv`` per block (float32, or power-of-two scales as
+float8_e8m0fnu bytes, DeepSeek-V3.1's ``scale_fmt: "ue8m0"``), embeddings, norms and routers
+kept in bf16, ``quantization_config.quant_method = "fp8"`` in config.json. Blocks of 16x16 over
+the tiny 24x32 / 32x24 matrices leave partial blocks at the bottom and the right edge. The int4
+source is Kimi-K2-Thinking's layout: experts as compressed-tensors ``pack-quantized`` int4,
+written with the compressed-tensors library's own quantize and pack functions. The weights are
+those of a tiny Qwen3-MoE saved by transformers.
+
+Oracles: transformers' FP8 dequantization (``_dequantize_fp8_weight`` in float32) and
+compressed-tensors' ``unpack_from_int32`` + ``dequantize``, bit for bit. The whole path: a
+quantized source evaluates and compresses exactly like an unquantized checkpoint holding its
+decoded weights.
 """
 
 from __future__ import annotations
@@ -24,156 +31,310 @@ pytest.importorskip("transformers")
 from fixtures_s3 import save_tiny, tiny_model  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from qmoe_ray.cli import main  # noqa: E402
 from qmoe_ray.errors import CheckpointError  # noqa: E402
-from qmoe_ray.storage.checkpoint import DTYPES, SOURCE_DTYPES, open_checkpoint, parse_header  # noqa: E402
+from qmoe_ray.storage.checkpoint import (  # noqa: E402
+    DTYPES,
+    SOURCE_DTYPES,
+    open_checkpoint,
+    open_from_index,
+    parse_header,
+    source_index,
+)
 
-BLOCK = 128
-FP8_CONFIG = {
-    "quant_method": "fp8",
-    "fmt": "e4m3",
-    "activation_scheme": "dynamic",
-    "weight_block_size": [BLOCK, BLOCK],
+BLOCK = 16
+GROUP = 8
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+              "weight_block_size": [BLOCK, BLOCK]}
+INT4_CONFIG = {
+    "quant_method": "compressed-tensors", "format": "pack-quantized",
+    "quantization_status": "compressed", "kv_cache_scheme": None,
+    "config_groups": {"group_0": {
+        "targets": ["Linear"], "format": "pack-quantized", "input_activations": None,
+        "output_activations": None,
+        "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
+                    "group_size": GROUP, "dynamic": False, "actorder": None,
+                    "observer": "minmax"}}},
+    "ignore": ["lm_head", "re:.*self_attn.*", "re:.*mlp\\.gate$"],
 }
+EXPERT = "model.layers.0.mlp.experts.0.gate_proj"
 
 
-def _fp8_block(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w`` [out, in] as float8_e4m3fn and its float32 ``weight_scale_inv`` per 128x128 block
-    (``w ~= fp8 * scale_inv`` blockwise), as DeepSeek-V3's ``act_quant``/``weight_dequant`` use."""
-    out_f, in_f = w.shape
-    rb, cb = math.ceil(out_f / BLOCK), math.ceil(in_f / BLOCK)
-    scale = torch.empty(rb, cb, dtype=torch.float32)
-    q = torch.empty_like(w, dtype=torch.float8_e4m3fn)
-    fmax = torch.finfo(torch.float8_e4m3fn).max
-    for i in range(rb):
-        for j in range(cb):
-            blk = w[i * BLOCK : (i + 1) * BLOCK, j * BLOCK : (j + 1) * BLOCK].float()
-            s = blk.abs().max().clamp(min=1e-12) / fmax
-            scale[i, j] = s
-            q[i * BLOCK : (i + 1) * BLOCK, j * BLOCK : (j + 1) * BLOCK] = (blk / s).to(q.dtype)
-    return q, scale
+def _fp8(w: torch.Tensor, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` [..., R, C] as float8_e4m3fn and its ``weight_scale_inv`` per BLOCK x BLOCK block."""
+    rows, cols = w.shape[-2:]
+    rb, cb = math.ceil(rows / BLOCK), math.ceil(cols / BLOCK)
+    pad = torch.zeros(*w.shape[:-2], rb * BLOCK, cb * BLOCK)
+    pad[..., :rows, :cols] = w.float()
+    blocks = pad.unflatten(-1, (cb, BLOCK)).unflatten(-3, (rb, BLOCK))  # [..., rb, B, cb, B]
+    amax = blocks.abs().amax(dim=(-3, -1)).clamp(min=1e-12)
+    s = amax / torch.finfo(torch.float8_e4m3fn).max
+    if ue8m0:
+        s = torch.exp2(torch.ceil(torch.log2(s)))
+    full = s.repeat_interleave(BLOCK, -2).repeat_interleave(BLOCK, -1)[..., :rows, :cols]
+    q = (w.float() / full).to(torch.float8_e4m3fn)
+    return q, (s.to(torch.float8_e8m0fnu) if ue8m0 else s)
+
+
+def _int4(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``w`` [R, C] as compressed-tensors pack-quantized int4 parts (the library's functions)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+
+    args = QuantizationArgs(**INT4_CONFIG["config_groups"]["group_0"]["weights"])
+    g = w.float().unflatten(-1, (-1, GROUP))
+    scale = (g.abs().amax(-1) / 7).clamp(min=1e-8).to(torch.bfloat16)
+    q = quantize(w.to(torch.bfloat16), scale, None, args, dtype=torch.int8)
+    return {"weight_packed": pack_to_int32(q, 4), "weight_scale": scale,
+            "weight_shape": torch.tensor(list(w.shape), dtype=torch.int32)}
+
+
+def _write(d: Path, tensors: dict[str, torch.Tensor], config: dict, bf16: Path) -> Path:
+    d.mkdir()
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "tokenizer.json").write_text((bf16 / "tokenizer.json").read_text())
+    return d
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, Path]:
-    """``bf16``: a tiny Qwen3-MoE saved by transformers; ``fp8``: the same weights block-scaled
-    to FP8 with its quantization_config; ``fp8_bare``: the FP8 tensors with a plain config."""
+    """``bf16``: a tiny Qwen3-MoE saved by transformers; ``fp8`` / ``fp8_e8m0``: its linear
+    weights block-scaled to FP8; ``int4``: its experts packed int4; ``fp8_bare``: the FP8 tensors
+    under a plain config; ``tokens``: data."""
     root = tmp_path_factory.mktemp("quantized")
     bf16 = save_tiny(tiny_model("qwen3_moe"), root / "bf16", dtype=torch.bfloat16)
-    np.save(bf16 / "tokens.npy", np.random.default_rng(0).integers(3, 97, (64, 32)))
+    np.save(root / "tokens.npy", np.random.default_rng(0).integers(3, 97, (48, 32)))
     tensors = load_file(bf16 / "model.safetensors")
-    fp8: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        linear = t.dim() == 2 and "embed" not in name and "lm_head" not in name
-        if linear and not name.endswith("mlp.gate.weight"):  # routers stay bf16, as shipped
-            q, s = _fp8_block(t)
-            fp8[name] = q
-            fp8[name.removesuffix(".weight") + ".weight_scale_inv"] = s
-        else:
-            fp8[name] = t
     config = json.loads((bf16 / "config.json").read_text())
-    out = {"bf16": bf16}
-    for label, cfg in (
-        ("fp8", {**config, "quantization_config": FP8_CONFIG}),
-        ("fp8_bare", config),
-    ):
-        d = root / label
-        d.mkdir()
-        save_file(fp8, d / "model.safetensors", metadata={"format": "pt"})
-        (d / "config.json").write_text(json.dumps(cfg))
-        (d / "tokenizer.json").write_text((bf16 / "tokenizer.json").read_text())
-        out[label] = d
+    out = {"bf16": bf16, "tokens": root / "tokens.npy"}
+    for label, ue8m0 in (("fp8", False), ("fp8_e8m0", True)):
+        fp8: dict[str, torch.Tensor] = {}
+        for name, t in tensors.items():
+            if t.dim() == 2 and "embed" not in name and "lm_head" not in name \
+                    and not name.endswith("mlp.gate.weight"):  # routers stay bf16, as shipped
+                fp8[name], fp8[name.removesuffix("weight") + "weight_scale_inv"] = _fp8(t, ue8m0)
+            else:
+                fp8[name] = t
+        qc = {**FP8_CONFIG, **({"scale_fmt": "ue8m0"} if ue8m0 else {})}
+        out[label] = _write(root / label, fp8, {**config, "quantization_config": qc}, bf16)
+        if not ue8m0:
+            out["fp8_bare"] = _write(root / "fp8_bare", fp8, config, bf16)
+    int4: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if ".experts." in name:
+            for k, v in _int4(t).items():
+                int4[name.removesuffix("weight") + k] = v
+        else:
+            int4[name] = t
+    out["int4"] = _write(root / "int4", int4, {**config, "quantization_config": INT4_CONFIG}, bf16)
     return out
 
 
-def test_the_fp8_source_is_real(sources):
-    """Guard the fixture: float8 weights with block scales that decode back to the bf16 weights."""
-    t = load_file(sources["fp8"] / "model.safetensors")
-    ref = load_file(sources["bf16"] / "model.safetensors")
-    name = "model.layers.0.mlp.experts.0.gate_proj.weight"
-    scale = t[name.removesuffix(".weight") + ".weight_scale_inv"]
-    assert t[name].dtype == torch.float8_e4m3fn and scale.dtype == torch.float32
-    assert scale.shape == (1, 1)  # one 128x128 block covers the tiny 24x32 matrix
-    deq = t[name].float() * scale[0, 0]
-    torch.testing.assert_close(deq, ref[name].float(), rtol=0.07, atol=1e-3)
-    assert not torch.equal(t[name].float(), ref[name].float())  # raw values are not the weights
+def _twin(src: Path, dest: Path) -> Path:
+    """An unquantized checkpoint holding ``src``'s decoded weights (float32 where decoded)."""
+    ck = open_checkpoint(str(src))
+    return _write(dest, ck.read_many(ck.names), ck.config, src.parent / "bf16")
 
 
-def test_open_checkpoint_refuses_quantization_config(sources):
-    with pytest.raises(CheckpointError) as ei:
-        open_checkpoint(str(sources["fp8"]))
-    msg = str(ei.value)
-    assert "config.json: quantization_config (quant_method 'fp8') is set" in msg
-    assert "not decoded yet" in msg and "BF16/F16/F32/F64" in msg
-    open_checkpoint(str(sources["bf16"]))  # the same model unquantized opens
+# -- the decoders against their oracles ------------------------------------------------------------
+@pytest.mark.parametrize("label", ["fp8", "fp8_e8m0"])
+def test_fp8_weights_decode_as_transformers_does(sources, label):
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    raw = load_file(sources[label] / "model.safetensors")
+    ck = open_checkpoint(str(sources[label]))
+    assert not any(n.endswith("weight_scale_inv") for n in ck.names)
+    assert "quantization_config" not in ck.config and "quantization_config" in ck.raw_config
+    scales = [n for n in raw if n.endswith("weight_scale_inv")]
+    assert len(scales) > 20 and all(ck.dtype(n.removesuffix("_scale_inv")) == torch.float32
+                                    for n in scales)
+    got = ck.read_many([n.removesuffix("_scale_inv") for n in scales])
+    for s in scales:
+        w = s.removesuffix("_scale_inv")
+        want = _dequantize_fp8_weight(raw[w], raw[s], [BLOCK, BLOCK], torch.float32)
+        assert torch.equal(got[w], want), w
+        assert ck.shape(w) == tuple(raw[w].shape)
+    # partial blocks: 24 rows = 16 + 8, and the scales do differ between blocks
+    s = raw[EXPERT + ".weight_scale_inv"].float()
+    assert s.shape == (2, 2)
+    if label == "fp8":
+        assert len(set(s.flatten().tolist())) > 1
+    else:  # powers of two, stored as their exponent bytes
+        assert raw[EXPERT + ".weight_scale_inv"].dtype == torch.float8_e8m0fnu
+        assert torch.equal(torch.exp2(torch.log2(s).round()), s)
+    ref = load_file(sources["bf16"] / "model.safetensors")[EXPERT + ".weight"].float()
+    torch.testing.assert_close(got[EXPERT + ".weight"], ref, rtol=0.07, atol=2e-3)
+    assert ck.read("model.norm.weight").dtype == torch.bfloat16  # plain tensors as stored
+    assert ck.source_precision == ("fp8-block16 (e4m3, ue8m0 scales)" if label == "fp8_e8m0"
+                                   else "fp8-block16 (e4m3, float32 scales)")
 
 
-def test_open_checkpoint_refuses_fp8_tensors_without_a_config_key(sources):
+def test_int4_weights_decode_as_compressed_tensors_does(sources):
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    args = QuantizationArgs(**INT4_CONFIG["config_groups"]["group_0"]["weights"])
+    raw = load_file(sources["int4"] / "model.safetensors")
+    ck = open_checkpoint(str(sources["int4"]))
+    packed = [n for n in raw if n.endswith("weight_packed")]
+    assert len(packed) == 3 * 6 * 3 and not any("weight_packed" in n for n in ck.names)
+    for p in packed:
+        base = p.removesuffix("_packed")
+        shape = torch.Size(raw[base + "_shape"].tolist())
+        q = unpack_from_int32(raw[p], 4, shape)
+        want = dequantize(q, raw[base + "_scale"], None, args)
+        got = ck.read(base)
+        assert got.dtype == torch.bfloat16 and ck.shape(base) == tuple(shape)
+        assert torch.equal(got, want), base
+    assert ck.source_precision == f"int4-g{GROUP} (compressed-tensors)"
+
+
+def test_fused_fp8_experts_read_by_rows(tmp_path):
+    """A fused [E, R, C] FP8 expert tensor: ``read_slice`` reads some experts' rows of the weight
+    and of its scales, and decodes them like the whole."""
+    w = torch.randn(5, 40, 24)
+    q, s = _fp8(w, ue8m0=False)
+    assert s.shape == (5, 3, 2)
+    save_file({"model.layers.0.mlp.experts.gate_up_proj": q,
+               "model.layers.0.mlp.experts.gate_up_proj_scale_inv": s,
+               "model.norm.weight": torch.ones(24, dtype=torch.bfloat16)},
+              tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "qwen3_moe", "quantization_config": FP8_CONFIG}))
+    ck = open_checkpoint(str(tmp_path))
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    whole = ck.read(name)
+    assert whole.shape == (5, 40, 24)
+    assert torch.equal(ck.read_slice(name, 1, 4), whole[1:4])
+    # an actor opening from the driver's index decodes the same
+    again = open_from_index(str(tmp_path), source_index(ck))
+    assert torch.equal(again.read(name), whole) and again.names == ck.names
+
+
+# -- the whole path -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("label", ["fp8", "int4"])
+def test_a_quantized_source_evaluates_like_its_decoded_twin(sources, tmp_path, label):
+    from qmoe_ray.read.evaluate import evaluate
+
+    twin = _twin(sources[label], tmp_path / "twin")
+    a = evaluate(str(sources[label]), str(sources["tokens"]), num_samples=8, batch_size=4)
+    b = evaluate(str(twin), str(sources["tokens"]), num_samples=8, batch_size=4)
+    c = evaluate(str(sources["bf16"]), str(sources["tokens"]), num_samples=8, batch_size=4)
+    assert a["loss"] == b["loss"]
+    assert a["loss"] != c["loss"] and abs(a["loss"] - c["loss"]) < 0.05  # quantized, close
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             object_store_memory=256 * 2**20)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_compressing_an_fp8_source_equals_compressing_its_decoded_twin(
+        sources, tmp_path, ray_session):
+    """Same shards byte for byte; the manifest records the source precision and holds the
+    decoded model's config; the HF export has no quantization_config."""
+    from qmoe_ray.job.config import CompressConfig
+    from qmoe_ray.job.driver import run_compression
+    from qmoe_ray.read.export import export
+    from qmoe_ray.read.inspect import inspect
+
+    twin = _twin(sources["fp8"], tmp_path / "twin")
+    outs = {}
+    for label, src in (("fp8", sources["fp8"]), ("twin", twin)):
+        outs[label] = tmp_path / f"out-{label}"
+        run_compression(CompressConfig(
+            source=str(src), output=str(outs[label]), data=str(sources["tokens"]),
+            num_samples=16, seq_len=32, eval_samples=8, batch_size=8, group_size=6,
+            num_workers=1), progress=False)
+    for p in sorted((outs["twin"] / "shards").glob("*.safetensors")):
+        assert (outs["fp8"] / "shards" / p.name).read_bytes() == p.read_bytes(), p.name
+    m = json.loads((outs["fp8"] / "manifest.json").read_text())
+    assert m["source_precision"] == "fp8-block16 (e4m3, float32 scales)"
+    assert "quantization_config" not in m["config"]
+    assert json.loads((outs["twin"] / "manifest.json").read_text())["source_precision"] == "bf16+fp32"
+    info = inspect(str(outs["fp8"]))
+    assert info["model"]["source_precision"] == m["source_precision"]
+    export(str(outs["fp8"]), str(tmp_path / "hf"))
+    assert "quantization_config" not in json.loads((tmp_path / "hf" / "config.json").read_text())
+
+
+# -- what is refused -----------------------------------------------------------------------------------
+def _edit(sources: Path, tmp_path: Path, edit_config=None, edit_tensors=None) -> Path:
+    d = tmp_path / "m"
+    t = load_file(sources / "model.safetensors")
+    cfg = json.loads((sources / "config.json").read_text())
+    if edit_config:
+        edit_config(cfg)
+    if edit_tensors:
+        edit_tensors(t)
+    return _write(d, t, cfg, sources.parent / "bf16")
+
+
+def _qc(**kw):
+    return lambda c: c["quantization_config"].update(kw)
+
+
+@pytest.mark.parametrize("label,edit_config,edit_tensors,match", [
+    ("fp8", _qc(quant_method="awq"), None, r"quantization_config.quant_method is 'awq', which is "
+                                           r"not decoded; supported: quant_method \"fp8\""),
+    ("fp8", _qc(quant_method="mxfp4"), None, r"quant_method is 'mxfp4'"),
+    ("fp8", _qc(activation_scheme="static"), None, r"activation_scheme is 'static'"),
+    ("fp8", _qc(weight_block_size=None), None, r"weight_block_size is 'None'.*per-tensor"),
+    ("fp8", lambda c: c.update(compression_config={"quant_method": "compressed-tensors"}), None,
+     r"quantization_config and compression_config are both set"),
+    ("fp8", None, lambda t: t.pop(EXPERT + ".weight_scale_inv"),
+     r"FP8 weight '" + EXPERT + r".weight' has no block scale"),
+    ("fp8", None, lambda t: t.update({EXPERT + ".weight_scale_inv": torch.ones(1, 2)}),
+     r"block scale '" + EXPERT + r".weight_scale_inv' has shape \[1, 2\] .* needs \[2, 2\]"),
+    ("fp8", _qc(weight_block_size=[32, 32]), None, r"has shape \[2, 2\] .* in 32x32 blocks"),
+    ("int4", None, lambda t: t.update({EXPERT + ".weight_zero_point": torch.zeros(24, 2)}),
+     r"weight_zero_point'.*zero point is not decoded"),
+    ("int4", None, lambda t: t.pop(EXPERT + ".weight_shape"), r"has no '" + EXPERT),
+    ("int4", lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"].update(
+        symmetric=False), None, r"weights.symmetric is 'False'"),
+    ("int4", lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"].update(
+        num_bits=8), None, r"weights.num_bits is '8'"),
+    ("int4", _qc(format="marlin-24"), None, r"format is 'marlin-24'"),
+], ids=["awq", "mxfp4", "static", "per-tensor", "two-blocks", "no-scale", "scale-shape",
+        "block-size", "zero-point", "no-shape", "asymmetric", "int8", "format"])
+def test_what_is_not_decoded_is_refused_at_open(sources, tmp_path, label, edit_config,
+                                                edit_tensors, match):
+    d = _edit(sources[label], tmp_path, edit_config, edit_tensors)
+    with pytest.raises(CheckpointError, match=match):
+        open_checkpoint(str(d))
+
+
+def test_fp8_tensors_without_a_quantization_config_are_refused(sources):
     """No quantization_config, but float8 tensors: refused on the dtype, naming the tensor."""
     with pytest.raises(CheckpointError) as ei:
         open_checkpoint(str(sources["fp8_bare"]))
     msg = str(ei.value)
     assert "model.safetensors: tensor 'model.layers.0.mlp.experts.0.down_proj.weight'" in msg
-    assert "has dtype F8_E4M3" in msg and "weight_scale_inv" in msg
+    assert "has dtype F8_E4M3 (an FP8 checkpoint without a quantization_config" in msg
     assert "supported source dtypes: BF16, F16, F32, F64" in msg
-
-
-@pytest.mark.parametrize(
-    "edit,key",
-    [
-        (
-            lambda c: c.update(compression_config={"quant_method": "compressed-tensors"}),
-            "compression_config (quant_method 'compressed-tensors')",
-        ),
-        (
-            lambda c: c.update(text_config={"quantization_config": FP8_CONFIG}),
-            "text_config.quantization_config (quant_method 'fp8')",
-        ),
-        (lambda c: c.update(quantization_config={"bits": 4}), "quantization_config is set"),
-    ],
-    ids=["compression_config", "text_config", "no-method"],
-)
-def test_every_quantization_key_is_refused(sources, tmp_path, edit, key):
-    d = tmp_path / "m"
-    d.mkdir()
-    (d / "model.safetensors").write_bytes((sources["bf16"] / "model.safetensors").read_bytes())
-    cfg = json.loads((sources["bf16"] / "config.json").read_text())
-    edit(cfg)
-    (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(
-        CheckpointError, match="config.json: " + key.replace("(", r"\(").replace(")", r"\)")
-    ):
-        open_checkpoint(str(d))
-    cfg.pop("compression_config", None)
-    cfg.pop("quantization_config", None)
-    cfg["text_config"] = {"quantization_config": None}  # explicitly none: a plain checkpoint
-    (d / "config.json").write_text(json.dumps(cfg))
-    assert len(open_checkpoint(str(d))) > 0
 
 
 def test_integer_packed_weights_are_refused(tmp_path):
     """A GPTQ-style int32 ``qweight`` would be read as integer values: refused on its dtype."""
-    save_file(
-        {
-            "model.norm.weight": torch.ones(4, dtype=torch.bfloat16),
-            "model.layers.0.mlp.down_proj.qweight": torch.zeros(4, 2, dtype=torch.int32),
-        },
-        tmp_path / "model.safetensors",
-    )
+    save_file({"model.norm.weight": torch.ones(4, dtype=torch.bfloat16),
+               "model.layers.0.mlp.down_proj.qweight": torch.zeros(4, 2, dtype=torch.int32)},
+              tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text('{"model_type": "qwen3_moe"}')
-    with pytest.raises(
-        CheckpointError,
-        match=r"'model.layers.0.mlp.down_proj.qweight' has "
-        r"dtype I32 \(a quantized or packed encoding\)",
-    ):
+    with pytest.raises(CheckpointError, match=r"'model.layers.0.mlp.down_proj.qweight' has "
+                                              r"dtype I32 \(a quantized or packed encoding"):
         open_checkpoint(str(tmp_path))
-    raw = json.dumps({"w": {"dtype": "F8_E8M0", "shape": [2], "data_offsets": [0, 2]}}).encode()
-    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(2))
-    with pytest.raises(
-        CheckpointError,
-        match=r"unsupported dtype 'F8_E8M0'; supported: BF16, "
-        r"F16, F32, F64$",
-    ):
+    raw = json.dumps({"w": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}).encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(1))
+    with pytest.raises(CheckpointError, match=r"unsupported dtype 'F4'; supported: BF16, "
+                                              r"F16, F32, F64$"):
         open_checkpoint(str(tmp_path))
 
 
@@ -181,49 +342,14 @@ def test_our_own_shard_dtypes_still_parse():
     """The loader parses our compressed shards with the same parser: codes, tables and scales in
     uint8/int16/uint16/int32/bf16 stay accepted there (only the source reader is restricted)."""
     header, off = {}, 0
-    for i, dt in enumerate(("U8", "I16", "U16", "I32", "BF16", "F32", "I64")):
+    for i, dt in enumerate(("U8", "I16", "U16", "I32", "BF16", "F32", "I64", "F8_E8M0")):
         size = torch.empty((), dtype=DTYPES[dt]).element_size() * 3
         header[f"t{i}"] = {"dtype": dt, "shape": [3], "data_offsets": [off, off + size]}
         off += size
     infos = parse_header(json.dumps(header).encode(), "shards/layer-00000.safetensors")
-    assert [str(i.dtype) for i in infos.values()] == [
-        "torch.uint8",
-        "torch.int16",
-        "torch.uint16",
-        "torch.int32",
-        "torch.bfloat16",
-        "torch.float32",
-        "torch.int64",
-    ]
+    assert [str(i.dtype).removeprefix("torch.") for i in infos.values()] == [
+        "uint8", "int16", "uint16", "int32", "bfloat16", "float32", "int64", "float8_e8m0fnu"]
     assert set(SOURCE_DTYPES) < set(DTYPES)
-
-
-def test_compress_cli_refuses_the_fp8_source(sources, tmp_path, capsys):
-    out = tmp_path / "out"
-    rc = main(
-        [
-            "compress",
-            "--source",
-            str(sources["fp8"]),
-            "--output",
-            str(out),
-            "--data",
-            str(sources["bf16"] / "tokens.npy"),
-            "--num-samples",
-            "16",
-            "--seq-len",
-            "32",
-            "--quiet",
-        ]
-    )
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("qmoe-ray compress: error: ")
-    assert "quantization_config (quant_method 'fp8')" in lines[0]
-    assert not out.exists()  # nothing written at the output
 
 
 def test_oversized_config_json_is_refused_unread(tmp_path):
@@ -233,9 +359,6 @@ def test_oversized_config_json_is_refused_unread(tmp_path):
     with open(tmp_path / "config.json", "wb") as f:  # sparse: no disk cost
         f.write(b'{"model_type": "qwen3_moe"}')
         f.truncate(CONFIG_MAX_BYTES + 1)
-    with pytest.raises(
-        CheckpointError,
-        match=r"config.json: more than the 16,777,216 bytes a "
-        r"config.json may have; refused without reading",
-    ):
+    with pytest.raises(CheckpointError, match=r"config.json: more than the 16,777,216 bytes a "
+                                              r"config.json may have; refused without reading"):
         open_checkpoint(str(tmp_path))

@@ -353,6 +353,7 @@ _TOP: dict[str, tuple[tuple[type, ...], bool]] = {  # key -> (allowed types, req
     "source_fingerprint": ((str, type(None)), False), "created_by": ((str, type(None)), False),
     "model_type": ((str, type(None)), False), "expert_layout": ((str, type(None)), False),
     "heldout_loss": ((int, float, type(None)), False),
+    "source_precision": ((str, type(None)), False),
 }
 
 
@@ -492,11 +493,14 @@ def build_manifest(*, created_by: str, source: str, source_fingerprint: str, mod
                    expert_layout: str, config: dict[str, Any], options: dict[str, Any],
                    copied_files: dict[str, Any], tensors: dict[str, Any],
                    quantized: dict[str, Any], tables: dict[str, Any], experts: dict[str, Any],
-                   sizes: dict[str, Any], heldout_loss: float | None) -> dict[str, Any]:
+                   sizes: dict[str, Any], heldout_loss: float | None,
+                   source_precision: str | None = None) -> dict[str, Any]:
     """The manifest of a compressed checkpoint, as the job writes it (``dumps`` it, last).
 
     ``expert_layout`` is the source's (per-expert or fused 3-D tensors); ``files`` is every
-    shard a tensor lives in.
+    shard a tensor lives in. ``source_precision`` says how the source stored its weights
+    (``"bf16"``, ``"fp8-block128 (e4m3, float32 scales)"``...); ``config`` is the decoded
+    model's (no quantization block).
     """
     return {
         "format": FORMAT_NAME,
@@ -516,4 +520,5 @@ def build_manifest(*, created_by: str, source: str, source_fingerprint: str, mod
         "experts": experts,
         "sizes": sizes,
         "heldout_loss": heldout_loss,
+        "source_precision": source_precision,
     }

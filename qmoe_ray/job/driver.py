@@ -46,6 +46,7 @@ from qmoe_ray.job.faults import Guard
 from qmoe_ray.job.plan import Plan, prepare, source_label
 from qmoe_ray.job.progress import PROGRESS
 from qmoe_ray.models import LayerSpec
+from qmoe_ray.storage import quantized as qz
 from qmoe_ray.storage.fs import redact
 
 log = logging.getLogger("qmoe_ray")
@@ -332,6 +333,8 @@ def _report(plan: Plan, result: dict[str, Any], sizes: dict[str, Any], experts: 
     cfg = plan.cfg
     return {
         "source": source_label(cfg.source),
+        "source_precision": qz.precision(plan.index.tensors,
+                                         qz.source_scheme(plan.index.config, "config.json")),
         "resumed_after_layers": result["resumed_after"],
         "recoveries": result["recoveries"],
         "model_type": plan.family.model_type,
@@ -375,8 +378,9 @@ def _finish(plan: Plan, actors: Any, guard: Guard, result: dict[str, Any]) -> di
     manifest = mf.build_manifest(
         created_by=f"qmoe-ray {__version__}", source=source_label(plan.cfg.source),
         source_fingerprint=plan.job["source_fingerprint"], model_type=plan.family.model_type,
-        expert_layout=plan.family.expert_layout, config=plan.index.config,
+        expert_layout=plan.family.expert_layout, config=qz.model_config(plan.index.config),
         options=plan.cfg.output_options(), copied_files=copied, sizes=sizes,
-        heldout_loss=report["heldout_loss"], **parts)
+        heldout_loss=report["heldout_loss"], source_precision=report["source_precision"],
+        **parts)
     ray.get(put(mf.MANIFEST, mf.dumps(manifest)))
     return report

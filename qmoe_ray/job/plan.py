@@ -79,9 +79,10 @@ def source_label(source: str) -> str:
 
 
 def fingerprint(ckpt: Checkpoint) -> str:
-    """The source's identity for resume checks and the manifest: config + tensor names/shapes."""
+    """The source's identity for resume checks and the manifest: config.json + the stored
+    tensors' names, dtypes and shapes (a quantized source's encodings included)."""
     return source_fingerprint(
-        ckpt.config, {n: f"{ckpt.dtype(n)}{list(ckpt.shape(n))}" for n in ckpt.names})
+        ckpt.raw_config, {n: f"{i.dtype}{list(i.shape)}" for n, i in ckpt.stored.items()})
 
 
 def check_output_writable(output: str, options: Mapping[str, Any], overwrite: bool) -> None:

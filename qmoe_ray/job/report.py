@@ -63,7 +63,8 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     lines = [
         "# qmoe-ray compression report",
         "",
-        f"- source: `{report['source']}` ({report['model_type']})",
+        f"- source: `{report['source']}` ({report['model_type']}, "
+        f"{report.get('source_precision') or 'bf16'})",
         f"- scheme: {report['options']['scheme']} / {report['options']['method']}, "
         f"expert groups of {report['options']['group_size']}",
         f"- wall time: {report['seconds']:.1f} s",

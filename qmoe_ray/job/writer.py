@@ -11,6 +11,7 @@ Plain class; the driver runs it in a Ray actor next to the output.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -151,7 +152,8 @@ class CheckpointWriter:
                 "stats": stats, "tables": {}}
 
     def copy_source_file(self, relname: str) -> dict[str, Any] | None:
-        """Copy a small source file (config.json, tokenizer.json) if the source has it.
+        """Copy a small source file (config.json, tokenizer.json) if the source has it (a
+        quantized source's config.json is written as the decoded model's).
 
         Returns:
             ``{"sha256", "bytes"}`` of the bytes written (its manifest ``copied_files`` entry,
@@ -162,7 +164,12 @@ class CheckpointWriter:
 
         if not self.ckpt.has_file(relname):
             return None
-        with self.ckpt.open_file(relname) as f:
-            data = f.read()
+        if relname == "config.json" and self.ckpt.config != self.ckpt.raw_config:
+            # a quantized source: the output holds the decoded model, so its config has no
+            # quantization block (the manifest's config; loaders check that both agree)
+            data = (json.dumps(self.ckpt.config, indent=2, sort_keys=True) + "\n").encode()
+        else:
+            with self.ckpt.open_file(relname) as f:
+                data = f.read()
         self.put_bytes(relname, data)
         return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}

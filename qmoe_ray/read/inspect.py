@@ -56,6 +56,7 @@ def summarize(manifest: Mapping[str, Any]) -> dict[str, Any]:
             "experts_per_layer": sorted({lay.num_experts for lay in moe}),
             "top_k": sorted({lay.top_k for lay in moe}),
             "source": manifest.get("source"),
+            "source_precision": manifest.get("source_precision"),
         },
         "format": {"name": manifest.get("format"), "version": manifest.get("format_version"),
                    "created_by": manifest.get("created_by")},
@@ -224,7 +225,8 @@ def format_text(info: Mapping[str, Any]) -> str:
         f"(top-{m['top_k']})",
         f"format {info['format']['name']} v{info['format']['version']} "
         f"({info['format']['created_by']}); scheme {info['scheme']}, method "
-        f"{opts.get('method', '?')}, source {m['source']}",
+        f"{opts.get('method', '?')}, source {m['source']}"
+        + (f" ({m['source_precision']})" if m.get("source_precision") else ""),
         "",
         f"{'kind':<26}{'tensors':>8}{'params':>14}{'size':>16}",
     ]

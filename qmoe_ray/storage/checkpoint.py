@@ -13,15 +13,16 @@ Problems are found at open time, before any long work: a missing shard, a tensor
 index but absent from its shard, a header whose offsets fall outside the file or disagree with the
 shape and dtype.
 
-Quantized sources are refused at open time too, until they are decoded: a ``config.json`` with a
-``quantization_config`` or ``compression_config`` (top level or in ``text_config``), or any tensor
-whose dtype is not one of ``SOURCE_DTYPES`` (plain floating point). An FP8 checkpoint (float8
-weights plus a float32 ``weight_scale_inv`` per 128x128 block: Qwen3-*-FP8, DeepSeek-V3, Kimi-K2)
-would otherwise be read as its raw float8 values without their scales, and integer-packed weights
-(GPTQ/AWQ ``qweight``, MXFP4 blocks) as integers: silently wrong weights. ``DTYPES`` stays the
-parser's full table (``qmoe_ray.storage.safetensors``, the one safetensors parser), since the
-compressed-checkpoint reader parses our own shards (uint8/int16/int32 codes and tables) with
-``parse_header`` too.
+Quantized sources are decoded under the reader (``qmoe_ray.storage.quantized``): an FP8
+checkpoint (float8 weights plus a ``weight_scale_inv`` per block: DeepSeek-V3, Kimi-K2, the
+``-FP8`` releases) or a compressed-tensors int4 one (Kimi-K2-Thinking) is presented as its
+dequantized model, every weight under its plain name, ``config`` without the quantization block.
+What the reader does not decode is refused at open time, naming the key or the tensor: another
+``quant_method``, or a tensor whose dtype is not plain floating point and not part of a declared
+encoding (raw float8 values without their scales, GPTQ/AWQ ``qweight`` integers, MXFP4 blocks
+would otherwise be read as silently wrong weights). ``DTYPES`` stays the parser's full table
+(``qmoe_ray.storage.safetensors``, the one safetensors parser), since the compressed-checkpoint
+reader parses our own shards (uint8/int16/int32 codes and tables) with ``parse_header`` too.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ from typing import IO, Any
 
 import torch
 
-from qmoe_ray.errors import CheckpointError, MissingTensorError
+from qmoe_ray.errors import MissingTensorError
+from qmoe_ray.storage import quantized as qz
 from qmoe_ray.storage.fs import fs_errors, join, read_small, redact, safe_join, url_to_fs
-from qmoe_ray.storage.safetensors import DTYPES, TensorInfo, header_length, parse_header
+from qmoe_ray.storage.quantized import QUANT_KEYS, SOURCE_DTYPES  # noqa: F401  (re-exported)
+from qmoe_ray.storage.safetensors import DTYPES, TensorInfo, header_length, parse_header  # noqa: F401
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -45,12 +48,6 @@ INDEX = "model.safetensors.index.json"
 HEADER_PROBE = 64 * 2**10  # first read of a shard: length + (usually) the whole header
 COALESCE_GAP = 1 * 2**20  # merge ranges of one shard closer than this into one read
 
-#: The dtypes a *source* checkpoint's tensors may have: the ones whose values are the weights.
-#: Everything else in ``DTYPES`` (float8, integers, bool) is a quantized or packed encoding that
-#: needs decoding first (a later issue), or nothing a supported family reads.
-SOURCE_DTYPES = ("BF16", "F16", "F32", "F64")
-#: config.json keys that declare a quantized (or otherwise compressed) checkpoint.
-QUANT_KEYS = ("quantization_config", "compression_config")
 CONFIG_MAX_BYTES = 16 * 2**20  # a config.json is a few KB; a bigger one is not read
 
 
@@ -61,11 +58,24 @@ def _to_tensor(buf: bytes | memoryview, info: TensorInfo) -> torch.Tensor:
     return t.reshape(info.shape)
 
 
+def _rows(i: TensorInfo, start: int, stop: int) -> TensorInfo:
+    """Rows ``start:stop`` along dim 0 of the stored tensor ``i``."""
+    row = (i.end - i.start) // i.shape[0] if i.shape[0] else 0
+    return TensorInfo(i.file, i.dtype, (stop - start, *i.shape[1:]), i.start + start * row,
+                      i.start + stop * row)
+
+
 class Checkpoint:
     """A lazily read safetensors checkpoint (a ``WeightSource`` of ``qmoe_ray.models.base``).
 
     Build with ``open_checkpoint``. Headers are read once at open time; tensor data is read on
-    demand with range reads and not cached (callers decide what to keep).
+    demand with range reads and not cached (callers decide what to keep). A quantized source is
+    seen through its decoded view: ``names``, ``shape``, ``dtype`` and the reads are those of the
+    logical weights (``qmoe_ray.storage.quantized``), ``config`` has no quantization block
+    (``raw_config`` is the file's), ``stored`` lists the tensors as stored.
+
+    Raises (at construction):
+        CheckpointError: a quantization scheme or a tensor the reader does not decode.
     """
 
     def __init__(
@@ -80,33 +90,52 @@ class Checkpoint:
         self.url = url
         self.fs = fs
         self.root = root
-        self.config = config
-        self._tensors = tensors
+        self.raw_config = config
+        self._scheme = qz.source_scheme(config, redact(join(url, CONFIG)))
+        self.config = qz.model_config(config)
+        self._stored = tensors
+        self._tensors, self._decoded = qz.source_view(tensors, self._scheme)
         self._opts = storage_options or {}
 
     # -- metadata ---------------------------------------------------------------------------------
     @property
     def names(self) -> list[str]:
-        """All tensor names, sorted."""
-        return sorted(self._tensors)
+        """All (logical) tensor names, sorted."""
+        return sorted([*self._tensors, *self._decoded])
+
+    @property
+    def stored(self) -> dict[str, TensorInfo]:
+        """The tensors as stored (a quantized source's encodings included), by name."""
+        return dict(self._stored)
+
+    @property
+    def source_precision(self) -> str:
+        """The stored precision in words, e.g. ``"bf16"`` or ``"fp8-block128 (e4m3, float32
+        scales)"``."""
+        return qz.precision(self._stored, self._scheme)
 
     @property
     def files(self) -> list[str]:
         """The shard files (relative names), sorted."""
-        return sorted({i.file for i in self._tensors.values()})
+        return sorted({i.file for i in self._stored.values()})
 
     def info(self, name: str) -> TensorInfo:
-        """Location, dtype and shape of ``name``.
+        """Location, dtype and shape of ``name``; for a decoded weight: the file and byte range of
+        its main stored part, the decoded dtype and the logical shape.
 
         Raises:
             KeyError: no such tensor (the message names the checkpoint).
         """
+        if name in self._decoded:
+            d = self._decoded[name]
+            main = self._stored[d.parts["weight" if d.kind == "fp8" else "packed"]]
+            return TensorInfo(main.file, d.dtype, tuple(d.shape), main.start, main.end)
         try:
             return self._tensors[name]
         except KeyError:
             raise MissingTensorError(
                 f"tensor {name!r} is not in checkpoint {redact(self.url)!r} "
-                f"({len(self._tensors)} tensors); check the name and model_type"
+                f"({len(self)} tensors); check the name and model_type"
             ) from None
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -118,13 +147,13 @@ class Checkpoint:
         return self.info(name).dtype
 
     def __contains__(self, name: object) -> bool:
-        return name in self._tensors
+        return name in self._tensors or name in self._decoded
 
     def __len__(self) -> int:
-        return len(self._tensors)
+        return len(self._tensors) + len(self._decoded)
 
     def __repr__(self) -> str:
-        n, f = len(self._tensors), len(self.files)
+        n, f = len(self), len(self.files)
         return f"Checkpoint({redact(self.url)!r}, {n} tensors, {f} files)"
 
     # -- data -------------------------------------------------------------------------------------
@@ -139,7 +168,8 @@ class Checkpoint:
 
     def read_slice(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` along dim 0 of ``name`` (e.g. some experts of a fused 3-D expert
-        tensor), read with one range read of just those rows.
+        tensor), read with one range read of just those rows (for a decoded weight of 3 or more
+        dimensions, those rows of each stored part; of 2, the whole weight, then the rows).
 
         Raises:
             KeyError: no such tensor. ValueError: the tensor is 0-d or the rows are out of range.
@@ -150,25 +180,27 @@ class Checkpoint:
                 f"rows {start}:{stop} of tensor {name!r} with shape {list(i.shape)} "
                 "are out of range"
             )
-        row = (i.end - i.start) // i.shape[0] if i.shape[0] else 0
-        sub = TensorInfo(
-            i.file,
-            i.dtype,
-            (stop - start, *i.shape[1:]),
-            i.start + start * row,
-            i.start + stop * row,
-        )
-        return self._read_infos({name: sub})[name]
+        d = self._decoded.get(name)
+        if d is None:
+            return self._read_infos({name: _rows(i, start, stop)})[name]
+        if len(d.shape) < 3:
+            return self.read(name)[start:stop]
+        infos = {p: (self._stored[p] if role == "shape" else _rows(self._stored[p], start, stop))
+                 for role, p in d.parts.items()}
+        got = self._read_infos(infos)
+        return qz.decode(d, {role: got[p] for role, p in d.parts.items()}, self._scheme)
 
     def __call__(self, name: str) -> torch.Tensor:
         """``name`` as float32 (the ``WeightSource`` protocol)."""
         return self.read(name).to(torch.float32)
 
     def read_many(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Several tensors in their stored dtypes, with the range reads of each shard coalesced.
+        """Several tensors in their stored (or decoded) dtypes, with the range reads of each
+        shard coalesced.
 
         Ranges of one shard that lie within ``COALESCE_GAP`` bytes of each other become one read;
-        all reads are issued together through ``fs.cat_ranges`` (concurrent on object stores).
+        all reads are issued together through ``fs.cat_ranges`` (concurrent on object stores). A
+        decoded weight is read as its stored parts, then decoded.
 
         Returns:
             ``name -> tensor`` for every requested name.
@@ -176,7 +208,18 @@ class Checkpoint:
         Raises:
             KeyError: a name is not in the checkpoint (raised before any read).
         """
-        return self._read_infos({n: self.info(n) for n in dict.fromkeys(names)})
+        names = list(dict.fromkeys(names))
+        infos: dict[str, TensorInfo] = {}
+        for n in names:
+            d = self._decoded.get(n)
+            if d is None:
+                infos[n] = self.info(n)
+            else:
+                infos.update((p, self._stored[p]) for p in d.parts.values())
+        got = self._read_infos(infos)
+        return {n: got[n] if n not in self._decoded else qz.decode(
+                    self._decoded[n], {r: got[p] for r, p in self._decoded[n].parts.items()},
+                    self._scheme) for n in names}
 
     def _read_infos(self, infos: dict[str, TensorInfo]) -> dict[str, torch.Tensor]:
         groups: list[tuple[str, int, int, list[str]]] = []
@@ -237,60 +280,6 @@ class Checkpoint:
             return self.fs.open(path, mode)
 
 
-def check_source_config(config: dict[str, Any], where: str) -> None:
-    """Refuse a source ``config.json`` that declares quantized weights (see module doc).
-
-    Args:
-        config: the parsed ``config.json``.
-        where: its location, for the message.
-
-    Raises:
-        CheckpointError: ``quantization_config`` or ``compression_config`` is present (and not
-            null) at the top level or in ``text_config``; the message names the key.
-    """
-    scopes: list[tuple[str, Any]] = [("", config)]
-    if isinstance(config.get("text_config"), dict):
-        scopes.append(("text_config.", config["text_config"]))
-    for prefix, scope in scopes:
-        for key in QUANT_KEYS:
-            q = scope.get(key)
-            if q is None:
-                continue
-            method = q.get("quant_method") if isinstance(q, dict) else None
-            kind = f" (quant_method {str(method)[:40]!r})" if isinstance(method, str) else ""
-            raise CheckpointError(
-                f"{where}: {prefix}{key}{kind} is set: quantized source checkpoints are not "
-                "decoded yet (their weights would be read without their scales); supported: "
-                f"unquantized safetensors in {'/'.join(SOURCE_DTYPES)}. Use the model's "
-                "unquantized (bf16) release, or dequantize it first"
-            )
-
-
-def check_source_dtypes(tensors: dict[str, TensorInfo]) -> None:
-    """Refuse a source tensor whose dtype is not a plain floating-point one (``SOURCE_DTYPES``).
-
-    Raises:
-        CheckpointError: naming the tensor, its file and dtype, and the supported dtypes.
-    """
-    ok = {DTYPES[d] for d in SOURCE_DTYPES}
-    for name in sorted(tensors):
-        info = tensors[name]
-        if info.dtype in ok:
-            continue
-        dt = next(k for k, v in DTYPES.items() if v == info.dtype)
-        shown = repr(name) if len(name) <= 120 else repr(name[:117] + "...")
-        hint = (
-            " (an FP8 checkpoint: its block scales, weight_scale_inv, are not applied yet)"
-            if dt.startswith("F8")
-            else " (a quantized or packed encoding)"
-        )
-        raise CheckpointError(
-            f"{info.file}: tensor {shown} has dtype {dt}{hint}, which the source reader does not "
-            f"decode; supported source dtypes: {', '.join(SOURCE_DTYPES)}. Use the model's "
-            "unquantized (bf16) release, or dequantize it first"
-        )
-
-
 def _read_json(fs: Any, path: str, url: str, opts: dict[str, Any], limit: int | None = None) -> Any:
     if limit is None:
         with fs_errors(url, "read", opts):
@@ -332,8 +321,9 @@ def open_checkpoint(url: str, **storage_options: Any) -> Checkpoint:
     """Open a Hugging Face-layout checkpoint folder for lazy tensor reads.
 
     Reads ``config.json``, then ``model.safetensors.index.json`` (sharded) or ``model.safetensors``
-    (single file), and every shard's header. No tensor data is read. Quantized sources are refused
-    here, before any work (``check_source_config``, ``check_source_dtypes``).
+    (single file), and every shard's header. No tensor data is read. A quantization scheme or a
+    tensor the reader does not decode is refused here, before any work
+    (``qmoe_ray.storage.quantized``).
 
     Args:
         url: local folder, ``file://``, ``s3://bucket/prefix`` or any fsspec URL.
@@ -348,10 +338,10 @@ def open_checkpoint(url: str, **storage_options: Any) -> Checkpoint:
         PermissionError: access denied (message says which credentials to check).
         KeyError: a tensor listed in the index is absent from its shard.
         ValueError: malformed JSON, index or safetensors header.
-        CheckpointError (a ``ValueError``): a quantized source: ``config.json`` declares a
-            ``quantization_config`` / ``compression_config``, or a tensor's dtype is not one of
-            ``SOURCE_DTYPES`` (the message names the key or the tensor); a config.json over
-            ``CONFIG_MAX_BYTES``.
+        CheckpointError (a ``ValueError``): ``config.json`` declares a quantization the reader
+            does not decode, a quantized weight is incomplete or inconsistent, or a tensor's
+            dtype is neither one of ``SOURCE_DTYPES`` nor part of a declared encoding (the
+            message names the key or the tensor); a config.json over ``CONFIG_MAX_BYTES``.
     """
     fs, root = url_to_fs(url, **storage_options)
     root = root.rstrip("/") or root
@@ -362,7 +352,7 @@ def open_checkpoint(url: str, **storage_options: Any) -> Checkpoint:
     )
     if not isinstance(config, dict):
         raise ValueError(f"{redact(cfg_url)}: expected a JSON object; re-save config.json")
-    check_source_config(config, redact(cfg_url))
+    qz.source_scheme(config, redact(cfg_url))  # refused before the shards are touched
     index_path = safe_join(root, INDEX)
     with fs_errors(join(url, INDEX), "check", opts):
         sharded = fs.exists(index_path)
@@ -402,8 +392,7 @@ def open_checkpoint(url: str, **storage_options: Any) -> Checkpoint:
             tensors[name] = headers[f][name]
     else:
         tensors = headers[SINGLE]
-    check_source_dtypes(tensors)
-    return Checkpoint(url, fs, root, config, tensors, opts)
+    return Checkpoint(url, fs, root, config, tensors, opts)  # refuses what is not decoded
 
 
 @dataclass(frozen=True)
@@ -437,7 +426,7 @@ class SourceIndex:
 
 def source_index(ckpt: Checkpoint) -> SourceIndex:
     """The index of an opened checkpoint, for ``open_from_index``."""
-    return SourceIndex(ckpt.config, {n: ckpt.info(n) for n in ckpt.names})
+    return SourceIndex(ckpt.raw_config, ckpt.stored)
 
 
 def open_from_index(url: str, index: SourceIndex, **storage_options: Any) -> Checkpoint:
