@@ -285,7 +285,7 @@ def _qc(**kw):
 @pytest.mark.parametrize("label,edit_config,edit_tensors,match", [
     ("fp8", _qc(quant_method="awq"), None, r"quantization_config.quant_method is 'awq', which is "
                                            r"not decoded; supported: quant_method \"fp8\""),
-    ("fp8", _qc(quant_method="mxfp4"), None, r"quant_method is 'mxfp4'"),
+    ("fp8", _qc(quant_method="modelopt"), None, r"quant_method is 'modelopt'"),
     ("fp8", _qc(activation_scheme="static"), None, r"activation_scheme is 'static'"),
     ("fp8", _qc(weight_block_size=None), None, r"weight_block_size is 'None'.*per-tensor"),
     ("fp8", lambda c: c.update(compression_config={"quant_method": "compressed-tensors"}), None,
@@ -303,7 +303,7 @@ def _qc(**kw):
     ("int4", lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"].update(
         num_bits=8), None, r"weights.num_bits is '8'"),
     ("int4", _qc(format="marlin-24"), None, r"format is 'marlin-24'"),
-], ids=["awq", "mxfp4", "static", "per-tensor", "two-blocks", "no-scale", "scale-shape",
+], ids=["awq", "nvfp4", "static", "per-tensor", "two-blocks", "no-scale", "scale-shape",
         "block-size", "zero-point", "no-shape", "asymmetric", "int8", "format"])
 def test_what_is_not_decoded_is_refused_at_open(sources, tmp_path, label, edit_config,
                                                 edit_tensors, match):
@@ -362,3 +362,78 @@ def test_oversized_config_json_is_refused_unread(tmp_path):
     with pytest.raises(CheckpointError, match=r"config.json: more than the 16,777,216 bytes a "
                                               r"config.json may have; refused without reading"):
         open_checkpoint(str(tmp_path))
+
+
+# -- MXFP4 (gpt-oss's experts) ------------------------------------------------------------------------
+MXFP4_CONFIG = {"quant_method": "mxfp4", "modules_to_not_convert": [
+    "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+
+
+def _mxfp4_source(d: Path, **edits) -> tuple[Path, dict[str, torch.Tensor]]:
+    """gpt-oss's layout: ``gate_up_proj`` as blocks [E, 2I, H/32, 16] + scales [E, 2I, H/32],
+    ``down_proj`` as [E, H, I/32, 16] + [E, H, I/32]; router and biases plain."""
+    g = torch.Generator().manual_seed(0)
+    e, h, i = 3, 64, 32
+    t = {"model.layers.0.mlp.router.weight": torch.randn(e, h, generator=g).bfloat16(),
+         "model.layers.0.mlp.experts.gate_up_proj_bias": torch.randn(e, 2 * i).bfloat16()}
+    for name, rows, cols in (("gate_up_proj", 2 * i, h), ("down_proj", h, i)):
+        base = f"model.layers.0.mlp.experts.{name}"
+        t[base + "_blocks"] = torch.randint(0, 256, (e, rows, cols // 32, 16), generator=g,
+                                            dtype=torch.uint8)
+        t[base + "_scales"] = torch.randint(118, 130, (e, rows, cols // 32), generator=g,
+                                            dtype=torch.uint8)
+    for k, v in edits.items():
+        if v is None:
+            t.pop(k)
+        else:
+            t[k] = v
+    d.mkdir()
+    save_file(t, d / "model.safetensors")
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt_oss",
+                                               "quantization_config": MXFP4_CONFIG}))
+    return d, t
+
+
+def test_mxfp4_experts_decode_as_transformers_does(tmp_path):
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    d, raw = _mxfp4_source(tmp_path / "m")
+    ck = open_checkpoint(str(d))
+    assert ck.source_precision == "mxfp4 (e2m1, e8m0 scales per 32)"
+    assert sorted(n for n in ck.names if ".experts." in n) == [
+        "model.layers.0.mlp.experts.down_proj", "model.layers.0.mlp.experts.gate_up_proj",
+        "model.layers.0.mlp.experts.gate_up_proj_bias"]
+    for name, shape in (("gate_up_proj", (3, 64, 64)), ("down_proj", (3, 32, 64))):
+        base = f"model.layers.0.mlp.experts.{name}"
+        want = convert_moe_packed_tensors(raw[base + "_blocks"], raw[base + "_scales"],
+                                          dtype=torch.bfloat16)
+        got = ck.read(base)
+        assert got.dtype == torch.bfloat16 and tuple(got.shape) == shape == ck.shape(base)
+        assert torch.equal(got, want), name
+        assert torch.equal(ck.read_slice(base, 1, 3), want[1:3])
+        # exact: the same values in float32 (powers of two times e2m1 values)
+        assert torch.equal(convert_moe_packed_tensors(
+            raw[base + "_blocks"], raw[base + "_scales"], dtype=torch.float32), got.float())
+
+
+@pytest.mark.parametrize("edits,match", [
+    ({"model.layers.0.mlp.experts.down_proj_scales": None}, r"have no scales"),
+    ({"model.layers.0.mlp.experts.down_proj_blocks": None}, r"have no blocks"),
+    ({"model.layers.0.mlp.experts.down_proj_scales": torch.zeros(3, 64, 2, dtype=torch.int16)},
+     r"scales .* are I16\[3, 64, 2\]"),
+    ({"model.layers.0.mlp.experts.down_proj_blocks": torch.zeros(3, 64, 2, 8, dtype=torch.uint8)},
+     r"blocks .* are U8\[3, 64, 2, 8\]"),
+])
+def test_bad_mxfp4_tensors_are_refused(tmp_path, edits, match):
+    d, _ = _mxfp4_source(tmp_path / "m", **edits)
+    with pytest.raises(CheckpointError, match=match):
+        open_checkpoint(str(d))
+
+
+def test_a_nan_mxfp4_scale_is_refused_at_read(tmp_path):
+    scales = torch.full((3, 64, 1), 127, dtype=torch.uint8)
+    scales[1, 2, 0] = 255
+    d, _ = _mxfp4_source(tmp_path / "m", **{"model.layers.0.mlp.experts.down_proj_scales": scales})
+    ck = open_checkpoint(str(d))
+    with pytest.raises(CheckpointError, match=r"0xFF \(NaN in E8M0\)"):
+        ck.read("model.layers.0.mlp.experts.down_proj")

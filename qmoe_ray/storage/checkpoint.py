@@ -128,7 +128,7 @@ class Checkpoint:
         """
         if name in self._decoded:
             d = self._decoded[name]
-            main = self._stored[d.parts["weight" if d.kind == "fp8" else "packed"]]
+            main = self._stored[next(iter(d.parts.values()))]  # weight / packed / blocks
             return TensorInfo(main.file, d.dtype, tuple(d.shape), main.start, main.end)
         try:
             return self._tensors[name]

@@ -28,13 +28,20 @@ Decoded (the arithmetic of each scheme's reference decoder, so the values are bi
   every read). The weight is ``q * scale`` in the scale's dtype (the compressed-tensors
   library's ``dequantize``), which is the decoded dtype.
 
-Anything else (another ``quant_method``, MXFP4/NVFP4 or another ``format``, other bit widths,
+- ``quant_method: "mxfp4"`` (gpt-oss): the experts' ``*_blocks`` uint8 ``[E, R, G, 16]`` hold
+  32 FP4 (e2m1) values per block, the low nibble first, ``*_scales`` uint8 ``[E, R, G]`` one E8M0
+  exponent per block (``2 ** (s - 127)``); the logical weight is ``[E, G * 32, R]`` (transposed:
+  gpt-oss's ``[E, H, 2I]`` / ``[E, I, H]`` expert layout) in bf16, where every such value is
+  exact (transformers' ``convert_moe_packed_tensors``).
+
+Anything else (another ``quant_method``, NVFP4 or another ``format``, other bit widths,
 asymmetric weights, activation or KV-cache quantization, ``compression_config``) is refused with
 an error naming the key, its value and what is supported.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import re
 from collections.abc import Mapping
@@ -50,8 +57,9 @@ from qmoe_ray.storage.safetensors import DTYPES, TensorInfo
 SOURCE_DTYPES = ("BF16", "F16", "F32", "F64")
 #: config.json keys that declare a quantized (or otherwise compressed) checkpoint.
 QUANT_KEYS = ("quantization_config", "compression_config")
-SUPPORTED = ('quant_method "fp8" (float8_e4m3fn weights, block scales) or "compressed-tensors" '
-             'with format "pack-quantized" (int4, symmetric, group-wise)')
+SUPPORTED = ('quant_method "fp8" (float8_e4m3fn weights, block scales), "compressed-tensors" '
+             'with format "pack-quantized" (int4, symmetric, group-wise) or "mxfp4" (FP4 '
+             'blocks of 32 with E8M0 scales)')
 _SHORT = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64"}
 _NAME_OF = {v: k for k, v in DTYPES.items()}
 _E8M0 = getattr(torch, "float8_e8m0fnu", None)
@@ -85,15 +93,25 @@ class PackedInt:
     ignore: tuple[str, ...]
 
 
-Scheme = Fp8Block | PackedInt
+@dataclass(frozen=True)
+class Mxfp4:
+    """``quant_method: "mxfp4"``: FP4 e2m1 values in blocks of 32 with one E8M0 scale each."""
+
+    skip: tuple[str, ...]  # modules_to_not_convert (``*`` wildcards)
+
+
+Scheme = Fp8Block | PackedInt | Mxfp4
+#: e2m1 values by nibble (sign in bit 3).
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
 @dataclass(frozen=True)
 class Decoded:
     """One logical weight and the stored tensors it decodes from (``parts``: role -> name;
-    roles ``weight``/``scale`` for FP8, ``packed``/``scale``/``shape`` for packed ints)."""
+    roles ``weight``/``scale`` for FP8, ``packed``/``scale``/``shape`` for packed ints,
+    ``blocks``/``scales`` for MXFP4)."""
 
-    kind: str  # "fp8" or "packed"
+    kind: str  # "fp8", "packed" or "mxfp4"
     parts: dict[str, str]
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -223,6 +241,11 @@ def source_scheme(config: Mapping[str, Any], where: str) -> Scheme | None:
         return _fp8_scheme(q, key, where)
     if method == "compressed-tensors":
         return _packed_scheme(q, key, where)
+    if method == "mxfp4":
+        skip = q.get("modules_to_not_convert") or []
+        if not (isinstance(skip, list) and all(isinstance(x, str) for x in skip)):
+            raise _refuse(where, f"{key}.modules_to_not_convert is not a list of module names")
+        return Mxfp4(tuple(skip))
     raise _refuse(where, f"{key}.quant_method is {method[:40]!r}, which is not decoded")
 
 
@@ -358,6 +381,44 @@ def _packed_view(tensors: Mapping[str, TensorInfo], s: PackedInt) -> dict[str, D
     return out
 
 
+def _mxfp4_view(tensors: Mapping[str, TensorInfo], s: Mxfp4) -> dict[str, Decoded]:
+    out: dict[str, Decoded] = {}
+    for name in sorted(tensors):
+        i = tensors[name]
+        if name.endswith("_scales") and name.removesuffix("_scales") + "_blocks" not in tensors:
+            raise CheckpointError(f"{i.file}: MXFP4 scales {_show(name)} have no blocks "
+                                  f"{_show(name.removesuffix('_scales') + '_blocks')}; the "
+                                  "checkpoint is incomplete: re-download it")
+        if not name.endswith("_blocks"):
+            continue
+        base = name.removesuffix("_blocks")
+        sc = tensors.get(base + "_scales")
+        if sc is None:
+            raise CheckpointError(f"{i.file}: MXFP4 blocks {_show(name)} have no scales "
+                                  f"{_show(base + '_scales')}; the checkpoint is incomplete: "
+                                  "re-download it")
+        if i.dtype != torch.uint8 or len(i.shape) != 4 or i.shape[-1] != 16:
+            raise CheckpointError(f"{i.file}: MXFP4 blocks {_show(name)} are {_dt(i.dtype)}"
+                                  f"{list(i.shape)}; decoded: U8 [experts, rows, blocks, 16]")
+        if sc.dtype != torch.uint8 or sc.shape != i.shape[:-1]:
+            raise CheckpointError(f"{sc.file}: MXFP4 scales {_show(base + '_scales')} are "
+                                  f"{_dt(sc.dtype)}{list(sc.shape)}; blocks {_show(name)} of "
+                                  f"shape {list(i.shape)} need U8{list(i.shape[:-1])}")
+        if base in tensors:
+            raise CheckpointError(f"{i.file}: {_show(base)} is stored both as MXFP4 blocks and "
+                                  "unpacked")
+        module = base.rsplit(".", 1)[0]
+        if any(fnmatch.fnmatchcase(module, p) or fnmatch.fnmatchcase(module, p + ".*")
+               for p in s.skip):
+            raise CheckpointError(f"{i.file}: {_show(name)} is MXFP4 but its module is listed "
+                                  "in quantization_config.modules_to_not_convert; the config "
+                                  "and the weights disagree: re-download them")
+        e, rows, g, _ = i.shape
+        out[base] = Decoded("mxfp4", {"blocks": name, "scales": base + "_scales"},
+                            (e, g * 32, rows), torch.bfloat16)
+    return out
+
+
 def source_view(tensors: Mapping[str, TensorInfo], scheme: Scheme | None
                 ) -> tuple[dict[str, TensorInfo], dict[str, Decoded]]:
     """Split a source's stored tensors into plain ones and decoded weights (from headers only).
@@ -374,6 +435,7 @@ def source_view(tensors: Mapping[str, TensorInfo], scheme: Scheme | None
         check_plain_dtypes(tensors)
         return dict(tensors), {}
     decoded = (_fp8_view(tensors, scheme) if isinstance(scheme, Fp8Block)
+               else _mxfp4_view(tensors, scheme) if isinstance(scheme, Mxfp4)
                else _packed_view(tensors, scheme))
     parts = {p for d in decoded.values() for p in d.parts.values()}
     plain = {n: i for n, i in tensors.items() if n not in parts}
@@ -386,6 +448,8 @@ def precision(tensors: Mapping[str, TensorInfo], scheme: Scheme | None) -> str:
     ``"int4-g32 (compressed-tensors)"``."""
     if isinstance(scheme, PackedInt):
         return f"int{scheme.bits}-g{scheme.group} (compressed-tensors)"
+    if isinstance(scheme, Mxfp4):
+        return "mxfp4 (e2m1, e8m0 scales per 32)"
     if isinstance(scheme, Fp8Block):
         bm, bn = scheme.block
         e8 = any(i.dtype == _E8M0 for n, i in tensors.items() if n.endswith("_scale_inv"))
@@ -417,6 +481,15 @@ def decode(d: Decoded, parts: Mapping[str, torch.Tensor], scheme: Scheme | None
         rows, cols = q.shape[-2:]
         s = s.repeat_interleave(bm, dim=-2)[..., :rows, :]
         return q.mul_(s.repeat_interleave(bn, dim=-1)[..., :cols])
+    if d.kind == "mxfp4":
+        blocks, scales = parts["blocks"], parts["scales"]
+        if bool((scales == 255).any()):
+            raise CheckpointError(f"MXFP4 scales {_show(d.parts['scales'])} hold 0xFF (NaN in "
+                                  "E8M0); the checkpoint is corrupt: re-download it")
+        lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+        vals = torch.stack((lut[(blocks & 0xF).long()], lut[(blocks >> 4).long()]), dim=-1)
+        vals = torch.ldexp(vals.flatten(-2), scales.to(torch.int32).sub_(127).unsqueeze(-1))
+        return vals.flatten(-2).to(torch.bfloat16).transpose(-2, -1).contiguous()
     assert isinstance(scheme, PackedInt)
     want = list(d.shape)
     got = [int(v) for v in parts["shape"].tolist()]
