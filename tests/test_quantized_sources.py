@@ -437,3 +437,62 @@ def test_a_nan_mxfp4_scale_is_refused_at_read(tmp_path):
     ck = open_checkpoint(str(d))
     with pytest.raises(CheckpointError, match=r"0xFF \(NaN in E8M0\)"):
         ck.read("model.layers.0.mlp.experts.down_proj")
+
+
+@pytest.mark.ray
+def test_fp8_deepseek_v3_on_s3_compresses_evaluates_and_exports(tmp_path, moto_endpoint,
+                                                                s3_credentials, capsys):
+    """DeepSeek-V3.1 as it ships (every linear weight FP8 with ue8m0 block scales, routers and
+    correction biases unquantized), source and output on moto's s3, through the CLI: compress,
+    inspect (the source precision), eval (the FP8 source's loss is its dequantized model's),
+    export (transformers loads it as a bf16 DeepseekV3ForCausalLM, our logits)."""
+    import transformers as tf
+    from fixtures_s3 import make_bucket, upload_dir
+    from sigmoid_fixtures import tiny_sigmoid_model
+
+    from qmoe_ray.cli import main
+    from qmoe_ray.read.loader import load
+
+    bf16 = save_tiny(tiny_sigmoid_model("deepseek_v3", seed=3), tmp_path / "bf16",
+                     dtype=torch.bfloat16)
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(3, 97, (48, 16)))
+    fp8: dict[str, torch.Tensor] = {}
+    for name, t in load_file(bf16 / "model.safetensors").items():
+        if t.dim() == 2 and "embed" not in name and "lm_head" not in name \
+                and not name.endswith("mlp.gate.weight"):  # attention, experts, shared, dense
+            fp8[name], fp8[name.removesuffix("weight") + "weight_scale_inv"] = _fp8(t, True)
+        else:
+            fp8[name] = t
+    assert any("kv_a_proj_with_mqa.weight_scale_inv" in n for n in fp8)
+    config = json.loads((bf16 / "config.json").read_text())
+    src = _write(tmp_path / "src", fp8, {**config, "quantization_config": {
+        **FP8_CONFIG, "scale_fmt": "ue8m0"}}, bf16)
+    fs = make_bucket(moto_endpoint, "qmoe-fp8")
+    upload_dir(fs, src, "qmoe-fp8/src")
+    opt = ["--storage-option", f"endpoint_url={moto_endpoint}"]
+    data = str(tmp_path / "tokens.npy")
+    assert main(["compress", "--source", "s3://qmoe-fp8/src", "--output", "s3://qmoe-fp8/out",
+                 "--data", data, "--num-samples", "24", "--seq-len", "16", "--eval-samples",
+                 "4", "--group-size", "8", "--quiet", *opt]) == 0
+    manifest = json.loads(fs.cat_file("qmoe-fp8/out/manifest.json"))
+    assert manifest["source_precision"] == "fp8-block16 (e4m3, ue8m0 scales)"
+    assert len(manifest["quantized"]) == 2 * 16 * 3
+    assert not any(n.endswith("scale_inv") for n in manifest["tensors"])
+    assert "quantization_config" not in json.loads(fs.cat_file("qmoe-fp8/out/config.json"))
+    capsys.readouterr()
+    assert main(["inspect", "s3://qmoe-fp8/out", "--no-verify", *opt]) == 0
+    assert "(fp8-block16 (e4m3, ue8m0 scales))" in capsys.readouterr().out
+    losses = {}
+    for label, url in (("source", str(src)), ("twin", str(_twin(src, tmp_path / "twin"))),
+                       ("ours", "s3://qmoe-fp8/out")):
+        assert main(["eval", url, "--data", data, "--samples", "8", "--json", "--quiet",
+                     *opt]) == 0
+        losses[label] = json.loads(capsys.readouterr().out)["loss"]
+    assert losses["source"] == losses["twin"] and np.isfinite(losses["ours"])
+    assert main(["export", "s3://qmoe-fp8/out", str(tmp_path / "hf"), "--quiet", *opt]) == 0
+    hf = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    assert type(hf).__name__ == "DeepseekV3ForCausalLM"
+    ids = torch.from_numpy(np.random.default_rng(1).integers(3, 97, (2, 10)))
+    ours = load("s3://qmoe-fp8/out", endpoint_url=moto_endpoint)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours.logits(ids), rtol=1e-4, atol=1e-4)
