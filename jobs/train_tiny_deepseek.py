@@ -52,6 +52,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bias-rate", type=float, default=1e-3,
                    help="correction-bias step per training step (DeepSeek-V3's gamma)")
     p.add_argument("--calib", type=int, default=512)
+    p.add_argument("--calib-samples", type=int, default=256,
+                   help="calibration windows the job uses (of --calib)")
+    p.add_argument("--model", default=None,
+                   help="measure a model this script trained before (its folder) instead of "
+                        "training one")
     p.add_argument("--heldout", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -156,7 +161,7 @@ def train(args: argparse.Namespace) -> tuple[Path, dict]:
     return out, meta
 
 
-def measure(src: Path, meta: dict, threads: int) -> dict:
+def measure(src: Path, meta: dict, threads: int, calib_samples: int) -> dict:
     """Held-out loss of the bf16 model and of its ternary GPTQ / RTN compressions (the job)."""
     import ray
 
@@ -173,7 +178,7 @@ def measure(src: Path, meta: dict, threads: int) -> dict:
         for method in ("gptq", "rtn"):
             out = src.parent / f"{src.name}-ternary-{method}"
             run_compression(CompressConfig(
-                source=str(src), output=str(out), data=str(src / "calib.npy"), num_samples=256,
+                source=str(src), output=str(out), data=str(src / "calib.npy"), num_samples=calib_samples,
                 seq_len=128, eval_samples=0, method=method, num_workers=1, overwrite=True),
                 progress=False)
             m = json.loads((out / "manifest.json").read_text())
@@ -184,7 +189,7 @@ def measure(src: Path, meta: dict, threads: int) -> dict:
     finally:
         ray.shutdown()
     ratio = res["gptq"]["rise"] / res["rtn"]["rise"] if res["rtn"]["rise"] > 0 else float("nan")
-    return {**meta, "heldout_loss": round(base, 4), "ternary": res,
+    return {**meta, "heldout_loss": round(base, 4), "ternary": res, "calib_samples": calib_samples,
             "gptq_over_rtn_rise": round(ratio, 3)}
 
 
@@ -198,7 +203,7 @@ def markdown(fig: dict) -> str:
         f"top-4 in 4 groups, 1 shared expert, first block dense) trained by `python "
         f"jobs/train_tiny_deepseek.py` ({fig['steps_done']} steps, {fig['train_seconds']:.0f} s; "
         f"correction biases up to {fig['max_abs_correction_bias']:.3f}), compressed by the job "
-        "(ternary, 256 x 128 calibration tokens), held-out loss on 128 x 128 tokens. bf16 "
+        f"(ternary, {fig['calib_samples']} x 128 calibration tokens), held-out loss on 128 x 128 tokens. bf16 "
         f"model: {fig['heldout_loss']:.4f}.",
         "",
         "| method | held-out loss | rise | bits / expert param |",
@@ -218,8 +223,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.out is None:
         args.out = str(Path(tempfile.mkdtemp(prefix="qmoe-tiny-deepseek-")) / "model")
-    src, meta = train(args)
-    fig = measure(src, meta, args.threads)
+    if args.model is not None:
+        src = Path(args.model)
+        meta = json.loads((src / "metadata.json").read_text())
+    else:
+        src, meta = train(args)
+    if args.calib_samples > args.calib:
+        print(f"--calib-samples {args.calib_samples} exceeds --calib {args.calib}", file=sys.stderr)
+        return 2
+    fig = measure(src, meta, args.threads, args.calib_samples)
     print(markdown(fig), flush=True)
     if not args.no_record:
         from qmoe_ray.bench import BenchResult, record
