@@ -226,8 +226,10 @@ def test_a_quantized_source_evaluates_like_its_decoded_twin(sources, tmp_path, l
     assert a["loss"] != c["loss"] and abs(a["loss"] - c["loss"]) < 0.05  # quantized, close
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def ray_session():
+    """Ray for one test: the s3 test below starts its own after setting the fake credentials (a
+    runtime left running would start its workers without them)."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
