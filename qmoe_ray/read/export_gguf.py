@@ -159,13 +159,14 @@ def export_gguf(url: str, out: str, overwrite: bool = False,
     ofs, oroot = url_to_fs(out, **oo)
     oroot = oroot.rstrip("/")
     with fs_errors(out, "read", oo):
-        if ofs.exists(oroot):
-            if ofs.isdir(oroot):
-                raise FileExistsError(f"{redact(out)} is a folder; --format gguf writes one file "
-                                      "(e.g. model.gguf)")
-            if not overwrite:
-                raise FileExistsError(f"{redact(out)} exists; choose another path or pass "
-                                      "--overwrite to replace it")
+        exists = ofs.exists(oroot)
+        is_dir = exists and ofs.isdir(oroot)
+    if is_dir:
+        raise FileExistsError(f"{redact(out)} is a folder; --format gguf writes one file "
+                              "(e.g. model.gguf)")
+    if exists and not overwrite:
+        raise FileExistsError(f"{redact(out)} exists; choose another path or pass "
+                              "--overwrite to replace it")
     where = f"{redact(url)}/{MANIFEST}"
     manifest = read_manifest(url, **so)
     config = manifest["config"]
@@ -203,7 +204,6 @@ def export_gguf(url: str, out: str, overwrite: bool = False,
                                                          progress)
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
         w.write_tensors_to_file()
         w.close()
         size = os.path.getsize(tmp)
