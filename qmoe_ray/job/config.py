@@ -17,7 +17,7 @@ from typing import Any
 
 from qmoe_ray.errors import InputError
 
-SCHEMES = ("ternary", "ternary-sym256", "int2", "int3", "int4", "int8")
+SCHEMES = ("ternary", "int2", "int3", "int4", "int8", "ternary-sym256")
 METHODS = ("gptq", "rtn")
 EMBEDDED = "embedded"
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-SCHEMES: tuple[str, ...] = ("ternary", "ternary-sym256", "int2", "int3", "int4", "int8")
+SCHEMES: tuple[str, ...] = ("ternary", "int2", "int3", "int4", "int8", "ternary-sym256")
 _BITS = {"ternary": None, "ternary-sym256": 2, "int2": 2, "int3": 3, "int4": 4, "int8": 8}
 #: ``ternary-sym256``: its fixed group (GGUF's super-block QK_K) and the largest scale held
 #: exactly by both bf16 and f16 (65504, f16's largest, needs 11 significant bits)
