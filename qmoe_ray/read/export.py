@@ -404,6 +404,11 @@ def main(args: argparse.Namespace) -> int:
     if res["format"] == "gguf":
         print(f"wrote {res['tensors']} tensors ({res['bytes'] / 2**20:.1f} MiB gguf: "
               f"{res['layout']}) to {args.out_dir} in {res['seconds']:.1f} s")
+        if res["mtp_tensors"]:
+            import sys
+
+            print(f"note: {res['mtp_tensors']} tensors of the multi-token-prediction layers "
+                  "were left out (llama.cpp's converter leaves them out too)", file=sys.stderr)
         return 0
     print(f"wrote {res['tensors']} tensors ({res['bytes'] / 2**20:.1f} MiB {kind}, "
           f"{res['layout']} experts) in {len(res['files'])} files to {args.out_dir} in "

@@ -108,21 +108,15 @@ def _expert_tensor(name: str, mats: list[Any], qtype: Any) -> np.ndarray:
     return blocks
 
 
-def _dense_array(name: str, gname: str, t: torch.Tensor, arch: str, config: Mapping[str, Any],
-                 dense_type: str) -> tuple[np.ndarray, Any]:
+def _dense_array(gname: str, a: np.ndarray, dense_type: str) -> tuple[np.ndarray, Any]:
     from gguf import GGMLQuantizationType as Q
     from gguf import quants
 
-    a = t.float().numpy()
-    if arch in gguf_arch.PERMUTE_QK and gname.split(".")[-2] in ("attn_q", "attn_k"):
-        heads = int(config["num_attention_heads"])
-        if gname.split(".")[-2] == "attn_k":
-            heads = int(config.get("num_key_value_heads") or heads)
-        a = gguf_arch.permute_rows(a, heads)
+    a = np.ascontiguousarray(a)
     if a.ndim == 1 or "ffn_gate_inp" in gname:
         return a.astype(np.float32), Q.F32
     if dense_type == "bf16":
-        b = torch.from_numpy(np.ascontiguousarray(a)).to(torch.bfloat16).view(torch.int16)
+        b = torch.from_numpy(a).to(torch.bfloat16).view(torch.int16)
         return b.numpy().view(np.uint16), Q.BF16
     if dense_type == "q8_0" and a.shape[-1] % 32 == 0:
         return quants.quantize(a, Q.Q8_0), Q.Q8_0
@@ -138,7 +132,8 @@ def export_gguf(url: str, out: str, overwrite: bool = False,
 
     Returns:
         ``{"files", "tensors", "bytes", "expert_bytes", "format", "layout", "arch",
-        "mtp_tensors", "seconds", "timings"}``.
+        "mtp_tensors", "seconds", "timings"}`` (``mtp_tensors``: tensors of
+        multi-token-prediction layers left out, as convert_hf_to_gguf leaves them out).
 
     Raises:
         InputError: a checkpoint GGUF cannot hold exactly (its ``--scheme``, its dimensions),
@@ -199,7 +194,7 @@ def export_gguf(url: str, out: str, overwrite: bool = False,
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for k, v in {**meta, **vocab}.items():
             _add_kv(w, gguf, k, v)
-        n, total, expert_bytes, timings = _write_tensors(w, gguf, url, manifest, arch, config,
+        n, total, expert_bytes, mtp, timings = _write_tensors(w, gguf, url, manifest, arch, config,
                                                          qtype, dense_type, so, workers,
                                                          progress)
         w.write_header_to_file()
@@ -219,7 +214,7 @@ def export_gguf(url: str, out: str, overwrite: bool = False,
     return {"files": [os.path.basename(oroot)], "copied": [], "tensors": n, "bytes": size,
             "tensor_bytes": total, "expert_bytes": expert_bytes, "format": "gguf",
             "layout": f"{arch}, experts {expert_type.upper()}, rest {dense_type.upper()}",
-            "arch": arch, "mtp_tensors": 0, "seconds": time.perf_counter() - t0,
+            "arch": arch, "mtp_tensors": mtp, "mtp_dropped": True, "seconds": time.perf_counter() - t0,
             "timings": timings.as_dict()}
 
 
@@ -242,7 +237,7 @@ def _add_kv(w: Any, gguf: Any, key: str, v: Any) -> None:
 def _write_tensors(w: Any, gguf: Any, url: str, manifest: Mapping[str, Any], arch: str,
                    config: Mapping[str, Any], qtype: Any, dense_type: str,
                    so: Mapping[str, Any], workers: int, progress: bool
-                   ) -> tuple[int, int, int, Timings]:
+                   ) -> tuple[int, int, int, int, Timings]:
     from qmoe_ray.models import get_family
 
     family = get_family(config)
@@ -250,9 +245,10 @@ def _write_tensors(w: Any, gguf: Any, url: str, manifest: Mapping[str, Any], arc
     tables = manifest.get("tables", {})
     stored = {k for nm, e in quantized.items() for k in stored_names(nm, e)}
     stored |= {f"{t}.freqs" for t in tables}
-    moe = [lay for lay in family.layers() if lay.moe]
+    moe = [lay for lay in family.layers()
+           if lay.moe and lay.block < int(config["num_hidden_layers"])]
     timings = Timings()
-    n = total = expert_bytes = 0
+    n = total = expert_bytes = mtp = 0
     pending = {lay.block: lay for lay in moe}
     shards = iter_shards(url, manifest, workers=workers, timings=timings,
                          progress="exporting" if progress else False, checked=True, **so)
@@ -261,13 +257,15 @@ def _write_tensors(w: Any, gguf: Any, url: str, manifest: Mapping[str, Any], arc
             for name in sorted(part):
                 if name in stored:
                     continue
-                gname = gguf_arch.tensor_name(name, arch)
-                if gname is None:
+                outs = gguf_arch.dense_tensors(name, part[name].float().numpy(), arch, config)
+                if outs is None:
                     raise InputError(f"--format gguf: tensor {name!r} has no place in llama.cpp's "
                                      f"{arch}; export with --format hf")
-                arr, ty = _dense_array(name, gname, part[name], arch, config, dense_type)
-                w.add_tensor(gname, arr, raw_dtype=ty)
-                n, total = n + 1, total + arr.nbytes
+                mtp += not outs
+                for gname, a in outs:
+                    arr, ty = _dense_array(gname, a, dense_type)
+                    w.add_tensor(gname, arr, raw_dtype=ty)
+                    n, total = n + 1, total + arr.nbytes
             cache: dict[str, Any] = {}
             t_dec = time.perf_counter()
             for block, lay in list(pending.items()):
@@ -292,4 +290,4 @@ def _write_tensors(w: Any, gguf: Any, url: str, manifest: Mapping[str, Any], arc
     if pending:
         raise CheckpointError(f"{redact(url)}: the experts of blocks {sorted(pending)} are not "
                               "each stored whole in one shard")
-    return n, total, expert_bytes, timings
+    return n, total, expert_bytes, mtp, timings

@@ -5,7 +5,11 @@ writing is ``qmoe_ray.read.export_gguf``).
 - Architectures: Mixtral -> ``llama`` (llama.cpp runs Mixtral as Llama with experts, its q/k
   rows permuted from the HF rotate-half order to llama.cpp's interleaved rope pairs),
   Qwen2-MoE -> ``qwen2moe``, Qwen3-MoE -> ``qwen3moe``, OLMoE -> ``olmoe`` (neox rope: no
-  permutation). Other families are refused, naming the ones supported.
+  permutation), DeepSeek-V3 / Kimi-K2 -> ``deepseek2`` (MLA: ``kv_b_proj`` split into
+  ``attn_k_b`` ``[heads, kv_lora_rank, qk_nope]`` (transposed) and ``attn_v_b`` ``[heads,
+  v_head_dim, kv_lora_rank]``; the router's correction bias as ``exp_probs_b.bias``; the
+  multi-token-prediction layer left out, as the converter does). Other families are refused,
+  naming the ones supported.
 - Tensor names: ``token_embd``, ``output_norm``, ``output`` and per block ``blk.N.attn_q`` ...
   ``ffn_gate_inp`` (the router); the routed experts merged per block into
   ``blk.N.ffn_{gate,up,down}_exps.weight`` ``[experts, out, in]``; Qwen2-MoE's shared expert as
@@ -27,7 +31,8 @@ from typing import Any
 
 from qmoe_ray.errors import InputError
 
-ARCHS = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
+ARCHS = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe",
+         "deepseek_v3": "deepseek2", "kimi_k2": "deepseek2"}
 PERMUTE_QK = {"llama"}  # llama.cpp's llama arch rotates interleaved pairs
 EXPERT_ROLES = {"gate": "ffn_gate_exps", "up": "ffn_up_exps", "down": "ffn_down_exps"}
 
@@ -41,7 +46,15 @@ _BLOCK = {
     "mlp.gate": "ffn_gate_inp", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
     "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
     "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+    "self_attn.q_a_proj": "attn_q_a", "self_attn.q_a_layernorm": "attn_q_a_norm",
+    "self_attn.q_b_proj": "attn_q_b", "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa",
+    "self_attn.kv_a_layernorm": "attn_kv_a_norm", "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "mlp.shared_experts.gate_proj": "ffn_gate_shexp", "mlp.shared_experts.up_proj":
+    "ffn_up_shexp", "mlp.shared_experts.down_proj": "ffn_down_shexp",
 }
+_BIAS = re.compile(r"model\.layers\.(\d+)\.mlp\.gate\.e_score_correction_bias")
+_KV_B = re.compile(r"model\.layers\.(\d+)\.self_attn\.kv_b_proj\.weight")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER, TOKEN_UNUSED = 1, 3, 4, 5
@@ -78,6 +91,35 @@ def expert_tensor_name(block: int, role: str) -> str:
     return f"blk.{block}.{EXPERT_ROLES[role]}.weight"
 
 
+def dense_tensors(name: str, a: Any, arch: str, config: Mapping[str, Any]
+                  ) -> list[tuple[str, Any]] | None:
+    """The GGUF tensors ``[(name, numpy array)]`` of dense HF tensor ``name`` (numpy ``a``):
+    renamed, q/k rows permuted (llama), ``kv_b_proj`` split (deepseek2); None when llama.cpp has
+    no place for it; ``[]`` for a multi-token-prediction layer (left out)."""
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    if m and int(m.group(1)) >= int(config["num_hidden_layers"]):
+        return []
+    if (b := _BIAS.fullmatch(name)) is not None:
+        return [(f"blk.{b.group(1)}.exp_probs_b.bias", a)]
+    if (kv := _KV_B.fullmatch(name)) is not None and arch == "deepseek2":
+        heads, nope = int(config["num_attention_heads"]), int(config["qk_nope_head_dim"])
+        v = int(config["v_head_dim"])
+        w = a.reshape(heads, nope + v, a.shape[-1])
+        blk = f"blk.{kv.group(1)}"
+        return [(f"{blk}.attn_k_b.weight", w[:, :nope].transpose(0, 2, 1).copy()),
+                (f"{blk}.attn_v_b.weight", w[:, nope:].copy())]
+    g = tensor_name(name, arch)
+    if g is None:
+        return None
+    role = g.split(".")[-2]
+    if arch in PERMUTE_QK and role in ("attn_q", "attn_k"):
+        heads = int(config["num_attention_heads"])
+        if role == "attn_k":
+            heads = int(config.get("num_key_value_heads") or heads)
+        a = permute_rows(a, heads)
+    return [(g, a)]
+
+
 def permute_rows(w: Any, n_head: int) -> Any:
     """q/k rows from HF's rotate-half order (per head: all first halves, then all second) to
     llama.cpp's interleaved pairs (numpy ``[heads * head_dim, ...]``)."""
@@ -97,7 +139,7 @@ def metadata(config: Mapping[str, Any], arch: str) -> dict[str, Any]:
     c = config
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     rtype = rope.get("rope_type", rope.get("type", "default"))
-    if rtype not in ("default", None):
+    if rtype not in ("default", None) and not (rtype == "yarn" and arch == "deepseek2"):
         raise InputError(f"--format gguf: rope_type {rtype!r} is not written by this export "
                          "(default rope only); export with --format hf")
     theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
@@ -130,6 +172,49 @@ def metadata(config: Mapping[str, Any], arch: str) -> dict[str, Any]:
         out[f"{a}.expert_feed_forward_length"] = int(c["moe_intermediate_size"])
     if a == "qwen2moe":
         out[f"{a}.expert_shared_feed_forward_length"] = int(c["shared_expert_intermediate_size"])
+    if a == "deepseek2":
+        out.update(_deepseek2(c, rope, rtype))
+    return out
+
+
+def _deepseek2(c: Mapping[str, Any], rope: Mapping[str, Any], rtype: str) -> dict[str, Any]:
+    """deepseek2's keys: MLA as MQA (one kv head of ``kv_lora_rank + qk_rope`` keys), sigmoid
+    routing with groups, leading dense blocks, yarn."""
+    a = "deepseek2"
+    kv, rope_d = int(c["kv_lora_rank"]), int(c["qk_rope_head_dim"])
+    out: dict[str, Any] = {
+        f"{a}.attention.head_count_kv": 1,
+        f"{a}.expert_count": int(c["n_routed_experts"]),
+        f"{a}.leading_dense_block_count": int(c.get("first_k_dense_replace") or 0),
+        f"{a}.vocab_size": int(c["vocab_size"]),
+        f"{a}.attention.kv_lora_rank": kv,
+        f"{a}.attention.key_length": kv + rope_d,
+        f"{a}.attention.value_length": kv,
+        f"{a}.attention.key_length_mla": int(c["qk_nope_head_dim"]) + rope_d,
+        f"{a}.attention.value_length_mla": int(c["v_head_dim"]),
+        f"{a}.expert_feed_forward_length": int(c["moe_intermediate_size"]),
+        f"{a}.expert_shared_count": int(c.get("n_shared_experts") or 0),
+        f"{a}.expert_weights_scale": float(c.get("routed_scaling_factor") or 1.0),
+        f"{a}.rope.dimension_count": rope_d,
+        f"{a}.expert_gating_func": 2,  # sigmoid (llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE)
+    }
+    if c.get("q_lora_rank"):
+        out[f"{a}.attention.q_lora_rank"] = int(c["q_lora_rank"])
+    if c.get("norm_topk_prob"):
+        out[f"{a}.expert_weights_norm"] = True
+    if int(c.get("n_group") or 1) > 1:
+        out[f"{a}.expert_group_count"] = int(c["n_group"])
+        out[f"{a}.expert_group_used_count"] = int(c["topk_group"])
+    if rtype == "yarn":
+        out[f"{a}.rope.scaling.type"] = "yarn"
+        out[f"{a}.rope.scaling.factor"] = float(rope["factor"])
+        out[f"{a}.rope.scaling.original_context_length"] = int(
+            rope["original_max_position_embeddings"])
+        if rope.get("mscale_all_dim") is not None:
+            out[f"{a}.rope.scaling.yarn_log_multiplier"] = 0.1 * float(rope["mscale_all_dim"])
+        for k in ("beta_fast", "beta_slow"):
+            if rope.get(k) is not None:
+                out[f"{a}.rope.scaling.yarn_{k}"] = float(rope[k])
     return out
 
 
