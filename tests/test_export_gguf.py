@@ -212,3 +212,86 @@ def test_dense_names_match_the_gguf_map(model_type, arch):
             continue
         want = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
         assert gguf_arch.tensor_name(name, a) == want, name
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_deepseek_v3_exports_as_deepseek2(tmp_path):
+    """A tiny DeepSeek-V3 (MLA, a dense first block, shared experts, sigmoid routing with
+    groups and correction biases, yarn rope): names against the gguf package's deepseek2 map
+    (``kv_b_proj`` split as the converter splits it), the MLA keys, exact experts."""
+    from sigmoid_fixtures import tiny_sigmoid_model
+
+    from qmoe_ray.job.config import CompressConfig
+    from qmoe_ray.job.driver import run_compression
+
+    model = tiny_sigmoid_model("deepseek_v3", seed=2, hidden_size=256, moe_intermediate_size=256,
+                               intermediate_size=64, vocab_size=2048, n_routed_experts=8,
+                               num_hidden_layers=2)
+    src = save_tiny(model, tmp_path / "src", dtype=torch.bfloat16)
+    shutil.copy(embedded_model_path() / "tokenizer.json", src / "tokenizer.json")
+    np.save(src / "tokens.npy", np.random.default_rng(0).integers(3, 2048, (24, 16)))
+    ck = tmp_path / "ck"
+    run_compression(CompressConfig(source=str(src), output=str(ck), data=str(src / "tokens.npy"),
+                                   num_samples=16, seq_len=16, eval_samples=2, batch_size=8,
+                                   group_size=8, scheme="ternary-sym256", method="rtn"),
+                    progress=False)
+    out = tmp_path / "ds.gguf"
+    export(str(ck), str(out), format="gguf")
+    r = gguf.GGUFReader(str(out))
+    names = {t.name: t for t in r.tensors}
+    c = model.config
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2, 2)
+    from safetensors.torch import load_file
+
+    sd = load_file(src / "model.safetensors")
+    expected = set()
+    for hf_name in sd:
+        if ".experts." in hf_name and "shared" not in hf_name:
+            parts = hf_name.split(".")
+            hf_name = ".".join(parts[:5] + parts[6:])
+        hf_name = hf_name.replace("e_score_correction_bias", "e_score_correction.bias")
+        for n in ([hf_name.replace("kv_b_proj", "k_b_proj"), hf_name.replace("kv_b_proj",
+                   "v_b_proj")] if "kv_b_proj" in hf_name else [hf_name]):
+            g = tmap.get_name(n, try_suffixes=(".weight", ".bias"))
+            assert g is not None, n
+            expected.add(g)
+    assert set(names) == expected
+    kb = np.asarray(names["blk.1.attn_k_b.weight"].data).view(np.uint16)  # BF16 bytes
+    kv_b = sd["model.layers.1.self_attn.kv_b_proj.weight"].float().numpy().reshape(
+        c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
+    assert kb.shape == (c.num_attention_heads, c.kv_lora_rank, c.qk_nope_head_dim)
+    assert np.array_equal(kb,
+                          torch.from_numpy(kv_b[:, :c.qk_nope_head_dim].transpose(0, 2, 1).copy())
+                          .to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
+    fields = r.fields
+
+    def val(key):
+        f = fields[key.format(arch="deepseek2")]
+        v = f.parts[f.data[0]]
+        return v.tobytes().decode() if f.types[0] == gguf.GGUFValueType.STRING else v[0]
+
+    K = gguf.Keys
+    assert val(K.General.ARCHITECTURE) == "deepseek2"
+    assert val(K.Attention.HEAD_COUNT_KV) == 1
+    assert val(K.Attention.KV_LORA_RANK) == c.kv_lora_rank
+    assert val(K.Attention.Q_LORA_RANK) == c.q_lora_rank
+    assert val(K.Attention.KEY_LENGTH) == c.kv_lora_rank + c.qk_rope_head_dim
+    assert val(K.Attention.KEY_LENGTH_MLA) == c.qk_nope_head_dim + c.qk_rope_head_dim
+    assert val(K.Attention.VALUE_LENGTH_MLA) == c.v_head_dim
+    assert val(K.LLM.LEADING_DENSE_BLOCK_COUNT) == 1
+    assert val(K.LLM.EXPERT_COUNT) == 8 and val(K.LLM.EXPERT_SHARED_COUNT) == 2
+    assert val(K.LLM.EXPERT_GATING_FUNC) == gguf.ExpertGatingFuncType.SIGMOID
+    assert val(K.LLM.EXPERT_GROUP_COUNT) == 4 and val(K.LLM.EXPERT_GROUP_USED_COUNT) == 2
+    assert val(K.LLM.EXPERT_WEIGHTS_SCALE) == pytest.approx(2.5)
+    assert val(K.Rope.DIMENSION_COUNT) == c.qk_rope_head_dim
+    assert val(K.Rope.SCALING_TYPE) == "yarn" and val(K.Rope.SCALING_FACTOR) == 4.0
+    assert val(K.Rope.SCALING_YARN_LOG_MUL) == pytest.approx(0.1)
+    ours = load(str(ck), mode="resident")
+    got = gguf.quants.dequantize(names["blk.1.ffn_down_exps.weight"].data,
+                                 gguf.GGMLQuantizationType.TQ2_0)
+    for e in range(8):
+        enc = ours.experts[f"model.layers.1.mlp.experts.{e}.down_proj.weight"]
+        want = dequantize(enc.scheme, torch.from_numpy(enc.codes())[None],
+                          {k: v.float()[None] for k, v in enc.params.items()})[0]
+        assert np.array_equal(got[e].view(np.int32), want.numpy().view(np.int32))

@@ -160,7 +160,8 @@ def metadata(config: Mapping[str, Any], arch: str) -> dict[str, Any]:
         f"{a}.attention.head_count_kv": int(c.get("num_key_value_heads") or heads),
         f"{a}.rope.freq_base": float(theta),
         f"{a}.attention.layer_norm_rms_epsilon": float(c["rms_norm_eps"]),
-        f"{a}.expert_count": int(c.get("num_local_experts") or c["num_experts"]),
+        f"{a}.expert_count": int(c.get("num_local_experts") or c.get("num_experts")
+                                 or c["n_routed_experts"]),
         f"{a}.expert_used_count": int(c["num_experts_per_tok"]),
     }
     if c.get("head_dim"):
