@@ -18,7 +18,7 @@ writing is ``qmoe_ray.read.export_gguf``).
 - Vocabulary: a byte-level BPE ``tokenizer.json`` as ``tokenizer.ggml.model = "gpt2"`` with
   tokens, token types (control for special added tokens, user-defined for other added ones,
   unused for ids the vocabulary leaves empty, named ``[PAD<id>]``), merges, the pre-tokenizer
-  name llama.cpp knows it by (``gpt2`` for GPT-2's split regex) and the special token ids.
+  name llama.cpp knows it by (``gpt-2`` for GPT-2's split regex) and the special token ids.
   Anything else (SentencePiece, WordLevel, an unknown pre-tokenizer split) is refused.
 """
 
@@ -265,7 +265,7 @@ def vocabulary(tokenizer_json: bytes, config: Mapping[str, Any],
             tokens.append(f"[PAD{i}]")
             types.append(TOKEN_UNUSED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    out: dict[str, Any] = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt2",
+    out: dict[str, Any] = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
                            "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
                            "tokenizer.ggml.merges": merges}
     for key, cfg_key in (("bos", "bos_token_id"), ("eos", "eos_token_id"),
