@@ -131,7 +131,6 @@ def run(args) -> BenchResult:
         w = f"{walls[label]:.2f}" if label in walls else ""
         lines.append(f"| {label} | {b / 2**20:.2f} | {b / src_b:.3f} | {w} |")
     notes = ["the GGUF files' expert tensors dequantize (gguf package) to our weights bit for "
-             "bit; llama.cpp tokens/s not measured (llama-cpp-python has no wheel on PyPI and "
-             "compiling it did not fit this 2-core machine)"]
+             "bit; llama.cpp tokens/s not measured (llama-cpp-python ships only a source package on PyPI; built here, it loads and runs the TQ2_0 export, but no timing was taken)"]
     return BenchResult({"baseline_loss": base_loss, "runs": rows, "sizes": sizes,
                         "export_seconds": walls}, "\n".join(lines), notes)
