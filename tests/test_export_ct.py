@@ -234,6 +234,7 @@ def test_inspect_says_which_formats_are_lossless(tmp_path_factory):
     unchecked = inspect(str(compressed_checkpoint(tmp_path_factory)), verify=False)
     assert unchecked["export_formats"]["compressed-tensors"] == "ternary rows: not checked"
     int8 = inspect(str(_ckpt(tmp_path_factory, "int8")))
+    assert "--scheme ternary-sym256" in int8["export_formats"].pop("gguf")
     assert int8["export_formats"] == {"hf": None, "compressed-tensors": None,
                                       "compressed-tensors --symmetric":
                                       "int8 has no symmetric form (9-bit codes)"}

@@ -147,7 +147,7 @@ def test_the_command_prints_json_and_text(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["model_type"] == "mixtral" and out["group_size"] == 8
     assert out["hessian_bytes_per_group"] == 8 * 8 * (4096 ** 2 + 14336 ** 2)
-    assert set(out["schemes"]) == {"ternary", "int2", "int3", "int4", "int8"}
+    assert set(out["schemes"]) == {"ternary", "int2", "int3", "int4", "int8", "ternary-sym256"}
     assert main(["plan", str(tmp_path / "config.json")]) == 0
     text = capsys.readouterr().out
     assert "46.703B parameters" in text and "| ternary | 0.838 |" in text

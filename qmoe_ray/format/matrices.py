@@ -40,7 +40,7 @@ CODE_PREFIX = ".q."
 def _encoder(scheme: Scheme):
     if scheme.name == "ternary":
         return codec.encode_ternary, codec.decode_ternary, codec.EncodedTernary
-    if scheme.name == "int2":
+    if scheme.name in ("int2", "ternary-sym256"):  # sym256: codes 0..2 of a 2-bit grid
         return codec.encode_int2, codec.decode_int2, codec.EncodedInt2
     return None
 
@@ -53,7 +53,7 @@ def shared_table(scheme: Scheme, codes: torch.Tensor) -> codec.Table | None:
     (which share their statistics) it is paid once per group instead of once per matrix, which
     matters for small experts and costs nothing measurable for large ones (docs/FORMAT.md).
     """
-    kind = {"ternary": "ternary", "int2": "int2"}.get(scheme.name)
+    kind = {"ternary": "ternary", "int2": "int2", "ternary-sym256": "int2"}.get(scheme.name)
     if kind is None:
         return None
     c = codes.cpu().numpy()
@@ -259,7 +259,7 @@ def dequantize_matrix(
 
 
 # -- reading side: what a declared matrix may store ----------------------------------------------
-RANS_SCHEMES = ("ternary", "int2")
+RANS_SCHEMES = ("ternary", "int2", "ternary-sym256")
 
 
 def stored_names(name: str, entry: Mapping[str, Any]) -> list[str]:
@@ -361,7 +361,7 @@ def check_matrix(name: str, entry: Mapping[str, Any], tensors: Mapping[str, Mapp
     n = rows * cols
     if scheme.name in RANS_SCHEMES:
         kind, group, prob_bits = _rans_params(meta, what)
-        if kind != scheme.name:
+        if kind != ("int2" if scheme.is_symmetric_ternary else scheme.name):
             raise CheckpointError(f"{what}: codec kind {kind!r} for a {scheme.name} matrix")
         seg = _meta_int(meta, "segment_symbols", 1, MAX_SEGMENT_SYMBOLS, what)
         nsym = -(-n // group)

@@ -24,7 +24,7 @@ _HELP = {
     "source": "model URL or path (HF layout), or 'embedded' for the packaged tiny MoE",
     "output": "where to write the compressed checkpoint (path, file://, s3://, gs://)",
     "data": "calibration data: .npy/.safetensors token ids, .jsonl/.txt text, or 'embedded'",
-    "scheme": "ternary, int2, int3, int4 or int8",
+    "scheme": "ternary, ternary-sym256 (GGUF TQ2_0/TQ1_0-exact), int2, int3, int4 or int8",
     "method": "gptq, or rtn (round to nearest, the baseline)",
     "group_size": "experts quantized jointly per worker call",
     "token_cap": "Hessian tokens per expert capped at this x the mean (0: no cap)",

@@ -17,7 +17,7 @@ from typing import Any
 
 from qmoe_ray.errors import InputError
 
-SCHEMES = ("ternary", "int2", "int3", "int4", "int8")
+SCHEMES = ("ternary", "int2", "int3", "int4", "int8", "ternary-sym256")
 METHODS = ("gptq", "rtn")
 EMBEDDED = "embedded"
 
@@ -30,7 +30,8 @@ class CompressConfig:
         source: model URL or path (HF layout), or ``"embedded"`` for the packaged tiny model.
         output: output URL or path (``s3://``, ``gs://``, ``file://``, a local folder).
         data: calibration data (see ``qmoe_ray.data``), ``"embedded"`` for the packaged set.
-        scheme: quantization grid: ternary, int2, int3, int4, int8.
+        scheme: quantization grid: ternary, ternary-sym256 (symmetric, one f16-exact scale per
+            256 input columns: GGUF TQ2_0/TQ1_0 exactly), int2, int3, int4, int8.
         method: ``gptq`` or ``rtn`` (round to nearest, the baseline).
         group_size: experts quantized jointly by one worker call.
         token_cap: Hessian tokens per expert capped at ``token_cap`` x the mean (0: no cap).
@@ -140,7 +141,7 @@ class CompressConfig:
                 raise bad(name, value, "a finite number")
         if self.rate_lambda < 0:
             raise bad("rate_lambda", self.rate_lambda, "a number >= 0 (0: plain GPTQ rounding)")
-        if self.rate_lambda and self.scheme not in ("ternary", "int2"):
+        if self.rate_lambda and self.scheme not in ("ternary", "ternary-sym256", "int2"):
             raise bad("rate_lambda", self.rate_lambda, "0 with --scheme "
                       f"{self.scheme} (stored bit-packed: every code costs the same bits; rate-"
                       "aware rounding pays off for the entropy-coded ternary and int2)")
@@ -159,6 +160,9 @@ class CompressConfig:
                     self.quant_group_size,
                     "None for the ternary scheme (ternary scales are per row)",
                 )
+            if self.scheme == "ternary-sym256" and self.quant_group_size != 256:
+                raise bad("quant_group_size", self.quant_group_size,
+                          "None or 256 for ternary-sym256 (its scale blocks are GGUF's 256)")
             if self.quant_group_size < 1:
                 raise bad("quant_group_size", self.quant_group_size, "None or an integer >= 1")
         if self.cpus_per_worker <= 0:

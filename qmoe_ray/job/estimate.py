@@ -44,6 +44,8 @@ CODED_RATES: dict[str, tuple[float, str]] = {
     "ternary": (0.838, "switch-base-shaped layer, 16 experts of 768x3072, correlated calibration "
                        "with outlier channels, 8192 tokens per expert (BENCHMARKS.md, job); the "
                        "paper reports 0.807 on switch-c-2048"),
+    "ternary-sym256": (1.220, "embedded tiny Mixtral, 128x192 experts (BENCHMARKS.md, gguf): "
+                              "an upper bound, as for int2"),
     "int2": (1.835, "embedded tiny Mixtral, 128x192 experts (BENCHMARKS.md, job): an upper bound "
                     "at real shapes, where the per-row scales weigh less"),
 }

@@ -42,10 +42,10 @@ from qmoe_ray.quant.grids import (
     dequantize_int,
     dequantize_ternary,
     grid_params,
-    int_params_from_range,
     parse_scheme,
     quantize,
     quantize_int,
+    range_params,
     ternary_thresholds,
 )
 from qmoe_ray.quant.prune import PruneSpec, SweepMask
@@ -489,8 +489,8 @@ def _sweep(
                 w = W1[:, i]
                 if dynamic_groups and j % gs == 0:
                     block = Wt[:, j : j + gs] if gs > blocksize else W1[:, i : i + gs]
-                    scale, zero = int_params_from_range(
-                        block.amin(dim=1), block.amax(dim=1), scheme.bits, scale_dtype
+                    scale, zero = range_params(
+                        block.amin(dim=1), block.amax(dim=1), scheme, scale_dtype
                     )
                     params["scale"][:, :, j // gs] = scale
                     params["zero"][:, :, j // gs] = zero

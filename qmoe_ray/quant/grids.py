@@ -13,6 +13,12 @@ Why the design is so:
 - Scales are rounded to ``scale_dtype`` (bfloat16 by default) *before* any value is rounded onto
   the grid, because the checkpoint stores them in bf16: dequantizing with the stored scales then
   gives back exactly the ``Q`` that the quantizer optimised against.
+- ``ternary-sym256`` is the symmetric ternary grid ``d * {-1, 0, 1}`` with one ``d = max|w|``
+  per 256 input columns of a row: exactly GGUF's TQ2_0/TQ1_0 blocks (llama.cpp's ternary
+  types). It is an integer grid with ``bits=2``, ``maxq=2`` (code 3 unused) and ``zero=1``, so
+  every integer-grid path (GPTQ's group sweep, the 2-bit rANS codec, the loader) carries it;
+  its scales are rounded to values that bf16 *and* f16 both hold (``round_scale_sym``), so the
+  bf16 the checkpoint stores and the f16 a TQ2_0 block stores are the same number.
 
 Everything here is elementwise torch on any device; no I/O, no printing.
 """
@@ -23,8 +29,12 @@ from dataclasses import dataclass
 
 import torch
 
-SCHEMES: tuple[str, ...] = ("ternary", "int2", "int3", "int4", "int8")
-_BITS = {"ternary": None, "int2": 2, "int3": 3, "int4": 4, "int8": 8}
+SCHEMES: tuple[str, ...] = ("ternary", "int2", "int3", "int4", "int8", "ternary-sym256")
+_BITS = {"ternary": None, "ternary-sym256": 2, "int2": 2, "int3": 3, "int4": 4, "int8": 8}
+#: ``ternary-sym256``: its fixed group (GGUF's super-block QK_K) and the largest scale held
+#: exactly by both bf16 and f16 (65504, f16's largest, needs 11 significant bits)
+SYM_GROUP = 256
+SYM_MAX_SCALE = 65280.0
 
 
 @dataclass(frozen=True)
@@ -32,10 +42,11 @@ class Scheme:
     """A quantization grid.
 
     Attributes:
-        name: ``"ternary"`` | ``"int2"`` | ``"int3"`` | ``"int4"`` | ``"int8"``.
-        bits: bits per code for integer grids, ``None`` for ternary.
+        name: ``"ternary"`` | ``"ternary-sym256"`` | ``"int2"`` | ``"int3"`` | ``"int4"`` |
+            ``"int8"``.
+        bits: bits per code for integer grids, ``None`` for ternary (2 for ``ternary-sym256``).
         group_size: integer grids only: the number of input columns sharing one scale/zero
-            (``None``: the whole row shares one).
+            (``None``: the whole row shares one; always 256 for ``ternary-sym256``).
     """
 
     name: str
@@ -59,6 +70,14 @@ class Scheme:
                 raise ValueError(
                     f"group_size must be a positive int or None, got {self.group_size!r}"
                 )
+        if self.is_symmetric_ternary and self.group_size != SYM_GROUP:
+            raise ValueError(f"scheme 'ternary-sym256' has groups of {SYM_GROUP} input columns, "
+                             f"got group_size={self.group_size!r}")
+
+    @property
+    def is_symmetric_ternary(self) -> bool:
+        """Whether this is the GGUF-exact ``d * {-1, 0, 1}`` grid (an integer grid, zero 1)."""
+        return self.name == "ternary-sym256"
 
     @property
     def is_ternary(self) -> bool:
@@ -67,8 +86,10 @@ class Scheme:
 
     @property
     def maxq(self) -> int:
-        """The largest integer code (``2**bits - 1``); 2 for ternary (three levels)."""
-        return 2 if self.bits is None else (1 << self.bits) - 1
+        """The largest integer code (``2**bits - 1``); 2 for both ternary grids (three levels)."""
+        if self.bits is None or self.is_symmetric_ternary:
+            return 2
+        return (1 << self.bits) - 1
 
     @property
     def code_dtype(self) -> torch.dtype:
@@ -88,7 +109,8 @@ def parse_scheme(name: str | Scheme, group_size: int | None = None) -> Scheme:
     Args:
         name: one of ``SCHEMES`` (case-insensitive), or a ``Scheme`` (returned as is when
             ``group_size`` is None).
-        group_size: integer schemes: input columns per scale group (``None``: per row).
+        group_size: integer schemes: input columns per scale group (``None``: per row;
+            ``ternary-sym256``: 256, its only group size).
 
     Returns:
         The scheme.
@@ -107,6 +129,8 @@ def parse_scheme(name: str | Scheme, group_size: int | None = None) -> Scheme:
     key = name.strip().lower()
     if key not in _BITS:
         raise ValueError(f"unknown quantization scheme {name!r}; valid names: {', '.join(SCHEMES)}")
+    if key == "ternary-sym256" and group_size is None:
+        group_size = SYM_GROUP
     return Scheme(key, _BITS[key], group_size)
 
 
@@ -115,6 +139,32 @@ def round_scale(x: torch.Tensor, scale_dtype: torch.dtype | None) -> torch.Tenso
     if scale_dtype is None or scale_dtype == torch.float32:
         return x.to(torch.float32)
     return x.to(scale_dtype).to(torch.float32)
+
+
+def round_scale_sym(x: torch.Tensor) -> torch.Tensor:
+    """``x >= 0`` rounded to a float32 value that bf16 and f16 both hold exactly.
+
+    bf16 first (8 significant bits), clamped to ``SYM_MAX_SCALE``, then f16: in f16's normal
+    range (and down to 2**-17, where f16's subnormal step 2**-24 still holds 8 bits) a bf16 value
+    is unchanged by it; below, f16 keeps at most 7 significant bits, which bf16 holds. A scale
+    that rounds to 0 becomes 1 (its block holds no value f16 can scale: all codes are 0).
+    """
+    s = x.to(torch.float32).to(torch.bfloat16).to(torch.float32).clamp(max=SYM_MAX_SCALE)
+    s = s.to(torch.float16).to(torch.float32)
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def range_params(
+    xmin: torch.Tensor, xmax: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero)`` of an integer grid for ranges ``[xmin, xmax]``: asymmetric min-max
+    (``int_params_from_range``), or for ``ternary-sym256`` ``scale = max(|xmin|, |xmax|)``
+    (``round_scale_sym``; ``scale_dtype`` does not apply) and ``zero = 1``."""
+    if scheme.is_symmetric_ternary:
+        scale = round_scale_sym(torch.maximum(-xmin.to(torch.float32), xmax.to(torch.float32))
+                                .clamp(min=0))
+        return scale, torch.ones_like(scale)
+    return int_params_from_range(xmin, xmax, scheme.bits, scale_dtype)
 
 
 def ternary_params(
@@ -170,7 +220,7 @@ def int_params(
         Wp = torch.nn.functional.pad(W, (0, pad)) if pad else W  # zero padding: range includes 0
         Wg = Wp.reshape(*W.shape[:-1], G, gs)
         xmin, xmax = Wg.amin(dim=-1), Wg.amax(dim=-1)
-    scale, zero = int_params_from_range(xmin, xmax, scheme.bits, scale_dtype)
+    scale, zero = range_params(xmin, xmax, scheme, scale_dtype)
     return {"scale": scale, "zero": zero}
 
 

@@ -70,7 +70,7 @@ from qmoe_ray.read.weights import decode_matrix, encoded_matrix
 from qmoe_ray.storage.fs import check_relname, fs_errors, redact, url_to_fs
 
 LAYOUTS = ("auto", "per-expert", "fused")
-FORMATS = ("hf", "compressed-tensors")
+FORMATS = ("hf", "compressed-tensors", "gguf")
 
 
 def expert_layout(manifest: Mapping[str, Any], layout: str = "auto"
@@ -172,7 +172,8 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
            storage_options: Mapping[str, Any] | None = None,
            output_options: Mapping[str, Any] | None = None, workers: int = 4,
            progress: bool = False, copy_files: bool = True, format: str = "hf",
-           symmetric: bool = False) -> dict[str, Any]:
+           symmetric: bool = False, gguf_type: str = "bf16",
+           gguf_expert_type: str = "tq2_0") -> dict[str, Any]:
     """Write a plain HF bf16 checkpoint of the decompressed model, or (``format=
     "compressed-tensors"``) one whose experts stay quantized (``qmoe_ray.read.export_ct``).
 
@@ -191,6 +192,9 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
             experts under their per-expert names; ``layout="fused"`` is refused).
         symmetric: compressed-tensors only: no zero points, codes in one more bit (for
             loaders that read no zero points: transformers 5.25 drops them for MoE experts).
+        gguf_type, gguf_expert_type: ``format="gguf"`` (one file at ``out_dir``, see
+            ``qmoe_ray.read.export_gguf``): the dense weights' type (bf16, f16, q8_0) and the
+            experts' (tq2_0, tq1_0).
 
     Returns:
         ``{"files", "copied", "tensors", "bytes", "layout", "format", "mtp_tensors", "seconds",
@@ -210,6 +214,14 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
         raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
     if format not in FORMATS:
         raise ValueError(f"format={format!r}: expected one of {FORMATS}")
+    if format == "gguf":
+        if symmetric or layout != "auto" or not copy_files:
+            raise InputError("--format gguf writes one file with merged experts and the "
+                             "tokenizer: --symmetric, --layout and --no-copied-files do not apply")
+        from qmoe_ray.read.export_gguf import export_gguf
+
+        return export_gguf(url, out_dir, overwrite, storage_options, output_options, workers,
+                           progress, gguf_expert_type, gguf_type)
     ct = format == "compressed-tensors"
     if symmetric and not ct:
         raise InputError("symmetric=True (--symmetric) is for format='compressed-tensors' "
@@ -357,7 +369,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", help="output folder or URL for the HF checkpoint")
     parser.add_argument("--format", choices=FORMATS, default="hf",
                         help="hf: every weight bf16 (default); compressed-tensors: the experts "
-                        "as pack-quantized int weights (transformers, vLLM), the rest bf16")
+                        "as pack-quantized int weights (transformers, vLLM), the rest bf16; "
+                        "gguf: one llama.cpp file, ternary-sym256 experts as TQ2_0/TQ1_0")
+    parser.add_argument("--gguf-type", choices=("bf16", "f16", "q8_0"), default="bf16",
+                        help="gguf: type of the dense 2-D weights (norms, biases, routers stay "
+                        "f32; default bf16, lossless)")
+    parser.add_argument("--gguf-expert-type", choices=("tq2_0", "tq1_0"), default="tq2_0",
+                        help="gguf: the experts' ternary type (both exact; TQ1_0 is smaller, "
+                        "TQ2_0 faster)")
     parser.add_argument("--layout", choices=LAYOUTS, default="auto",
                         help="expert tensor layout (default: what transformers saves)")
     parser.add_argument("--symmetric", action="store_true",
@@ -379,8 +398,18 @@ def main(args: argparse.Namespace) -> int:
     res = export(args.url, args.out_dir, args.layout, args.overwrite,
                  storage_options(args), storage_options(args),
                  progress=not args.quiet, copy_files=not args.no_copied_files,
-                 format=args.format, symmetric=args.symmetric)
+                 format=args.format, symmetric=args.symmetric, gguf_type=args.gguf_type,
+                 gguf_expert_type=args.gguf_expert_type)
     kind = "bf16" if res["format"] == "hf" else res["format"]
+    if res["format"] == "gguf":
+        print(f"wrote {res['tensors']} tensors ({res['bytes'] / 2**20:.1f} MiB gguf: "
+              f"{res['layout']}) to {args.out_dir} in {res['seconds']:.1f} s")
+        if res["mtp_tensors"]:
+            import sys
+
+            print(f"note: {res['mtp_tensors']} tensors of the multi-token-prediction layers "
+                  "were left out (llama.cpp's converter leaves them out too)", file=sys.stderr)
+        return 0
     print(f"wrote {res['tensors']} tensors ({res['bytes'] / 2**20:.1f} MiB {kind}, "
           f"{res['layout']} experts) in {len(res['files'])} files to {args.out_dir} in "
           f"{res['seconds']:.1f} s")

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from qmoe_ray.errors import InputError
-from qmoe_ray.quant import Scheme, dequantize
+from qmoe_ray.quant import Scheme, dequantize, parse_scheme
 
 FORMAT = "pack-quantized"
 FIX = ("compress with --scheme int2/int3/int4/int8 (with a --quant-group-size that divides every "
@@ -216,7 +216,7 @@ def grid_args(schemes: set[tuple[str, int | None]], symmetric: bool = False) -> 
         raise InputError(f"the experts use several grids {sorted(schemes, key=str)}; the "
                          "compressed-tensors export writes one: export with --format hf")
     name, gs = next(iter(schemes))
-    bits = 2 if name == "ternary" else int(name.removeprefix("int"))
+    bits = 2 if name == "ternary" else int(parse_scheme(name).bits)
     return {"num_bits": bits + symmetric, "type": "int", "symmetric": symmetric,
             "dynamic": False,
             "strategy": "channel" if gs is None else "group", "group_size": gs,
@@ -283,6 +283,9 @@ def export_formats(manifest: Mapping[str, Any]) -> dict[str, str | None]:
     if reason is None and next(iter(grids))[0] == "int8":
         sym = "int8 has no symmetric form (9-bit codes)"
     out["compressed-tensors --symmetric"] = sym
+    from qmoe_ray.read.export_gguf import gguf_reason
+
+    out["gguf"] = gguf_reason(manifest)
     return out
 
 
