@@ -146,3 +146,84 @@ def test_bad_layer_types_are_refused():
     with pytest.raises(CheckpointError, match=r"layer_types.* 3 entries"):
         GptOss({**cfg, "layer_types": ["sliding_attention", "chunked_attention",
                                         "full_attention"]})
+
+
+def _compress(main, src, out, *extra):
+    assert main(["compress", "--source", src, "--output", out, "--data", f"{src}/tokens.npy",
+                 "--num-samples", "24", "--seq-len", "16", "--eval-samples", "4",
+                 "--group-size", "3", "--quiet", *extra]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.s3
+def test_gpt_oss_s3_compress_eval_export_round_trip(tmp_path, moto_endpoint, s3_credentials,
+                                                    capsys):
+    """The whole job on a tiny gpt-oss (bf16 source), source and output on moto's s3, through
+    the CLI: compress, eval, export; transformers loads the export (its fused, interleaved
+    experts and the carried biases) and gives our loaded model's logits."""
+    import transformers as tf
+    from fixtures_s3 import make_bucket, upload_dir
+
+    from qmoe_ray.cli import main
+    from qmoe_ray.read.loader import load
+
+    src = save_tiny(tiny_gpt_oss(5), tmp_path / "src", dtype=torch.bfloat16)
+    np.save(src / "tokens.npy", np.random.default_rng(0).integers(3, 97, (48, 16)))
+    fs = make_bucket(moto_endpoint, "qmoe-oss")
+    upload_dir(fs, src, "qmoe-oss/src")
+    opt = ["--storage-option", f"endpoint_url={moto_endpoint}"]
+    _compress(main, "s3://qmoe-oss/src", "s3://qmoe-oss/out", *opt)
+    manifest = json.loads(fs.cat_file("qmoe-oss/out/manifest.json"))
+    assert len(manifest["quantized"]) == 3 * 6 * 3  # 3 blocks x 6 experts x 3 matrices
+    bias = "model.layers.2.mlp.experts.gate_up_proj_bias"
+    assert manifest["tensors"][bias]["shape"] == [6, 48] and bias not in manifest["quantized"]
+    ours = load("s3://qmoe-oss/out", endpoint_url=moto_endpoint)
+    capsys.readouterr()
+    assert main(["eval", "s3://qmoe-oss/out", "--data", str(src / "tokens.npy"), "--samples",
+                 "8", "--json", "--quiet", *opt]) == 0
+    loss = json.loads(capsys.readouterr().out)["loss"]
+    assert np.isfinite(loss) and 0 < loss < 10
+    assert main(["export", "s3://qmoe-oss/out", str(tmp_path / "hf"), "--quiet", *opt]) == 0
+    hf = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    assert type(hf).__name__ == "GptOssForCausalLM"
+    ids = torch.from_numpy(np.random.default_rng(1).integers(3, 97, (2, 10)))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours.logits(ids), rtol=1e-4, atol=1e-4)
+    # the loaded model without its expert biases is another model: they are used
+    fam = ours.family
+    lay = fam.layers()[0]
+    assert set(fam.expert_biases(lay, ours.W, [0])) == {"gate_bias", "up_bias", "down_bias"}
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_mxfp4_gpt_oss_compresses_against_its_dequantized_model(tmp_path, capsys):
+    """A gpt-oss whose experts ship as MXFP4: the job reads them decoded; the report gives the
+    compression against the MXFP4 bytes (4.25 bits per expert parameter) as well as bf16, and
+    ``eval --compare`` measures the loss against the MXFP4-dequantized model (the twin's)."""
+    from qmoe_ray.cli import main
+    from qmoe_ray.read.evaluate import evaluate
+
+    mx, twin = save_mxfp4(tiny_gpt_oss(6, intermediate_size=32), tmp_path)
+    tokens = np.random.default_rng(0).integers(3, 97, (48, 16))
+    np.save(mx / "tokens.npy", tokens)
+    np.save(tmp_path / "heldout.npy", tokens[-8:])
+    _compress(main, str(mx), str(tmp_path / "out"))
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["source_precision"] == "mxfp4 (e2m1, e8m0 scales per 32)"
+    src, sizes = report["source_sizes"], report["sizes"]
+    assert src["expert_bits_per_param"] == pytest.approx(4.25)
+    assert src["expert_ratio"] == pytest.approx(4.25 / sizes["expert_bits_per_param"])
+    assert src["expert_ratio"] > 1.2 and sizes["expert_ratio_vs_bf16"] > src["expert_ratio"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "vs the source as stored (mxfp4" in md and "x vs bf16" in md
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "out"), "--compare", str(mx), "--data",
+                 str(tmp_path / "heldout.npy"), "--json", "--quiet"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    want = evaluate(str(twin), str(tmp_path / "heldout.npy"))["loss"]
+    assert res["original"]["loss"] == pytest.approx(want, rel=1e-6)
+    # a random model's loss sits near log(vocab): the ternary one's differs, by either sign
+    assert 1e-4 < abs(res["loss_delta"]) < 0.5
+    assert res["loss_delta"] == pytest.approx(res["compressed"]["loss"] - want, abs=1e-6)
