@@ -190,10 +190,18 @@ def test_gpt_oss_s3_compress_eval_export_round_trip(tmp_path, moto_endpoint, s3_
     ids = torch.from_numpy(np.random.default_rng(1).integers(3, 97, (2, 10)))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours.logits(ids), rtol=1e-4, atol=1e-4)
-    # the loaded model without its expert biases is another model: they are used
-    fam = ours.family
-    lay = fam.layers()[0]
-    assert set(fam.expert_biases(lay, ours.W, [0])) == {"gate_bias", "up_bias", "down_bias"}
+    # resident mode (experts kept encoded, decoded inside each product) adds the same biases
+    resident = load("s3://qmoe-oss/out", mode="resident", endpoint_url=moto_endpoint)
+    torch.testing.assert_close(resident.logits(ids), ours.logits(ids), rtol=1e-5, atol=1e-5)
+    capsys.readouterr()
+    assert main(["inspect", "s3://qmoe-oss/out", "--json", *opt]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model"]["model_type"] == "gpt_oss"
+    assert info["model"]["source_precision"] == "bf16"
+    assert "has no per-expert Linear modules" in json.dumps(info)  # no compressed-tensors export
+    assert main(["export", "s3://qmoe-oss/out", str(tmp_path / "ct"), "--format",
+                 "compressed-tensors", "--quiet", *opt]) == 2
+    assert "use --format hf" in capsys.readouterr().err
 
 
 @pytest.mark.slow
