@@ -13,7 +13,7 @@ import torch
 from fixtures_s3 import COMMON, randomize, save_tiny
 from safetensors.torch import load_file, save_file
 
-from qmoe_ray.storage.quantized import FP4_VALUES
+from qmoe_ray.storage.quantized import FP4_VALUES, mxfp4_encode
 
 GPT_OSS = dict(
     intermediate_size=24, num_local_experts=6, num_experts_per_tok=2, head_dim=16,
@@ -43,19 +43,8 @@ def tiny_gpt_oss(seed: int = 0, **overrides: Any) -> Any:
 
 
 def mxfp4_pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A logical ``[E, C, R]`` expert tensor (gpt-oss: multiplied from the left) as MXFP4:
-    blocks ``uint8 [E, R, C / 32, 16]`` (low nibble first) and E8M0 scales ``[E, R, C / 32]``,
-    each value rounded to the nearest e2m1 value of its block's power-of-two scale."""
-    t = w.transpose(-2, -1).float()  # [E, R, C]
-    e, r, c = t.shape
-    blk = t.reshape(e, r, c // 32, 32)
-    amax = blk.abs().amax(-1).clamp_min(2.0 ** -100)
-    exp = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)  # the largest e2m1 value is 6
-    scaled = blk / torch.exp2(exp)[..., None]
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
-    codes = (scaled[..., None] - lut).abs().argmin(-1).to(torch.uint8)  # [E, R, G, 32]
-    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return packed.contiguous(), (exp + 127).to(torch.uint8).contiguous()
+    """``qmoe_ray.storage.quantized.mxfp4_encode``: blocks and scales of a logical tensor."""
+    return mxfp4_encode(w)
 
 
 def save_mxfp4(model: Any, folder: Path) -> tuple[Path, Path]:
