@@ -235,3 +235,32 @@ def test_mxfp4_gpt_oss_compresses_against_its_dequantized_model(tmp_path, capsys
     # a random model's loss sits near log(vocab): the ternary one's differs, by either sign
     assert 1e-4 < abs(res["loss_delta"]) < 0.5
     assert res["loss_delta"] == pytest.approx(res["compressed"]["loss"] - want, abs=1e-6)
+
+
+def test_expert_drop_on_gpt_oss_keeps_each_experts_biases(case, tmp_path, capsys):
+    """``analyze`` scores gpt-oss's experts (its router's softmax) and ``eval --trim-plan`` runs
+    the trimmed model: each kept expert keeps its own biases (a kept expert's output, read
+    through the trimmed numbering, is the untrimmed one's)."""
+    from qmoe_ray.cli import main
+    from qmoe_ray.models.trim import TrimmedFamily
+    from qmoe_ray.read.analyze import read_plan
+
+    rows = np.random.default_rng(2).integers(3, 97, size=(8, 12)).astype(np.int64)
+    np.save(tmp_path / "rows.npy", rows)
+    plan_file = tmp_path / "plan.json"
+    assert main(["analyze", str(case.folder), "--data", str(tmp_path / "rows.npy"), "--output",
+                 str(plan_file), "--drop-experts", "2/layer", "--samples", "8", "--split", "all",
+                 "--quiet"]) == 0
+    plan = read_plan(str(plan_file))
+    assert all(len(k) == 4 for k in plan.keep_experts.values())
+    capsys.readouterr()
+    assert main(["eval", str(case.folder), "--data", str(tmp_path / "rows.npy"),
+                 "--samples", "8", "--split", "all", "--trim-plan", str(plan_file), "--json",
+                 "--quiet"]) == 0
+    assert np.isfinite(json.loads(capsys.readouterr().out)["loss"])
+    trimmed = TrimmedFamily(case.family, plan)
+    lay = trimmed.layers()[0]
+    kept = trimmed.original_ids(lay, [3])[0]
+    got = trimmed.read_experts(lay, case.ckpt, [3])
+    want = case.family.read_experts(case.family.layers()[0], case.ckpt, [kept])
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
