@@ -264,3 +264,35 @@ def test_expert_drop_on_gpt_oss_keeps_each_experts_biases(case, tmp_path, capsys
     got = trimmed.read_experts(lay, case.ckpt, [3])
     want = case.family.read_experts(case.family.layers()[0], case.ckpt, [kept])
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_quantize_group_adds_the_biases_and_quantizes_only_the_matrices(case):
+    """The worker's group quantization on gpt-oss experts: the biases enter the hidden
+    activation (the down matrix's Hessian) and the outputs, unquantized; without them the call
+    is refused, naming them."""
+    from qmoe_ray.job.group import ExpertTokens, QuantOptions, quantize_group
+    from qmoe_ray.quant import dequantize, parse_scheme
+
+    fam, ck = case.family, case.ckpt
+    lay = fam.layers()[1]
+    w = fam.read_experts(lay, ck, [0, 4])
+    g = np.random.default_rng(0)
+    toks = [ExpertTokens(g.standard_normal((40, 32)).astype(np.float32), np.ones(40, bool))
+            for _ in range(2)]
+    res = quantize_group(fam.expert_spec, w, toks, QuantOptions(parse_scheme("int8")))
+    assert set(res.results) == {"gate", "up", "down"}
+    for i in range(2):
+        deq = {r: dequantize(q.scheme, q.codes[i], {k: v[i] for k, v in q.params.items()})
+               for r, q in res.results.items()}
+        ours = fam.expert_spec.forward({**deq, **{b: w[b][i] for b in
+                                                  ("gate_bias", "up_bias", "down_bias")}},
+                                       torch.from_numpy(toks[i].x))
+        torch.testing.assert_close(torch.from_numpy(res.outputs[i]), ours, atol=1e-5, rtol=1e-5)
+        exact = fam.expert_spec.forward({k: v[i] for k, v in w.items()},
+                                        torch.from_numpy(toks[i].x))
+        # int8: close to the float expert, biases included (without them it is far)
+        assert (ours - exact).abs().max() < 0.05 < (ours - exact + w["down_bias"][i]).abs().max()
+    with pytest.raises(ValueError, match=r"weights lack roles \['gate_bias', 'up_bias', "
+                                         r"'down_bias'\]"):
+        quantize_group(fam.expert_spec, {r: w[r] for r in ("gate", "up", "down")}, toks,
+                       QuantOptions(parse_scheme("int8")))
