@@ -40,6 +40,8 @@ TINY = {
                      first_k_dense_replace=1, use_qk_norm=True, attention_bias=True),
     "minimax_m2": dict(_DEC, head_dim=8, intermediate_size=12, num_local_experts=4,
                        rotary_dim=4),
+    "gpt_oss": dict(_DEC, head_dim=8, intermediate_size=12, num_local_experts=4,
+                    sliding_window=4),
 }
 TINY["kimi_k2"] = TINY["deepseek_v3"]
 
@@ -56,7 +58,8 @@ def _family(model_type: str) -> MoEFamily:
         if lay.moe:
             for e in range(lay.num_experts):
                 names.update(fam.expert_names(lay, e).values())
-            names.update(f"{lay.name}.{m}.gate.weight" for m in fam.moe_modules or ())
+            names.update(f"{lay.name}.{m}.{r}.weight" for m in fam.moe_modules or ()
+                         for r in ("gate", "router"))
     return fam.bind(names)
 
 
@@ -119,15 +122,17 @@ def test_family_implements_the_whole_contract(model_type):
     assert seen == [(lay.index, b) for lay in moe for b in (0, 1)]
     for lay in moe:
         w = fam.read_experts(lay, W, [0, lay.num_experts - 1])
-        assert set(w) == set(fam.expert_spec.roles)
+        spec = fam.expert_spec  # the matrices, and the biases of those that have one
+        assert set(w) == set(spec.roles) | {f"{r}_bias" for r in spec.bias_roles}
         assert all(t.dtype == torch.float32 and t.shape[0] == 2 for t in w.values())
     routers = fam.router_names()
     assert routers == {fam.router_name(lay) for lay in moe} and routers <= set(shapes)
     dense = fam.dense_names(list(tensors))
-    for n in dense:  # routers (and their correction biases) keep their source precision,
-        # the rest is stored in bf16
-        want = torch.float32 if n in routers or n.endswith("e_score_correction_bias") else (
-            torch.bfloat16)
+    for n in dense:  # routers (and their correction biases or biases) and the experts'
+        # carried biases keep their source precision, the rest is stored in bf16
+        keep = ("e_score_correction_bias", ".mlp.router.bias", ".experts.gate_up_proj_bias",
+                ".experts.down_proj_bias")
+        want = torch.float32 if n in routers or n.endswith(keep) else torch.bfloat16
         assert fam.stored_dtype(n, torch.float32) == want
     assert set(dense) == set(tensors) - experts
     state = fam.embed(W, inputs)

@@ -157,8 +157,8 @@ def test_the_command_prints_json_and_text(tmp_path, capsys):
     (None, [], "no such file"),
     ("{not json", [], "not JSON"),
     ("[1, 2]", [], "expected a JSON object"),
-    (json.dumps({**MIXTRAL_8X7B, "quantization_config": {"quant_method": "mxfp4"}}), [],
-     "quant_method 'mxfp4'"),
+    (json.dumps({**MIXTRAL_8X7B, "quantization_config": {"quant_method": "bitsandbytes"}}), [],
+     "quant_method 'bitsandbytes'"),
     (json.dumps({**MIXTRAL_8X7B, "model_type": "llama"}), [], "not supported"),
     (json.dumps(MIXTRAL_8X7B), ["--group-size", "0"], "--group-size 0"),
 ])
@@ -174,3 +174,49 @@ def test_an_unknown_quantization_is_refused_by_the_api():
     with pytest.raises(InputError, match="compressed-tensors"):
         estimate({**MIXTRAL_8X7B, "quantization_config": {"quant_method": "awq"}},
                  group_size=1, num_samples=1, seq_len=1)
+
+
+# gpt-oss as released (the sizes fields of openai/gpt-oss-20b's and -120b's config.json): MXFP4
+# experts; the model card's parameter counts and checkpoint sizes
+GPT_OSS_20B = {
+    "model_type": "gpt_oss", "hidden_size": 2880, "intermediate_size": 2880,
+    "num_hidden_layers": 24, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64,
+    "num_local_experts": 32, "num_experts_per_tok": 4, "vocab_size": 201088,
+    "sliding_window": 128, "max_position_embeddings": 131072, "tie_word_embeddings": False,
+    "attention_bias": True, "swiglu_limit": 7.0, "rope_theta": 150000,
+    "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                     "original_max_position_embeddings": 4096, "rope_type": "yarn",
+                     "truncate": False},
+    "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+        "lm_head"]},
+}
+GPT_OSS_120B = {**GPT_OSS_20B, "num_hidden_layers": 36, "num_local_experts": 128}
+
+
+@pytest.mark.parametrize("config, billions, gib", [
+    (GPT_OSS_20B, 20.91, 12.8),  # "20.91B" total parameters, a 12.8 GiB checkpoint
+    (GPT_OSS_120B, 116.83, 60.8),  # "116.83B", 60.8 GiB
+])
+def test_gpt_oss_configs_give_their_published_sizes(config, billions, gib):
+    p = estimate(config, group_size=16, num_samples=256, seq_len=128)
+    assert p["total"] / 1e9 == pytest.approx(billions, abs=0.01)
+    assert p["source_precision"].startswith("mxfp4")
+    assert p["source_bytes"] / 2**30 == pytest.approx(gib, abs=0.1)
+    # the routed experts' matrices only: their biases are carried (norms and biases)
+    assert p["expert_matrices"] == [(2880, 2880)] * 3
+    assert p["params"]["routed experts"] == p["moe_layers"] * config["num_local_experts"] * 3 * (
+        2880 * 2880)
+
+
+def test_gpt_oss_counts_equal_the_model_transformers_builds():
+    cfg = transformers.GptOssConfig(**_TINY, num_local_experts=4, num_experts_per_tok=2,
+                                    head_dim=8)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    counts = count_parameters(cfg.to_dict())
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters()
+                  if n.endswith(("experts.gate_up_proj", "experts.down_proj")))
+    assert counts["params"]["routed experts"] == experts > 0
+    biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith("_proj_bias"))
+    assert counts["params"]["norms and biases"] > biases > 0

@@ -498,3 +498,28 @@ def test_fp8_deepseek_v3_on_s3_compresses_evaluates_and_exports(tmp_path, moto_e
     ours = load("s3://qmoe-fp8/out", endpoint_url=moto_endpoint)
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours.logits(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_mxfp4_encode_round_trips_through_transformers_decoder():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from qmoe_ray.storage.quantized import FP4_VALUES, mxfp4_encode
+
+    g = torch.Generator().manual_seed(3)
+    scales = torch.randint(120, 130, (2, 48, 2), generator=g)
+    codes = torch.randint(0, 16, (2, 48, 64), generator=g)
+    # exactly representable values: encoding them is lossless
+    exact = torch.tensor(FP4_VALUES)[codes] * torch.exp2(scales.float() - 127).repeat_interleave(
+        32, -1)
+    exact[..., 0::32] = 6.0 * torch.exp2(scales[..., :].float() - 127)  # the scale is tight
+    w = exact.transpose(-2, -1)  # logical [E, C, R]
+    blocks, sc = mxfp4_encode(w)
+    got = convert_moe_packed_tensors(blocks, sc, dtype=torch.float32)
+    assert torch.equal(got, w)
+    noisy = torch.randn(2, 64, 40, generator=g)
+    blocks, sc = mxfp4_encode(noisy)
+    err = (convert_moe_packed_tensors(blocks, sc, dtype=torch.float32) - noisy).abs()
+    # at most half the widest e2m1 step (2) at a block scale below amax / 3
+    assert 0 < float(err.max()) <= float(noisy.abs().max()) / 3
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        mxfp4_encode(torch.zeros(1, 40, 8))

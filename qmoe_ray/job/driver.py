@@ -331,10 +331,13 @@ def _report(plan: Plan, result: dict[str, Any], sizes: dict[str, Any], experts: 
     from qmoe_ray.job import report as rp
 
     cfg = plan.cfg
+    scheme = qz.source_scheme(plan.index.config, "config.json")
+    _, decoded = qz.source_view(plan.index.tensors, scheme)
+    routed = [n for lay in plan.moe_layers for n in plan.family.source_expert_names(lay)]
     return {
         "source": source_label(cfg.source),
-        "source_precision": qz.precision(plan.index.tensors,
-                                         qz.source_scheme(plan.index.config, "config.json")),
+        "source_precision": qz.precision(plan.index.tensors, scheme),
+        "source_sizes": rp.source_sizes(plan.index.tensors, decoded, routed, sizes),
         "resumed_after_layers": result["resumed_after"],
         "recoveries": result["recoveries"],
         "model_type": plan.family.model_type,

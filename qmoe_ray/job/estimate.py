@@ -8,8 +8,8 @@ every tensor goes to one kind (``KINDS``; the routed experts are the family's
 
 - the source size, from ``torch_dtype`` (bf16 when absent) or, for a quantized source, from its
   ``quantization_config`` (FP8 128x128 blocks: 1 byte + a float32 scale per block; a
-  compressed-tensors group-quantized INT4/INT8: the packed bits + a bf16 scale per group), applied
-  to the 2-D linear weights the quantization covers;
+  compressed-tensors group-quantized INT4/INT8: the packed bits + a bf16 scale per group; MXFP4,
+  gpt-oss: 4.25 bits per routed-expert weight), applied to the weights the quantization covers;
 - the compressed size per scheme: the routed experts at the scheme's bits per parameter, the rest
   as the checkpoint stores it (bf16). Bit-packed schemes (int3/int4/int8) are exact arithmetic:
   the code bits plus a bf16 scale and a uint8 zero per row (or per ``--quant-group-size``
@@ -75,7 +75,7 @@ def _kind(name: str, shape: tuple[int, ...], routed: set[str], routers: set[str]
     low = name.lower()
     if "embed" in low or "lm_head" in low or name == "shared.weight":
         return "embeddings/head"
-    if len(shape) < 2:
+    if len(shape) < 2 or name.endswith(("bias", "sinks")):  # gpt-oss: [E, F] expert biases
         return "norms and biases"
     if "shared_expert" in low:
         return "shared experts"
@@ -164,8 +164,11 @@ def source_bytes(config: Mapping[str, Any], counts: Mapping[str, Any]) -> tuple[
         routed = counts["params"]["routed experts"]
         quantized = routed * (bits / 8 + 2 / size)
         return int(quantized + (total - routed) * 2), f"int{bits} group {size} (compressed-tensors)"
+    if method == "mxfp4":  # gpt-oss: the routed expert matrices, 4 bits + an E8M0 per 32
+        routed = counts["params"]["routed experts"]
+        return int(routed * 4.25 / 8 + (total - routed) * 2), "mxfp4 (e2m1, e8m0 scales per 32)"
     raise InputError(f"quantization_config.quant_method {method!r}: plan sizes sources of "
-                     "quant_method fp8 or compressed-tensors (or unquantized ones)")
+                     "quant_method fp8, compressed-tensors or mxfp4 (or unquantized ones)")
 
 
 def expert_bits(scheme: str, rows: int, cols: int, quant_group: int | None) -> float:

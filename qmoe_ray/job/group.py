@@ -168,7 +168,8 @@ def quantize_group(
 
     Args:
         spec: the family's expert structure.
-        weights: ``{role: float32 [G, out, in]}`` for every role of ``spec``.
+        weights: ``{role: float32 [G, out, in]}`` for every role of ``spec``, and
+            ``{role}_bias`` ``[G, out]`` for each of its ``bias_roles`` (not quantized).
         tokens: one ``ExpertTokens`` per expert of the group, in the same order.
         opts: scheme and GPTQ settings.
         cap: most Hessian tokens per expert (None: all).
@@ -183,9 +184,10 @@ def quantize_group(
     Raises:
         ValueError: roles missing from ``weights`` or group sizes that disagree.
     """
-    missing = [r for r in spec.roles if r not in weights]
+    biases = [f"{r}_bias" for r in spec.bias_roles]
+    missing = [r for r in (*spec.roles, *biases) if r not in weights]
     if missing:
-        raise ValueError(f"weights lack roles {missing}; expected {list(spec.roles)}")
+        raise ValueError(f"weights lack roles {missing}; expected {list(spec.roles) + biases}")
     G = len(tokens)
     for role in spec.roles:
         if weights[role].ndim != 3 or weights[role].shape[0] != G:
@@ -203,6 +205,9 @@ def quantize_group(
     x_h = [x[s] for x, s in zip(x_all, sel, strict=True)]
     counts = torch.tensor([len(s) for s in sel], dtype=torch.int64)
     W = {r: weights[r].to(device=device, dtype=torch.float32) for r in spec.roles}
+    # per-expert biases (gpt-oss): carried unquantized, they enter the hidden activation (the
+    # out matrices' Hessians) and the outputs
+    B = {b: weights[b].to(device=device, dtype=torch.float32) for b in biases}
     d_in = W[spec.in_roles[0]].shape[2]
 
     results: dict[str, QuantResult] = {}
@@ -220,7 +225,8 @@ def quantize_group(
 
     deq = {role: results[role].dequantize() for role in spec.in_roles}
     feed = deq if opts.sequential else W
-    hidden_h = [spec.hidden({r: feed[r][i] for r in spec.in_roles}, x_h[i]) for i in range(G)]
+    hidden_h = [spec.hidden({**{r: feed[r][i] for r in spec.in_roles},
+                             **{b: v[i] for b, v in B.items()}}, x_h[i]) for i in range(G)]
     d_ff = W[spec.out_roles[0]].shape[2]
     H_out, _ = _hessians(hidden_h, d_ff)
     del hidden_h
@@ -239,7 +245,7 @@ def quantize_group(
     outputs = []
     with torch.no_grad():
         for i in range(G):
-            w = {r: deq[r][i] for r in spec.roles}
+            w = {**{r: deq[r][i] for r in spec.roles}, **{b: v[i] for b, v in B.items()}}
             if x_all[i].shape[0]:
                 y = spec.forward(w, x_all[i])
             else:

@@ -15,7 +15,35 @@ import numpy as np
 
 from qmoe_ray.format.sizes import size_summary
 
-__all__ = ["order0_entropy_bits", "size_summary", "layer_rows", "to_markdown", "plot_png"]
+__all__ = ["order0_entropy_bits", "size_summary", "source_sizes", "layer_rows", "to_markdown",
+           "plot_png"]
+
+
+def source_sizes(stored: Mapping[str, Any], decoded: Mapping[str, Any], expert_names: Sequence[str],
+                 sizes: Mapping[str, Any]) -> dict[str, Any]:
+    """The output against the source *as stored* (an MXFP4 or FP8 source is not bf16): the
+    source's bytes, its routed experts' bytes (a decoded expert: the bytes of its stored parts,
+    blocks and scales), and the ratios of the compressed sizes to them.
+
+    Args:
+        stored: the source's stored tensors (``TensorInfo`` by name, encodings included).
+        decoded: its decoded weights (``qmoe_ray.storage.quantized.source_view``'s second half).
+        expert_names: the family's source expert tensors (logical names).
+        sizes: ``size_summary`` of the output.
+    """
+    def nbytes(name: str) -> int:
+        if name in decoded:
+            return sum(stored[p].end - stored[p].start for p in decoded[name].parts.values())
+        return stored[name].end - stored[name].start
+
+    total = sum(i.end - i.start for i in stored.values())
+    experts = sum(nbytes(n) for n in set(expert_names))
+    out_experts, out_total = sizes["expert_stored_bytes"], sizes["total_bytes"]
+    return {"bytes": total, "expert_bytes": experts,
+            "expert_bits_per_param": 8 * experts / sizes["expert_params"]
+            if sizes["expert_params"] else math.nan,
+            "expert_ratio": experts / out_experts if out_experts else math.nan,
+            "ratio": total / out_total if out_total else math.nan}
 
 
 def order0_entropy_bits(counts: Sequence[int]) -> float:
@@ -73,6 +101,12 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         f"- whole model: {s['total_bytes']:,} bytes, {s['bits_per_param']:.3f} bits/param "
         f"({s['ratio_vs_bf16']:.2f}x vs bf16)",
     ]
+    src = report.get("source_sizes")
+    if src:
+        lines.append(
+            f"- vs the source as stored ({report.get('source_precision') or 'bf16'}, "
+            f"{src['expert_bits_per_param']:.3f} bits per expert param): experts "
+            f"{src['expert_ratio']:.2f}x, whole model {src['ratio']:.2f}x smaller")
     o = report["options"]
     if o.get("prune"):
         asked = o["prune_pattern"] or f"{o['sparsity']:.0%} unstructured"

@@ -33,6 +33,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "kimi_k2": ("qmoe_ray.models.sigmoid_moe", "KimiK2"),
     "glm4_moe": ("qmoe_ray.models.sigmoid_moe", "Glm4Moe"),
     "minimax_m2": ("qmoe_ray.models.sigmoid_moe", "MiniMaxM2"),
+    "gpt_oss": ("qmoe_ray.models.gpt_oss", "GptOss"),
 }
 
 SUPPORTED = tuple(sorted(FAMILIES))

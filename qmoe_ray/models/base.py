@@ -137,11 +137,16 @@ class ExpertSpec:
         out_roles: matrices applied to the hidden activation, each ``[d_model, d_ff]``.
         hidden: ``hidden({role: W_in}, x) -> h``: the activation that feeds the out matrices, for
             one expert (``W`` ``[d_ff, d_model]``, ``x`` ``[T, d_model]``, ``h`` ``[T, d_ff]``).
+        bias_roles: the matrices with a per-expert bias (gpt-oss: all three). The bias of role
+            ``r`` is the vector ``{r}_bias`` ``[out]`` beside the matrices in the weights mapping
+            (``hidden`` adds the in matrices', ``forward`` the out matrix's); biases are carried
+            unquantized in the family's dense tensors (``MoEFamily.expert_biases``).
     """
 
     in_roles: tuple[str, ...]
     out_roles: tuple[str, ...]
     hidden: Callable[[Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]
+    bias_roles: tuple[str, ...] = ()
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -151,7 +156,8 @@ class ExpertSpec:
         """The expert's output for tokens ``x`` ``[T, d_model]`` -> ``[T, d_model]``."""
         h = self.hidden(weights, x)
         (out_role,) = self.out_roles
-        return h @ weights[out_role].T
+        y = h @ weights[out_role].T
+        return y + weights[f"{out_role}_bias"] if out_role in self.bias_roles else y
 
 
 def relu_hidden(role: str) -> Callable[[Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]:
@@ -185,12 +191,16 @@ class MoEFamily(ABC):
             checkpoints, the one ``save_pretrained`` writes first (export rebuilds source names
             from them); None where the canonical expert names are the source's own (Switch).
         source_roles: per-expert source tensor name by role (``{"gate": "w1", ...}``).
+        fused_layout: how an HF export fuses experts: ``"rows"`` (``gate_up_proj`` ``[E, 2F,
+            d]``, gate rows first; ``down_proj`` ``[E, d, F]``) or ``"interleaved"`` (gpt-oss:
+            ``[E, d, 2F]`` with gate in the even columns; ``[E, F, d]``; its only save layout).
         config: the parsed ``config.json``.
     """
 
     model_type: ClassVar[str]
     expert_spec: ClassVar[ExpertSpec]
     moe_modules: ClassVar[tuple[str, ...] | None] = None
+    fused_layout: ClassVar[str] = "rows"
     source_roles: ClassVar[Mapping[str, str]]
 
     def __init__(self, config: Mapping[str, Any]):
@@ -213,7 +223,16 @@ class MoEFamily(ABC):
     def read_experts(
         self, layer: LayerSpec, W: WeightSource, experts: Sequence[int]
     ) -> dict[str, torch.Tensor]:
-        """The weights of ``experts`` of ``layer`` as ``{role: float32 [G, out, in]}``."""
+        """The weights of ``experts`` of ``layer`` as ``{role: float32 [G, out, in]}``, and their
+        biases (``expert_biases``) where the family has them."""
+
+    def expert_biases(
+        self, layer: LayerSpec, W: WeightSource, experts: Sequence[int]
+    ) -> dict[str, torch.Tensor]:
+        """The per-expert biases of ``experts`` as ``{f"{role}_bias": float32 [G, out]}`` for
+        the ``expert_spec.bias_roles``, read from the dense tensors that carry them (never
+        quantized; ``read_experts`` includes them). None (``{}``) by default."""
+        return {}
 
     @abstractmethod
     def router_name(self, layer: LayerSpec) -> str:

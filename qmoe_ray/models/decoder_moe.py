@@ -103,10 +103,14 @@ class DecoderMoE(DecoderLayout):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         q, k = self._rotate(q, k, state)
         allowed = L.causal_mask(state["attention_mask"], s.windows[i])
-        o = L.attention(q, k, v, allowed)
+        o = L.attention(q, k, v, allowed, sinks=self._sinks(W, p))
         return L.linear(
             o, self._w(W, f"{p}.o_proj.weight", (d, qd)), self._opt(W, f"{p}.o_proj.bias")
         )
+
+    def _sinks(self, W: WeightSource, p: str) -> torch.Tensor | None:
+        """The attention sinks of attention ``p`` (None: the family has none)."""
+        return None
 
     def _rotate(
         self, q: torch.Tensor, k: torch.Tensor, state: State

@@ -91,6 +91,7 @@ def attention(
     v: torch.Tensor,
     allowed: torch.Tensor,
     scale: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention with grouped KV heads.
 
@@ -99,6 +100,8 @@ def attention(
             D_v]`` (``D_v`` may differ from ``D``: multi-head latent attention).
         allowed: ``bool [B, 1, S, S]`` from ``causal_mask``.
         scale: the logits' scale (default ``D^-1/2``).
+        sinks: ``[H]`` attention-sink logits (gpt-oss): one extra key per head, no value, in the
+            softmax (so a query may attend to nothing); None: no sinks.
 
     Returns:
         ``[B, S, H * D]``. Rows with no allowed key (fully padded) attend uniformly instead of
@@ -110,7 +113,12 @@ def attention(
         v = v.repeat_interleave(rep, dim=1)
     scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    else:
+        sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1, dtype=torch.float32)
+        probs = probs[..., :-1].to(q.dtype)
     out = probs @ v
     b, h, s, d = out.shape
     return out.transpose(1, 2).reshape(b, s, h * d)

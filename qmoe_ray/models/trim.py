@@ -110,6 +110,10 @@ class TrimmedFamily(MoEFamily):
                      ) -> dict[str, torch.Tensor]:
         return self.inner.read_experts(self.original(layer), W, self.original_ids(layer, experts))
 
+    def expert_biases(self, layer: LayerSpec, W: WeightSource, experts: Sequence[int]
+                      ) -> dict[str, torch.Tensor]:
+        return self.inner.expert_biases(self.original(layer), W, self.original_ids(layer, experts))
+
     def router_name(self, layer: LayerSpec) -> str:
         return self.inner.router_name(self.original(layer))
 

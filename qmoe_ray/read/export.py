@@ -20,6 +20,9 @@ from where the source kept its router (kept verbatim among the dense tensors):
 - a decoder family whose router sits under another module than its save layout's (a checkpoint
   written in transformers' internal fused layout): fused ``experts.gate_up_proj`` ``[E, 2F, D]``
   and ``experts.down_proj`` ``[E, D, F]`` under that module;
+- gpt-oss: always fused, as transformers has it: ``experts.gate_up_proj`` ``[E, D, 2F]`` (gate
+  the even columns) and ``experts.down_proj`` ``[E, F, D]``; the experts' biases are dense
+  tensors of the checkpoint and are written as they are;
 - SwitchTransformers: ``experts.expert_E.{wi,wo}.weight`` (our canonical names are its names).
 
 ``layout="per-expert"`` / ``"fused"`` overrides the choice for decoder families.
@@ -111,6 +114,11 @@ def expert_layout(manifest: Mapping[str, Any], layout: str = "auto"
     kind = layout
     if layout == "auto":
         kind = "per-expert" if router == modules[0] else "fused"
+    if family.fused_layout == "interleaved":  # gpt-oss: transformers has no per-expert layout
+        if layout == "per-expert":
+            raise ValueError(f"layout='per-expert' is not available for {family.model_type} "
+                             "(transformers reads its experts fused only); use auto")
+        kind = "fused"
     roles = family.source_roles
     for lay in moe:
         p = f"{lay.name}.{router}.experts"
@@ -124,14 +132,21 @@ def expert_layout(manifest: Mapping[str, Any], layout: str = "auto"
     return kind, out
 
 
-def _fuse(parts: dict[str, dict[tuple[int, str], torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack per-expert matrices into transformers' fused 3-D tensors."""
+def _fuse(parts: dict[str, dict[tuple[int, str], torch.Tensor]], how: str = "rows"
+          ) -> dict[str, torch.Tensor]:
+    """Stack per-expert matrices into transformers' fused 3-D tensors (``how``: the family's
+    ``fused_layout``)."""
     out = {}
     for target, mats in parts.items():
         experts = sorted({e for e, _ in mats})
         if experts != list(range(len(experts))):
             raise ValueError(f"{target}: experts {experts} are not 0..{len(experts) - 1}")
-        if target.endswith("gate_up_proj"):
+        if how == "interleaved":  # gpt-oss: x @ W, gate the even columns of gate_up_proj
+            out[target] = torch.stack([
+                torch.stack((mats[(e, "gate")], mats[(e, "up")]), dim=1).flatten(0, 1).T
+                if target.endswith("gate_up_proj") else mats[(e, "down")].T
+                for e in experts]).contiguous()
+        elif target.endswith("gate_up_proj"):
             out[target] = torch.stack([torch.cat([mats[(e, "gate")], mats[(e, "up")]])
                                        for e in experts])
         else:
@@ -229,8 +244,6 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
     if ct and layout == "fused":
         raise InputError("the compressed-tensors export writes per-expert Linear modules (its "
                          "quantized weights are per module): use layout='auto' or 'per-expert'")
-    if ct:
-        layout = "per-expert"
     t0 = time.perf_counter()
     so, oo = dict(storage_options or {}), dict(output_options or {})
     ofs, oroot = url_to_fs(out_dir, **oo)
@@ -241,6 +254,12 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
     from qmoe_ray.models import get_family
 
     family = get_family(manifest["config"])
+    if ct and family.fused_layout != "rows":
+        raise InputError(f"the compressed-tensors export writes per-expert Linear modules, which "
+                         f"transformers' {family.model_type} does not have (its experts are "
+                         "fused 3-D tensors): use --format hf")
+    if ct:
+        layout = "per-expert"
     try:
         kind, names = expert_layout(manifest, layout)
         file_of = check_experts(manifest, where)
@@ -258,7 +277,7 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
                 ofs.pipe_file(f"{staging}/{rel}", data)
         weight_map, total, timings, ct_info = _write_weights(
             url, manifest, names, file_of, ofs, staging, out_dir, so, oo, workers, progress,
-            ct and (symmetric and "symmetric" or "asymmetric"))
+            ct and (symmetric and "symmetric" or "asymmetric"), family.fused_layout)
         config = family.export_config(manifest["config"])  # e.g. kimi_k2 as deepseek_v3
         config["dtype"] = "bfloat16"
         config.pop("torch_dtype", None)
@@ -289,7 +308,7 @@ def _write_weights(url: str, manifest: Mapping[str, Any],
                    names: Mapping[str, tuple[str, int | None, str | None]],
                    file_of: Mapping[str, str], ofs: AbstractFileSystem, staging: str,
                    out_dir: str, so: Mapping[str, Any], oo: Mapping[str, Any], workers: int,
-                   progress: bool, ct: str = ""
+                   progress: bool, ct: str = "", fused_layout: str = "rows"
                    ) -> tuple[dict[str, str], int, Any, dict[str, Any]]:
     """Decode each verified shard into one output shard under ``staging`` (``ct``: experts as
     compressed-tensors tensors, ``qmoe_ray.read.export_ct.ct_tensors``; ``"symmetric"`` or
@@ -342,7 +361,7 @@ def _write_weights(url: str, manifest: Mapping[str, Any],
                     out[target] = w
                 else:
                     fused.setdefault(target, {})[(e, role)] = w
-            out.update(_fuse(fused))
+            out.update(_fuse(fused, fused_layout))
             timings.decode += time.perf_counter() - t_dec
             if not out:
                 continue

@@ -263,11 +263,17 @@ def export_formats(manifest: Mapping[str, Any]) -> dict[str, str | None]:
     ``None`` (lossless) or the reason it is refused. A ternary checkpoint's rows decide (their
     ``lo``/``hi`` values): ``"ternary rows: not checked"`` until ``ternary_rows_refused`` has seen
     them (``inspect`` does so while verifying the checksums)."""
+    from qmoe_ray.models import get_family
+
     out: dict[str, str | None] = {"hf": None}
     quantized = manifest["quantized"]
     grids = {(e["scheme"], e.get("quant_group_size")) for e in quantized.values()}
     reason = None
-    if len(grids) != 1:
+    family = get_family(manifest["config"])
+    if family.fused_layout != "rows":
+        reason = (f"transformers' {family.model_type} has no per-expert Linear modules (its "
+                  "experts are fused 3-D tensors)")
+    elif len(grids) != 1:
         reason = f"the experts use several grids {sorted(grids, key=str)}"
     else:
         name, gs = next(iter(grids))
@@ -283,6 +289,8 @@ def export_formats(manifest: Mapping[str, Any]) -> dict[str, str | None]:
     if reason is None and next(iter(grids))[0] == "int8":
         sym = "int8 has no symmetric form (9-bit codes)"
     out["compressed-tensors --symmetric"] = sym
+    if family.fused_layout != "rows":
+        out["compressed-tensors --symmetric"] = reason
     from qmoe_ray.read.export_gguf import gguf_reason
 
     out["gguf"] = gguf_reason(manifest)

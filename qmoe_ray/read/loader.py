@@ -114,9 +114,11 @@ class CompressedModel:
         with ``x @ w.T``)."""
         fam = self.family
         bf16 = self.compute == "bf16"
+        biases = (fam.expert_biases(layer, self.W, range(layer.num_experts))
+                  if fam.expert_spec.bias_roles else {})  # carried dense, unquantized
 
         def get(e: int) -> dict[str, Any]:
-            out = {}
+            out: dict[str, Any] = {b: v[e] for b, v in biases.items()}
             for r, n in fam.expert_names(layer, e).items():
                 w = self.experts[n]
                 if isinstance(w, EncodedWeight):

@@ -419,6 +419,25 @@ def _mxfp4_view(tensors: Mapping[str, TensorInfo], s: Mxfp4) -> dict[str, Decode
     return out
 
 
+def mxfp4_encode(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of the MXFP4 decoding (to write gpt-oss-layout test and benchmark sources):
+    a logical ``[E, C, R]`` tensor as blocks ``uint8 [E, R, C / 32, 16]`` and E8M0 scales
+    ``uint8 [E, R, C / 32]``, each block's scale the smallest power of two that fits its largest
+    value in e2m1 (6) and each value rounded to the nearest e2m1 value (ties: the lower code)."""
+    t = w.transpose(-2, -1).float()
+    e, r, c = t.shape
+    if c % 32:
+        raise ValueError(f"MXFP4 blocks hold 32 values: {c} is not a multiple of 32")
+    blk = t.reshape(e, r, c // 32, 32)
+    amax = blk.abs().amax(-1).clamp_min(2.0 ** -126)
+    exp = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
+    scaled = blk / torch.exp2(exp)[..., None]
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    codes = (scaled[..., None] - lut).abs().argmin(-1).to(torch.uint8)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return packed.contiguous(), (exp + 127).to(torch.uint8).contiguous()
+
+
 def source_view(tensors: Mapping[str, TensorInfo], scheme: Scheme | None
                 ) -> tuple[dict[str, TensorInfo], dict[str, Decoded]]:
     """Split a source's stored tensors into plain ones and decoded weights (from headers only).
