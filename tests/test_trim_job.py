@@ -54,12 +54,18 @@ def block_uniform(fam, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mixed(fam, tmp_path_factory):
-    """Layer Drop of layer 1, per-layer expert counts (7 and 1: top-2 becomes top-1), ternary."""
-    plan = TrimPlan(model_identity(fam), (), ("model.layers.1",),
-                    {"model.layers.0": (0, 1, 2, 4, 5, 6, 7), "model.layers.3": (5,)})
-    out, rep = _compress(tmp_path_factory.mktemp("mx"), plan)
-    return plan, out, rep
+def mixed(tmp_path_factory):
+    """Through the CLI with budgets: Layer Drop of 1 MoE layer and the 6 least-routed experts
+    of the others (per-layer counts differ), ternary; the job runs the analysis itself."""
+    from qmoe_ray.cli import main
+
+    out = tmp_path_factory.mktemp("mx") / "ckpt"
+    args = ["compress", "--output", str(out), "--drop-layers", "1", "--drop-experts", "6",
+            "--quiet"] + [f"--{k.replace('_', '-')}={v}" for k, v in _SMALL.items()]
+    assert main(args) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    rep = json.loads((out / "report.json").read_text())
+    return TrimPlan.from_dict(m["trim"]["plan"]), out, rep
 
 
 def _reference(plan: TrimPlan, loaded) -> torch.nn.Module:
@@ -175,8 +181,9 @@ def test_trimmed_checkpoint_readers_and_refusals(mixed, tmp_path, capsys, monkey
         evaluate(str(out), num_samples=8, trim_plan=plan)
     assert main(["inspect", str(out), "--no-verify"]) == 0
     text = capsys.readouterr().out
-    assert "1 MoE layers dropped ['model.layers.1']" in text
-    assert "model.layers.3: kept experts [5]" in text
+    assert f"1 MoE layers dropped {list(plan.drop_layers)}" in text
+    name, kept = next(iter(plan.keep_experts.items()))
+    assert f"{name}: kept experts {list(kept)}" in text
     assert "Layer-Drops" in text  # hf export: no, with the reason
     with pytest.raises(InputError, match="Layer-Drops"):
         export(str(out), str(tmp_path / "hf"))
@@ -188,27 +195,18 @@ def test_trimmed_checkpoint_readers_and_refusals(mixed, tmp_path, capsys, monkey
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_cli_budgets_run_the_analysis_in_the_job(tmp_path, capsys):
-    """compress --drop-blocks 1 --drop-experts 1/layer: the job scores its calibration samples
-    and drops what qmoe-ray analyze drops on the same samples; resuming with another budget or
-    a plan is refused."""
-    from qmoe_ray.cli import main
+def test_cli_budgets_run_the_analysis_in_the_job(mixed):
+    """compress --drop-layers 1 --drop-experts 6: the job scores its calibration samples and
+    drops what qmoe-ray analyze drops on the same samples."""
     from qmoe_ray.read.analyze import analyze
 
-    out = tmp_path / "ckpt"
-    args = ["compress", "--output", str(out), "--drop-blocks", "1", "--drop-experts",
-            "1/layer", "--scheme", "int2", "--quiet"] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in _SMALL.items()]
-    assert main(args) == 0
-    capsys.readouterr()
-    m = json.loads((out / "manifest.json").read_text())
+    plan, out, _ = mixed
     ref = analyze("embedded", num_samples=_SMALL["num_samples"], seq_len=_SMALL["seq_len"],
-                  batch_size=_SMALL["batch_size"], drop_experts="1/layer", drop_blocks=1)
-    got = m["trim"]["plan"]
-    assert got["budgets"] == {"drop_experts": "1/layer", "drop_layers": 0, "drop_blocks": 1}
-    assert got["drop_blocks"] == list(ref.drop_blocks)
-    assert got["keep_experts"] == {k: list(v) for k, v in ref.keep_experts.items()}
-    assert "trimmed: 1 blocks dropped" in (out / "report.md").read_text()
+                  batch_size=_SMALL["batch_size"], drop_experts=6, drop_layers=1)
+    assert plan.budgets == {"drop_experts": 6, "drop_layers": 1, "drop_blocks": 0}
+    assert plan.drop_layers == ref.drop_layers and plan.keep_experts == ref.keep_experts
+    assert len({len(v) for v in plan.keep_experts.values()} | {8}) > 1  # a real expert drop
+    assert "trimmed: 0 blocks dropped [], 1 MoE layers dropped" in (out / "report.md").read_text()
 
 
 def test_resume_refuses_another_plan_or_pruning(fam, tmp_path):
