@@ -1,7 +1,7 @@
 """The trim plan: which experts, MoE layers and blocks a trimmed model keeps (docs/TRIM.md).
 
 Why a plan file between the analysis and its use: scoring (``qmoe-ray analyze``) needs a pass
-over calibration data, applying a plan (``eval --trim-plan``, later ``compress --trim-plan`` and
+over calibration data, applying a plan (``eval --trim-plan``, ``compress --trim-plan`` and
 the loader) needs none, and a person may want to edit the choice (keep an expert the scores
 would drop). So the choice is a small JSON object that names blocks by their checkpoint prefix
 (``model.layers.3``, ``decoder.block.2``) and experts by their original ids:
