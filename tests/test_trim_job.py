@@ -226,9 +226,18 @@ def test_resume_refuses_another_plan_or_pruning(fam, tmp_path):
     first.progress.start(first.job, False)
     again = prepare(CompressConfig(trim_plan=str(tmp_path / "a.json"), **base))
     assert again.resuming
-    for kw in (dict(trim_plan=str(tmp_path / "b.json")), {}):
+    for kw in (dict(trim_plan=str(tmp_path / "b.json")), {}):  # another plan, no plan
         with pytest.raises(ValueError, match="another trim plan"):
             prepare(CompressConfig(**kw, **base))
+    with pytest.raises(ValueError, match="another trim plan"):  # budgets: scored, then compared
+        prepare(CompressConfig(drop_blocks=1, **base))
+    # a record written before trimming existed (no trim keys) resumes an untrimmed run
+    from qmoe_ray.job.progress import check_same_job
+
+    plain = prepare(CompressConfig(**dict(base, output=str(tmp_path / "plain"))))
+    old = {k: v for k, v in plain.job.items() if k != "trim"}
+    assert "drop_blocks" not in old["options"]
+    check_same_job({"format": "qmoe-ray", "format_version": 1, **old}, plain.job, "out")
     with pytest.raises(ValueError, match=r"prune=None \(now 'wanda'\)"):
         prepare(CompressConfig(trim_plan=str(tmp_path / "a.json"), prune="wanda",
                                sparsity=0.5, **base))

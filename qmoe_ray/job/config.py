@@ -258,6 +258,9 @@ class CompressConfig:
         # the plan's file is where it came from; its content is the job's (``job["trim"]``,
         # compared on resume, and the manifest's ``trim`` record)
         out.pop("trim_plan")
+        if not self.trim_budgets():  # untrimmed: the options (and records) of before trimming
+            for k in ("drop_experts", "drop_layers", "drop_blocks"):
+                out.pop(k)
         return out
 
     def to_json(self) -> str:
