@@ -299,3 +299,52 @@ def test_manifest_versions_and_trim_record_checks(fam):
         read_trim({k: v for k, v in m.items() if k != "trim"})
     with pytest.raises(CheckpointError, match="router mode"):
         read_trim({**m, "trim": {**m["trim"], "router": "zero-experts"}})
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_switch_trimmed_job(tmp_path):
+    """Switch (encoder and decoder stacks): Block Drop, Layer Drop and Expert Drop through the
+    job. The job's held-out loss is the loaded model's, whose logits equal the trimmed forward
+    over the checkpoint's experts put back at their original ids."""
+    from qmoe_ray.data import embedded_switch_path, load_samples, resolve_data
+    from qmoe_ray.job.driver import run_compression
+    from qmoe_ray.models import run_forward
+    from qmoe_ray.models.base import DictWeights
+    from qmoe_ray.read.loader import load
+
+    ckpt = open_checkpoint(str(embedded_switch_path()))
+    sw = get_family(ckpt.config, ckpt.names)
+    moe = {s: [lay.name for lay in sw.layers() if lay.moe and lay.stage == s]
+           for s in ("encoder", "decoder")}
+    droppable = [lay.name for lay in sw.layers() if sw.block_droppable(lay)]
+    block = next(n for n in droppable if n.startswith("decoder") and n not in moe["decoder"][:2])
+    plan = TrimPlan(model_identity(sw), (block,), (moe["encoder"][-1],),
+                    {moe["encoder"][0]: (0, 2, 3, 5, 6, 7), moe["decoder"][0]: (1, 4)})
+    (tmp_path / "plan.json").write_text(plan.to_json())
+    cfg = CompressConfig(source="embedded-switch", output=str(tmp_path / "ck"),
+                         trim_plan=str(tmp_path / "plan.json"), **_SMALL)
+    rep = run_compression(cfg, progress=False)
+    loaded = load(str(tmp_path / "ck"))
+    held = load_samples(resolve_data("embedded", "embedded-switch"), loaded.config, cfg.eval_samples, cfg.seq_len, seed=cfg.seed,
+                        split="heldout", tokenizer_source=str(embedded_switch_path()))
+    inputs = {k: torch.from_numpy(np.asarray(v)) for k, v in held.items()}
+    ours = loaded.logits(inputs)
+    ce, n = loaded.family.loss_terms(ours, inputs)
+    assert float(ce) / n == pytest.approx(rep["heldout_loss"], rel=1e-4)
+    tf = loaded.family
+    back = {n: ckpt.read(n).float() for n in ckpt.names}  # what the trim leaves unused
+    back.update(loaded.dense)
+    for lay in tf.layers():
+        if lay.moe:
+            for e, orig in enumerate(tf.original_ids(lay, range(lay.num_experts))):
+                for r, name in tf.expert_names(lay, e).items():
+                    back[sw.expert_names(tf.original(lay), orig)[r]] = loaded.experts[name]
+    W = DictWeights(back)
+    ref = run_forward(TrimmedFamily(get_family(loaded.config, W.names), plan), W, inputs)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    counts = {lay.name: lay.num_experts for lay in tf.layers() if lay.moe}
+    assert counts[moe["encoder"][0]] == 6 and counts[moe["decoder"][0]] == 2
+    assert moe["encoder"][-1] not in counts and block not in counts
+    assert len(loaded.manifest["quantized"]) == 2 * sum(counts.values())
+    assert not any(t.startswith(block + ".") for t in loaded.manifest["tensors"])

@@ -189,7 +189,7 @@ class TrimPlan:
                 raise InputError(f"trim plan is for a model with {key} {shorten(want[key])}; "
                                  f"this model has {have[key]}: the plan belongs to another "
                                  "model (run qmoe-ray analyze on this one)")
-        if list(have["experts"]) != list(want["experts"]):
+        if set(have["experts"]) != set(want["experts"]):  # JSON with sorted keys: any order
             raise InputError(f"trim plan's MoE blocks {shorten(list(want['experts']), 160)} "
                              f"differ from this model's {shorten(list(have['experts']), 160)}")
         for name, n in have["experts"].items():
