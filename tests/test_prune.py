@@ -214,7 +214,7 @@ def test_resume_refuses_another_pruning_setting():
     from qmoe_ray.job.progress import check_same_job
 
     def job(**kw):
-        return {"format": mf.FORMAT_NAME, "format_version": mf.FORMAT_VERSION, "source": "s",
+        return {"format": mf.FORMAT_NAME, "format_version": mf.PLAIN_VERSION, "source": "s",
                 "source_fingerprint": "f", "options": CompressConfig(**kw).output_options()}
 
     a = job(prune="wanda", sparsity=0.5)

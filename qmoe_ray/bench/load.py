@@ -44,7 +44,7 @@ def synthetic_checkpoint(out: Path, hidden: int = 1024, ff: int = 2048, layers: 
            "num_experts_per_tok": 2, "vocab_size": vocab, "rms_norm_eps": 1e-5,
            "max_position_embeddings": 512, "tie_word_embeddings": False}
     (out / "shards").mkdir(parents=True, exist_ok=True)
-    manifest: dict[str, Any] = {"format": mf.FORMAT_NAME, "format_version": mf.FORMAT_VERSION,
+    manifest: dict[str, Any] = {"format": mf.FORMAT_NAME, "format_version": mf.PLAIN_VERSION,
                                 "config": cfg, "files": [], "tensors": {}, "quantized": {},
                                 "tables": {}, "experts": {}, "source": "synthetic",
                                 "options": {"scheme": "ternary", "method": "synthetic"}}

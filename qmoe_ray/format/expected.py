@@ -15,6 +15,7 @@ from typing import Any
 
 from qmoe_ray.errors import CheckpointError
 from qmoe_ray.format.matrices import stored_names
+from qmoe_ray.format.trimmed import bind_stored, manifest_family, stored_shapes
 from qmoe_ray.models import get_family
 
 
@@ -40,12 +41,13 @@ def implied_counts(config: Mapping[str, Any], where: str) -> tuple[int, int]:
 
 def _declared_shapes(family: Any, names: set[str], where: str) -> dict[str, tuple[int, ...]]:
     """The shapes the family says tensors must have: every tensor its forward reads
-    (``expected_shapes``), once the expert layout is bound from the names (never guessed)."""
+    (``expected_shapes``; a trimmed model's: ``trimmed.stored_shapes``), once the expert layout
+    is bound from the names (never guessed)."""
     try:
-        family.bind(names)
+        bind_stored(family, names)
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"{where}: {exc.args[0] if exc.args else exc}") from None
-    return {n: tuple(s) for n, s in family.expected_shapes().items()}
+    return stored_shapes(family)
 
 
 def check_against_config(manifest: Mapping[str, Any], where: str = "manifest") -> None:
@@ -61,7 +63,7 @@ def check_against_config(manifest: Mapping[str, Any], where: str = "manifest") -
         CheckpointError: naming the tensor, its declared shape and the shape the config implies.
     """
     config = manifest["config"]
-    family = family_of(config, where)
+    family = manifest_family(manifest, where)  # trimmed by the manifest's trim record, if any
     quantized, tensors = manifest["quantized"], manifest["tensors"]
     pieces = {t for n, e in quantized.items() for t in stored_names(n, e)}
     pieces |= {f"{t}.freqs" for t in manifest.get("tables", {})}
@@ -73,7 +75,7 @@ def check_against_config(manifest: Mapping[str, Any], where: str = "manifest") -
     moe = [lay for lay in family.layers() if lay.moe]
     roles = family.expert_spec.roles
     expected = sum(lay.num_experts for lay in moe) * len(roles)
-    model = f"the {family.model_type} config"
+    model = f"the {family.model_type} config" + (" and trim record" if "trim" in manifest else "")
     if expected != len(quantized):
         def names():
             for lay in moe:

@@ -50,10 +50,12 @@ import numpy as np
 from qmoe_ray.errors import CheckpointError, shorten
 from qmoe_ray.format import matrices as layout
 from qmoe_ray.format.expected import check_against_config, implied_counts
+from qmoe_ray.format.trimmed import TRIM_KEY, TRIM_VERSION, read_trim
 from qmoe_ray.storage.fs import check_relname, fs_errors, read_small, redact, url_to_fs
 
 FORMAT_NAME = "qmoe-ray"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this reader reads (untrimmed checkpoints write 1)
+PLAIN_VERSION = 1  # what an untrimmed checkpoint is written with (``format.trimmed``: why)
 MANIFEST = "manifest.json"
 
 MANIFEST_FLOOR = 4 * 2**20  # whatever the config: room for any small model's manifest
@@ -354,6 +356,7 @@ _TOP: dict[str, tuple[tuple[type, ...], bool]] = {  # key -> (allowed types, req
     "model_type": ((str, type(None)), False), "expert_layout": ((str, type(None)), False),
     "heldout_loss": ((int, float, type(None)), False),
     "source_precision": ((str, type(None)), False),
+    "trim": ((dict,), False),  # a trimmed checkpoint's record (qmoe_ray.format.trimmed)
 }
 
 
@@ -420,6 +423,7 @@ def check_schema(manifest: Any, where: str = MANIFEST) -> None:
     for name, e in m["quantized"].items():
         _check_quantized(name, e, where)
     _check_experts(m.get("experts"), where)
+    read_trim(m, where)  # the trim record and the version agree; the plan parses
     # copied_files: only its type here; its names and entries are checked by their one reader,
     # qmoe_ray.read.export_files (check_copied_name / copied_files), before any is used as a path
 
@@ -494,17 +498,19 @@ def build_manifest(*, created_by: str, source: str, source_fingerprint: str, mod
                    copied_files: dict[str, Any], tensors: dict[str, Any],
                    quantized: dict[str, Any], tables: dict[str, Any], experts: dict[str, Any],
                    sizes: dict[str, Any], heldout_loss: float | None,
-                   source_precision: str | None = None) -> dict[str, Any]:
+                   source_precision: str | None = None,
+                   trim: dict[str, Any] | None = None) -> dict[str, Any]:
     """The manifest of a compressed checkpoint, as the job writes it (``dumps`` it, last).
 
     ``expert_layout`` is the source's (per-expert or fused 3-D tensors); ``files`` is every
     shard a tensor lives in. ``source_precision`` says how the source stored its weights
     (``"bf16"``, ``"fp8-block128 (e4m3, float32 scales)"``...); ``config`` is the decoded
-    model's (no quantization block).
+    model's (no quantization block). ``trim`` is a trimmed model's record
+    (``qmoe_ray.format.trimmed.trim_record``): the manifest is then format version 2, else 1.
     """
-    return {
+    out = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": PLAIN_VERSION if trim is None else TRIM_VERSION,
         "created_by": created_by,
         "source": source,
         "source_fingerprint": source_fingerprint,
@@ -522,3 +528,6 @@ def build_manifest(*, created_by: str, source: str, source_fingerprint: str, mod
         "heldout_loss": heldout_loss,
         "source_precision": source_precision,
     }
+    if trim is not None:
+        out[TRIM_KEY] = trim
+    return out

@@ -46,7 +46,7 @@ class ActivationStoreActor(ActivationStore):
 
     def __init__(self, source: str, storage_options: Mapping[str, Any], batch_size: int,
                  first_batch: int, num_batches: int, output: str,
-                 output_options: Mapping[str, Any]):
+                 output_options: Mapping[str, Any], trim: Any = None):
         prog = Progress(output, output_options)
         parts = [prog.load_inputs(first_batch + i) for i in range(num_batches)]
         inputs = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
@@ -54,7 +54,7 @@ class ActivationStoreActor(ActivationStore):
         super().__init__(source, storage_options, inputs, calib, batch_size,
                          keep=lambda s: ray.put(s), fetch=lambda r: ray.get(r),
                          first_batch=first_batch, output=output, output_options=output_options,
-                         index=prog.load_source_index())
+                         index=prog.load_source_index(), trim=trim)
 
     def node_id(self) -> str:
         """The Ray node this store runs on."""
@@ -71,10 +71,11 @@ class QuantWorkerActor:
     the index in the job's progress folder at ``output``."""
 
     def __init__(self, source: str, storage_options: Mapping[str, Any], opts: QuantOptions,
-                 threads: int, device: str, output: str, output_options: Mapping[str, Any]):
+                 threads: int, device: str, output: str, output_options: Mapping[str, Any],
+                 trim: Any = None):
         index = Progress(output, output_options).load_source_index()
         self.worker = QuantWorker(source, storage_options, opts, threads=threads, device=device,
-                                  index=index)
+                                  index=index, trim=trim)
 
     def run(self, layer, group, experts, cap, *parts):
         enc, outputs = self.worker.run(layer, group, experts, parts, cap)
@@ -144,21 +145,22 @@ def save_inputs(prog: Progress, inputs: Mapping[str, np.ndarray], is_calib: np.n
 
 
 def make_actors(cfg: CompressConfig, storage: StorageOptions, source: str, opts: QuantOptions,
-                num_samples: int) -> Actors:
+                num_samples: int, trim: Any = None) -> Actors:
     """Create the stores (contiguous whole batches each, their samples read from the progress
     folder that ``save_inputs`` wrote), the workers and the writer; each opens the source by the
-    index that ``Progress.save_source_index`` wrote there."""
+    index that ``Progress.save_source_index`` wrote there. ``trim`` (a ``TrimPlan``): the stores
+    and workers run the trimmed model (the writer writes what the driver asks for)."""
     stores = []
     for a, b in split_batches(num_samples, cfg.batch_size, cfg.num_stores):
         first = a // cfg.batch_size
         stores.append(ActivationStoreActor.options(max_concurrency=1, scheduling_strategy="SPREAD").remote(
             source, storage.source, cfg.batch_size, first, -(-b // cfg.batch_size) - first,
-            cfg.output, storage.output))
+            cfg.output, storage.output, trim))
     device = "cuda" if cfg.gpus_per_worker > 0 else "cpu"
     workers = [
         QuantWorkerActor.options(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker).remote(
             source, storage.source, opts, max(1, int(cfg.cpus_per_worker)), device, cfg.output,
-            storage.output)
+            storage.output, trim)
         for _ in range(cfg.num_workers)
     ]
     writer = CheckpointWriterActor.remote(cfg.output, storage.output, source, storage.source,

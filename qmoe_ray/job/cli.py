@@ -41,6 +41,11 @@ _HELP = {
              "--prune-pattern; kept zero through the GPTQ sweep)",
     "sparsity": "unstructured pruning: fraction of each expert row zeroed, in [0, 1)",
     "prune_pattern": "N:M pruning, e.g. 2:4: N of every M consecutive input weights zeroed",
+    "trim_plan": "compress the model trimmed by this plan (qmoe-ray analyze; docs/TRIM.md)",
+    "drop_experts": "trim: drop the N least-routed experts (N, across MoE layers, or N/layer); "
+                    "the job scores the source on its calibration data first",
+    "drop_layers": "trim: drop the N MoE layers that change the residual stream least",
+    "drop_blocks": "trim: drop the N blocks whose output is most like their input",
     "segment_symbols": "symbols per rANS segment: smaller = more decode parallelism (GPU resident "
                        "mode), larger = smaller files",
     "drop_mtp": "leave the multi-token-prediction layers out of the output (default: carried "

@@ -55,6 +55,12 @@ class CompressConfig:
         sparsity: unstructured pruning: the fraction of each expert matrix row zeroed, in [0, 1).
         prune_pattern: N:M pruning (``"2:4"``, ``"4:8"``): N of every M consecutive input
             weights of each row zeroed (1 <= N < M).
+        trim_plan: a trim plan file or URL (``qmoe-ray analyze``; docs/TRIM.md): the job
+            compresses the trimmed model (dropped blocks, MoE layers and experts skipped, the
+            kept ones calibrated on the trimmed model's stream).
+        drop_experts, drop_layers, drop_blocks: trim budgets as ``qmoe-ray analyze`` takes them
+            (``N`` or ``N/layer`` experts, MoE layers, blocks): the job scores the source on its
+            calibration samples first and trims by the plan they give (not with ``trim_plan``).
         segment_symbols: symbols per rANS segment of an encoded matrix (ternary/int2): the unit
             of decode parallelism (one GPU thread or CPU loop each) against a few bytes of
             overhead per segment; 4096 costs +0.6% over the entropy at P(0)=0.885, 1024 +1.6%.
@@ -91,6 +97,10 @@ class CompressConfig:
     prune: str | None = None
     sparsity: float | None = None
     prune_pattern: str | None = None
+    trim_plan: str | None = None
+    drop_experts: str | None = None
+    drop_layers: int = 0
+    drop_blocks: int = 0
     segment_symbols: int = 4096
     drop_mtp: bool = False
     num_samples: int = 256
@@ -149,6 +159,7 @@ class CompressConfig:
             raise bad("rate_lambda", self.rate_lambda, "0 with --method rtn (rate-aware "
                       "rounding is part of the GPTQ sweep)")
         self._check_prune(bad)
+        self._check_trim(bad)
         if self.token_cap < 0:
             raise bad("token_cap", self.token_cap, "a number >= 0 (0 disables the cap)")
         if not 0 <= self.percdamp < 10:
@@ -205,6 +216,32 @@ class CompressConfig:
                       "--prune sparsegpt (N:M groups are consecutive input columns; act-order "
                       "sweeps them out of order)")
 
+    def _check_trim(self, bad: Any) -> None:
+        from qmoe_ray.models.trim_plan import parse_expert_budget
+
+        for name in ("drop_layers", "drop_blocks"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise bad(name, v, "a whole number >= 0")
+        if self.drop_experts is not None:
+            try:
+                parse_expert_budget(self.drop_experts)
+            except InputError:
+                raise bad("drop_experts", self.drop_experts, "N (across MoE layers) or "
+                          "N/layer") from None
+        if self.trim_plan is not None and self.trim_budgets():
+            raise bad("trim_plan", self.trim_plan, "no plan with --drop-experts/--drop-layers/"
+                      "--drop-blocks (a plan holds its own choice): give one or the other")
+        if self.trim_plan is not None and not isinstance(self.trim_plan, str):
+            raise bad("trim_plan", self.trim_plan, "the path or URL of a plan file")
+
+    def trim_budgets(self) -> bool:
+        """Whether budgets ask the job to trim (an expert, layer or block budget above 0)."""
+        from qmoe_ray.models.trim_plan import parse_expert_budget
+
+        return bool(parse_expert_budget(self.drop_experts)[0] or self.drop_layers
+                    or self.drop_blocks)
+
     # Options that change the output bytes: a resumed run must agree on all of them.
     def output_options(self) -> dict[str, Any]:
         """The options that determine the output (everything but where and how it runs)."""
@@ -222,6 +259,12 @@ class CompressConfig:
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in runtime}
         # recorded in the manifest, the reports and the progress record: no credentials
         out["source"], out["data"] = redact(self.source), redact(self.data)
+        # the plan's file is where it came from; its content is the job's (``job["trim"]``,
+        # compared on resume, and the manifest's ``trim`` record)
+        out.pop("trim_plan")
+        if not self.trim_budgets():  # untrimmed: the options (and records) of before trimming
+            for k in ("drop_experts", "drop_layers", "drop_blocks"):
+                out.pop(k)
         return out
 
     def to_json(self) -> str:

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from qmoe_ray.format import manifest as mf
+from qmoe_ray.format.trimmed import trim_record, trim_summary
 from qmoe_ray.job import cluster
 from qmoe_ray.job.config import CompressConfig, StorageOptions
 from qmoe_ray.job.faults import Guard
@@ -113,7 +114,8 @@ def execute(plan: Plan, progress: bool = True, hook: Hook | None = None) -> dict
             prog.start(plan.job, cfg.overwrite)
         save_inputs(prog, plan.inputs, plan.is_calib, cfg.batch_size)
         prog.save_source_index(plan.index)  # every actor opens the source by it
-        actors = make_actors(cfg, plan.storage, plan.source, plan.quant, len(plan.is_calib))
+        actors = make_actors(cfg, plan.storage, plan.source, plan.quant, len(plan.is_calib),
+                             plan.trim)
         guard, result = _walk(plan, actors, progress, hook)
         report = _finish(plan, actors, guard, result)
         prog.remove(PROGRESS)  # the manifest is written: the checkpoint no longer needs it
@@ -350,6 +352,7 @@ def _report(plan: Plan, result: dict[str, Any], sizes: dict[str, Any], experts: 
         "heldout_perplexity": math.exp(ce / ntok) if ntok else None,
         "heldout_tokens": ntok,
         "layers": rp.layer_rows(result["layers"]),
+        "trim": None if plan.trim is None else trim_summary(trim_record(plan.family)),
         "fallbacks": [
             {"file": f, "expert": s["expert"], "reason": s["fallback"]}
             for f, st in experts.items() for s in st if s["fallback"]
@@ -384,6 +387,6 @@ def _finish(plan: Plan, actors: Any, guard: Guard, result: dict[str, Any]) -> di
         expert_layout=plan.family.expert_layout, config=qz.model_config(plan.index.config),
         options=plan.cfg.output_options(), copied_files=copied, sizes=sizes,
         heldout_loss=report["heldout_loss"], source_precision=report["source_precision"],
-        **parts)
+        trim=None if plan.trim is None else trim_record(plan.family), **parts)
     ray.get(put(mf.MANIFEST, mf.dumps(manifest)))
     return report

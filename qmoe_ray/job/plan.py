@@ -21,7 +21,9 @@ from qmoe_ray.job import cluster
 from qmoe_ray.job.config import CompressConfig, StorageOptions
 from qmoe_ray.job.group import QuantOptions
 from qmoe_ray.job.progress import Progress, source_fingerprint
+from qmoe_ray.job.trimming import job_trim
 from qmoe_ray.models import LayerSpec, get_family
+from qmoe_ray.models.trim import TrimmedFamily
 from qmoe_ray.storage.checkpoint import Checkpoint, SourceIndex, open_checkpoint, source_index
 from qmoe_ray.storage.fs import redact, url_to_fs
 
@@ -48,6 +50,8 @@ class Plan:
         inputs, is_calib: the samples (calibration, then held-out) and which are calibration.
         restart_timeout_s: how long recovery waits for restarted actors.
         started_at: ``time.perf_counter()`` when the job began (the report's seconds).
+        trim: the ``TrimPlan`` the job applies (``family`` and ``layers`` are then the trimmed
+            model's), or None.
     """
 
     cfg: CompressConfig
@@ -65,6 +69,7 @@ class Plan:
     is_calib: np.ndarray
     restart_timeout_s: float
     started_at: float
+    trim: Any = None  # the TrimPlan applied (qmoe_ray.job.trimming), None: no trim
 
     @property
     def moe_layers(self) -> list[LayerSpec]:
@@ -174,17 +179,21 @@ def prepare(cfg: CompressConfig, storage: StorageOptions | None = None) -> Plan:
     source = resolve_source(cfg.source)
     cluster.check_local_cpus(cfg)  # refuse before any work, not after starting Ray
     ckpt, family = _open_source(cfg, source, storage)
-    layers = family.layers()
     quant = QuantOptions.from_config(cfg)
     check_output_writable(cfg.output, storage.output, cfg.overwrite)
     prog = Progress(cfg.output, storage.output)
+    inputs, is_calib = _samples(cfg, source, ckpt.config, storage)
+    trim = job_trim(cfg, storage, ckpt, family, inputs, is_calib)
+    if trim is not None:
+        family = TrimmedFamily(family, trim)
+    layers = family.layers()
     job = {"source": source_label(cfg.source),
            "source_fingerprint": fingerprint(ckpt),
-           "options": cfg.output_options()}
+           "options": cfg.output_options(),
+           "trim": None if trim is None else trim.to_dict()}
     resuming = prog.check(job, cfg.overwrite)
-    inputs, is_calib = _samples(cfg, source, ckpt.config, storage)
     done = prog.done_layers([l.index for l in layers]) if resuming else []
     return Plan(cfg=cfg, storage=storage, source=source, index=source_index(ckpt),
                 family=family, layers=layers, quant=quant, progress=prog, job=job,
                 resuming=resuming, done=done, inputs=inputs, is_calib=is_calib,
-                restart_timeout_s=cluster.restart_timeout_s(), started_at=started_at)
+                restart_timeout_s=cluster.restart_timeout_s(), started_at=started_at, trim=trim)

@@ -270,6 +270,12 @@ def check_same_job(recorded: Mapping[str, Any], job: Mapping[str, Any], where: s
             f"{where} holds a job of another model at {job['source']!r} (its config or tensors "
             "changed since): choose another output or pass --overwrite to start over"
         )
+    if recorded.get("trim") != job.get("trim"):
+        said = {k: v for k, v in (recorded.get("trim") or {}).items() if k != "scores"}
+        raise ValueError(
+            f"{where} holds a job run with another trim plan ({str(said or 'none')[:300]}); "
+            "rerun with the recorded plan to resume, or pass --overwrite to start over"
+        )
     old, new = recorded.get("options", {}), job["options"]
     diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if diff:

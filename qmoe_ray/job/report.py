@@ -112,6 +112,10 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         asked = o["prune_pattern"] or f"{o['sparsity']:.0%} unstructured"
         lines.append(f"- experts pruned: {o['prune']}, {asked} (achieved sparsity per matrix: "
                      "the manifest's `sparsity`, `qmoe-ray inspect`)")
+    if report.get("trim"):
+        from qmoe_ray.format.trimmed import trim_line
+
+        lines.append(f"- trimmed: {trim_line(report['trim'])}")
     if report.get("heldout_loss") is not None:
         lines.append(
             f"- held-out loss (compressed): {report['heldout_loss']:.4f} over "

@@ -34,6 +34,7 @@ import torch
 from qmoe_ray.job.progress import Progress
 from qmoe_ray.models import LayerSpec, get_family
 from qmoe_ray.models.base import State
+from qmoe_ray.models.trim import trim as trim_family
 from qmoe_ray.storage.checkpoint import SourceIndex, open_source
 
 Holder = Callable[[State], Any]
@@ -94,6 +95,7 @@ class ActivationStore:
         output: str | None = None,
         output_options: Mapping[str, Any] | None = None,
         index: SourceIndex | None = None,
+        trim: Any = None,
     ):
         torch.manual_seed(0)
         self.incarnation = uuid.uuid4().hex  # changes when Ray restarts the actor
@@ -101,6 +103,7 @@ class ActivationStore:
         self.progress = Progress(output, output_options) if output else None
         self.ckpt = open_source(source, storage_options, index)
         self.family = get_family(self.ckpt.config, self.ckpt)  # layout bound from its names
+        self.family = trim_family(self.family, trim)  # the trimmed model (a TrimPlan)
         self.W = CachedWeights(self.ckpt, self.family.stored_dtype)
         self._keep = keep or (lambda s: s)
         self._fetch = fetch or (lambda s: s)

@@ -25,6 +25,7 @@ from safetensors.torch import save as st_save
 from qmoe_ray.format.matrices import pack_matrix, shared_table, table_tensors
 from qmoe_ray.job.group import ExpertTokens, QuantOptions, quantize_group
 from qmoe_ray.models import LayerSpec, get_family
+from qmoe_ray.models.trim import trim as trim_family
 from qmoe_ray.storage.checkpoint import SourceIndex, open_source
 
 
@@ -68,10 +69,12 @@ class QuantWorker:
         threads: int = 1,
         device: str = "cpu",
         index: SourceIndex | None = None,
+        trim: Any = None,
     ):
         torch.set_num_threads(max(1, int(threads)))
         self.ckpt = open_source(source, storage_options, index)
         self.family = get_family(self.ckpt.config, self.ckpt)  # layout bound from its names
+        self.family = trim_family(self.family, trim)  # the trimmed model (a TrimPlan)
         self.opts = opts
         self.device = device
 

@@ -123,6 +123,12 @@ class TrimmedFamily(MoEFamily):
     def dense_names(self, W_names: Sequence[str]) -> list[str]:
         return self.inner.dense_names(W_names)
 
+    def mtp_names(self, W_names: Sequence[str]) -> list[str]:
+        return self.inner.mtp_names(W_names)
+
+    def export_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        return self.inner.export_config(config)
+
     def bind(self, names: Any) -> TrimmedFamily:
         self.inner.bind(names)
         return self

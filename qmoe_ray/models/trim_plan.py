@@ -1,7 +1,7 @@
 """The trim plan: which experts, MoE layers and blocks a trimmed model keeps (docs/TRIM.md).
 
 Why a plan file between the analysis and its use: scoring (``qmoe-ray analyze``) needs a pass
-over calibration data, applying a plan (``eval --trim-plan``, later ``compress --trim-plan`` and
+over calibration data, applying a plan (``eval --trim-plan``, ``compress --trim-plan`` and
 the loader) needs none, and a person may want to edit the choice (keep an expert the scores
 would drop). So the choice is a small JSON object that names blocks by their checkpoint prefix
 (``model.layers.3``, ``decoder.block.2``) and experts by their original ids:
@@ -189,7 +189,7 @@ class TrimPlan:
                 raise InputError(f"trim plan is for a model with {key} {shorten(want[key])}; "
                                  f"this model has {have[key]}: the plan belongs to another "
                                  "model (run qmoe-ray analyze on this one)")
-        if list(have["experts"]) != list(want["experts"]):
+        if set(have["experts"]) != set(want["experts"]):  # JSON with sorted keys: any order
             raise InputError(f"trim plan's MoE blocks {shorten(list(want['experts']), 160)} "
                              f"differ from this model's {shorten(list(have['experts']), 160)}")
         for name, n in have["experts"].items():

@@ -69,8 +69,7 @@ def analyze(
     import torch
 
     from qmoe_ray.data import resolve_data
-    from qmoe_ray.models import get_family
-    from qmoe_ray.models.trim import trim_scores
+    from qmoe_ray.models.trim import TrimmedFamily, trim_scores
     from qmoe_ray.models.trim_plan import parse_expert_budget, plan_from_scores
 
     if batch_size < 1:
@@ -81,9 +80,10 @@ def analyze(
             raise InputError(f"{flag} {n!r}: must be a whole number >= 0")
     t0 = time.perf_counter()
     opts = dict(storage_options or {})
-    config, weights, experts_for, tok = _open_model(model_url, opts, progress)
-    family = get_family(config)
-    family.bind(list(weights.names))
+    config, weights, experts_for, tok, family = _open_model(model_url, opts, progress)
+    if isinstance(family, TrimmedFamily):
+        raise InputError(f"{model_url} is a trimmed checkpoint; analyze the untrimmed source "
+                         "(a plan applies to the untrimmed model)")
     if split is None:
         split = "calib" if data_spec == EMBEDDED else "all"
     batches, n, _ = load_batches(resolve_data(data_spec, model_url), config, num_samples,

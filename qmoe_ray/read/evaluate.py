@@ -91,19 +91,21 @@ def _is_compressed(url: str, storage_options: Mapping[str, Any]) -> bool:
 
 
 def _open_model(model_url: str, storage_options: Mapping[str, Any], progress: bool = False):
-    """``(config, WeightSource, experts_for or None, tokenizer source)`` for a model URL."""
+    """``(config, WeightSource, experts_for or None, tokenizer source, family)`` for a model
+    URL; ``family`` is bound to the weights (a trimmed checkpoint's: its ``TrimmedFamily``)."""
     from qmoe_ray.data import resolve_source
+    from qmoe_ray.models import get_family
 
     url = resolve_source(model_url)
     if _is_compressed(url, storage_options):
         from qmoe_ray.read.loader import load
 
         cm = load(url, progress=progress, **storage_options)
-        return cm.config, cm.W, cm.experts_for, url
+        return cm.config, cm.W, cm.experts_for, url, cm.family
     from qmoe_ray.storage.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(url, **storage_options)
-    return ckpt.config, ckpt, None, ckpt
+    return ckpt.config, ckpt, None, ckpt, get_family(ckpt.config, ckpt)
 
 
 def evaluate(
@@ -164,14 +166,19 @@ def evaluate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     t0 = time.perf_counter()
     opts = dict(storage_options or {})
+    family = None
     if weights is None:
-        config, weights, hook, tok = _open_model(model_url, opts, progress)
+        config, weights, hook, tok, family = _open_model(model_url, opts, progress)
         experts_for = experts_for or hook
         tokenizer_source = tokenizer_source if tokenizer_source is not None else tok
     elif config is None:
         raise ValueError("evaluate(weights=...) needs config= (the model's config.json)")
-    family = get_family(config)
-    family.bind(list(weights.names))
+    if family is None:
+        family = get_family(config)
+        family.bind(list(weights.names))
+    if trim_plan is not None and isinstance(family, TrimmedFamily):
+        raise InputError(f"{model_url} is a trimmed checkpoint (its manifest's trim record); "
+                         "evaluate it without --trim-plan, or trim the untrimmed source")
     if trim_plan is not None:
         trimmed = TrimmedFamily(family, _as_plan(trim_plan, opts))
         experts_for = experts_for and trimmed.experts_for(experts_for)  # a compressed model's

@@ -69,6 +69,7 @@ from qmoe_ray.read.export_files import (
     remove,
     staging_dir,
 )
+from qmoe_ray.read.export_trim import trim_export
 from qmoe_ray.read.weights import decode_matrix, encoded_matrix
 from qmoe_ray.storage.fs import check_relname, fs_errors, redact, url_to_fs
 
@@ -92,11 +93,9 @@ def expert_layout(manifest: Mapping[str, Any], layout: str = "auto"
     Raises:
         ValueError: an unknown layout, or ``"fused"`` for a family without a fused layout.
     """
-    from qmoe_ray.models import get_family
-
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
-    family = get_family(manifest["config"])
+    family = stored_family(manifest)  # a trimmed checkpoint's: its kept experts
     names = set(manifest["tensors"])
     moe = [lay for lay in family.layers() if lay.moe]
     out: dict[str, tuple[str, int | None, str | None]] = {}
@@ -130,6 +129,15 @@ def expert_layout(manifest: Mapping[str, Any], layout: str = "auto"
                     target = f"{p}.down_proj" if r == "down" else f"{p}.gate_up_proj"
                     out[n] = (target, e, r)
     return kind, out
+
+
+def stored_family(manifest: Mapping[str, Any]) -> Any:
+    """The family of the model a (checked) manifest holds, bound to its names (a trimmed
+    checkpoint's ``TrimmedFamily``: ``qmoe_ray.format.trimmed``)."""
+    from qmoe_ray.format.trimmed import bind_stored, manifest_family
+
+    family = manifest_family(manifest)
+    return bind_stored(family, set(manifest["tensors"]) | set(manifest["quantized"]))
 
 
 def _fuse(parts: dict[str, dict[tuple[int, str], torch.Tensor]], how: str = "rows"
@@ -251,12 +259,15 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
     exists = check_destination(ofs, oroot, out_dir, overwrite, oo)
     where = f"{redact(url)}/{MANIFEST}"
     manifest = read_manifest(url, **so)  # checked once: check_manifest
-    from qmoe_ray.models import get_family
-
-    family = get_family(manifest["config"])
-    if ct and family.fused_layout != "rows":
+    family = stored_family(manifest)
+    inner = getattr(family, "inner", family)  # a trimmed model's own family
+    tx = trim_export(family, manifest["config"])  # a trimmed model: refused, or renamed
+    if tx is not None and ct:
+        raise InputError("export --format compressed-tensors of a trimmed checkpoint is not "
+                         "supported yet; use --format hf")
+    if ct and inner.fused_layout != "rows":
         raise InputError(f"the compressed-tensors export writes per-expert Linear modules, which "
-                         f"transformers' {family.model_type} does not have (its experts are "
+                         f"transformers' {inner.model_type} does not have (its experts are "
                          "fused 3-D tensors): use --format hf")
     if ct:
         layout = "per-expert"
@@ -277,8 +288,9 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
                 ofs.pipe_file(f"{staging}/{rel}", data)
         weight_map, total, timings, ct_info = _write_weights(
             url, manifest, names, file_of, ofs, staging, out_dir, so, oo, workers, progress,
-            ct and (symmetric and "symmetric" or "asymmetric"), family.fused_layout)
-        config = family.export_config(manifest["config"])  # e.g. kimi_k2 as deepseek_v3
+            ct and (symmetric and "symmetric" or "asymmetric"), tx, inner.fused_layout)
+        base = manifest["config"] if tx is None else tx.config
+        config = inner.export_config(base)  # e.g. kimi_k2 as deepseek_v3
         config["dtype"] = "bfloat16"
         config.pop("torch_dtype", None)
         if ct:
@@ -308,11 +320,12 @@ def _write_weights(url: str, manifest: Mapping[str, Any],
                    names: Mapping[str, tuple[str, int | None, str | None]],
                    file_of: Mapping[str, str], ofs: AbstractFileSystem, staging: str,
                    out_dir: str, so: Mapping[str, Any], oo: Mapping[str, Any], workers: int,
-                   progress: bool, ct: str = "", fused_layout: str = "rows"
+                   progress: bool, ct: str = "", tx: Any = None, fused_layout: str = "rows"
                    ) -> tuple[dict[str, str], int, Any, dict[str, Any]]:
     """Decode each verified shard into one output shard under ``staging`` (``ct``: experts as
     compressed-tensors tensors, ``qmoe_ray.read.export_ct.ct_tensors``; ``"symmetric"`` or
-    ``"asymmetric"``).
+    ``"asymmetric"``; ``tx``: a trimmed model's ``export_trim.TrimExport``, renaming blocks
+    and cutting router rows).
 
     Returns:
         ``(weight_map, total bytes, timings, ct_info)``, ``ct_info`` the grids, expert modules
@@ -362,6 +375,8 @@ def _write_weights(url: str, manifest: Mapping[str, Any],
                 else:
                     fused.setdefault(target, {})[(e, role)] = w
             out.update(_fuse(fused, fused_layout))
+            if tx is not None:
+                out = {tx.name(n): tx.tensor(n, t) for n, t in out.items()}
             timings.decode += time.perf_counter() - t_dec
             if not out:
                 continue

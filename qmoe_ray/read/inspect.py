@@ -32,10 +32,11 @@ def summarize(manifest: Mapping[str, Any]) -> dict[str, Any]:
         A JSON-able dict: ``model``, ``options``, ``sizes`` (per kind and totals),
         ``bits_per_param``, ``fallbacks``, ``coverage``.
     """
-    from qmoe_ray.models import get_family
+    from qmoe_ray.format.trimmed import bind_stored, manifest_family, trim_summary
 
     cfg = manifest["config"]
-    family = get_family(cfg)
+    family = manifest_family(manifest)  # a trimmed checkpoint: the kept blocks and experts
+    bind_stored(family, set(manifest["tensors"]) | set(manifest["quantized"]))
     layers = family.layers()
     moe = [lay for lay in layers if lay.moe]
     quantized = manifest["quantized"]
@@ -83,11 +84,31 @@ def summarize(manifest: Mapping[str, Any]) -> dict[str, Any]:
         },
         "heldout_loss": manifest.get("heldout_loss"),
         "pruning": _pruning(manifest),
-        "export_formats": export_formats(manifest),
+        "trim": trim_summary(manifest["trim"]) if manifest.get("trim") else None,
+        "export_formats": _trimmed_formats(family, cfg, export_formats(manifest)),
         "fallbacks": fallbacks,
         "coverage": coverage,
         "mtp": mtp_summary(family, manifest),
     }
+
+
+def _trimmed_formats(family: Any, config: Mapping[str, Any],
+                     formats: dict[str, str | None]) -> dict[str, str | None]:
+    """``export_formats`` of a trimmed checkpoint: hf when transformers can express the trim
+    (``qmoe_ray.read.export_trim``), else the reason; compressed-tensors not yet."""
+    from qmoe_ray.errors import InputError
+    from qmoe_ray.models.trim import TrimmedFamily
+    from qmoe_ray.read.export_trim import trim_export
+
+    if not isinstance(family, TrimmedFamily):
+        return formats
+    out = dict.fromkeys(formats, "a trimmed checkpoint: not supported yet")
+    try:
+        trim_export(family, config)
+        out["hf"] = None
+    except InputError as exc:
+        out["hf"] = str(exc).split("refused: ", 1)[-1]
+    return out
 
 
 def mtp_summary(family: Any, manifest: Mapping[str, Any]) -> dict[str, Any]:
@@ -259,6 +280,12 @@ def format_text(info: Mapping[str, Any]) -> str:
                      f"{pr['max']:.4f}); by role " + ", ".join(
                          f"{r} {v:.4f}" for r, v in pr["by_role"].items())
                      if pr["matrices"] else "not recorded"))
+    if info.get("trim"):
+        from qmoe_ray.format.trimmed import trim_line
+
+        lines.append(f"trimmed: {trim_line(info['trim'])}")
+        for name, kept in info["trim"]["kept_experts"].items():
+            lines.append(f"  {name}: kept experts {kept}")
     lines.append("")
     lines.append("lossless export formats (qmoe-ray export --format):")
     for fmt, why in info.get("export_formats", {}).items():

@@ -36,7 +36,8 @@ from qmoe_ray.errors import CheckpointError
 from qmoe_ray.format.manifest import read_manifest
 from qmoe_ray.format.matrices import stored_names
 from qmoe_ray.format.shards import Timings, iter_shards
-from qmoe_ray.models import LayerSpec, get_family, run_forward
+from qmoe_ray.format.trimmed import bind_stored, manifest_family
+from qmoe_ray.models import LayerSpec, run_forward
 from qmoe_ray.read.weights import DEVICES, Bf16Product, EncodedWeight, check_device, encoded_matrix
 from qmoe_ray.storage.fs import redact
 
@@ -97,7 +98,7 @@ class CompressedModel:
                  device: str = "cpu", mode: str = "decode", compute: str = "float32"):
         self.manifest = manifest
         self.config = manifest["config"]
-        self.family = get_family(self.config)
+        self.family = manifest_family(manifest)  # a trimmed checkpoint's: its TrimmedFamily
         self.device = device
         self.mode = mode
         self.compute = compute
@@ -105,7 +106,7 @@ class CompressedModel:
         self.experts = experts
         self.weights = {**dense, **experts}
         self.W = LoadedWeights(dense, experts)
-        self.family.bind(self.W)
+        bind_stored(self.family, self.W)
         self.timings = timings
 
     def experts_for(self, layer: LayerSpec):
