@@ -335,7 +335,9 @@ def _report(plan: Plan, result: dict[str, Any], sizes: dict[str, Any], experts: 
     cfg = plan.cfg
     scheme = qz.source_scheme(plan.index.config, "config.json")
     _, decoded = qz.source_view(plan.index.tensors, scheme)
-    routed = [n for lay in plan.moe_layers for n in plan.family.source_expert_names(lay)]
+    # a family may name both layouts (Switch: per-expert and fused); the source holds one
+    routed = [n for lay in plan.moe_layers for n in plan.family.source_expert_names(lay)
+              if n in plan.index.tensors or n in decoded]
     return {
         "source": source_label(cfg.source),
         "source_precision": qz.precision(plan.index.tensors, scheme),
