@@ -232,3 +232,16 @@ def test_qwen3_5_moe_compress_load_eval_export_round_trip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=ids).logits, logits, rtol=1e-4, atol=1e-4)
     assert set(ours.family.mtp_names(list(manifest["tensors"]))) == set(mtp)  # drop_mtp drops these
+
+
+def test_plan_counts_every_parameter(case):
+    """``qmoe-ray plan``'s count from the config alone is the model's (vision tower included)."""
+    from qmoe_ray.job.estimate import count_parameters
+
+    counts = count_parameters(case.ckpt.config)
+    assert counts["total"] == sum(p.numel() for p in case.model.parameters())
+    visual = sum(p.numel() for n, p in case.model.named_parameters() if ".visual." in n)
+    assert counts["params"]["vision tower"] == visual
+    assert (visual > 0) == (case.family.model_type == "qwen3_5_moe")
+    moe_blocks = 3 if case.family.model_type == "qwen3_next" else 4
+    assert counts["params"]["routed experts"] == moe_blocks * 8 * 3 * 12 * 32

@@ -22,7 +22,7 @@ its three axes, which is plain RoPE: the text-only forward here is exact for tex
 
 The wrapper (``model_type`` ``qwen3_5_moe``) keeps the decoder's sizes in ``text_config`` and its
 weights under ``model.language_model.`` (``prefix``); the vision tower (``model.visual.*``) and
-the multi-token-prediction head (``mtp.*``) are not part of the text forward: the job carries
+the multi-token-prediction head (``mtp.*``, Qwen3-Next's too) are not part of the text forward: the job carries
 them through unchanged (never quantized: the routed experts of the text stack are the only
 matrices compressed) and ``drop_mtp`` leaves the MTP head out (``mtp_names``).
 """
@@ -95,6 +95,10 @@ class Qwen3Next(Qwen2Moe):
 
     def _qk_norm(self) -> str:
         return "head"
+
+    def mtp_names(self, W_names: Sequence[str]) -> list[str]:
+        """The multi-token-prediction head's tensors (``mtp.*``, Qwen3-Next and Qwen3.5)."""
+        return [n for n in W_names if n.startswith("mtp.")]
 
     def is_linear(self, layer: LayerSpec) -> bool:
         """Whether the block's token mixer is a Gated DeltaNet (else gated full attention)."""
@@ -174,10 +178,6 @@ class Qwen3_5MoeText(Qwen3Next):
     ) -> tuple[tuple[bool, ...], int, int]:
         shared = config_int(c, "shared_expert_intermediate_size", 2**18, lo=0, default=0)
         return (True,) * n, 0, shared
-
-    def mtp_names(self, W_names: Sequence[str]) -> list[str]:
-        """The multi-token-prediction head's tensors (``mtp.*``)."""
-        return [n for n in W_names if n.startswith("mtp.")]
 
 
 class Qwen3_5Moe(Qwen3_5MoeText):
