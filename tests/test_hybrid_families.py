@@ -199,8 +199,8 @@ def test_qwen3_5_moe_compress_load_eval_export_round_trip(tmp_path):
     from qmoe_ray.read.export import export
     from qmoe_ray.read.loader import load
 
-    src = save_tiny(tiny_hybrid("qwen3_5_moe", seed=6), tmp_path / "src", dtype=torch.bfloat16,
-                    save_original_format=False)
+    src = save_tiny(tiny_hybrid("qwen3_5_moe", seed=6, mtp_num_hidden_layers=1),
+                    tmp_path / "src", dtype=torch.bfloat16, save_original_format=False)
     t = load_file(src / "model.safetensors")
     mtp = {"mtp.fc.weight": torch.randn(32, 64).to(torch.bfloat16),
            "mtp.norm.weight": torch.randn(32).to(torch.bfloat16)}
@@ -232,6 +232,10 @@ def test_qwen3_5_moe_compress_load_eval_export_round_trip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=ids).logits, logits, rtol=1e-4, atol=1e-4)
     assert set(ours.family.mtp_names(list(manifest["tensors"]))) == set(mtp)  # drop_mtp drops these
+    from qmoe_ray.read.inspect import inspect
+
+    assert inspect(str(out), verify=False)["mtp"] == {
+        "layers": 1, "policy": "carried", "tensors": 2, "bytes": (32 * 64 + 32) * 2}
 
 
 def test_plan_counts_every_parameter(case):
