@@ -112,6 +112,24 @@ def test_recurrent_state_is_per_sample(case):
         torch.testing.assert_close(together[i, m], alone[0, m], atol=1e-5, rtol=1e-5)
 
 
+def test_activation_store_batches_whole_samples(case):
+    """The job's activation store, run with one batch of 4 samples or 4 batches of one, hands
+    the workers the same MoE inputs behind a Gated DeltaNet block (samples longer than a chunk):
+    calibration runs the linear attention over whole samples, its state per sample."""
+    from qmoe_ray.job.stores import ActivationStore
+
+    inputs = {k: v.numpy() for k, v in inputs_for(seed=7, b=4, s=CHUNK + 6).items()}
+    first = case.family.layers()[0]
+    assert first.moe and case.family.is_linear(first)
+    got = []
+    for batch in (4, 1):
+        store = ActivationStore(str(case.folder), None, inputs, np.ones(4, dtype=bool), batch)
+        store.pre_moe(first)
+        got.append(store._moe["x"])
+    assert got[0].shape == (int(inputs["attention_mask"].sum()), case.family.spec.hidden_size)
+    np.testing.assert_allclose(got[0], got[1], rtol=1e-5, atol=1e-5)
+
+
 def test_fused_layout(case, tmp_path):
     """The fused save (``mlp.experts.gate_up_proj``, as the Hub ships Qwen3.5) reads to the
     same experts and logits."""
