@@ -44,6 +44,14 @@ TINY = {
                     sliding_window=4),
 }
 TINY["kimi_k2"] = TINY["deepseek_v3"]
+_HYBRID = dict(_DEC, num_hidden_layers=4, head_dim=8, moe_intermediate_size=8, num_experts=4,
+               shared_expert_intermediate_size=12, linear_num_key_heads=2,
+               linear_num_value_heads=4, linear_key_head_dim=4, linear_value_head_dim=4,
+               linear_conv_kernel_dim=3)
+TINY["qwen3_next"] = dict(_HYBRID, intermediate_size=24, mlp_only_layers=[2])
+TINY["qwen3_5_moe_text"] = _HYBRID
+# the multimodal wrapper: sizes in text_config (vocab_size on top too, for this test's inputs)
+TINY["qwen3_5_moe"] = dict(vocab_size=64, text_config=_HYBRID)
 
 #: what the contract offers besides MoEFamily's methods and class attributes: the parsed config
 _INSTANCE = {"config"}

@@ -65,6 +65,15 @@ def resolve_data(data: str, source: str) -> str:
     return data
 
 
+def text_view(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The config of the language model: a multimodal wrapper's ``text_config`` (Qwen3.5-MoE:
+    vocabulary and special ids live there) over its top level; any other config unchanged."""
+    text = config.get("text_config")
+    if "vocab_size" in config or not isinstance(text, Mapping):
+        return config
+    return {**config, **text}
+
+
 def is_encoder_decoder(config: Mapping[str, Any]) -> bool:
     """Whether the family takes encoder and decoder inputs (Switch / T5)."""
     return bool(config.get("is_encoder_decoder")) or config.get("model_type") == (
@@ -264,6 +273,7 @@ def load_samples(
         raise ValueError(f"num_samples must be >= 1 (or None for all), got {num_samples}")
     if seq_len is not None and seq_len < 2:
         raise ValueError(f"seq_len must be >= 2 (or None), got {seq_len}")
+    family_config = text_view(family_config)
     if "vocab_size" not in family_config:
         raise MissingTensorError("family_config has no vocab_size; pass the checkpoint's config.json")
     vocab = int(family_config["vocab_size"])

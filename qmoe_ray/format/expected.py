@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from qmoe_ray.data.samples import text_view
 from qmoe_ray.errors import CheckpointError
 from qmoe_ray.format.matrices import stored_names
 from qmoe_ray.format.trimmed import bind_stored, manifest_family, stored_shapes
@@ -113,10 +114,11 @@ def check_against_config(manifest: Mapping[str, Any], where: str = "manifest") -
             raise CheckpointError(f"{where}: tensor {name!r} is declared "
                                   f"{list(dense[name]['shape'])}, {model} implies "
                                   f"{list(want)}{hint}")
-    d = config.get("hidden_size") or config.get("d_model") or 0
-    bound = max([math.prod(s) for s in shapes.values()] + [(config.get("vocab_size") or 0) * d])
-    for name, e in dense.items():
-        if name not in shapes and (len(e["shape"]) > 4 or math.prod(e["shape"]) > bound):
+    text = text_view(config)  # a multimodal wrapper's sizes are its text_config's
+    d = text.get("hidden_size") or text.get("d_model") or 0
+    bound = max([math.prod(s) for s in shapes.values()] + [(text.get("vocab_size") or 0) * d])
+    for name, e in dense.items():  # 5-D: a vision tower's Conv3d patch embedding, carried
+        if name not in shapes and (len(e["shape"]) > 5 or math.prod(e["shape"]) > bound):
             raise CheckpointError(f"{where}: tensor {name!r} is declared {list(e['shape'])}, "
                                   f"larger than any tensor of {model} ({bound:,} elements)"
                                   f"{hint}")

@@ -32,11 +32,12 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
+from qmoe_ray.data.samples import text_view
 from qmoe_ray.errors import InputError
 from qmoe_ray.job.config import SCHEMES, CompressConfig
 
 KINDS = ("routed experts", "shared experts", "dense ffn", "attention", "router",
-         "embeddings/head", "norms and biases", "other", "mtp layers")
+         "embeddings/head", "norms and biases", "other", "mtp layers", "vision tower")
 
 #: Bits per routed-expert parameter of the entropy-coded schemes as written (codes, segment
 #: lengths, tables, bf16 row scales), and where each rate was measured (BENCHMARKS.md).
@@ -107,16 +108,23 @@ def count_parameters(config: Mapping[str, Any]) -> dict[str, Any]:
         params[kind] += math.prod(shape)
         if len(shape) >= 2 and kind not in ("embeddings/head", "router"):
             linear += math.prod(shape)
+    text = text_view(config)
     mtp = config.get("num_nextn_predict_layers")
+    own_head = True
+    if not isinstance(mtp, int) and isinstance(text.get("mtp_num_hidden_layers"), int):
+        mtp, own_head = text["mtp_num_hidden_layers"], False  # Qwen3-Next / 3.5: shared head
     if isinstance(mtp, int) and mtp > 0 and moe:
-        # each multi-token-prediction layer: a copy of an MoE block, its own embeddings and head,
-        # the projection of [embedding; hidden] (2d -> d) and its norms; the job carries it
-        # through unchanged (bf16, its experts not quantized)
+        # each multi-token-prediction layer: a copy of an MoE block (Qwen: of the last, a full
+        # attention block), its own embeddings and head (DeepSeek, GLM), the projection of
+        # [embedding; hidden] (2d -> d) and its norms; the job carries it through unchanged
+        # (bf16, its experts not quantized)
         d = _hidden_size(config, 0)
         block = sum(math.prod(v) for k, v in shapes.items() if k.startswith(moe[-1].name + "."))
-        per = block + params["embeddings/head"] + 2 * d * d + 3 * d
+        per = block + params["embeddings/head"] * own_head + 2 * d * d + 3 * d
         params["mtp layers"] = mtp * per
         linear += mtp * per
+    params["vision tower"] = vision_params(config)
+    linear += params["vision tower"]
     matrices: list[tuple[int, int]] = []  # (rows, cols) of each matrix of one routed expert
     if moe:
         first = moe[0]
@@ -215,7 +223,25 @@ def estimate(config: Mapping[str, Any], *, group_size: int, num_samples: int, se
     }
 
 
+def vision_params(config: Mapping[str, Any]) -> int:
+    """Parameters of a multimodal wrapper's vision tower (``vision_config``, the Qwen3-VL /
+    Qwen3.5 ViT: a Conv3d patch embedding, learned positions, ``depth`` pre-norm blocks with
+    biases, a 2x2 patch merger into the text width), 0 without one. Carried through unchanged by
+    the job, so bf16 in every scheme's size."""
+    v = config.get("vision_config")
+    if not isinstance(v, Mapping) or not isinstance(v.get("hidden_size"), int):
+        return 0
+    h, i = int(v["hidden_size"]), int(v.get("intermediate_size") or 4 * v["hidden_size"])
+    p, t = int(v.get("patch_size") or 16), int(v.get("temporal_patch_size") or 2)
+    m = int(v.get("spatial_merge_size") or 2) ** 2 * h
+    out = int(v.get("out_hidden_size") or _hidden_size(config, h))
+    block = 4 * h * h + 4 * h + 2 * h * i + i + h + 4 * h  # qkv+proj, fc1+fc2, 2 layer norms
+    return (int(v.get("depth") or 0) * block + (int(v.get("in_channels") or 3) * t * p * p + 1) * h
+            + int(v.get("num_position_embeddings") or 0) * h + 2 * h + m * m + m + m * out + out)
+
+
 def _hidden_size(config: Mapping[str, Any], fallback: int) -> int:
+    config = text_view(config)
     for key in ("hidden_size", "d_model"):
         if isinstance(config.get(key), int):
             return int(config[key])

@@ -34,6 +34,9 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "glm4_moe": ("qmoe_ray.models.sigmoid_moe", "Glm4Moe"),
     "minimax_m2": ("qmoe_ray.models.sigmoid_moe", "MiniMaxM2"),
     "gpt_oss": ("qmoe_ray.models.gpt_oss", "GptOss"),
+    "qwen3_next": ("qmoe_ray.models.hybrid_moe", "Qwen3Next"),
+    "qwen3_5_moe": ("qmoe_ray.models.hybrid_moe", "Qwen3_5Moe"),
+    "qwen3_5_moe_text": ("qmoe_ray.models.hybrid_moe", "Qwen3_5MoeText"),
 }
 
 SUPPORTED = tuple(sorted(FAMILIES))

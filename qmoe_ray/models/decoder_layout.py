@@ -194,15 +194,24 @@ class DecoderLayout(MoEFamily):
     source_roles: ClassVar[Mapping[str, str]] = CANONICAL
     default_rope_theta: ClassVar[float] = 10000.0
     default_eps: ClassVar[float] = 1e-6
+    #: where the decoder stack's tensors sit: ``{prefix}embed_tokens``, ``{prefix}layers.N``,
+    #: ``{prefix}norm`` (a multimodal wrapper nests it, e.g. ``model.language_model.``)
+    prefix: ClassVar[str] = "model."
 
     def __init__(self, config: Mapping[str, Any], names: Sequence[str] | None = None):
         super().__init__(config)
-        self.spec = self._parse(self.config)
+        self.text_config = self._text_config(self.config)
+        self.spec = self._parse(self.text_config)
         self._layout: tuple[str, str, str] | None = None  # (router module, experts module, kind)
         if names is not None:
             self.bind(names)
 
     # -- config -----------------------------------------------------------------------------------
+    def _text_config(self, c: dict[str, Any]) -> dict[str, Any]:
+        """The part of ``config.json`` describing the decoder stack (a multimodal wrapper's
+        ``text_config``; the whole config here)."""
+        return c
+
     def _parse(self, c: dict[str, Any]) -> DecoderSpec:
         mt = self.model_type
         act = c.get("hidden_act", "silu")
@@ -350,7 +359,7 @@ class DecoderLayout(MoEFamily):
         return [
             LayerSpec(
                 i,
-                f"model.layers.{i}",
+                f"{self.prefix}layers.{i}",
                 "decoder",
                 i,
                 s.sparse[i],
@@ -384,8 +393,8 @@ class DecoderLayout(MoEFamily):
         d, hd = s.hidden_size, s.head_dim
         q, kv = s.num_heads * hd, s.num_kv_heads * hd
         out: dict[str, tuple[int, ...]] = {
-            "model.embed_tokens.weight": (s.vocab_size, d),
-            "model.norm.weight": (d,),
+            f"{self.prefix}embed_tokens.weight": (s.vocab_size, d),
+            f"{self.prefix}norm.weight": (d,),
         }
         if not s.tie_embeddings:
             out["lm_head.weight"] = (s.vocab_size, d)

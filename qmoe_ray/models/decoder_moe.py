@@ -64,9 +64,9 @@ class DecoderMoE(DecoderLayout):
             raise ValueError(
                 f"attention_mask shape {list(mask.shape)} != input_ids shape {list(ids.shape)}"
             )
-        emb = self._w(W, "model.embed_tokens.weight", (s.vocab_size, s.hidden_size))
+        emb = self._w(W, f"{self.prefix}embed_tokens.weight", (s.vocab_size, s.hidden_size))
         b, n = ids.shape
-        special = torch.tensor(special_token_ids(self.config), dtype=torch.int64)
+        special = torch.tensor(special_token_ids(self.text_config), dtype=torch.int64)
         return {
             "hidden": emb[ids],
             "attention_mask": mask,
@@ -78,7 +78,7 @@ class DecoderMoE(DecoderLayout):
 
     def _attention(self, i: int, W: WeightSource, x: torch.Tensor, state: State) -> torch.Tensor:
         s = self.spec
-        p = f"model.layers.{i}.self_attn"
+        p = f"{self.prefix}layers.{i}.self_attn"
         d, hd = s.hidden_size, s.head_dim
         qd, kvd = s.num_heads * hd, s.num_kv_heads * hd
         q = L.linear(x, self._w(W, f"{p}.q_proj.weight", (qd, d)), self._opt(W, f"{p}.q_proj.bias"))
@@ -189,9 +189,9 @@ class DecoderMoE(DecoderLayout):
 
     def logits(self, W: WeightSource, state: State) -> torch.Tensor:
         s = self.spec
-        h = self._norm(W, "model.norm.weight", state["hidden"])
+        h = self._norm(W, f"{self.prefix}norm.weight", state["hidden"])
         head = (
-            "model.embed_tokens.weight"
+            f"{self.prefix}embed_tokens.weight"
             if s.tie_embeddings or "lm_head.weight" not in W
             else "lm_head.weight"
         )

@@ -21,6 +21,7 @@ import statistics
 from collections.abc import Mapping
 from typing import Any
 
+from qmoe_ray.data.samples import text_view
 from qmoe_ray.format.sizes import by_kind, size_summary
 from qmoe_ray.storage.fs import redact
 
@@ -116,7 +117,8 @@ def mtp_summary(family: Any, manifest: Mapping[str, Any]) -> dict[str, Any]:
     them (``"carried"``: unchanged, bf16, unquantized; ``"dropped"``: ``--drop-mtp``;
     ``"none"``), and the tensors and bytes they hold in this checkpoint."""
     names = family.mtp_names(list(manifest["tensors"]))
-    declared = manifest["config"].get("num_nextn_predict_layers")
+    cfg = text_view(manifest["config"])  # Qwen3-Next / 3.5: mtp_num_hidden_layers
+    declared = cfg.get("num_nextn_predict_layers", cfg.get("mtp_num_hidden_layers"))
     declared = declared if isinstance(declared, int) and declared > 0 else 0
     if names:
         policy = "carried"
