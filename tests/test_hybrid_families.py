@@ -109,7 +109,9 @@ def test_recurrent_state_is_per_sample(case):
     for i in range(3):
         alone = run_forward(fam, W, {k: v[i:i + 1] for k, v in inputs.items()})
         m = inputs["attention_mask"][i].bool()
-        torch.testing.assert_close(together[i, m], alone[0, m], atol=1e-5, rtol=1e-5)
+        # float32 GEMMs differ with the batch size by a few 1e-5; a state crossing samples
+        # changes the logits by O(1)
+        torch.testing.assert_close(together[i, m], alone[0, m], atol=1e-4, rtol=1e-4)
 
 
 def test_activation_store_batches_whole_samples(case):

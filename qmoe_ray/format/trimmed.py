@@ -37,13 +37,13 @@ ROUTER_MODE = "kept-rows"
 _KEYS = {"plan", "router", "experts", "dropped_blocks", "dropped_layers"}
 
 
-def trim_record(family: Any) -> dict[str, Any]:
+def trim_record(trimmed: Any) -> dict[str, Any]:
     """The manifest's ``trim`` entry for a ``TrimmedFamily``."""
-    plan = family.plan
+    plan = trimmed.plan
     experts = {}
-    for lay in family.layers():
+    for lay in trimmed.layers():
         if lay.moe:
-            experts[lay.name] = {"kept": family.original_ids(lay, range(lay.num_experts)),
+            experts[lay.name] = {"kept": trimmed.original_ids(lay, range(lay.num_experts)),
                                  "top_k": lay.top_k}
     return {"plan": plan.to_dict(), "router": ROUTER_MODE, "experts": experts,
             "dropped_blocks": list(plan.drop_blocks), "dropped_layers": list(plan.drop_layers)}
@@ -123,13 +123,13 @@ def manifest_family(manifest: Mapping[str, Any], where: str = "manifest") -> Any
         raise CheckpointError(f"{where}: trim.plan: {exc}") from None
 
 
-def _phantoms(family: Any, names: set[str]) -> set[str]:
+def _phantoms(trimmed: Any, names: set[str]) -> set[str]:
     """Names standing in for a trimmed checkpoint's missing parts while the untrimmed family
     binds its layout (``bind`` probes every MoE block, or the first one): each dropped MoE
     block's names are copied from a kept MoE block of the same stack."""
-    kept = [lay for lay in family.layers() if lay.moe]
+    kept = [lay for lay in trimmed.layers() if lay.moe]
     out: set[str] = set()
-    for lay in family.inner.layers():
+    for lay in trimmed.inner.layers():
         if not lay.moe or any(k.name == lay.name for k in kept):
             continue
         like = [k for k in kept if k.stage == lay.stage] or kept
@@ -147,9 +147,10 @@ def bind_stored(family: Any, names: Any) -> Any:
 
     if not isinstance(family, TrimmedFamily):
         return family.bind(names)
+    trimmed = family
     have = set(names if isinstance(names, (list, tuple, set, frozenset)) else names.names)
-    family.inner.bind(have | _phantoms(family, have))
-    return family
+    trimmed.inner.bind(have | _phantoms(trimmed, have))
+    return trimmed
 
 
 def stored_shapes(family: Any) -> dict[str, tuple[int, ...]]:
@@ -161,8 +162,9 @@ def stored_shapes(family: Any) -> dict[str, tuple[int, ...]]:
     shapes = {n: tuple(s) for n, s in family.expected_shapes().items()}
     if not isinstance(family, TrimmedFamily):
         return shapes
-    inner = family.inner
-    gone = tuple(f"{b}." for b in family.plan.drop_blocks)
+    trimmed = family
+    inner = trimmed.inner
+    gone = tuple(f"{b}." for b in trimmed.plan.drop_blocks)
     every = {n for lay in inner.layers() if lay.moe for e in range(lay.num_experts)
              for n in inner.expert_names(lay, e).values()}
     kept = {n for lay in family.layers() if lay.moe for e in range(lay.num_experts)

@@ -202,6 +202,11 @@ def trim(family: MoEFamily, plan: TrimPlan | None) -> MoEFamily:
     return family if plan is None else TrimmedFamily(family, plan)
 
 
+def untrimmed(family: MoEFamily) -> MoEFamily:
+    """The model's own family under a ``TrimmedFamily`` (``family`` itself when not trimmed)."""
+    return family.inner if isinstance(family, TrimmedFamily) else family
+
+
 @dataclass
 class TrimScores:
     """The three trimming scores of one pass over calibration data (He, Dong et al. 2024).

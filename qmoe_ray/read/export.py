@@ -59,6 +59,7 @@ from qmoe_ray.errors import CheckpointError, InputError
 from qmoe_ray.format.manifest import MANIFEST, read_manifest
 from qmoe_ray.format.matrices import stored_names
 from qmoe_ray.format.shards import Timings, iter_shards, serialize_shard
+from qmoe_ray.models.trim import untrimmed
 from qmoe_ray.read import export_ct
 from qmoe_ray.read.export_files import (
     INDEX,
@@ -260,7 +261,7 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
     where = f"{redact(url)}/{MANIFEST}"
     manifest = read_manifest(url, **so)  # checked once: check_manifest
     family = stored_family(manifest)
-    inner = getattr(family, "inner", family)  # a trimmed model's own family
+    inner = untrimmed(family)  # a trimmed model's own family (its layout, its HF config)
     tx = trim_export(family, manifest["config"])  # a trimmed model: refused, or renamed
     if tx is not None and ct:
         raise InputError("export --format compressed-tensors of a trimmed checkpoint is not "

@@ -42,14 +42,14 @@ class TrimExport:
 
     Built by ``trim_export`` (which refuses what transformers cannot express)."""
 
-    def __init__(self, family: Any, config: Mapping[str, Any]):
-        self.family = family
-        inner = family.inner
-        kept = family.layers()
+    def __init__(self, trimmed: Any, config: Mapping[str, Any]):
+        self.trimmed = trimmed
+        inner = trimmed.inner
+        kept = trimmed.layers()
         self.renumber = {lay.index: i for i, lay in enumerate(kept)}
-        self.rows = {family.router_name(lay): torch.tensor(
-            family.original_ids(lay, range(lay.num_experts))) for lay in kept
-            if lay.moe and lay.num_experts < family.original(lay).num_experts}
+        self.rows = {trimmed.router_name(lay): torch.tensor(
+            trimmed.original_ids(lay, range(lay.num_experts))) for lay in kept
+            if lay.moe and lay.num_experts < trimmed.original(lay).num_experts}
         n_all = len(inner.layers())
         out = dict(config)
         out["num_hidden_layers"] = len(kept)
@@ -58,7 +58,7 @@ class TrimExport:
                 out[k] = [v[lay.index] for lay in kept]
         moe = [lay for lay in kept if lay.moe]
         if moe:
-            out[EXPORTABLE[family.model_type]] = moe[0].num_experts
+            out[EXPORTABLE[trimmed.model_type]] = moe[0].num_experts
         self.config = out
 
     def name(self, name: str) -> str:
@@ -89,7 +89,8 @@ def trim_export(family: Any, config: Mapping[str, Any]) -> TrimExport | None:
 
     if not isinstance(family, TrimmedFamily):
         return None
-    plan, mt = family.plan, family.model_type
+    trimmed = family
+    plan, mt = trimmed.plan, trimmed.model_type
     why = "export --format hf of this trimmed checkpoint is refused: "
     if mt not in EXPORTABLE:
         raise InputError(f"{why}exporting a trimmed {mt} checkpoint is not supported (only "
@@ -106,7 +107,7 @@ def trim_export(family: Any, config: Mapping[str, Any]) -> TrimExport | None:
         raise InputError(f"{why}its MoE layers keep different numbers of experts ({per}); "
                          "transformers has one expert count per model: drop the same number "
                          "in every layer (--drop-experts N/layer)")
-    k = family.original(moe[0]).top_k
+    k = trimmed.original(moe[0]).top_k
     if counts and counts[0] < k:
         raise InputError(f"{why}it keeps {counts[0]} experts per layer, fewer than top-k {k} "
                          "(num_experts_per_tok), which transformers' router needs")
