@@ -289,6 +289,38 @@ def test_deep_nesting_is_refused(ckpt, tmp_path, depth):
         load(str(root))
 
 
+def _walk_depth(v: Any) -> int:
+    if isinstance(v, dict):
+        return 1 + max((_walk_depth(x) for x in v.values()), default=0)
+    if isinstance(v, list):
+        return 1 + max((_walk_depth(x) for x in v), default=0)
+    return 0
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1 << 23])
+def test_json_depth_counts_brackets_outside_strings_only(chunk, monkeypatch):
+    """The byte-level nesting measure equals a walk of the parsed value, with brackets, quotes
+    and backslashes inside strings and keys, and whatever the chunk boundaries."""
+    monkeypatch.setattr(mf, "_DEPTH_CHUNK", chunk)
+    cases = [{}, [], 5, "s[{", {"a": [1, {"b": "x]]]\\"}]}, {'k"{': '\\\\"[[['},
+             [[[[]]]], {"s": "\\"}, {"a": [[1], [2, [3]]], "b": '\\"', "c": "}}}"},
+             {"\\": [{"\"": ["]"]}]}]
+    for value in cases:
+        raw = json.dumps(value).encode()
+        assert mf.json_depth(raw) == _walk_depth(value), raw
+    assert mf.json_depth(b"[" * 50 + b"]" * 50) == 50
+
+
+def test_utf16_manifest_is_refused(ckpt, tmp_path):
+    from qmoe_ray.read.loader import load
+
+    root = _copy(ckpt, tmp_path)
+    raw = (root / "manifest.json").read_text()
+    (root / "manifest.json").write_bytes(raw.encode("utf-16"))
+    with pytest.raises(CheckpointError, match="not UTF-8"):
+        load(str(root))
+
+
 def test_shard_of_the_wrong_size_is_refused_before_it_is_read(ckpt, tmp_path):
     from qmoe_ray.read.loader import load
 

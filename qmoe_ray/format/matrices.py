@@ -331,7 +331,8 @@ def check_table(tname: str, meta: Mapping[str, str],
 
 
 def check_matrix(name: str, entry: Mapping[str, Any], tensors: Mapping[str, Mapping[str, Any]],
-                 tables: Mapping[str, Mapping[str, str]]) -> None:
+                 tables: Mapping[str, Mapping[str, str]],
+                 checked: Mapping[str, tuple[str, int, int]] | None = None) -> None:
     """Check what a quantized matrix declares against its own shape (after
     ``manifest.check_schema``; the shape itself is checked against the model's config elsewhere).
 
@@ -342,7 +343,9 @@ def check_matrix(name: str, entry: Mapping[str, Any], tensors: Mapping[str, Mapp
     ``uint16`` of at most two words per segment plus one per symbol, an embedded ``freqs``
     ``uint16[A**group]``, ``packed`` ``uint8[ceil(rows*cols*bits/8)]``, ``lo``/``hi`` ``bfloat16
     [rows]``, ``scale`` ``bfloat16`` / ``zero`` ``uint8`` ``[rows, groups]``; a shared table is
-    listed, with the matrix's kind, group, precision and hash.
+    listed, with the matrix's kind, group, precision and hash. ``checked``: ``check_table``'s
+    result per table name for tables already checked (a manifest's thousands of matrices share a
+    few hundred tables).
 
     Raises:
         CheckpointError: the first mismatch, naming the matrix and the tensor.
@@ -377,7 +380,10 @@ def check_matrix(name: str, entry: Mapping[str, Any], tensors: Mapping[str, Mapp
                 raise CheckpointError(
                     f"{what}: table hash mismatch: the matrix needs {meta['table_hash'][:16]}..., "
                     f"code table {table!r} is {str(tmeta.get('table_hash'))[:16]}...")
-            if check_table(table, tmeta, tensors) != (kind, group, prob_bits):
+            params = checked.get(table) if checked is not None else None
+            if params is None:
+                params = check_table(table, tmeta, tensors)
+            if params != (kind, group, prob_bits):
                 raise CheckpointError(f"{what}: its codec parameters differ from code table "
                                       f"{table!r}'s")
         elif placement == "embedded":
