@@ -18,6 +18,7 @@ from load_helpers import compressed_checkpoint, copy_checkpoint
 
 from qmoe_ray import codec
 from qmoe_ray.errors import CheckpointError, InputError
+from qmoe_ray.format import jsonio
 from qmoe_ray.format import manifest as mf
 from qmoe_ray.format.shards import serialize_shard
 
@@ -301,14 +302,14 @@ def _walk_depth(v: Any) -> int:
 def test_json_depth_counts_brackets_outside_strings_only(chunk, monkeypatch):
     """The byte-level nesting measure equals a walk of the parsed value, with brackets, quotes
     and backslashes inside strings and keys, and whatever the chunk boundaries."""
-    monkeypatch.setattr(mf, "_DEPTH_CHUNK", chunk)
+    monkeypatch.setattr(jsonio, "_DEPTH_CHUNK", chunk)
     cases = [{}, [], 5, "s[{", {"a": [1, {"b": "x]]]\\"}]}, {'k"{': '\\\\"[[['},
              [[[[]]]], {"s": "\\"}, {"a": [[1], [2, [3]]], "b": '\\"', "c": "}}}"},
              {"\\": [{"\"": ["]"]}]}]
     for value in cases:
         raw = json.dumps(value).encode()
-        assert mf.json_depth(raw) == _walk_depth(value), raw
-    assert mf.json_depth(b"[" * 50 + b"]" * 50) == 50
+        assert jsonio.json_depth(raw) == _walk_depth(value), raw
+    assert jsonio.json_depth(b"[" * 50 + b"]" * 50) == 50
 
 
 def test_utf16_manifest_is_refused(ckpt, tmp_path):
