@@ -1,6 +1,7 @@
-"""Trimming x quantization x pruning on the embedded Mixtral, like Table 3 of He, Dong et al.
-2024: Expert Drop (E), Layer Drop (L), Block Drop (B) alone and with ternary / int2 / int4
-GPTQ, and SparseGPT pruning alone and with ternary.
+"""Trimming x quantization x pruning on the embedded Mixtral (``--model switch``: the embedded
+SwitchTransformers, ``benchmark.py trim_switch``), like Table 3 of He, Dong et al. 2024: Expert
+Drop (E), Layer Drop (L), Block Drop (B) alone and with ternary / int2 / int4 GPTQ, and SparseGPT
+pruning alone and with ternary. The budgets take the same share of each model (``MODELS``).
 
 One pass of ``qmoe-ray analyze`` on the job's calibration samples gives the scores; each trim's
 plan is chosen from them (``plan_from_scores``) and every row is one compression job
@@ -11,12 +12,15 @@ int8 grid, near-lossless, so that every row is loaded and timed by the same load
   untrimmed model;
 - size: the whole checkpoint's bytes, and bits per parameter of the *untrimmed* model (a dropped
   expert costs 0 bits);
-- FLOPs per token: 2 x the weights a token touches (attention projections of the kept blocks,
-  top-k experts and the kept router rows of each MoE layer left, the head; attention scores
-  excluded);
-- CPU decode latency: median seconds per generated token of ``CompressedModel.generate``
-  (batch 1, 16-token prompt, no KV cache, one torch thread, experts decoded at load, every
-  model timed in turn in each round), so it moves with the trim only, not with the grid.
+- FLOPs per token: 2 x the weights a token touches (the 2-D dense weights of the kept blocks:
+  attention projections, for Switch cross-attention too; top-k experts and the kept router rows
+  of each MoE layer left; the head; attention scores and the relative position bias lookup
+  excluded). For Switch, a "token" is one encoder token and one decoder token: every block;
+- CPU latency: Mixtral, median seconds per generated token of ``CompressedModel.generate``
+  (batch 1, 16-token prompt, no KV cache); Switch, median seconds of one forward
+  (``CompressedModel.logits``) of a held-out sample cut to 16 tokens; one torch thread, experts
+  decoded at load, every model timed in turn in each round, so it moves with the trim only, not
+  with the grid.
 """
 
 from __future__ import annotations
@@ -30,7 +34,18 @@ from typing import Any
 from qmoe_ray.bench import BenchResult
 from qmoe_ray.job.config import CompressConfig
 
-TRIMS = {"none": {}, "E": {"drop_experts": 8}, "L": {"drop_layers": 1}, "B": {"drop_blocks": 1}}
+#: per model: the source, its description, and the trims (a quarter of the experts, of the MoE
+#: layers and of the blocks of the embedded Mixtral: 4 blocks x 8 experts; Switch: 4 + 4 blocks x
+#: 8 experts, top-1)
+MODELS = {
+    "mixtral": ("embedded", "Embedded Mixtral (4 MoE blocks x 8 experts, top-2)",
+                {"none": {}, "E": {"drop_experts": 8}, "L": {"drop_layers": 1},
+                 "B": {"drop_blocks": 1}}),
+    "switch": ("embedded-switch", "Embedded SwitchTransformers (4 encoder + 4 decoder MoE blocks "
+               "x 8 experts, top-1)",
+               {"none": {}, "E": {"drop_experts": 16}, "L": {"drop_layers": 2},
+                "B": {"drop_blocks": 2}}),
+}
 SCHEMES = ("int8", "ternary", "int2", "int4")
 
 
@@ -39,56 +54,69 @@ def add_arguments(parser) -> None:
     parser.add_argument("--eval-samples", type=int, default=32, help="held-out samples")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per sample")
     parser.add_argument("--repeat", type=int, default=9, help="latency rounds (median)")
+    parser.add_argument("--model", choices=sorted(MODELS), default="mixtral",
+                        help="which embedded model")
 
 
 def _flops_per_token(model: Any) -> int:
     fam, dense, params = model.family, model.dense, 0
     for lay in fam.layers():
+        router = fam.router_name(lay) if lay.moe else None
         params += sum(t.numel() for n, t in dense.items()
-                      if n.startswith(f"{lay.name}.self_attn.") and t.dim() == 2)
+                      if n.startswith(f"{lay.name}.") and t.dim() == 2 and n != router
+                      and "relative_attention_bias" not in n)
         if lay.moe:
             one = sum(model.experts[n].numel() for n in fam.expert_names(lay, 0).values())
-            d = model.config["hidden_size"]
-            params += lay.top_k * one + lay.num_experts * d
+            params += lay.top_k * one + dense[router].numel()  # the kept router rows
     params += dense["lm_head.weight"].numel()
     return 2 * params
 
 
 def _latencies(models: dict[str, Any], ids: Any, repeat: int) -> dict[str, float]:
-    """Median seconds per generated token of each model, timed in turn (one round over every
-    model, ``repeat`` rounds), so that a shared machine's noise hits all rows alike."""
+    """Median seconds per generated token (``ids``: a prompt) or per forward (``ids``: a
+    Switch sample's inputs) of each model, timed in turn (one round over every model,
+    ``repeat`` rounds), so that a shared machine's noise hits all rows alike."""
     import statistics
 
     import torch
 
+    def step(m: Any) -> None:
+        if isinstance(ids, dict):
+            m.logits(ids)
+        else:
+            m.generate(ids, max_new_tokens=4)
+
+    per = 1 if isinstance(ids, dict) else 4
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     times: dict[str, list[float]] = {k: [] for k in models}
     try:
         for m in models.values():
-            m.generate(ids, max_new_tokens=1)  # warm-up
+            step(m)  # warm-up
         for _ in range(repeat):
             for k, m in models.items():
                 t0 = time.perf_counter()
-                m.generate(ids, max_new_tokens=4)
-                times[k].append((time.perf_counter() - t0) / 4)
+                step(m)
+                times[k].append((time.perf_counter() - t0) / per)
     finally:
         torch.set_num_threads(n)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _plans(args) -> dict[str, Any]:
-    from qmoe_ray.data import embedded_model_path
+    from qmoe_ray.data import resolve_source
     from qmoe_ray.models import get_family
     from qmoe_ray.models.trim_plan import plan_from_scores
     from qmoe_ray.read.analyze import analyze
     from qmoe_ray.storage.checkpoint import open_checkpoint
 
-    ckpt = open_checkpoint(str(embedded_model_path()))
+    source, _, trims = MODELS[args.model]
+    ckpt = open_checkpoint(resolve_source(source))
     fam = get_family(ckpt.config, ckpt)
-    scores = analyze("embedded", num_samples=args.samples, seq_len=args.seq_len,
+    scores = analyze(source, num_samples=args.samples, seq_len=args.seq_len,
                      batch_size=32).scores
-    return {k: plan_from_scores(fam, scores, **kw) if kw else None for k, kw in TRIMS.items()}
+    args.moe_layers = sum(lay.moe for lay in fam.layers())
+    return {k: plan_from_scores(fam, scores, **kw) if kw else None for k, kw in trims.items()}
 
 
 def _variants(plans: dict[str, Any], tmp: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -113,19 +141,28 @@ def run(args) -> BenchResult:
     import torch
 
     from qmoe_ray.bench.job import _baseline_loss
-    from qmoe_ray.data import embedded_model_path
+    from qmoe_ray.data import embedded_model_path, load_samples, resolve_data, resolve_source
     from qmoe_ray.job.cluster import ray_init, shutdown
     from qmoe_ray.job.driver import run_compression
     from qmoe_ray.read.loader import load
 
+    source = MODELS[args.model][0]
+    path = resolve_source(source)
     tmp = Path(tempfile.mkdtemp(prefix="qmoe-bench-trim-"))
-    base = dict(source="embedded", data="embedded", num_samples=args.samples,
+    base = dict(source=source, data="embedded", num_samples=args.samples,
                 seq_len=args.seq_len, eval_samples=args.eval_samples, overwrite=True)
-    base_loss = _baseline_loss(str(embedded_model_path()), "embedded", args.eval_samples,
+    base_loss = _baseline_loss(path, resolve_data("embedded", source), args.eval_samples,
                                args.seq_len)
     plans = _plans(args)
-    ids = torch.from_numpy(np.load(embedded_model_path() / "heldout.npy")[:1, :16]
-                           .astype(np.int64))
+    if args.model == "mixtral":
+        ids: Any = torch.from_numpy(np.load(embedded_model_path() / "heldout.npy")[:1, :16]
+                                    .astype(np.int64))
+    else:  # a Switch forward needs the family's inputs (encoder and decoder ids)
+        from qmoe_ray.storage.checkpoint import open_checkpoint
+
+        held = load_samples(resolve_data("embedded", source), open_checkpoint(path).config, 1,
+                            16, seed=0, split="heldout", tokenizer_source=path)
+        ids = {k: torch.from_numpy(np.array(v[:1])) for k, v in held.items()}
     rows: dict[str, dict[str, Any]] = {}
     models: dict[str, Any] = {}
     total_params = None
@@ -161,18 +198,21 @@ def _pareto(rows: dict[str, dict[str, Any]]) -> list[str]:
 
 def _result(args, base_loss: float, plans: dict[str, Any],
             rows: dict[str, dict[str, Any]]) -> BenchResult:
+    per_layer = 8  # both embedded models: 8 experts in every MoE layer
     what = {k: (f"{len(p.drop_blocks)} block(s) {list(p.drop_blocks)}" if p.drop_blocks else
                 f"{len(p.drop_layers)} MoE layer(s) {list(p.drop_layers)}" if p.drop_layers
-                else f"{sum(8 - len(v) for v in p.keep_experts.values())} of 32 experts "
+                else f"{sum(per_layer - len(v) for v in p.keep_experts.values())} of "
+                     f"{per_layer * args.moe_layers} experts "
                      f"(per layer kept: {[len(v) for v in p.keep_experts.values()]})")
             for k, p in plans.items() if p is not None}
     f0, l0 = rows["int8"]["flops"], rows["int8"]["latency"]
-    lines = [f"Embedded Mixtral (4 MoE blocks x 8 experts, top-2), {args.samples} calibration / "
+    unit = "decode ms/token" if args.model == "mixtral" else "forward ms (16 tokens)"
+    lines = [f"{MODELS[args.model][1]}, {args.samples} calibration / "
              f"{args.eval_samples} held-out samples of {args.seq_len} tokens; uncompressed "
              f"held-out loss {base_loss:.4f}. Dropped: "
              + "; ".join(f"{k}: {v}" for k, v in what.items()) + ".", "",
              "| variant | held-out loss | rise | size KiB | bits/param | FLOPs/token | vs int8 "
-             "| decode ms/token | vs int8 |", "|---|---|---|---|---|---|---|---|---|"]
+             f"| {unit} | vs int8 |", "|---|---|---|---|---|---|---|---|---|"]
     for label, r in rows.items():
         lines.append(f"| {label} | {r['loss']:.4f} | {r['rise']:+.4f} | "
                      f"{r['bytes'] / 2**10:.0f} | {r['bits']:.3f} | {r['flops'] / 1e6:.2f} M | "
