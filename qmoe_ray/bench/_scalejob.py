@@ -9,6 +9,8 @@ The job is the real one (``run_compression``: real Ray, actors, local disk). Mea
 - the object store (``ray``'s memory summary, polled every second from the first
   ``layer_start``: plasma bytes in use, bytes spilled so far), its maximum, and after each
   layer (the stores' streams alone);
+- every actor kind's CPU seconds (``/proc/PID/stat``, the same polls): on a shared machine,
+  a worker's CPU seconds over its busy wall time say what share of a core it got;
 - the report's timings (driver side: dense, quantize, write; stores: dense forward and routing;
   workers, summed over groups: read, hessian, quantize, forward, encode).
 
@@ -18,6 +20,7 @@ Prints one JSON object as its last line.
 from __future__ import annotations
 
 import json
+import os
 import re
 import resource
 import sys
@@ -37,6 +40,15 @@ def _hwm_mb(pid: int) -> float:
     return 0.0
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def _mib(text: str, label: str) -> float:
     m = re.search(rf"{label}\s+([\d.]+)\s*MiB", text)
     return float(m.group(1)) if m else 0.0
@@ -52,6 +64,7 @@ def main(spec_path: str) -> None:
     cfg = CompressConfig(**spec)
     pids: dict[int, str] = {}
     peaks: dict[int, float] = {}
+    cpu: dict[int, float] = {}
     store_mb: list[dict[str, float]] = []
     stream_mb: list[float] = []
     stop = threading.Event()
@@ -60,6 +73,7 @@ def main(spec_path: str) -> None:
         while not stop.is_set():
             for pid in list(pids):
                 peaks[pid] = max(peaks.get(pid, 0.0), _hwm_mb(pid))
+                cpu[pid] = max(cpu.get(pid, 0.0), _cpu_s(pid))
             stop.wait(0.2)
 
     def poll_store() -> None:
@@ -99,8 +113,10 @@ def main(spec_path: str) -> None:
     wall = time.perf_counter() - t0
     stop.set()
     by_kind: dict[str, float] = {}
+    cpu_kind: dict[str, float] = {}
     for pid, kind in pids.items():
         by_kind[kind] = max(by_kind.get(kind, 0.0), peaks.get(pid, 0.0))
+        cpu_kind[kind] = cpu_kind.get(kind, 0.0) + cpu.get(pid, 0.0)
     out_bytes = sum(f.stat().st_size for f in Path(cfg.output).rglob("*") if f.is_file())
     hess_tokens = [s["hessian_tokens"] for st in _expert_stats(cfg.output) for s in st]
     routed = [s["routed_tokens"] for st in _expert_stats(cfg.output) for s in st]
@@ -111,6 +127,7 @@ def main(spec_path: str) -> None:
         "layer_seconds": [r["seconds"] for r in report["layers"]],
         "peak_rss_mb": {"driver": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                         **by_kind},
+        "cpu_s": cpu_kind,
         "object_store": {"plasma_mb_max": max((s["plasma_mb"] for s in store_mb), default=0.0),
                          "spilled_mb_max": max((s["spilled_mb"] for s in store_mb), default=0.0),
                          "stream_mb": max(stream_mb, default=0.0)},
