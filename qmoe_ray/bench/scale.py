@@ -4,7 +4,14 @@ So far only the manifest part of issue 18: a c2048-sized manifest (``_bigmanifes
 manifest, the embedded tiny SwitchTransformers compressed, with its experts cloned to
 ``--experts`` per layer on its 8 MoE layers) written, then ``read_manifest`` (size limit, parse,
 full validation: what every reader does first) timed in a fresh process, with that process's
-peak RSS. The real-shaped job runs (``realshape``) are not here yet.
+peak RSS.
+
+The job part (``--jobs``): real compression jobs (real Ray, local disk, ``_scalejob``: each in
+its own process, the driver's RSS its own) over real-shaped checkpoints (``realshape``: the
+released matrix shapes, fewer layers and experts), with per-stage seconds, every actor kind's
+peak RSS, the object store's use and spilled bytes, and the output's bytes. The first run
+(``FIT``) fits the cost model's constants (``qmoe_ray.job.costmodel``); the model then predicts
+the other runs, which it did not see, and the ratios measured / predicted are reported.
 """
 
 from __future__ import annotations
@@ -26,15 +33,92 @@ _PROBE = ("import json,resource,sys,time\n"
           "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024}))\n")
 
 
+#: the job runs: name -> (released config, layers, experts per layer, samples, seq_len, group)
+JOBS: dict[str, tuple[str, int, int, int, int, int]] = {
+    "qwen3-1L-16E": ("qwen3-30b-a3b", 1, 16, 32, 512, 8),
+    "qwen3-2L-16E": ("qwen3-30b-a3b", 2, 16, 32, 512, 8),
+    "qwen3-1L-32E": ("qwen3-30b-a3b", 1, 32, 32, 512, 8),
+    "mixtral-1L-1E": ("mixtral-8x7b", 1, 1, 8, 512, 1),
+}
+FIT = "qwen3-1L-16E"
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--experts", type=int, nargs="+", default=[2048],
                         help="experts per layer of the grown manifests (7680: 122,880 matrices)")
+    parser.add_argument("--jobs", nargs="*", default=list(JOBS), choices=list(JOBS),
+                        help=f"real-shaped job runs (the first fits the cost model: {FIT})")
+    parser.add_argument("--no-manifest", action="store_true", help="skip the manifest part")
+    parser.add_argument("--write-constants", action="store_true",
+                        help="write the fitted cost-model constants to "
+                             "qmoe_ray/job/cost_constants.json (what `qmoe-ray plan` uses)")
+    parser.add_argument("--raw", default=None,
+                        help="write every run's raw figures to this JSON file")
+    parser.add_argument("--reuse", default=None,
+                        help="take the job runs' raw figures from this JSON file (--raw of an "
+                             "earlier run) instead of running them")
+
+
+def run_jobs(names, workdir: Path) -> dict[str, dict[str, Any]]:
+    """Each job run of ``names`` (``JOBS``): its checkpoint written, the job run in a fresh
+    process (``_scalejob``), the checkpoints removed after; returns the figures by name."""
+    from qmoe_ray.bench.realshape import released_config, shrink_config, write_realshape
+
+    out = {}
+    for name in names:
+        model, layers, experts, samples, seq, group = JOBS[name]
+        src, dst = workdir / f"{name}-src", workdir / f"{name}-out"
+        cfg = shrink_config(released_config(model), layers=layers, experts=experts)
+        info = write_realshape(str(src), cfg, tokens=max(1 << 18, 2 * samples * seq))
+        spec = {"source": str(src), "output": str(dst), "data": str(src / "tokens.npy"),
+                "num_samples": samples, "seq_len": seq, "eval_samples": 0, "group_size": group,
+                "batch_size": 8, "overwrite": True}
+        (workdir / "spec.json").write_text(json.dumps(spec))
+        proc = subprocess.run([sys.executable, "-m", "qmoe_ray.bench._scalejob",
+                               str(workdir / "spec.json")], capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"scale job {name} failed:\n{proc.stderr[-4000:]}")
+        out[name] = {"model": model, "layers": layers, "experts": experts, "samples": samples,
+                     "seq_len": seq, "group_size": group, "source_bytes": info["bytes"],
+                     "config": cfg, **json.loads(proc.stdout.splitlines()[-1])}
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.rmtree(dst, ignore_errors=True)
+    return out
 
 
 def run(args) -> BenchResult:
+    tmp = Path(tempfile.mkdtemp(prefix="qmoe-scale-"))
+    try:
+        if args.reuse:
+            jobs = json.loads(Path(args.reuse).read_text())
+        else:
+            jobs = run_jobs(args.jobs, tmp) if args.jobs else {}
+        if args.raw:
+            Path(args.raw).write_text(json.dumps(jobs, indent=1))
+        manifest = None if args.no_manifest else _manifest(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    parts, figures, notes = [], {"jobs": jobs}, []
+    if jobs:
+        from qmoe_ray.bench import _scaletables
+
+        md, extra, more = _scaletables.tables(jobs, FIT)
+        if args.write_constants:
+            path = Path(__file__).resolve().parent.parent / "job" / "cost_constants.json"
+            path.write_text(json.dumps(extra["constants"], indent=1) + "\n")
+        parts.append(md)
+        figures.update(extra)
+        notes += more
+    if manifest is not None:
+        parts.append(manifest.markdown)
+        figures.update(manifest.figures)
+        notes += manifest.notes
+    return BenchResult(figures, "\n\n".join(parts), notes=notes)
+
+
+def _manifest(args, tmp: Path) -> BenchResult:
     from qmoe_ray.bench._bigmanifest import write_grown
 
-    tmp = Path(tempfile.mkdtemp(prefix="qmoe-scale-"))
     rows: list[dict[str, Any]] = []
     try:
         subprocess.run([sys.executable, "-m", "qmoe_ray", "compress", "--source",
@@ -47,7 +131,7 @@ def run(args) -> BenchResult:
                                  capture_output=True, text=True).stdout
             rows.append({"experts_per_layer": e, **info, **json.loads(out.splitlines()[-1])})
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp / "sw", ignore_errors=True)
     lines = ["Manifest of a grown Switch job (8 MoE layers), `read_manifest` in a fresh process "
              "(target: < 2 s and driver < 1 GB for a c2048-sized one):", "",
              "| expert matrices | manifest | read_manifest | peak RSS |", "|---|---|---|---|"]

@@ -142,7 +142,8 @@ def _walk(plan: Plan, actors: Any, progress: bool,
     """Process every layer not yet done, in order; returns the recovery guard (for the steps
     after the walk) and the per-layer results and timings."""
     layers, done = plan.layers, plan.done
-    timings: dict[str, float] = {"dense": 0.0, "quantize": 0.0, "write": 0.0, "checkpoint": 0.0,
+    timings: dict[str, float] = {"dense": 0.0, "store_dense": 0.0, "store_routing": 0.0,
+                                 "quantize": 0.0, "write": 0.0, "checkpoint": 0.0,
                                  "restore": 0.0, "recovery": 0.0}
     moe = {"done": sum(1 for l in layers[: len(done)] if l.moe),
            "total": sum(1 for l in layers if l.moe)}
@@ -238,6 +239,8 @@ def _layer(cfg: CompressConfig, layer: LayerSpec, actors: Any, timings: dict[str
     counts = ray.get([s.pre_moe.remote(layer) for s in stores])
     t1 = time.perf_counter()
     timings["dense"] += t1 - t0
+    for key in ("dense", "routing"):  # the slowest store's (the stores run side by side)
+        timings[f"store_{key}"] += max(c["seconds"][key] for c in counts)
     routed = np.sum([c["routed"] for c in counts], axis=0)
     hess = np.sum([c["hessian"] for c in counts], axis=0)
     cap = int(math.ceil(cfg.token_cap * hess.mean())) if cfg.token_cap else None

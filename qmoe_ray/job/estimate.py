@@ -35,6 +35,9 @@ from typing import Any
 from qmoe_ray.data.samples import text_view
 from qmoe_ray.errors import InputError
 from qmoe_ray.job.config import SCHEMES, CompressConfig
+from qmoe_ray.job.costmodel import GPUS as _GPUS
+
+GPU_KINDS = tuple(_GPUS)
 
 KINDS = ("routed experts", "shared experts", "dense ffn", "attention", "router",
          "embeddings/head", "norms and biases", "other", "mtp layers", "vision tower")
@@ -211,6 +214,7 @@ def estimate(config: Mapping[str, Any], *, group_size: int, num_samples: int, se
     acts = num_samples * seq_len * _hidden_size(config, hidden) * 4
     return {
         **counts,
+        "hidden_size": _hidden_size(config, hidden),
         "expert_share": round(routed / counts["total"], 4) if counts["total"] else 0.0,
         "source_bytes": src,
         "source_precision": precision,
@@ -317,6 +321,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="activation store actors")
     parser.add_argument("--quant-group-size", type=int, default=d["quant_group_size"],
                         help="int schemes: input columns per scale group (default: per row)")
+    parser.add_argument("--eval-samples", type=int, default=d["eval_samples"],
+                        help="held-out samples (they pass through every layer too)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="quantization workers: predict the job's wall time, GPU-hours and "
+                             "memory on this many (the cost model, qmoe_ray.job.costmodel)")
+    parser.add_argument("--gpu", choices=[*GPU_KINDS, "none"], default=None,
+                        help="one GPU per worker of this kind, or none (CPU workers); GPU "
+                             "rates are assumptions from published peaks (default: none)")
+    parser.add_argument("--worker-memory-gb", type=float, default=None,
+                        help="memory per worker (default: the GPU's; CPU workers: 64)")
+    parser.add_argument("--max-hours", type=float, default=72.0,
+                        help="the cheapest cluster shape searched must finish within this")
+    parser.add_argument("--scheme", choices=SCHEMES, default=d["scheme"],
+                        help="the scheme whose output size the cost model writes")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     add_storage_options(parser, "CONFIG")
 
@@ -326,15 +344,37 @@ def main(args: argparse.Namespace) -> int:
     from qmoe_ray.cli import storage_options
 
     for flag, value in (("--group-size", args.group_size), ("--calib-samples", args.calib_samples),
-                        ("--seq-len", args.seq_len), ("--num-stores", args.num_stores)):
+                        ("--seq-len", args.seq_len), ("--num-stores", args.num_stores),
+                        ("--workers", 1 if args.workers is None else args.workers)):
         if value < 1:
             raise InputError(f"{flag} {value}: expected a positive integer")
+    if args.eval_samples < 0:
+        raise InputError(f"--eval-samples {args.eval_samples}: expected 0 or more")
+    for flag, v in (("--max-hours", args.max_hours), ("--worker-memory-gb",
+                                                       args.worker_memory_gb)):
+        if v is not None and not v > 0:
+            raise InputError(f"{flag} {v}: expected a positive number")
     if args.quant_group_size is not None and args.quant_group_size < 1:
         raise InputError(f"--quant-group-size {args.quant_group_size}: expected a positive "
                          "integer (or leave it out: one scale per row)")
     config = read_config(args.config, storage_options(args))
-    p = estimate(config, group_size=args.group_size, num_samples=args.calib_samples,
-                 seq_len=args.seq_len, num_stores=args.num_stores,
-                 quant_group_size=args.quant_group_size)
+    try:
+        p = estimate(config, group_size=args.group_size, num_samples=args.calib_samples,
+                     seq_len=args.seq_len, num_stores=args.num_stores,
+                     quant_group_size=args.quant_group_size)
+    except InputError:
+        raise
+    except ValueError as exc:  # get_family: an unsupported model type (the supported named)
+        raise InputError(f"CONFIG {args.config}: {exc}") from None
+    if args.workers is not None or args.gpu is not None:
+        from qmoe_ray.job.costmodel import cluster_plan, format_cost
+
+        gpu = None if args.gpu in (None, "none") else args.gpu
+        p["cost"] = cluster_plan(p, workers=args.workers or 1, gpu=gpu,
+                                 eval_samples=args.eval_samples, scheme=args.scheme,
+                                 memory_gb=args.worker_memory_gb, max_hours=args.max_hours)
+        if not args.json:
+            print(format_text(p) + "\n\n" + format_cost(p["cost"]))
+            return 0
     print(json.dumps(p, indent=1) if args.json else format_text(p))
     return 0

@@ -24,6 +24,7 @@ This class knows nothing about Ray: ``qmoe_ray.job.actors`` wraps it in an actor
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -188,16 +189,23 @@ class ActivationStore:
         """Up to the router; gathers and buckets this store's tokens per expert.
 
         Returns:
-            ``{"routed": int64 [E], "hessian": int64 [E]}``: tokens routed to each expert, and how
-            many of them may enter Hessians.
+            ``{"routed": int64 [E], "hessian": int64 [E], "seconds": {"dense": s, "routing":
+            s}}``: tokens routed to each expert, how many of them may enter Hessians, and this
+            store's seconds in the block up to the router (weights read included) and in the
+            router plus the bucketing.
         """
         self._expect(self._prev[layer.index], f"pre_moe({layer.name})")
         fam = self.family
         xs, idxs, gates, hmasks, where = [], [], [], [], []
+        clock = time.perf_counter
+        dense = routing = 0.0
         with torch.no_grad():
             for i, ref in enumerate(self.batches):
+                t0 = clock()
                 state, x = fam.pre_moe(layer, self.W, self._fetch(ref))
+                t1 = clock()
                 idx, gate = fam.route(layer, self.W, x, state)
+                dense, routing = dense + t1 - t0, routing + clock() - t1
                 tmask = fam.token_mask(layer, state).bool()
                 hmask = fam.hessian_mask(layer, state).bool() & tmask & self.calib[i][:, None]
                 pos = torch.nonzero(tmask.reshape(-1)).squeeze(1)
@@ -207,6 +215,7 @@ class ActivationStore:
                 hmasks.append(hmask.reshape(-1)[pos])
                 where.append(pos)
                 self.batches[i] = self._keep(state)
+        t2 = clock()
         x_all = torch.cat(xs).float().numpy()
         idx_all = torch.cat(idxs).numpy()
         gate_all = torch.cat(gates).numpy()
@@ -233,7 +242,9 @@ class ActivationStore:
             [int(hmask_all[tok[bounds[e]: bounds[e + 1]]].sum()) for e in range(E)], dtype=np.int64
         )
         self.W.clear()
-        return {"routed": routed, "hessian": hess}
+        routing += clock() - t2
+        return {"routed": routed, "hessian": hess,
+                "seconds": {"dense": dense, "routing": routing}}
 
     def _slots(self, e: int) -> np.ndarray:
         m = self._moe
