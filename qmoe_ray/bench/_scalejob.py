@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import resource
 import sys
 import threading
@@ -49,14 +48,8 @@ def _cpu_s(pid: int) -> float:
         return 0.0
 
 
-def _mib(text: str, label: str) -> float:
-    m = re.search(rf"{label}\s+([\d.]+)\s*MiB", text)
-    return float(m.group(1)) if m else 0.0
-
-
 def main(spec_path: str) -> None:
-    import ray
-
+    from qmoe_ray.job.cluster import actor_pids, object_store_mib
     from qmoe_ray.job.config import CompressConfig
     from qmoe_ray.job.driver import run_compression
 
@@ -77,15 +70,11 @@ def main(spec_path: str) -> None:
             stop.wait(0.2)
 
     def poll_store() -> None:
-        from ray._private.internal_api import memory_summary
-
         while not stop.is_set():
             try:
-                text = memory_summary(stats_only=True)
+                store_mb.append(object_store_mib())
             except Exception:  # noqa: BLE001 - the cluster is shutting down
                 return
-            store_mb.append({"plasma_mb": _mib(text, "Plasma memory usage"),
-                             "spilled_mb": _mib(text, "Spilled")})
             stop.wait(1.0)
 
     thread = threading.Thread(target=poll, daemon=True)
@@ -97,14 +86,12 @@ def main(spec_path: str) -> None:
             if event == "layer_start" and not pids:
                 for kind, handles in (("store", a.stores), ("worker", a.workers),
                                       ("writer", [a.writer])):
-                    for pid in ray.get([h.pid.remote() for h in handles]):
-                        pids[int(pid)] = kind
+                    for pid in actor_pids(handles):
+                        pids[pid] = kind
                 thread.start()
                 store_thread.start()
             if event == "layer_done":  # between layers the store holds the streams alone
-                from ray._private.internal_api import memory_summary
-
-                stream_mb.append(_mib(memory_summary(stats_only=True), "Plasma memory usage"))
+                stream_mb.append(object_store_mib()["plasma_mb"])
         except Exception as exc:  # noqa: BLE001 - a hook must not raise; say what was lost
             print(f"[scalejob] measurement lost: {exc!r}", file=sys.stderr)
 

@@ -223,3 +223,26 @@ def release(started: bool, actors: Iterable[Any]) -> None:
             ray.kill(a, no_restart=True)
         except Exception:  # noqa: BLE001 - already dead is fine
             pass
+
+
+def actor_pids(handles: Iterable[Any]) -> list[int]:
+    """The process ID of each actor (every actor class here has a ``pid`` method)."""
+    import ray
+
+    return [int(p) for p in ray.get([h.pid.remote() for h in handles])]
+
+
+def object_store_mib() -> dict[str, float]:
+    """The object store's plasma bytes in use and bytes spilled so far, in MiB (Ray's memory
+    summary; 0 where it names neither). Raises what Ray raises when the cluster is gone."""
+    import re
+
+    from ray._private.internal_api import memory_summary
+
+    text = memory_summary(stats_only=True)
+
+    def mib(label: str) -> float:
+        m = re.search(rf"{label}\s+([\d.]+)\s*MiB", text)
+        return float(m.group(1)) if m else 0.0
+
+    return {"plasma_mb": mib("Plasma memory usage"), "spilled_mb": mib("Spilled")}
