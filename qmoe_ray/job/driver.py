@@ -180,6 +180,7 @@ def _walk(plan: Plan, actors: Any, progress: bool,
         if layer.moe:
             moe["done"] += 1
             _log_layer(layer, res, progress)
+            _log_richest(plan.cfg, res, progress)
     timings["recovery"] = guard.seconds
     timings["first_new_layer"] = (first_new - t_walk) if first_new is not None else 0.0
     return guard, {"layers": results, "timings": timings, "resumed_after": len(done),
@@ -232,6 +233,20 @@ def _log_layer(layer: LayerSpec, res: dict[str, Any], progress: bool) -> None:
         print(f"[qmoe-ray] layer {layer.name}: {layer.num_experts} experts, "
               f"{routed} tokens, {fallbacks} RTN fallbacks, "
               f"proxy loss {loss:.4g}, {res['seconds']:.1f}s", flush=True)
+
+
+def _log_richest(cfg: CompressConfig, res: dict[str, Any], progress: bool) -> None:
+    """Say so when a size budget is above what every expert at the richest setting costs."""
+    allocs = res.get("allocation") or []
+    if allocs and all(a["richest"] for a in allocs):
+        richest = sum(a["richest_bits_per_param"] * a["params"] for a in allocs) / sum(
+            a["params"] for a in allocs)
+        msg = (f"--target-bits {cfg.target_bits:g} is above what every expert of this layer at "
+               f"the richest setting (int4) costs ({richest:.3f} bits per expert parameter): "
+               "using the richest")
+        log.warning(msg)
+        if progress:
+            print(f"[qmoe-ray] {msg}", flush=True)
 
 
 def _dense_layer(layer: LayerSpec, actors: Any, timings: dict[str, float]) -> dict[str, Any]:

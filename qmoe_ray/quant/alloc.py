@@ -11,9 +11,9 @@ all of them; only the column sweeps repeat). Each candidate then has
   different roles and experts are in one unit.
 
 ``allocate`` solves the multiple-choice knapsack: one candidate per matrix, the summed loss
-minimal, the summed bits within the budget. Greedy on the lower convex hull of each matrix's
-(bits, loss) points, taking the upgrade with the largest loss decrease per bit that still fits,
-then a fill pass that spends what is left on any single change that fits. The caller measures
+minimal, the summed bits within the budget, by dynamic programming over the budget in 20,000
+units (a group of 16 experts x 3 matrices x 8 candidates takes milliseconds; greedy on the
+convex hulls was measured 7% above the exhaustive optimum on small problems). The caller measures
 the coded bytes of the choice and tightens the budget if the estimate was short, so the budget
 is never exceeded.
 
@@ -22,7 +22,6 @@ Pure numpy/torch: no I/O.
 
 from __future__ import annotations
 
-import heapq
 import math
 
 import numpy as np
@@ -79,32 +78,19 @@ def estimate_bits(qr: QuantResult) -> torch.Tensor:
     return code_bits + float(grid)
 
 
-def _hull(bits: np.ndarray, loss: np.ndarray) -> list[int]:
-    """Candidate indices on the lower convex hull of one matrix's (bits, loss), by bits."""
-    pts: list[int] = []
-    for k in sorted(range(len(bits)), key=lambda k: (bits[k], loss[k])):
-        if not pts or loss[k] < loss[pts[-1]]:
-            pts.append(k)
-    hull: list[int] = []
-    for k in pts:
-        while len(hull) >= 2:
-            a, b = hull[-2], hull[-1]
-            s_ab = (loss[b] - loss[a]) / (bits[b] - bits[a])
-            s_bk = (loss[k] - loss[b]) / (bits[k] - bits[b])
-            if s_bk <= s_ab:
-                hull.pop()
-            else:
-                break
-        hull.append(k)
-    return hull
-
-
-def allocate(bits: np.ndarray, loss: np.ndarray, budget: float) -> np.ndarray:
+def allocate(bits: np.ndarray, loss: np.ndarray, budget: float,
+             resolution: int = 20000) -> np.ndarray:
     """One candidate per matrix minimising ``sum(loss)`` with ``sum(bits) <= budget``.
+
+    Dynamic programming over the budget in ``resolution`` units, each candidate's bits rounded
+    up to whole units (so the choice fits in real bits; the rounding leaves at most one unit
+    per matrix unspent), then a fill pass spending what is left, in real bits, on the single
+    change with the largest loss decrease, until none fits.
 
     Args:
         bits, loss: ``[M, K]``: matrix ``m`` under candidate ``k``.
         budget: the most bits the choice may take.
+        resolution: units the budget is split into.
 
     Returns:
         int64 ``[M]``: the chosen candidate of each matrix.
@@ -114,32 +100,37 @@ def allocate(bits: np.ndarray, loss: np.ndarray, budget: float) -> np.ndarray:
     """
     bits = np.asarray(bits, dtype=np.float64)
     loss = np.nan_to_num(np.asarray(loss, dtype=np.float64), nan=np.inf)
-    M, _ = bits.shape
-    hulls = [_hull(bits[m], loss[m]) for m in range(M)]
-    choice = np.array([h[0] for h in hulls], dtype=np.int64)
-    spent = float(bits[np.arange(M), choice].sum())
-    if spent > budget:
-        raise BudgetTooSmall(spent, budget)
-    pos = [0] * M
-    heap: list[tuple[float, int]] = []
-
-    def push(m: int) -> None:
-        h = hulls[m]
-        if pos[m] + 1 < len(h):
-            a, b = h[pos[m]], h[pos[m] + 1]
-            heapq.heappush(heap, (-(loss[m, a] - loss[m, b]) / (bits[m, b] - bits[m, a]), m))
-
+    M, K = bits.shape
+    cheapest = float(bits.min(axis=1).sum())
+    if cheapest > budget:
+        raise BudgetTooSmall(cheapest, budget)
+    unit = budget / resolution
+    cost = np.ceil(bits / unit - 1e-9).astype(np.int64)
+    f = np.full(resolution + 1, np.inf)
+    f[0] = 0.0
+    back = np.zeros((M, resolution + 1), dtype=np.int16)
     for m in range(M):
-        push(m)
-    while heap:
-        _, m = heapq.heappop(heap)
-        a, b = hulls[m][pos[m]], hulls[m][pos[m] + 1]
-        extra = bits[m, b] - bits[m, a]
-        if spent + extra <= budget:
-            spent += extra
-            pos[m] += 1
-            choice[m] = b
-            push(m)
+        new = np.full(resolution + 1, np.inf)
+        for k in range(K):
+            c = int(cost[m, k])
+            if c > resolution:
+                continue
+            cand = np.full(resolution + 1, np.inf)
+            cand[c:] = f[: resolution + 1 - c] + loss[m, k]
+            better = cand < new
+            new[better] = cand[better]
+            back[m, better] = k
+        f = new
+    b = int(np.argmin(f))
+    if not np.isfinite(f[b]):  # rounding up made the cheapest miss: take it in real bits
+        choice = bits.argmin(axis=1)
+    else:
+        choice = np.zeros(M, dtype=np.int64)
+        for m in range(M - 1, -1, -1):
+            k = int(back[m, b])
+            choice[m] = k
+            b -= int(cost[m, k])
+    spent = float(bits[np.arange(M), choice].sum())
     # what is left: the single change that fits with the largest loss decrease, until none
     for _ in range(M):
         cur_b, cur_l = bits[np.arange(M), choice], loss[np.arange(M), choice]
