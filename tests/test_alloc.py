@@ -219,12 +219,12 @@ def test_budget_lands_within_two_percent_and_never_above(budget_jobs):
         assert all(r["budget"]["bits_per_param"] <= r["budget"]["target_bits_per_param"]
                    for r in report["layers"])
         assert len(info["mix"]) > 1  # a mix, not one setting
-    # 3 bits per parameter is mostly int3/int4, 0.8 mostly sparse ternary
+    # 3 bits per parameter is mostly int3/int4, 0.8 almost all (sparse) ternary
     mix3 = summarize(json.loads((budget_jobs[3.0] / "manifest.json").read_text()))["mix"]
     mix08 = summarize(json.loads((budget_jobs[0.8] / "manifest.json").read_text()))["mix"]
     assert sum(m["params"] for k, m in mix3.items() if k in ("int3", "int4")) > sum(
         m["params"] for m in mix3.values()) / 2
-    assert sum(m["params"] for k, m in mix08.items() if k.startswith("ternary")) == sum(
+    assert sum(m["params"] for k, m in mix08.items() if k.startswith("ternary")) > 0.9 * sum(
         m["params"] for m in mix08.values())
 
 
