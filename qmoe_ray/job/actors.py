@@ -77,8 +77,8 @@ class QuantWorkerActor:
         self.worker = QuantWorker(source, storage_options, opts, threads=threads, device=device,
                                   index=index, trim=trim)
 
-    def run(self, layer, group, experts, cap, *parts):
-        enc, outputs = self.worker.run(layer, group, experts, parts, cap)
+    def run(self, layer, group, experts, cap, target_bits, *parts):
+        enc, outputs = self.worker.run(layer, group, experts, parts, cap, target_bits)
         return (enc, *outputs)
 
     def ping(self) -> str:

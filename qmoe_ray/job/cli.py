@@ -37,6 +37,10 @@ _HELP = {
     "quant_group_size": "int schemes: scale groups along the input dimension",
     "rate_lambda": "rate-aware GPTQ rounding: near-threshold weights become cheap zeros when "
                    "their loss (in grid steps squared) is below this x the bits saved (0: off)",
+    "target_bits": "size budget in bits per expert parameter (coded bytes with scales and "
+                   "tables, as inspect counts): each matrix gets the candidate setting "
+                   "(ternary at several rate-aware lambdas, int2, int3, int4) that minimises "
+                   "the loss estimate under it",
     "prune": "prune the experts: magnitude, wanda or sparsegpt (with --sparsity or "
              "--prune-pattern; kept zero through the GPTQ sweep)",
     "sparsity": "unstructured pruning: fraction of each expert row zeroed, in [0, 1)",

@@ -48,6 +48,11 @@ class CompressConfig:
             minimises its loss increase plus ``rate_lambda`` x one grid step's loss x its code
             length in bits, so near-threshold weights become cheap zeros (0: plain GPTQ; 0.05
             cut ternary bits by a third for +3% proxy loss on switch-base-sized experts).
+        target_bits: a size budget in bits per expert parameter (the coded bytes of the experts,
+            scales and tables included: the figure ``inspect`` prints). Each expert matrix gets
+            one of the allocation's candidate settings (``qmoe_ray.quant.alloc``: ternary at a
+            few rate-aware lambdas, int2, int3, int4), chosen to minimise the summed loss
+            estimate under the budget (None: one ``scheme`` for every matrix).
         prune: expert pruning before/with the quantization (``qmoe_ray.quant.prune``):
             ``magnitude``, ``wanda`` or ``sparsegpt`` (None: no pruning). Needs ``sparsity`` or
             ``prune_pattern``; the pruned weights are exact zeros of the grid, kept at zero
@@ -94,6 +99,7 @@ class CompressConfig:
     sequential_experts: bool = True
     quant_group_size: int | None = None
     rate_lambda: float = 0.0
+    target_bits: float | None = None
     prune: str | None = None
     sparsity: float | None = None
     prune_pattern: str | None = None
@@ -160,6 +166,7 @@ class CompressConfig:
                       "rounding is part of the GPTQ sweep)")
         self._check_prune(bad)
         self._check_trim(bad)
+        self._check_target(bad)
         if self.token_cap < 0:
             raise bad("token_cap", self.token_cap, "a number >= 0 (0 disables the cap)")
         if not 0 <= self.percdamp < 10:
@@ -216,6 +223,27 @@ class CompressConfig:
                       "--prune sparsegpt (N:M groups are consecutive input columns; act-order "
                       "sweeps them out of order)")
 
+    def _check_target(self, bad: Any) -> None:
+        t = self.target_bits
+        if t is None:
+            return
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise bad("target_bits", t, "a number of bits per expert parameter > 0, such as 1.5")
+        why = "the allocation chooses every matrix's scheme and rate-aware lambda itself"
+        if self.scheme != "ternary":
+            raise bad("scheme", self.scheme, f"left out with --target-bits ({why})")
+        if self.rate_lambda:
+            raise bad("rate_lambda", self.rate_lambda, f"0 with --target-bits ({why})")
+        if self.method != "gptq":
+            raise bad("method", self.method, "gptq with --target-bits (the candidates are "
+                      "GPTQ settings)")
+        if self.quant_group_size is not None:
+            raise bad("quant_group_size", self.quant_group_size, "None with --target-bits (the "
+                      "candidates' int grids are per row)")
+        if self.prune is not None:
+            raise bad("prune", self.prune, "None with --target-bits (pruning is not among the "
+                      "allocation's candidates)")
+
     def _check_trim(self, bad: Any) -> None:
         from qmoe_ray.models.trim_plan import parse_expert_budget
 
@@ -262,6 +290,8 @@ class CompressConfig:
         # the plan's file is where it came from; its content is the job's (``job["trim"]``,
         # compared on resume, and the manifest's ``trim`` record)
         out.pop("trim_plan")
+        if self.target_bits is None:  # one scheme: the options (and records) of before budgets
+            out.pop("target_bits")
         if not self.trim_budgets():  # untrimmed: the options (and records) of before trimming
             for k in ("drop_experts", "drop_layers", "drop_blocks"):
                 out.pop(k)

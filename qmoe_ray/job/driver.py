@@ -158,10 +158,13 @@ def _walk(plan: Plan, actors: Any, progress: bool,
     for layer in layers[len(done):]:
         started: list[float] = []  # each attempt's start: a layer's seconds are its last try's
 
-        def step(attempt: int, layer: LayerSpec = layer,
-                 started: list[float] = started) -> dict[str, Any]:
+        budget = layer_budget(plan.cfg.target_bits, results) if layer.moe else None
+
+        def step(attempt: int, layer: LayerSpec = layer, started: list[float] = started,
+                 budget: float | None = budget) -> dict[str, Any]:
             started.append(time.perf_counter())
-            return _layer_step(plan, layer, actors, timings, moe, progress, hook, attempt)
+            return _layer_step(plan, layer, actors, timings, moe, progress, hook, attempt,
+                               budget)
 
         res, attempt = guard.run(step, f"compression failed at layer {layer.name}",
                                  layer.index, prev, layer.name)
@@ -178,21 +181,42 @@ def _walk(plan: Plan, actors: Any, progress: bool,
         if layer.moe:
             moe["done"] += 1
             _log_layer(layer, res, progress)
+            _log_richest(plan.cfg, res, progress)
     timings["recovery"] = guard.seconds
     timings["first_new_layer"] = (first_new - t_walk) if first_new is not None else 0.0
     return guard, {"layers": results, "timings": timings, "resumed_after": len(done),
                    "recoveries": guard.recoveries, "last_index": prev}
 
 
+def layer_budget(target_bits: float | None, done: list[dict[str, Any]]) -> float | None:
+    """A layer's budget in bits per expert parameter under ``--target-bits``: the job's, plus
+    what the layers before it left unspent, spread over this layer's parameters (taken to be
+    as many as the last MoE layer's: the MoE layers of a model are alike). None without a
+    budget.
+
+    ``done``: the records of the layers before (each with the ``allocation`` of its groups).
+    """
+    if target_bits is None:
+        return None
+    allocs = [a for r in done for a in r.get("allocation", [])]
+    if not allocs:
+        return float(target_bits)
+    params = sum(a["params"] for a in allocs)
+    unspent = target_bits * params - sum(a["bits"] for a in allocs)
+    last = next(r for r in reversed(done) if r.get("allocation"))
+    last_params = sum(a["params"] for a in last["allocation"])
+    return float(target_bits + max(0.0, unspent) / last_params)
+
+
 def _layer_step(plan: Plan, layer: LayerSpec, actors: Any, timings: dict[str, float],
                 moe: dict[str, int], progress: bool, hook: Hook | None,
-                attempt: int) -> dict[str, Any]:
+                attempt: int, budget: float | None = None) -> dict[str, Any]:
     """One try at a layer: through the actors, then the stores' activation checkpoint."""
     import ray
 
     if hook:
         hook("layer_start", {"layer": layer, "attempt": attempt, "actors": actors})
-    res = _layer(plan.cfg, layer, actors, timings, moe, progress, hook, attempt)
+    res = _layer(plan.cfg, layer, actors, timings, moe, progress, hook, attempt, budget)
     t1 = time.perf_counter()
     ray.get([s.save_state.remote(layer.index) for s in actors.stores])
     timings["checkpoint"] += time.perf_counter() - t1
@@ -212,6 +236,20 @@ def _log_layer(layer: LayerSpec, res: dict[str, Any], progress: bool) -> None:
               f"proxy loss {loss:.4g}, {res['seconds']:.1f}s", flush=True)
 
 
+def _log_richest(cfg: CompressConfig, res: dict[str, Any], progress: bool) -> None:
+    """Say so when a size budget is above what every expert at the richest setting costs."""
+    allocs = res.get("allocation") or []
+    if allocs and all(a["richest"] for a in allocs):
+        richest = sum(a["richest_bits_per_param"] * a["params"] for a in allocs) / sum(
+            a["params"] for a in allocs)
+        msg = (f"--target-bits {cfg.target_bits:g} is above what every expert of this layer at "
+               f"the richest setting (int4) costs ({richest:.3f} bits per expert parameter): "
+               "using the richest")
+        log.warning(msg)
+        if progress:
+            print(f"[qmoe-ray] {msg}", flush=True)
+
+
 def _dense_layer(layer: LayerSpec, actors: Any, timings: dict[str, float]) -> dict[str, Any]:
     """A layer without experts: the stores run it, the writer writes its shard."""
     import ray
@@ -228,7 +266,7 @@ def _dense_layer(layer: LayerSpec, actors: Any, timings: dict[str, float]) -> di
 
 def _layer(cfg: CompressConfig, layer: LayerSpec, actors: Any, timings: dict[str, float],
            moe: dict[str, int], progress: bool, hook: Hook | None,
-           attempt: int) -> dict[str, Any]:
+           attempt: int, budget: float | None = None) -> dict[str, Any]:
     """One layer through the stores, workers and writer; returns the writer's result."""
     import ray
 
@@ -248,7 +286,7 @@ def _layer(cfg: CompressConfig, layer: LayerSpec, actors: Any, timings: dict[str
               for g in range(0, layer.num_experts, cfg.group_size)]
     desc = f"layer {layer.name} ({moe['done'] + 1}/{moe['total']} MoE)"
     _dispatch(layer, groups, cap, actors, desc if progress else None, int(routed.sum()), hook,
-              attempt)
+              attempt, budget)
     ray.get([s.post_moe.remote(layer, len(groups)) for s in stores])
     t2 = time.perf_counter()
     timings["quantize"] += t2 - t1
@@ -261,7 +299,8 @@ def _layer(cfg: CompressConfig, layer: LayerSpec, actors: Any, timings: dict[str
 
 
 def _dispatch(layer: LayerSpec, groups: list[list[int]], cap: int | None, actors: Any,
-              desc: str | None, tokens: int, hook: Hook | None, attempt: int) -> None:
+              desc: str | None, tokens: int, hook: Hook | None, attempt: int,
+              budget: float | None = None) -> None:
     """Every expert group of ``layer`` through the workers (at most two in flight per worker):
     each group's outputs go from its worker to the stores, its encoding to the writer."""
     import ray
@@ -280,7 +319,7 @@ def _dispatch(layer: LayerSpec, groups: list[list[int]], cap: int | None, actors
                 g, experts = queue.pop(0)
                 parts = [s.expert_tokens.remote(experts) for s in stores]
                 refs = workers[w].run.options(num_returns=1 + len(stores)).remote(
-                    layer, g, experts, cap, *parts)
+                    layer, g, experts, cap, budget, *parts)
                 for s, ref in zip(stores, refs[1:], strict=True):
                     s.add_outputs.remote(g, experts, ref)
                 pending[writer.add_group.remote(refs[0])] = (w, experts)

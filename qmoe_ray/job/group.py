@@ -17,8 +17,9 @@ outputs but never enter a Hessian.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,7 +27,15 @@ import torch
 
 from qmoe_ray.job.config import CompressConfig
 from qmoe_ray.models.base import ExpertSpec
-from qmoe_ray.quant import QuantResult, Scheme, gptq, hessian, parse_scheme, rtn
+from qmoe_ray.quant import QuantResult, Scheme, gptq, gptq_multi, hessian, parse_scheme, rtn
+from qmoe_ray.quant.alloc import (
+    CANDIDATES,
+    TABLE_BITS,
+    BudgetTooSmall,
+    allocate,
+    estimate_bits,
+    label,
+)
 from qmoe_ray.quant.prune import PruneSpec, prune_mask
 
 _D = CompressConfig  # the defaults: CompressConfig's fields, one place for every option
@@ -51,6 +60,9 @@ class QuantOptions:
     """Rate-aware rounding strength (``qmoe_ray.quant.rate``; 0: plain GPTQ)."""
     prune: PruneSpec | None = None
     """Expert pruning (``qmoe_ray.quant.prune``), joint with the quantization; None: none."""
+    target_bits: float | None = None
+    """A size budget in bits per expert parameter (``qmoe_ray.quant.alloc``): each matrix gets
+    the candidate setting the allocation chooses; None: ``scheme`` for every matrix."""
 
     @classmethod
     def from_config(cls, cfg: CompressConfig) -> QuantOptions:
@@ -62,7 +74,7 @@ class QuantOptions:
         return cls(scheme=parse_scheme(cfg.scheme, cfg.quant_group_size), method=cfg.method,
                    blocksize=cfg.blocksize, percdamp=cfg.percdamp, actorder=cfg.actorder,
                    sequential=cfg.sequential_experts, segment_symbols=cfg.segment_symbols,
-                   rate_lambda=cfg.rate_lambda,
+                   rate_lambda=cfg.rate_lambda, target_bits=cfg.target_bits,
                    prune=None if cfg.prune is None else PruneSpec(cfg.prune, cfg.sparsity,
                                                                   cfg.prune_pattern))
 
@@ -84,15 +96,27 @@ class ExpertTokens:
 
 @dataclass
 class GroupResult:
-    """The quantized group: per-role results, per-expert outputs and statistics."""
+    """The quantized group: per-role results, per-expert outputs and statistics.
+
+    Under a size budget (``QuantOptions.target_bits``) ``results[role]`` is a list, one
+    single-expert ``QuantResult`` per expert (each with its own scheme), ``choices[role]`` the
+    chosen candidates' labels and ``allocation`` the group's budget, estimate and coded bits.
+    """
 
     experts: list[int]
-    results: dict[str, QuantResult]
+    results: dict[str, QuantResult] | dict[str, list[QuantResult]]
     outputs: list[np.ndarray]
     hessian_tokens: list[int]
     routed_tokens: list[int]
     stats: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    choices: dict[str, list[str]] | None = None
+    allocation: dict | None = None
+
+
+Measure = Callable[[Mapping[str, Sequence[QuantResult]], Mapping[str, Sequence[str]]], int]
+"""Exact stored bits (codes, grids, shared tables) of a group's per-expert results, given with
+the labels of their candidate settings."""
 
 
 def select_hessian_tokens(hmask: np.ndarray, cap: int | None) -> np.ndarray:
@@ -163,6 +187,8 @@ def quantize_group(
     cap: int | None = None,
     experts: Sequence[int] | None = None,
     device: str = "cpu",
+    target_bits: float | None = None,
+    measure: Measure | None = None,
 ) -> GroupResult:
     """Quantize a group of experts jointly and run their tokens through the quantized experts.
 
@@ -175,6 +201,10 @@ def quantize_group(
         cap: most Hessian tokens per expert (None: all).
         experts: the experts' ids (for the statistics); default ``range(G)``.
         device: where the math runs (``"cpu"``, ``"cuda"``); results come back on the CPU.
+        target_bits: with ``opts.target_bits``: this group's budget in bits per expert
+            parameter (the job's budget plus what earlier layers left; default the job's).
+        measure: with ``opts.target_bits``: the exact stored bits of a choice (the worker codes
+            it); the budget is tightened until the coded choice fits.
 
     Returns:
         A ``GroupResult``; ``outputs[i]`` is ``[T_i, d_model]`` float32, the (ungated) output of the
@@ -210,6 +240,16 @@ def quantize_group(
     B = {b: weights[b].to(device=device, dtype=torch.float32) for b in biases}
     d_in = W[spec.in_roles[0]].shape[2]
 
+    if opts.target_bits is not None:
+        t0 = clock()
+        results, choices, alloc = _allocate(spec, W, B, x_h, counts, tokens, opts,
+                                            target_bits or opts.target_bits, measure, device)
+        timings["quantize"] = clock() - t0
+        deq = {r: torch.cat([q.dequantize() for q in results[r]]) for r in spec.roles}
+        t4 = clock()
+        return _finish(spec, experts, results, deq, B, x_all, counts, opts, timings, t4, device,
+                       choices, alloc)
+
     results: dict[str, QuantResult] = {}
     t0 = clock()
     H_in, _ = _hessians(x_h, d_in)
@@ -241,7 +281,17 @@ def quantize_group(
     t4 = clock()
     timings["hessian"] += t3 - t2
     timings["quantize"] += t4 - t3
+    return _finish(spec, experts, results, deq, B, x_all, counts, opts, timings, t4, device)
 
+
+def _finish(spec: ExpertSpec, experts: list[int], results: dict, deq: dict[str, torch.Tensor],
+            B: dict[str, torch.Tensor], x_all: list[torch.Tensor], counts: torch.Tensor,
+            opts: QuantOptions, timings: dict[str, float], t4: float, device: str,
+            choices: dict[str, list[str]] | None = None,
+            alloc: dict | None = None) -> GroupResult:
+    """The forward through the quantized experts and the statistics."""
+    clock = time.perf_counter
+    G = len(experts)
     outputs = []
     with torch.no_grad():
         for i in range(G):
@@ -252,22 +302,29 @@ def quantize_group(
                 y = x_all[i].new_zeros(0, w[spec.out_roles[0]].shape[0])
             outputs.append(y.cpu().numpy().astype(np.float32, copy=False))
     timings["forward"] = clock() - t4
+    mixed = choices is not None
+
+    def one(r: str, i: int) -> tuple[QuantResult, int]:
+        return (results[r][i], 0) if mixed else (results[r], i)
+
     if device != "cpu":
-        results = {r: _to_cpu(q) for r, q in results.items()}
+        results = {r: ([_to_cpu(x) for x in q] if mixed else _to_cpu(q))
+                   for r, q in results.items()}
 
     stats = []
     for i, e in enumerate(experts):
+        fb = {r: one(r, i)[0].fallback[one(r, i)[1]] for r in spec.roles}
         stats.append(
             {
                 "expert": int(e),
                 "routed_tokens": int(x_all[i].shape[0]),
                 "hessian_tokens": int(counts[i]),
-                "fallback": {
-                    r: results[r].fallback[i] for r in spec.roles if results[r].fallback[i]
-                },
-                "proxy_loss": {r: float(results[r].loss[i]) for r in spec.roles},
+                "fallback": {r: f for r, f in fb.items() if f},
+                "proxy_loss": {r: float(one(r, i)[0].loss[one(r, i)[1]]) for r in spec.roles},
             }
         )
+        if mixed:
+            stats[-1]["choice"] = {r: choices[r][i] for r in spec.roles}
         if opts.prune is not None:
             stats[-1]["sparsity"] = {r: float(results[r].pruned[i]) for r in spec.roles}
     return GroupResult(
@@ -278,6 +335,8 @@ def quantize_group(
         routed_tokens=[int(x.shape[0]) for x in x_all],
         stats=stats,
         timings=timings,
+        choices=choices,
+        allocation=alloc,
     )
 
 
@@ -291,3 +350,147 @@ def _to_cpu(q: QuantResult) -> QuantResult:
         tokens=None if q.tokens is None else q.tokens.cpu(),
         pruned=None if q.pruned is None else q.pruned.cpu(),
     )
+
+
+def _slice(q: QuantResult, idx: Sequence[int]) -> QuantResult:
+    """The experts ``idx`` of ``q`` (a stack of ``len(idx)``)."""
+    ix = torch.as_tensor(list(idx), dtype=torch.int64, device=q.codes.device)
+    return dataclasses.replace(
+        q, codes=q.codes[ix], params={k: v[ix] for k, v in q.params.items()},
+        loss=q.loss[ix.cpu()], tokens=None if q.tokens is None else q.tokens[ix.cpu()],
+        fallback=[q.fallback[i] for i in idx], squeeze=False, pruned=None)
+
+
+def _allocate(spec: ExpertSpec, W: dict[str, torch.Tensor], B: dict[str, torch.Tensor],
+              x_h: list[torch.Tensor], counts: torch.Tensor, tokens: Sequence[ExpertTokens],
+              opts: QuantOptions, target_bits: float, measure: Measure | None,
+              device: str) -> tuple[dict[str, list[QuantResult]], dict[str, list[str]], dict]:
+    """Every matrix of the group under its chosen candidate (``qmoe_ray.quant.alloc``).
+
+    Loss estimate (``qmoe_ray.quant.alloc``; README, ``--target-bits``): a matrix's proxy loss (mean squared error of its output
+    over the expert's Hessian tokens) in the unit of the expert's output, times the calibration
+    tokens routed to the expert, so it is the squared error the matrix adds to the layer's output
+    over the calibration set. An out matrix's proxy loss is already in the expert's output; an
+    in matrix's is converted by its measured first-order factor: the expert-output error of the
+    matrix quantized alone (plain ternary GPTQ, the other matrices exact) over its proxy loss.
+
+    The out matrices' candidates are estimated on the Hessian through the exact in matrices; once
+    the in matrices are chosen (and ``opts.sequential``), the out matrices are quantized again,
+    under their chosen settings, on the Hessian through the quantized ones, as without a budget.
+    """
+    clock = time.perf_counter
+    sec = {"candidates": 0.0, "calibrate": 0.0, "choose": 0.0, "requantize": 0.0, "measure": 0.0}
+    t = clock()
+    settings = [(parse_scheme(s), lam) for s, lam in CANDIDATES]
+    labels = [label(s, lam) for s, lam in CANDIDATES]
+    K, G = len(settings), len(x_h)
+    roles = list(spec.roles)
+    kw = dict(blocksize=opts.blocksize, percdamp=opts.percdamp, actorder=opts.actorder,
+              tokens=counts)
+    bias = [{b: v[i] for b, v in B.items()} for i in range(G)]
+    d_in = W[spec.in_roles[0]].shape[2]
+    d_ff = W[spec.out_roles[0]].shape[2]
+    H_in, _ = _hessians(x_h, d_in)
+    cand = {r: gptq_multi(W[r], H_in, settings, **kw) for r in spec.in_roles}
+    del H_in
+    hid = [spec.hidden({**{r: W[r][i] for r in spec.in_roles}, **bias[i]}, x_h[i])
+           for i in range(G)]
+    H0, _ = _hessians(hid, d_ff)
+    del hid
+    for r in spec.out_roles:
+        cand[r] = gptq_multi(W[r], H0, settings, **kw)
+    del H0
+    _sync(device)
+    sec["candidates"] += clock() - t
+    t = clock()
+
+    # first-order factor of each in matrix: expert-output error per unit of its proxy loss
+    ref = labels.index("ternary")
+    factor = {r: np.ones(G) for r in roles}
+    ref_q = {r: cand[r][ref].dequantize() for r in spec.in_roles}
+    with torch.no_grad():
+        for i in range(G):
+            if not x_h[i].shape[0]:
+                continue
+            base = {**{r: W[r][i] for r in roles}, **bias[i]}
+            y0 = spec.forward(base, x_h[i])
+            for r in spec.in_roles:
+                y = spec.forward({**base, r: ref_q[r][i]}, x_h[i])
+                mse = float((y - y0).square().sum(dim=1).mean())
+                p = float(cand[r][ref].loss[i])
+                factor[r][i] = mse / p if p > 0 and math.isfinite(p) else 1.0
+    del ref_q
+    weight = np.array([float(t.hmask.sum()) for t in tokens])
+    bits = np.concatenate([np.stack([estimate_bits(cand[r][k]).numpy() for k in range(K)], 1)
+                           for r in roles])
+    loss = np.concatenate([np.stack([cand[r][k].loss.numpy() for k in range(K)], 1)
+                           * (factor[r] * weight)[:, None] for r in roles])
+    params = sum(W[r][0].numel() for r in roles) * G
+    target = target_bits * params
+    minimum = float(bits.min(axis=1).sum())
+    richest = float(bits[:, K - 1].sum())
+    alloc = {"target_bits_per_param": target_bits, "params": params,
+             "minimum_bits_per_param": minimum / params,
+             "richest_bits_per_param": richest / params, "richest": target >= richest}
+
+    sec["calibrate"] += clock() - t
+    schemes = [s.name for s, _ in settings]
+
+    def choose(budget: float) -> tuple[np.ndarray, float]:
+        """The knapsack's choice at ``budget`` less the tables it needs, and its estimate."""
+        inner = budget
+        for _ in range(8):
+            choice = (np.full(len(bits), K - 1) if target >= richest
+                      else allocate(bits, loss, inner))
+            used = {(j, schemes[int(k)]) for j in range(len(roles))
+                    for k in choice[j * G:(j + 1) * G]}
+            est = float(bits[np.arange(len(bits)), choice].sum()) + sum(
+                TABLE_BITS.get(sc, 0) for _, sc in used)
+            if est <= budget or target >= richest:
+                break
+            inner -= est - budget
+        return choice, est
+
+    budget = target * (1 - 1e-3)  # a little room for the coder's overhead over the entropy
+    for attempt in range(8):
+        t = clock()
+        try:
+            choice, est = choose(budget)
+        except BudgetTooSmall as exc:
+            raise BudgetTooSmall(minimum / params, target_bits) from exc
+        ch = {r: choice[j * G:(j + 1) * G] for j, r in enumerate(roles)}
+        t1 = clock()
+        sec["choose"] += t1 - t
+        results = {r: [_slice(cand[r][int(ch[r][i])], [i]) for i in range(G)]
+                   for r in spec.in_roles}
+        if opts.sequential:
+            deq = {r: torch.cat([q.dequantize() for q in results[r]]) for r in spec.in_roles}
+            hid = [spec.hidden({**{r: deq[r][i] for r in spec.in_roles}, **bias[i]}, x_h[i])
+                   for i in range(G)]
+            H_out, _ = _hessians(hid, d_ff)
+            del hid, deq
+            for r in spec.out_roles:
+                ks = sorted(set(ch[r].tolist()))
+                qs = dict(zip(ks, gptq_multi(W[r], H_out, [settings[k] for k in ks], **kw),
+                              strict=True))
+                results[r] = [_slice(qs[int(ch[r][i])], [i]) for i in range(G)]
+            del H_out
+        else:
+            for r in spec.out_roles:
+                results[r] = [_slice(cand[r][int(ch[r][i])], [i]) for i in range(G)]
+        choices = {r: [labels[int(k)] for k in ch[r]] for r in roles}
+        _sync(device)
+        t2 = clock()
+        sec["requantize"] += t2 - t1
+        exact = est if measure is None else float(measure(results, choices))
+        sec["measure"] += clock() - t2
+        alloc.update(estimated_bits=est, bits=exact, attempts=attempt + 1)
+        if exact <= target or alloc["richest"]:
+            break
+        budget -= (exact - target) + 1e-3 * target
+    else:
+        raise RuntimeError(f"the coded choice stays above the budget ({exact:.0f} > "
+                           f"{target:.0f} bits) after {attempt + 1} tries")
+    alloc["bits_per_param"] = alloc["bits"] / params
+    alloc["seconds"] = sec
+    return results, choices, alloc

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -82,6 +83,17 @@ def layer_rows(layers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "routed": routed.tolist(),
             }
         )
+        alloc = res.get("allocation")
+        if alloc:  # a size budget: the layer's budget, its coded bits (tables in) and its mix
+            n = sum(a["params"] for a in alloc)
+            rows[-1]["budget"] = {
+                "target_bits_per_param": sum(a["target_bits_per_param"] * a["params"]
+                                             for a in alloc) / n,
+                "bits_per_param": sum(a["bits"] for a in alloc) / n,
+                "richest": all(a["richest"] for a in alloc),
+            }
+            rows[-1]["mix"] = dict(sorted(Counter(e.get("setting", e["scheme"])
+                                                  for e in q.values()).items()))
     return rows
 
 
@@ -132,6 +144,23 @@ def to_markdown(report: Mapping[str, Any]) -> str:
             f"{r['fallbacks']} | {r['proxy_loss']:.4g} | {r['bits_per_param']:.3f} | "
             f"{r['seconds']:.1f} |"
         )
+    budgeted = [r for r in report["layers"] if r.get("budget")]
+    if budgeted:
+        lines += [
+            "",
+            f"Size budget (`--target-bits {o.get('target_bits')}`): each layer's budget (the "
+            "job's plus what the layers before it left), its experts' bits per parameter with "
+            "the code tables, and the candidate setting of its matrices "
+            "(README, `--target-bits`; the plot's last panel: bits per layer).",
+            "",
+            "| layer | budget bits/param | bits/param (tables in) | matrices per setting |",
+            "|---|---|---|---|",
+        ]
+        for r in budgeted:
+            b = r["budget"]
+            mix = ", ".join(f"{k} {v}" for k, v in r["mix"].items())
+            lines.append(f"| {r['file']} | {b['target_bits_per_param']:.3f} | "
+                         f"{b['bits_per_param']:.3f} | {mix} |")
     return "\n".join(lines) + "\n"
 
 

@@ -11,6 +11,7 @@ splits the experts' outputs back per store.
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 from collections.abc import Mapping, Sequence
@@ -22,10 +23,12 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from qmoe_ray.errors import InputError
 from qmoe_ray.format.matrices import pack_matrix, shared_table, table_tensors
 from qmoe_ray.job.group import ExpertTokens, QuantOptions, quantize_group
 from qmoe_ray.models import LayerSpec, get_family
 from qmoe_ray.models.trim import trim as trim_family
+from qmoe_ray.quant.alloc import BudgetTooSmall
 from qmoe_ray.storage.checkpoint import SourceIndex, open_source
 
 
@@ -43,6 +46,7 @@ class EncodedGroup:
     stats: list[dict[str, Any]]
     tables: dict[str, dict[str, str]]
     timings: dict[str, float]
+    allocation: dict[str, Any] | None = None
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -85,6 +89,7 @@ class QuantWorker:
         experts: Sequence[int],
         parts: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]],
         cap: int | None,
+        target_bits: float | None = None,
     ) -> tuple[EncodedGroup, list[list[np.ndarray]]]:
         """Quantize one group.
 
@@ -94,6 +99,8 @@ class QuantWorker:
             experts: expert ids of the group.
             parts: per store, per expert ``(x [T, d], hmask [T])``.
             cap: most Hessian tokens per expert.
+            target_bits: under a size budget, this group's bits per expert parameter (the
+                job's budget plus what earlier layers left; None: the job's).
 
         Returns:
             ``(encoded, outputs)`` with ``outputs[s][i]`` the output of expert ``experts[i]`` for
@@ -107,10 +114,30 @@ class QuantWorker:
         t_read = time.perf_counter()
         weights = self.family.read_experts(layer, self.ckpt, experts)
         t0 = time.perf_counter()
-        res = quantize_group(
-            self.family.expert_spec, weights, tokens, self.opts, cap, experts, device=self.device
-        )
+        names = [self.family.expert_names(layer, e) for e in experts]
+        packed: dict[str, Any] = {}
+
+        def measure(results: Any, choices: Any) -> int:
+            packed["last"] = _pack_mixed(layer, group, experts, names, results, choices,
+                                         self.opts.segment_symbols)
+            return 8 * sum(t.numel() * t.element_size() for t in packed["last"][0].values())
+
+        try:
+            res = quantize_group(self.family.expert_spec, weights, tokens, self.opts, cap,
+                                 experts, device=self.device, target_bits=target_bits,
+                                 measure=measure)
+        except BudgetTooSmall as exc:
+            lo = math.ceil(exc.minimum * 1000) / 1000
+            raise InputError(
+                f"--target-bits {self.opts.target_bits:g}: below what the cheapest candidate "
+                f"settings reach on layer {layer.name} (experts {experts[0]}-{experts[-1]}): "
+                f"the minimum is {exc.minimum:.3f} bits per expert parameter; give "
+                f"--target-bits {lo:g} or more") from None
         t1 = time.perf_counter()
+        if res.choices is not None:
+            tensors, entries, tables = packed["last"]
+            return self._finish(layer, group, experts, parts, res, tensors, entries, tables,
+                                t_read, t0, t1)
         tensors: dict[str, torch.Tensor] = {}
         entries: dict[str, dict[str, Any]] = {}
         tables: dict[str, dict[str, str]] = {}
@@ -133,6 +160,13 @@ class QuantWorker:
                     entry["sparsity"] = float(qr.pruned[i])
                 tensors.update(t)
                 entries[names[role]] = entry
+        return self._finish(layer, group, experts, parts, res, tensors, entries, tables, t_read,
+                            t0, t1)
+
+    def _finish(self, layer: LayerSpec, group: int, experts: Sequence[int], parts: Any,
+                res: Any, tensors: dict[str, torch.Tensor], entries: dict[str, dict[str, Any]],
+                tables: dict[str, dict[str, str]], t_read: float, t0: float,
+                t1: float) -> tuple[EncodedGroup, list[list[np.ndarray]]]:
         outputs: list[list[np.ndarray]] = []
         sizes = [[len(p[i][0]) for i in range(len(experts))] for p in parts]
         starts = [0] * len(experts)
@@ -150,4 +184,37 @@ class QuantWorker:
             "encode": time.perf_counter() - t1,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
-        return EncodedGroup(layer.index, group, blob, entries, res.stats, tables, timings), outputs
+        return EncodedGroup(layer.index, group, blob, entries, res.stats, tables, timings,
+                            res.allocation), outputs
+
+
+def _pack_mixed(layer: LayerSpec, group: int, experts: Sequence[int],
+                names: Sequence[Mapping[str, str]], results: Mapping[str, Sequence[Any]],
+                choices: Mapping[str, Sequence[str]], segment_symbols: int) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]],
+                                               dict[str, dict[str, str]]]:
+    """The tensors, manifest entries and tables of a group whose matrices have their own
+    schemes (a size budget): one shared table per role and entropy-coded scheme; each entry
+    records its candidate setting (``setting``: ``ternary@0.2``, ``int3``)."""
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    tables: dict[str, dict[str, str]] = {}
+    for role, per in results.items():
+        shared: dict[str, tuple[Any, str | None]] = {}
+        for scheme in sorted({q.scheme.name for q in per}):
+            qs = [q for q in per if q.scheme.name == scheme]
+            table = shared_table(qs[0].scheme, torch.cat([q.codes for q in qs]))
+            name = (f"{layer.name}.qmoe_table.group{group}.{role}.{scheme}"
+                    if table is not None else None)
+            if table is not None:
+                t, tables[name] = table_tensors(name, table)
+                tensors.update(t)
+            shared[scheme] = (table, name)
+        for i, e in enumerate(experts):
+            q = per[i]
+            params = {k: v[0] for k, v in q.params.items()}
+            t, entry = pack_matrix(names[i][role], q.scheme, q.codes[0], params,
+                                   *shared[q.scheme.name], segment_symbols=segment_symbols)
+            entry.update(layer=layer.index, expert=int(e), role=role, setting=choices[role][i])
+            tensors.update(t)
+            entries[names[i][role]] = entry
+    return tensors, entries, tables

@@ -136,6 +136,9 @@ class CheckpointWriter:
         out = self._write(layer_shard_name(layer), tensors, quantized, stats)
         out["tables"] = tables
         out["worker_timings"] = timings
+        allocs = [groups[g].allocation for g in sorted(groups) if groups[g].allocation]
+        if allocs:  # a size budget: each group's budget, estimate and coded bits
+            out["allocation"] = allocs
         return out
 
     def write_other(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from qmoe_ray.quant.gptq import (
     NONFINITE_HESSIAN,
     QuantResult,
     gptq,
+    gptq_multi,
     rtn,
 )
 from qmoe_ray.quant.grids import SCHEMES, Scheme, dequantize, grid_params, parse_scheme, quantize
@@ -28,6 +29,7 @@ __all__ = [
     "Scheme",
     "dequantize",
     "gptq",
+    "gptq_multi",
     "grid_params",
     "hessian",
     "parse_scheme",

@@ -336,14 +336,43 @@ def gptq(
         ValueError: bad scheme or options, non-float or non-finite inputs, shapes that disagree;
             all before any factorization.
     """
-    scheme = parse_scheme(scheme)
+    return gptq_multi(W, H, [(scheme, rate_lambda)], blocksize=blocksize, percdamp=percdamp,
+                      actorder=actorder, damp_floor=damp_floor, tokens=tokens,
+                      scale_dtype=scale_dtype, min_tokens=min_tokens, on_nonfinite=on_nonfinite,
+                      mask=mask, prune=prune)[0]
+
+
+def gptq_multi(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    settings: Sequence[tuple[Scheme | str, float]],
+    blocksize: int = 128,
+    percdamp: float = 0.1,
+    actorder: bool = False,
+    damp_floor: float = 1e-6,
+    tokens: Sequence[int] | torch.Tensor | None = None,
+    scale_dtype: torch.dtype | None = torch.bfloat16,
+    min_tokens: int = 1,
+    on_nonfinite: str = "raise",
+    mask: torch.Tensor | None = None,
+    prune: PruneSpec | None = None,
+) -> list[QuantResult]:
+    """``gptq`` of one stack of experts under several settings ``(scheme, rate_lambda)``, sharing
+    what does not depend on the setting: the checks, the fallbacks, the act-order permutation and
+    the inverse-Hessian factor (the Cholesky and its triangular inverse, the sweep's ``O(n^3)``
+    part). One result per setting, in order, each exactly what ``gptq`` gives for it.
+    """
+    settings = [(parse_scheme(sc), lam) for sc, lam in settings]
+    if not settings:
+        raise ValueError("settings is empty: give at least one (scheme, rate_lambda)")
     if not isinstance(blocksize, int) or blocksize <= 0:
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
     if not percdamp >= 0 or not damp_floor >= 0:
         raise ValueError(f"percdamp and damp_floor must be >= 0, got {percdamp!r}, {damp_floor!r}")
-    if (isinstance(rate_lambda, bool) or not isinstance(rate_lambda, (int, float))
-            or not math.isfinite(rate_lambda) or rate_lambda < 0):
-        raise ValueError(f"rate_lambda must be a finite number >= 0, got {rate_lambda!r}")
+    for _, rate_lambda in settings:
+        if (isinstance(rate_lambda, bool) or not isinstance(rate_lambda, (int, float))
+                or not math.isfinite(rate_lambda) or rate_lambda < 0):
+            raise ValueError(f"rate_lambda must be a finite number >= 0, got {rate_lambda!r}")
     if on_nonfinite not in ("raise", "fallback"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'fallback', got {on_nonfinite!r}")
     W, squeeze = _prepare_w(W)
@@ -395,17 +424,26 @@ def gptq(
         if reasons[e] is None:
             reasons[e] = CHOLESKY_FAILED
 
-    masks = None if mask is None and prune is None else SweepMask(prune, mask, perm)
-    codes, params = _sweep(W, U, scheme, blocksize, perm, scale_dtype, float(rate_lambda), masks)
-    Q = dequantize(scheme, codes, params)
+    out = []
+    for scheme, lam in settings:
+        masks = None if mask is None and prune is None else SweepMask(prune, mask, perm)
+        codes, params = _sweep(W, U, scheme, blocksize, perm, scale_dtype, float(lam), masks)
+        Q = dequantize(scheme, codes, params)
+        out.append(QuantResult(scheme=scheme, codes=codes, params=params,
+                               loss=_loss(W, Q, H, finite), tokens=tok, fallback=list(reasons),
+                               squeeze=squeeze,
+                               pruned=None if masks is None else masks.fraction(R, C)))
+    return out
+
+
+def _loss(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """The proxy loss per expert; NaN where ``H`` was not finite."""
     if not finite.all():
         H = H.clone()
         H[~finite] = 0.0
     loss = _proxy_loss(W, Q, H)
     loss[~finite.cpu()] = float("nan")
-    return QuantResult(scheme=scheme, codes=codes, params=params, loss=loss, tokens=tok,
-                       fallback=reasons, squeeze=squeeze,
-                       pruned=None if masks is None else masks.fraction(R, C))
+    return loss
 
 
 def _rate_model(W: torch.Tensor, U: torch.Tensor, scheme: Scheme,

@@ -46,6 +46,7 @@ def summarize(manifest: Mapping[str, Any]) -> dict[str, Any]:
     expert_params, total_params = sz["expert_params"], sz["total_params"]
     expert_bytes, total_bytes = sz["expert_stored_bytes"], sz["total_bytes"]
     schemes = sorted({e["scheme"] for e in quantized.values()})
+    mix = _mix(quantized)
     fallbacks, coverage = _experts(manifest)
     from qmoe_ray.read.export_ct import export_formats
 
@@ -63,6 +64,7 @@ def summarize(manifest: Mapping[str, Any]) -> dict[str, Any]:
         "format": {"name": manifest.get("format"), "version": manifest.get("format_version"),
                    "created_by": manifest.get("created_by")},
         "scheme": schemes[0] if len(schemes) == 1 else schemes,
+        "mix": mix,
         "options": manifest.get("options", {}),
         "sizes": {
             "by_kind": {k: v for k, v in kinds.items() if v["tensors"]},
@@ -234,6 +236,22 @@ def inspect(url: str, verify: bool = True, progress: bool = False,
     return info
 
 
+def _mix(quantized: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per candidate setting (``setting`` of a ``--target-bits`` job's entries, else the
+    scheme): how many expert matrices use it, their parameters, and their bits per parameter
+    (codes and scales; the shared tables are not split among matrices)."""
+    out: dict[str, dict[str, Any]] = {}
+    for e in quantized.values():
+        m = out.setdefault(e.get("setting", e["scheme"]),
+                           {"scheme": e["scheme"], "matrices": 0, "params": 0, "bytes": 0})
+        m["matrices"] += 1
+        m["params"] += int(e["shape"][0]) * int(e["shape"][1])
+        m["bytes"] += int(e["code_bytes"]) + int(e["scale_bytes"])
+    for m in out.values():
+        m["bits_per_param"] = 8 * m["bytes"] / max(m["params"], 1)
+    return dict(sorted(out.items(), key=lambda kv: kv[1]["bits_per_param"]))
+
+
 def _mib(b: float) -> str:
     return f"{b / 2**20:,.2f} MiB"
 
@@ -266,6 +284,14 @@ def format_text(info: Mapping[str, Any]) -> str:
     ]
     if info.get("heldout_loss") is not None:
         lines.append(f"held-out loss reported by the job: {info['heldout_loss']:.4f}")
+    mix = info.get("mix") or {}
+    if len(mix) > 1 or opts.get("target_bits") is not None:
+        head = (f"size budget --target-bits {opts['target_bits']:g}; "
+                if opts.get("target_bits") is not None else "")
+        lines.append(f"{head}expert matrices per setting (bits/param of codes and scales):")
+        for k, m in mix.items():
+            lines.append(f"  {k:<16}{m['matrices']:>6} matrices {m['params']:>14,} params "
+                         f"{m['bits_per_param']:>8.3f} bits/param")
     mtp = info.get("mtp") or {}
     if mtp.get("policy") == "carried":
         lines.append(f"multi-token-prediction layers: {mtp['layers']}, carried through unchanged "
