@@ -58,3 +58,19 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords:
             item.add_marker(skip)
 pytest_plugins = ["fixtures_s3"]
+
+
+@pytest.fixture(scope="module")
+def module_ray():
+    """One in-process Ray for every job of a module (``pytestmark``), started as a job starts it
+    (``qmoe_ray.job.cluster.ray_init``: local, on 127.0.0.1, sized to the machine). A job does not
+    stop a Ray it did not start, so the module pays Ray's start once, not once per job (about 5 s
+    each on 2 cores). Only for modules whose jobs all run in this process and need nothing of
+    the environment a test sets later (Ray's workers keep the environment they started with:
+    the moto credentials of the S3 tests would not reach them)."""
+    from qmoe_ray.job.cluster import ray_init, shutdown
+    from qmoe_ray.job.config import CompressConfig
+
+    ray_init(CompressConfig())
+    yield
+    shutdown()

@@ -28,7 +28,7 @@ from qmoe_ray.errors import MissingTensorError  # noqa: E402
 from qmoe_ray.models import DictWeights, get_family, run_forward  # noqa: E402
 from qmoe_ray.storage.checkpoint import open_checkpoint  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "module_ray")
 
 #: the variants: YaRN + q_lora + 4 groups (the default tiny config); plain q_proj, default RoPE,
 #: non-interleaved, two dense blocks, no group limit

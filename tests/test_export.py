@@ -14,6 +14,8 @@ from load_helpers import compressed_checkpoint
 from qmoe_ray.read.export import INDEX, expert_layout, export
 from qmoe_ray.read.loader import load
 
+pytestmark = pytest.mark.usefixtures("module_ray")  # every job here runs in-process
+
 
 @pytest.fixture(scope="session")
 def ckpt(tmp_path_factory) -> Path:

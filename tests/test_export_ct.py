@@ -19,6 +19,8 @@ from qmoe_ray.read import export_ct
 from qmoe_ray.read.export import export
 from qmoe_ray.read.loader import load
 
+pytestmark = pytest.mark.usefixtures("module_ray")  # every job here runs in-process
+
 pytest.importorskip("compressed_tensors")
 
 _CKPTS: dict[str, Path] = {}

@@ -25,6 +25,8 @@ from qmoe_ray.read import gguf_arch  # noqa: E402
 from qmoe_ray.read.export import export  # noqa: E402
 from qmoe_ray.read.loader import load  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("module_ray")  # every job here runs in-process
+
 _CACHE: dict[str, Path] = {}
 DIMS = dict(hidden_size=256, intermediate_size=256, vocab_size=2048, num_hidden_layers=2,
             num_local_experts=4)

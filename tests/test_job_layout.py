@@ -14,6 +14,8 @@ import qmoe_ray
 from qmoe_ray.job.config import CompressConfig
 from qmoe_ray.job.group import QuantOptions
 
+pytestmark = pytest.mark.usefixtures("module_ray")  # every job here runs in-process
+
 PKG = Path(qmoe_ray.__file__).parent
 
 

@@ -24,6 +24,8 @@ from qmoe_ray.format.shards import Timings, iter_shards, parse_safetensors, read
 from qmoe_ray.read.loader import load
 from qmoe_ray.read.weights import EncodedWeight
 
+pytestmark = pytest.mark.usefixtures("module_ray")  # every job here runs in-process
+
 
 @pytest.fixture(scope="session")
 def ckpt(tmp_path_factory) -> Path:

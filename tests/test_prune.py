@@ -14,6 +14,8 @@ from qmoe_ray.job.config import CompressConfig
 from qmoe_ray.quant import gptq
 from qmoe_ray.quant.prune import PruneSpec, parse_pattern, prune_mask, sparsegpt
 
+pytestmark = pytest.mark.usefixtures("module_ray")  # every job here runs in-process
+
 
 def _layer(R: int = 48, C: int = 256, T: int = 2048, seed: int = 0):
     """A matrix with correlated inputs and a few outlier channels (as LLM activations have)."""

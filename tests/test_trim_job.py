@@ -19,6 +19,8 @@ from qmoe_ray.models.trim import TrimmedFamily
 from qmoe_ray.models.trim_plan import TrimPlan, model_identity
 from qmoe_ray.storage.checkpoint import open_checkpoint
 
+pytestmark = pytest.mark.usefixtures("module_ray")  # every job here runs in-process
+
 _SMALL = dict(num_samples=32, seq_len=32, eval_samples=8, batch_size=16, group_size=8)
 UNIFORM = {f"model.layers.{i}": (0, 1, 3, 4, 6, 7) for i in (0, 1, 3)}  # 6 of 8, top-2
 
