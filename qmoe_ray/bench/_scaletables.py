@@ -93,6 +93,10 @@ def tables(jobs: Mapping[str, Mapping[str, Any]], fit: str
              "shared with other jobs; Mixtral: 1 expert per layer (top-1), its GPTQ of the "
              "14336-column down matrix alone is minutes",
              "one run each on a shared, noisy machine (other jobs were running)"]
+    if any(r.get("driver_rss") != "VmHWM" for r in jobs.values()):
+        notes.append("driver column: ru_maxrss, which Linux carries over exec from the benchmark "
+                     "process (it grew while writing the checkpoints): an upper bound, not the "
+                     "driver's own peak (later runs measure VmHWM)")
     return "\n".join(lines), {"constants": consts.to_json(), "ratios": ratios}, notes
 
 

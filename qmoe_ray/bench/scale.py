@@ -26,11 +26,12 @@ from typing import Any
 
 from qmoe_ray.bench import BenchResult
 
-_PROBE = ("import json,resource,sys,time\n"
+# peak RSS as VmHWM of the probe's own memory: ru_maxrss would carry the parent's peak over exec
+_PROBE = ("import json,re,sys,time\n"
           "from qmoe_ray.format.manifest import read_manifest\n"
           "t=time.perf_counter(); read_manifest(sys.argv[1]); s=time.perf_counter()-t\n"
-          "print(json.dumps({'seconds': s, 'peak_rss_mb': "
-          "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024}))\n")
+          "hwm=re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
+          "print(json.dumps({'seconds': s, 'peak_rss_mb': int(hwm)/1024}))\n")
 
 
 #: the job runs: name -> (released config, layers, experts per layer, samples, seq_len, group)
