@@ -17,7 +17,6 @@ outputs but never enter a Hessian.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -367,12 +366,12 @@ def _allocate(spec: ExpertSpec, W: dict[str, torch.Tensor], B: dict[str, torch.T
               device: str) -> tuple[dict[str, list[QuantResult]], dict[str, list[str]], dict]:
     """Every matrix of the group under its chosen candidate (``qmoe_ray.quant.alloc``).
 
-    Loss estimate (``qmoe_ray.quant.alloc``; README, ``--target-bits``): a matrix's proxy loss (mean squared error of its output
-    over the expert's Hessian tokens) in the unit of the expert's output, times the calibration
-    tokens routed to the expert, so it is the squared error the matrix adds to the layer's output
-    over the calibration set. An out matrix's proxy loss is already in the expert's output; an
-    in matrix's is converted by its measured first-order factor: the expert-output error of the
-    matrix quantized alone (plain ternary GPTQ, the other matrices exact) over its proxy loss.
+    Loss estimate (``qmoe_ray.quant.alloc``; README, ``--target-bits``): the mean squared error
+    a candidate adds to the expert's output over the expert's Hessian tokens, times those
+    tokens, so it is the squared error the matrix adds to the layer's output over the
+    calibration set. An out matrix's is its proxy loss; an in matrix's is measured by a forward
+    of the expert with that matrix under the candidate and the others exact (a linear factor
+    from plain ternary underrated the near-zero candidates by far: the gate is not linear).
 
     The out matrices' candidates are estimated on the Hessian through the exact in matrices; once
     the in matrices are chosen (and ``opts.sequential``), the out matrices are quantized again,
@@ -404,27 +403,31 @@ def _allocate(spec: ExpertSpec, W: dict[str, torch.Tensor], B: dict[str, torch.T
     sec["candidates"] += clock() - t
     t = clock()
 
-    # first-order factor of each in matrix: expert-output error per unit of its proxy loss
-    ref = labels.index("ternary")
-    factor = {r: np.ones(G) for r in roles}
-    ref_q = {r: cand[r][ref].dequantize() for r in spec.in_roles}
+    # each in matrix's candidates measured where they act: the expert's output error with that
+    # matrix quantized (the others exact), over the expert's Hessian tokens, in the unit of an
+    # out matrix's proxy loss. (A first-order factor fitted at plain ternary underrated the
+    # near-zero rate-aware candidates: the SiLU gate is far from linear there.)
+    in_loss = {r: np.zeros((G, K)) for r in spec.in_roles}
+    y0s: dict[int, torch.Tensor] = {}
     with torch.no_grad():
-        for i in range(G):
-            if not x_h[i].shape[0]:
-                continue
-            base = {**{r: W[r][i] for r in roles}, **bias[i]}
-            y0 = spec.forward(base, x_h[i])
-            for r in spec.in_roles:
-                y = spec.forward({**base, r: ref_q[r][i]}, x_h[i])
-                mse = float((y - y0).square().sum(dim=1).mean())
-                p = float(cand[r][ref].loss[i])
-                factor[r][i] = mse / p if p > 0 and math.isfinite(p) else 1.0
-    del ref_q
+        for r in spec.in_roles:
+            for k in range(K):
+                deq = cand[r][k].dequantize()
+                for i in range(G):
+                    if not x_h[i].shape[0]:
+                        continue
+                    base = {**{q: W[q][i] for q in roles}, **bias[i]}
+                    if k == 0 and r == spec.in_roles[0]:
+                        y0s[i] = spec.forward(base, x_h[i])
+                    y = spec.forward({**base, r: deq[i]}, x_h[i])
+                    in_loss[r][i, k] = float((y - y0s[i]).square().sum(dim=1).mean())
+                del deq
     weight = np.array([float(t.hmask.sum()) for t in tokens])
     bits = np.concatenate([np.stack([estimate_bits(cand[r][k]).numpy() for k in range(K)], 1)
                            for r in roles])
-    loss = np.concatenate([np.stack([cand[r][k].loss.numpy() for k in range(K)], 1)
-                           * (factor[r] * weight)[:, None] for r in roles])
+    loss = np.concatenate([(in_loss[r] if r in in_loss else
+                            np.stack([cand[r][k].loss.numpy() for k in range(K)], 1))
+                           * weight[:, None] for r in roles])
     params = sum(W[r][0].numel() for r in roles) * G
     target = target_bits * params
     minimum = float(bits.min(axis=1).sum())
