@@ -143,6 +143,11 @@ def test_bits_and_table():
     assert r == pytest.approx({"rise": 0.25, "wall": 0.25, "wall_vs_quantizer": 0.5,
                                "coded_bits": 0.72})
     assert ratios(rows, peer="autoround") == {}
+    assert ratios(rows, group=64) == {}  # no row of ours at the peer's group yet
+    rows.append({**rows[0], "grid": "int2, g64", "group": 64, "rise": 0.02, "coded_bits": 2.0})
+    assert ratios(rows, group=64)["rise"] == pytest.approx(0.5)
+    assert ratios(rows)["rise"] == pytest.approx(0.25)  # per row still the per-row one
+    rows.pop()
     md = table(rows)
     assert len(md) == 4 and "| llm-compressor GPTQ | W2 g64 | 2.500 | 2.500 | 3.3900 | +0.0400 |"\
         " 40.0 | 20.0 |" in md

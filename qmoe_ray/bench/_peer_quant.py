@@ -63,6 +63,9 @@ def main(path: str) -> int:
 
         recipe = AutoRoundModifier(config_groups=_scheme(spec), ignore=spec["ignore"],
                                    iters=int(spec.get("iters", 200)),
+                                   # its tuning batch must hold oneshot's batch (its default 8
+                                   # under oneshot's 16 reads the batch as the sequence: refused)
+                                   batch_size=int(spec.get("batch_size", 16)),
                                    enable_torch_compile=False)
     else:
         raise SystemExit(f"unknown method {spec['method']!r}: gptq or autoround")

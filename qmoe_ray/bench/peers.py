@@ -318,25 +318,29 @@ def run(args) -> BenchResult:
         # -- this project
         ray_init(CompressConfig())
         try:
-            for scheme in OURS:
-                out = tmp / f"ours-{scheme}"
+            # every grid per row, and int2 at the peers' group too (the same nominal bits)
+            for scheme, qg in [(s, None) for s in OURS] + [("int2", group)]:
+                tag = scheme if qg is None else f"{scheme}-g{qg}"
+                out = tmp / f"ours-{tag}"
                 cfg = CompressConfig(source="embedded", data="embedded", scheme=scheme,
                                      num_samples=args.samples, seq_len=args.seq_len,
+                                     quant_group_size=qg,
                                      eval_samples=0, output=str(out), overwrite=True)
                 t0 = time.perf_counter()
                 rep = run_compression(cfg, progress=False)
                 wall = time.perf_counter() - t0
-                export(str(out), str(tmp / f"ours-{scheme}-hf"))
+                export(str(out), str(tmp / f"ours-{tag}-hf"))
                 s = rep["sizes"]
                 code = 2 if scheme == "ternary" else int(scheme[3:])
-                rows.append({"who": "ours", "label": "qmoe-ray GPTQ", "grid": f"{scheme}, per row",
-                             "scheme": scheme, "bits": code,
+                rows.append({"who": "ours", "label": "qmoe-ray GPTQ",
+                             "grid": f"{scheme}, " + ("per row" if qg is None else f"g{qg}"),
+                             "scheme": scheme, "group": qg, "bits": code,
                              "coded_bits": s["expert_bits_per_param"],
                              "nominal_bits": code + 8 * s["expert_scale_bytes"] / s["expert_params"],
-                             "loss": loss(tmp / f"ours-{scheme}-hf"), "wall": wall,
+                             "loss": loss(tmp / f"ours-{tag}-hf"), "wall": wall,
                              "oneshot": None})
                 rows[-1]["rise"] = rows[-1]["loss"] - base
-                print(f"[peers] ours {scheme}: rise {rows[-1]['rise']:+.4f}, {wall:.1f} s",
+                print(f"[peers] ours {tag}: rise {rows[-1]['rise']:+.4f}, {wall:.1f} s",
                       flush=True)
         finally:
             shutdown()
@@ -353,8 +357,8 @@ def run(args) -> BenchResult:
                 try:
                     info = _run_peer(py, spec, tmp, args.peer_timeout)
                 except (RuntimeError, subprocess.TimeoutExpired) as e:
-                    notes.append(f"{LABELS[method]} W{bits} g{group} did not run: "
-                                 f"{str(e).strip().splitlines()[-1][:300]}")
+                    last = re.sub(r"\x1b\[[0-9;]*m", "", str(e).strip().splitlines()[-1])
+                    notes.append(f"{LABELS[method]} W{bits} g{group} did not run: {last[:300]}")
                     print(f"[peers] {notes[-1]}", flush=True)
                     continue
                 want = quantized_modules(info["linear"])
@@ -376,11 +380,13 @@ def run(args) -> BenchResult:
     return _result(args, base, group, rows, notes)
 
 
-def ratios(rows: Sequence[Mapping[str, Any]], bits: int = 2, peer: str = "gptq"
-           ) -> dict[str, float]:
-    """Ours over the peer's at ``bits``: loss rise, wall time (vs the peer's process and vs its
-    quantizer alone) and coded bits; empty when either row is missing."""
-    ours = [r for r in rows if r["who"] == "ours" and r["scheme"] == f"int{bits}"]
+def ratios(rows: Sequence[Mapping[str, Any]], bits: int = 2, peer: str = "gptq",
+           group: int | None = None) -> dict[str, float]:
+    """Ours (``int{bits}`` per row, or at ``group`` input columns) over the peer's at ``bits``:
+    loss rise, wall time (vs the peer's process and vs its quantizer alone) and coded bits;
+    empty when either row is missing."""
+    ours = [r for r in rows if r["who"] == "ours" and r["scheme"] == f"int{bits}"
+            and r.get("group") == group]
     theirs = [r for r in rows if r["who"] == peer and r["bits"] == bits]
     if not ours or not theirs:
         return {}
@@ -402,10 +408,11 @@ def _result(args, base: float, group: int, rows: list[dict[str, Any]],
              f"head stay bf16).", ""]
     lines += table(rows)
     summary = []
-    for peer in ("gptq", "autoround"):
-        r = ratios(rows, 2, peer)
+    for peer, qg in [(p, g) for p in ("gptq", "autoround") for g in (group, None)]:
+        r = ratios(rows, 2, peer, qg)
         if r:
-            summary.append(f"- 2 bits, ours (int2) / {LABELS[peer]} (W2 g{group}): loss rise "
+            ours = f"int2 g{qg}" if qg else "int2 per row"
+            summary.append(f"- 2 bits, ours ({ours}) / {LABELS[peer]} (W2 g{group}): loss rise "
                            f"**{r['rise']:.2f}x**, wall time **{r['wall']:.2f}x** "
                            f"({r['wall_vs_quantizer']:.2f}x its quantizer alone), coded bits "
                            f"{r['coded_bits']:.2f}x.")
