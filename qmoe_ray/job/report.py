@@ -91,6 +91,9 @@ def layer_rows(layers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                                              for a in alloc) / n,
                 "bits_per_param": sum(a["bits"] for a in alloc) / n,
                 "richest": all(a["richest"] for a in alloc),
+                # the allocation's stages, summed over the layer's groups (worker seconds)
+                "seconds": {k: round(sum(a.get("seconds", {}).get(k, 0.0) for a in alloc), 4)
+                            for k in sorted({k for a in alloc for k in a.get("seconds", {})})},
             }
             rows[-1]["mix"] = dict(sorted(Counter(e.get("setting", e["scheme"])
                                                   for e in q.values()).items()))
