@@ -297,3 +297,31 @@ def test_deepseek_v3_exports_as_deepseek2(tmp_path):
         want = dequantize(enc.scheme, torch.from_numpy(enc.codes())[None],
                           {k: v.float()[None] for k, v in enc.params.items()})[0]
         assert np.array_equal(got[e].view(np.int32), want.numpy().view(np.int32))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("expert_type", ["tq2_0", "tq1_0"])
+def test_llama_cpp_runs_the_export_with_our_logits(tmp_path_factory, tmp_path, expert_type):
+    """llama.cpp itself (llama-cpp-python) loads the export and gives our logits: its ternary
+    kernels multiply by 8-bit-quantized activations, so close, not equal."""
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python, "
+        "which builds llama.cpp: minutes)")
+    ckpt = _ckpt(tmp_path_factory)
+    out = tmp_path / "model.gguf"
+    export(str(ckpt), str(out), format="gguf", gguf_expert_type=expert_type)
+    ids = [int(t) for t in np.random.default_rng(1).integers(3, 2048, size=24)]
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False,
+                          n_threads=2)
+    try:
+        assert llm.n_vocab() == DIMS["vocab_size"]
+        llm.eval(ids)
+        theirs = np.asarray(llm.scores[:len(ids)], dtype=np.float64)
+    finally:
+        llm.close()
+    ours = load(str(ckpt)).logits(torch.tensor([ids])).double().numpy()[0]
+    corr = np.corrcoef(theirs.ravel(), ours.ravel())[0, 1]
+    top1 = float((theirs.argmax(-1) == ours.argmax(-1)).mean())
+    print(f"llama.cpp {expert_type}: logits corr {corr:.4f}, top-1 agreement {top1:.3f}")
+    assert corr > 0.98 and top1 >= 0.75, (corr, top1)

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from qmoe_ray.bench import BenchResult
@@ -114,6 +116,7 @@ def run(args) -> BenchResult:
         export(str(ck), str(out), **kw)
         walls[label] = time.perf_counter() - t0
         sizes[label] = _folder_bytes(out)
+    speed = _speeds(ck, tmp)
     shutil.rmtree(tmp, ignore_errors=True)
     rows = {k: {kk: v[kk] for kk in ("loss", "rise", "bits", "wall")} for k, v in runs.items()}
     lines = [f"Embedded Mixtral, {args.samples} calibration / {args.eval_samples} held-out "
@@ -131,6 +134,75 @@ def run(args) -> BenchResult:
         w = f"{walls[label]:.2f}" if label in walls else ""
         lines.append(f"| {label} | {b / 2**20:.2f} | {b / src_b:.3f} | {w} |")
     notes = ["the GGUF files' expert tensors dequantize (gguf package) to our weights bit for "
-             "bit; llama.cpp tokens/s not measured (llama-cpp-python ships only a source package on PyPI; built here, it loads and runs the TQ2_0 export, but no timing was taken)"]
+             "bit (tests/test_export_gguf.py), and llama.cpp's logits of the export follow ours "
+             "(its ternary kernels multiply by 8-bit-quantized activations: close, not equal)"]
+    if speed:
+        lines += ["", f"CPU speed on the same model: logits of one sequence of {SPEED_TOKENS} "
+                  f"tokens (prefill), {SPEED_THREADS} threads, median of {SPEED_REPEATS}:", "",
+                  "| runtime | tokens/s | vs ours (decode mode) |", "|---|---|---|"]
+        ref = speed["qmoe-ray load, decode mode (bf16 experts)"]
+        for label, tps in speed.items():
+            lines.append(f"| {label} | {tps:.0f} | {tps / ref:.2f} |")
+        notes.append("llama.cpp via llama-cpp-python (built from its source package here); "
+                     "ours: `qmoe_ray.load(...).logits` in torch, float32 activations")
+    else:
+        notes.append("llama.cpp speed not measured: llama-cpp-python is not installed (pip "
+                     "install llama-cpp-python builds llama.cpp from source)")
     return BenchResult({"baseline_loss": base_loss, "runs": rows, "sizes": sizes,
-                        "export_seconds": walls}, "\n".join(lines), notes)
+                        "export_seconds": walls, "tokens_per_s": speed}, "\n".join(lines),
+                       notes)
+
+
+SPEED_TOKENS, SPEED_THREADS, SPEED_REPEATS = 128, 2, 5
+
+
+def _median_s(fn) -> float:
+    fn()  # warm
+    times = []
+    for _ in range(SPEED_REPEATS):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _speeds(ck: Path, tmp: Path) -> dict[str, float]:
+    """Tokens/s of the logits of one ``SPEED_TOKENS``-token sequence: our loader's two modes and,
+    where llama-cpp-python imports, llama.cpp on the GGUF exports; empty without llama.cpp."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return {}
+    from qmoe_ray.read.export import export
+    from qmoe_ray.read.loader import load
+
+    ids = [int(t) for t in np.random.default_rng(0).integers(3, 2048, size=SPEED_TOKENS)]
+    out: dict[str, float] = {}
+    x = torch.tensor([ids])
+    n = torch.get_num_threads()
+    torch.set_num_threads(SPEED_THREADS)
+    try:
+        for label, mode in (("qmoe-ray load, decode mode (bf16 experts)", "decode"),
+                            ("qmoe-ray load, resident mode (experts encoded)", "resident")):
+            model = load(str(ck), mode=mode)
+            with torch.no_grad():
+                out[label] = SPEED_TOKENS / _median_s(lambda m=model: m.logits(x))
+    finally:
+        torch.set_num_threads(n)
+    for label, kw in (("llama.cpp, TQ2_0 experts, bf16 rest", {}),
+                      ("llama.cpp, TQ1_0 experts, bf16 rest", dict(gguf_expert_type="tq1_0")),
+                      ("llama.cpp, TQ1_0 experts, Q8_0 rest",
+                       dict(gguf_expert_type="tq1_0", gguf_type="q8_0"))):
+        path = tmp / f"speed-{len(out)}.gguf"
+        export(str(ck), str(path), format="gguf", **kw)
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=2 * SPEED_TOKENS,
+                              n_batch=SPEED_TOKENS, n_threads=SPEED_THREADS, verbose=False)
+        try:
+            def prefill(llm=llm):
+                llm.reset()
+                llm.eval(ids)
+
+            out[label] = SPEED_TOKENS / _median_s(prefill)
+        finally:
+            llm.close()
+    return out

@@ -40,6 +40,9 @@ JOBS: dict[str, tuple[str, int, int, int, int, int]] = {
     "qwen3-2L-16E": ("qwen3-30b-a3b", 2, 16, 32, 512, 8),
     "qwen3-1L-32E": ("qwen3-30b-a3b", 1, 32, 32, 512, 8),
     "mixtral-1L-1E": ("mixtral-8x7b", 1, 1, 8, 512, 1),
+    # a slice of one DeepSeek-V3 MoE layer (issue 14): 16 of its 256 experts (top-8 of 16),
+    # hidden 7168, expert width 2048, MLA attention and the shared expert at true shapes
+    "deepseek-v3-1L-16E": ("deepseek-v3", 1, 16, 32, 512, 8),
 }
 FIT = "qwen3-1L-16E"
 
