@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from qmoe_ray.bench import BenchResult
+from qmoe_ray.errors import InputError
 
 # peak RSS as VmHWM of the probe's own memory: ru_maxrss would carry the parent's peak over exec
 _PROBE = ("import json,re,sys,time\n"
@@ -103,6 +104,9 @@ def run(args) -> BenchResult:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     parts, figures, notes = [], {"jobs": jobs}, []
+    if jobs and FIT not in jobs:
+        raise InputError(f"--jobs {' '.join(jobs)}: the cost model is fitted on {FIT}, which is "
+                         f"not among them; add it, or --reuse a --raw file that holds it")
     if jobs:
         from qmoe_ray.bench import _scaletables
 
