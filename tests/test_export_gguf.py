@@ -191,6 +191,9 @@ def test_gguf_refuses_families_and_configs_llama_cpp_lacks():
         gguf_arch.metadata({**base, "mlp_only_layers": [1]}, "qwen2moe")
     with pytest.raises(InputError, match="yarn"):
         gguf_arch.metadata({**base, "rope_scaling": {"rope_type": "yarn"}}, "qwen3moe")
+    with pytest.raises(InputError, match="OLMoE with grouped-query attention"):
+        gguf_arch.metadata({**base, "num_key_value_heads": 2}, "olmoe")
+    assert gguf_arch.metadata({**base, "num_key_value_heads": 4}, "olmoe")
     m = gguf_arch.metadata(base, "qwen2moe")
     assert m["qwen2moe.expert_feed_forward_length"] == 8
     assert m["qwen2moe.expert_shared_feed_forward_length"] == 8
@@ -299,29 +302,75 @@ def test_deepseek_v3_exports_as_deepseek2(tmp_path):
         assert np.array_equal(got[e].view(np.int32), want.numpy().view(np.int32))
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.parametrize("expert_type", ["tq2_0", "tq1_0"])
-def test_llama_cpp_runs_the_export_with_our_logits(tmp_path_factory, tmp_path, expert_type):
-    """llama.cpp itself (llama-cpp-python) loads the export and gives our logits: its ternary
-    kernels multiply by 8-bit-quantized activations, so close, not equal."""
+def _llama_cpp_agrees(ckpt: Path, out: Path, vocab: int, **kw) -> tuple[float, float]:
+    """Export ``ckpt`` to ``out`` (GGUF), run it in llama.cpp (llama-cpp-python; the test is
+    skipped without it) on 24 tokens and return (correlation of its logits with ours, top-1
+    agreement); asserts llama.cpp sees the vocabulary."""
     llama_cpp = pytest.importorskip(
         "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python, "
         "which builds llama.cpp: minutes)")
-    ckpt = _ckpt(tmp_path_factory)
-    out = tmp_path / "model.gguf"
-    export(str(ckpt), str(out), format="gguf", gguf_expert_type=expert_type)
-    ids = [int(t) for t in np.random.default_rng(1).integers(3, 2048, size=24)]
+    export(str(ckpt), str(out), format="gguf", **kw)
+    ids = [int(t) for t in np.random.default_rng(1).integers(3, vocab, size=24)]
     llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False,
                           n_threads=2)
     try:
-        assert llm.n_vocab() == DIMS["vocab_size"]
+        assert llm.n_vocab() == vocab
         llm.eval(ids)
         theirs = np.asarray(llm.scores[:len(ids)], dtype=np.float64)
     finally:
         llm.close()
     ours = load(str(ckpt)).logits(torch.tensor([ids])).double().numpy()[0]
-    corr = np.corrcoef(theirs.ravel(), ours.ravel())[0, 1]
-    top1 = float((theirs.argmax(-1) == ours.argmax(-1)).mean())
-    print(f"llama.cpp {expert_type}: logits corr {corr:.4f}, top-1 agreement {top1:.3f}")
+    corr = float(np.corrcoef(theirs.ravel(), ours.ravel())[0, 1])
+    return corr, float((theirs.argmax(-1) == ours.argmax(-1)).mean())
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("expert_type", ["tq2_0", "tq1_0"])
+def test_llama_cpp_runs_the_export_with_our_logits(tmp_path_factory, tmp_path, expert_type):
+    """llama.cpp itself loads the Mixtral export and gives our logits: its ternary kernels
+    multiply by 8-bit-quantized activations, so close, not equal."""
+    corr, top1 = _llama_cpp_agrees(_ckpt(tmp_path_factory), tmp_path / "model.gguf",
+                                   DIMS["vocab_size"], gguf_expert_type=expert_type)
+    print(f"llama.cpp mixtral {expert_type}: logits corr {corr:.4f}, top-1 {top1:.3f}")
+    assert corr > 0.98 and top1 >= 0.75, (corr, top1)
+
+
+_FAMILY_DIMS = {
+    "qwen2_moe": dict(moe_intermediate_size=256, shared_expert_intermediate_size=256,
+                      intermediate_size=256, mlp_only_layers=[]),
+    "qwen3_moe": dict(moe_intermediate_size=256, intermediate_size=256),
+    "olmoe": dict(intermediate_size=256, num_key_value_heads=4),  # llama.cpp's olmoe: no GQA
+}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"])
+def test_llama_cpp_runs_each_familys_export(tmp_path, model_type):
+    """The other families llama.cpp runs: the export of a tiny compressed model loads in
+    llama.cpp under its architecture and gives our logits."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from qmoe_ray.job.config import CompressConfig
+    from qmoe_ray.job.driver import run_compression
+
+    if model_type == "deepseek_v3":
+        from sigmoid_fixtures import tiny_sigmoid_model
+
+        model = tiny_sigmoid_model("deepseek_v3", seed=2, hidden_size=256,
+                                   moe_intermediate_size=256, intermediate_size=64,
+                                   vocab_size=2048, n_routed_experts=8, num_hidden_layers=2)
+    else:
+        model = tiny_model(model_type, seed=5, hidden_size=256, vocab_size=2048,
+                           num_hidden_layers=2, **_FAMILY_DIMS[model_type])
+    src = save_tiny(model, tmp_path / "src", dtype=torch.bfloat16)
+    shutil.copy(embedded_model_path() / "tokenizer.json", src / "tokenizer.json")
+    np.save(src / "tokens.npy", np.random.default_rng(0).integers(3, 2048, (24, 16)))
+    ck = tmp_path / "ck"
+    run_compression(CompressConfig(source=str(src), output=str(ck), data=str(src / "tokens.npy"),
+                                   num_samples=16, seq_len=16, eval_samples=2, batch_size=8,
+                                   group_size=8, scheme="ternary-sym256", method="gptq"),
+                    progress=False)
+    corr, top1 = _llama_cpp_agrees(ck, tmp_path / "m.gguf", 2048)
+    print(f"llama.cpp {model_type}: logits corr {corr:.4f}, top-1 {top1:.3f}")
     assert corr > 0.98 and top1 >= 0.75, (corr, top1)

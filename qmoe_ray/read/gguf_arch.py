@@ -134,7 +134,7 @@ def metadata(config: Mapping[str, Any], arch: str) -> dict[str, Any]:
 
     Raises:
         InputError: a config llama.cpp's architecture cannot express (rope scaling, dense
-            blocks among the MoE ones).
+            blocks among the MoE ones, OLMoE with grouped-query attention).
     """
     c = config
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
@@ -150,6 +150,12 @@ def metadata(config: Mapping[str, Any], arch: str) -> dict[str, Any]:
         raise InputError("--format gguf: dense blocks among the MoE ones (mlp_only_layers / "
                          f"decoder_sparse_step) are not in llama.cpp's {arch}; export with "
                          "--format hf")
+    kv = int(c.get("num_key_value_heads") or heads)
+    if arch == "olmoe" and kv != heads:  # found by running llama.cpp on such an export
+        raise InputError(f"--format gguf: OLMoE with grouped-query attention ({kv} key/value "
+                         f"heads of {heads}) does not load in llama.cpp, whose olmoe sizes the "
+                         "k norm by the hidden size (released OLMoE models have as many "
+                         "key/value heads as heads); export with --format hf")
     a = arch
     out: dict[str, Any] = {
         f"{a}.context_length": int(c["max_position_embeddings"]),
