@@ -219,28 +219,40 @@ def test_dense_names_match_the_gguf_map(model_type, arch):
         assert gguf_arch.tensor_name(name, a) == want, name
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_deepseek_v3_exports_as_deepseek2(tmp_path):
-    """A tiny DeepSeek-V3 (MLA, a dense first block, shared experts, sigmoid routing with
-    groups and correction biases, yarn rope): names against the gguf package's deepseek2 map
-    (``kv_b_proj`` split as the converter splits it), the MLA keys, exact experts."""
+def _tiny_deepseek():
+    """A tiny DeepSeek-V3 whose expert widths are multiples of 256 (TQ2_0 blocks)."""
     from sigmoid_fixtures import tiny_sigmoid_model
 
+    return tiny_sigmoid_model("deepseek_v3", seed=2, hidden_size=256, moe_intermediate_size=256,
+                              intermediate_size=64, vocab_size=2048, n_routed_experts=8,
+                              num_hidden_layers=2)
+
+
+def _compressed(model, tmp_path: Path, method: str) -> Path:
+    """``model`` saved (bf16, the embedded tokenizer, random token ids) and compressed with
+    ``--scheme ternary-sym256``; returns the checkpoint."""
     from qmoe_ray.job.config import CompressConfig
     from qmoe_ray.job.driver import run_compression
 
-    model = tiny_sigmoid_model("deepseek_v3", seed=2, hidden_size=256, moe_intermediate_size=256,
-                               intermediate_size=64, vocab_size=2048, n_routed_experts=8,
-                               num_hidden_layers=2)
     src = save_tiny(model, tmp_path / "src", dtype=torch.bfloat16)
     shutil.copy(embedded_model_path() / "tokenizer.json", src / "tokenizer.json")
     np.save(src / "tokens.npy", np.random.default_rng(0).integers(3, 2048, (24, 16)))
     ck = tmp_path / "ck"
     run_compression(CompressConfig(source=str(src), output=str(ck), data=str(src / "tokens.npy"),
                                    num_samples=16, seq_len=16, eval_samples=2, batch_size=8,
-                                   group_size=8, scheme="ternary-sym256", method="rtn"),
+                                   group_size=8, scheme="ternary-sym256", method=method),
                     progress=False)
+    return ck
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_deepseek_v3_exports_as_deepseek2(tmp_path):
+    """A tiny DeepSeek-V3 (MLA, a dense first block, shared experts, sigmoid routing with
+    groups and correction biases, yarn rope): names against the gguf package's deepseek2 map
+    (``kv_b_proj`` split as the converter splits it), the MLA keys, exact experts."""
+    model = _tiny_deepseek()
+    ck = _compressed(model, tmp_path, "rtn")
     out = tmp_path / "ds.gguf"
     export(str(ck), str(out), format="gguf")
     r = gguf.GGUFReader(str(out))
@@ -249,7 +261,7 @@ def test_deepseek_v3_exports_as_deepseek2(tmp_path):
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2, 2)
     from safetensors.torch import load_file
 
-    sd = load_file(src / "model.safetensors")
+    sd = load_file(tmp_path / "src" / "model.safetensors")
     expected = set()
     for hf_name in sd:
         if ".experts." in hf_name and "shared" not in hf_name:
@@ -351,26 +363,10 @@ def test_llama_cpp_runs_each_familys_export(tmp_path, model_type):
     """The other families llama.cpp runs: the export of a tiny compressed model loads in
     llama.cpp under its architecture and gives our logits."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    from qmoe_ray.job.config import CompressConfig
-    from qmoe_ray.job.driver import run_compression
-
-    if model_type == "deepseek_v3":
-        from sigmoid_fixtures import tiny_sigmoid_model
-
-        model = tiny_sigmoid_model("deepseek_v3", seed=2, hidden_size=256,
-                                   moe_intermediate_size=256, intermediate_size=64,
-                                   vocab_size=2048, n_routed_experts=8, num_hidden_layers=2)
-    else:
-        model = tiny_model(model_type, seed=5, hidden_size=256, vocab_size=2048,
-                           num_hidden_layers=2, **_FAMILY_DIMS[model_type])
-    src = save_tiny(model, tmp_path / "src", dtype=torch.bfloat16)
-    shutil.copy(embedded_model_path() / "tokenizer.json", src / "tokenizer.json")
-    np.save(src / "tokens.npy", np.random.default_rng(0).integers(3, 2048, (24, 16)))
-    ck = tmp_path / "ck"
-    run_compression(CompressConfig(source=str(src), output=str(ck), data=str(src / "tokens.npy"),
-                                   num_samples=16, seq_len=16, eval_samples=2, batch_size=8,
-                                   group_size=8, scheme="ternary-sym256", method="gptq"),
-                    progress=False)
+    model = (_tiny_deepseek() if model_type == "deepseek_v3" else
+             tiny_model(model_type, seed=5, hidden_size=256, vocab_size=2048,
+                        num_hidden_layers=2, **_FAMILY_DIMS[model_type]))
+    ck = _compressed(model, tmp_path, "gptq")
     corr, top1 = _llama_cpp_agrees(ck, tmp_path / "m.gguf", 2048)
     print(f"llama.cpp {model_type}: logits corr {corr:.4f}, top-1 {top1:.3f}")
     assert corr > 0.98 and top1 >= 0.75, (corr, top1)
