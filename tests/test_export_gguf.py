@@ -228,6 +228,53 @@ def _tiny_deepseek():
                               num_hidden_layers=2)
 
 
+def _tiny_glm(model_type: str = "glm4_moe"):
+    """A tiny GLM-4.5 (a dense first block, a shared expert, sigmoid routing with groups and a
+    correction bias, q/k norms, attention biases, half-rotary rope) or MiniMax-M2 (sigmoid
+    routing with a correction bias, q/k norms over all heads, half-rotary rope), widths
+    multiples of 256."""
+    from sigmoid_fixtures import tiny_sigmoid_model
+
+    glm = dict(moe_intermediate_size=256, n_routed_experts=8) if model_type == "glm4_moe" else {}
+    return tiny_sigmoid_model(model_type, seed=5, hidden_size=256, intermediate_size=256,
+                              vocab_size=2048, num_hidden_layers=2, **glm)
+
+
+@pytest.mark.parametrize("model_type, arch", [("glm4_moe", gguf.MODEL_ARCH.GLM4_MOE),
+                                              ("minimax_m2", gguf.MODEL_ARCH.MINIMAXM2)])
+def test_sigmoid_families_names_are_llama_cpps(model_type, arch):
+    """GLM-4.5 as llama.cpp's glm4moe (the post-attention norm is ``post_attention_norm``
+    there) and MiniMax-M2 as minimax-m2: every dense tensor gets the gguf package's name, the
+    routers' correction bias ``exp_probs_b.bias`` as the converter renames it."""
+    model = _tiny_glm(model_type)
+    a = gguf.MODEL_ARCH_NAMES[arch]
+    tmap = gguf.get_tensor_name_map(arch, model.config.num_hidden_layers)
+    assert gguf_arch.arch_of({"model_type": model_type}) == a
+    for name, p in model.state_dict().items():
+        if ".experts." in name and "shared" not in name:
+            continue
+        [(got, _)] = gguf_arch.dense_tensors(name, p.float().numpy(), a, model.config.to_dict())
+        if name.endswith("e_score_correction_bias"):
+            assert got == f"blk.{name.split('.')[2]}.exp_probs_b.bias", name
+            continue
+        assert got == tmap.get_name(name, try_suffixes=(".weight", ".bias")), name
+    m = gguf_arch.metadata(model.config.to_dict(), a)
+    assert m[f"{a}.rope.dimension_count"] == model.config.head_dim // 2  # partial rotary 0.5
+    assert m[f"{a}.expert_gating_func"] == 2
+
+
+def test_glm_keys_are_llama_cpps():
+    """glm4moe's routing keys (shared experts, dense first blocks, groups, no nextn layers)."""
+    model = _tiny_glm()
+    c = model.config.to_dict()
+    m = gguf_arch.metadata(c, "glm4moe")
+    assert m["glm4moe.rope.dimension_count"] == c["head_dim"] // 2  # partial_rotary_factor 0.5
+    assert m["glm4moe.expert_gating_func"] == 2 and m["glm4moe.nextn_predict_layers"] == 0
+    assert m["glm4moe.expert_shared_count"] == c["n_shared_experts"]
+    assert m["glm4moe.leading_dense_block_count"] == c["first_k_dense_replace"]
+    assert m["glm4moe.expert_group_count"] == c["n_group"]
+
+
 def _compressed(model, tmp_path: Path, method: str) -> Path:
     """``model`` saved (bf16, the embedded tokenizer, random token ids) and compressed with
     ``--scheme ternary-sym256``; returns the checkpoint."""
@@ -358,14 +405,19 @@ _FAMILY_DIMS = {
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"])
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3",
+                                        "glm4_moe", "minimax_m2"])
 def test_llama_cpp_runs_each_familys_export(tmp_path, model_type):
     """The other families llama.cpp runs: the export of a tiny compressed model loads in
     llama.cpp under its architecture and gives our logits."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    model = (_tiny_deepseek() if model_type == "deepseek_v3" else
-             tiny_model(model_type, seed=5, hidden_size=256, vocab_size=2048,
-                        num_hidden_layers=2, **_FAMILY_DIMS[model_type]))
+    if model_type == "deepseek_v3":
+        model = _tiny_deepseek()
+    elif model_type in ("glm4_moe", "minimax_m2"):
+        model = _tiny_glm(model_type)
+    else:
+        model = tiny_model(model_type, seed=5, hidden_size=256, vocab_size=2048,
+                           num_hidden_layers=2, **_FAMILY_DIMS[model_type])
     ck = _compressed(model, tmp_path, "gptq")
     corr, top1 = _llama_cpp_agrees(ck, tmp_path / "m.gguf", 2048)
     print(f"llama.cpp {model_type}: logits corr {corr:.4f}, top-1 {top1:.3f}")

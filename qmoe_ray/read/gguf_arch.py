@@ -8,8 +8,9 @@ writing is ``qmoe_ray.read.export_gguf``).
   permutation), DeepSeek-V3 / Kimi-K2 -> ``deepseek2`` (MLA: ``kv_b_proj`` split into
   ``attn_k_b`` ``[heads, kv_lora_rank, qk_nope]`` (transposed) and ``attn_v_b`` ``[heads,
   v_head_dim, kv_lora_rank]``; the router's correction bias as ``exp_probs_b.bias``; the
-  multi-token-prediction layer left out, as the converter does). Other families are refused,
-  naming the ones supported.
+  multi-token-prediction layer left out, as the converter does), GLM-4.5 -> ``glm4moe`` (the
+  post-attention norm as ``post_attention_norm``), MiniMax-M2 -> ``minimax-m2``. Other families
+  are refused, naming the ones supported.
 - Tensor names: ``token_embd``, ``output_norm``, ``output`` and per block ``blk.N.attn_q`` ...
   ``ffn_gate_inp`` (the router); the routed experts merged per block into
   ``blk.N.ffn_{gate,up,down}_exps.weight`` ``[experts, out, in]``; Qwen2-MoE's shared expert as
@@ -32,7 +33,8 @@ from typing import Any
 from qmoe_ray.errors import InputError
 
 ARCHS = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe",
-         "deepseek_v3": "deepseek2", "kimi_k2": "deepseek2"}
+         "deepseek_v3": "deepseek2", "kimi_k2": "deepseek2", "glm4_moe": "glm4moe",
+         "minimax_m2": "minimax-m2"}
 PERMUTE_QK = {"llama"}  # llama.cpp's llama arch rotates interleaved pairs
 EXPERT_ROLES = {"gate": "ffn_gate_exps", "up": "ffn_up_exps", "down": "ffn_down_exps"}
 
@@ -53,7 +55,8 @@ _BLOCK = {
     "mlp.shared_experts.gate_proj": "ffn_gate_shexp", "mlp.shared_experts.up_proj":
     "ffn_up_shexp", "mlp.shared_experts.down_proj": "ffn_down_shexp",
 }
-_BIAS = re.compile(r"model\.layers\.(\d+)\.mlp\.gate\.e_score_correction_bias")
+_BIAS = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)(?:\.gate)?"
+                   r"\.e_score_correction_bias")
 _KV_B = re.compile(r"model\.layers\.(\d+)\.self_attn\.kv_b_proj\.weight")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 
@@ -82,7 +85,10 @@ def tensor_name(name: str, arch: str) -> str | None:
         return _TOP[name]
     m = _LAYER.fullmatch(name)
     if m and m.group(2) in _BLOCK:
-        return f"blk.{m.group(1)}.{_BLOCK[m.group(2)]}.{m.group(3)}"
+        g = _BLOCK[m.group(2)]
+        if arch == "glm4moe" and g == "ffn_norm":  # glm4moe names it after the attention
+            g = "post_attention_norm"
+        return f"blk.{m.group(1)}.{g}.{m.group(3)}"
     return None
 
 
@@ -181,6 +187,37 @@ def metadata(config: Mapping[str, Any], arch: str) -> dict[str, Any]:
         out[f"{a}.expert_shared_feed_forward_length"] = int(c["shared_expert_intermediate_size"])
     if a == "deepseek2":
         out.update(_deepseek2(c, rope, rtype))
+    if a == "glm4moe":
+        out.update(_glm4moe(c, rope, int(head_dim)))
+    if a == "minimax-m2":
+        partial = float(rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)))
+        out.update({f"{a}.expert_feed_forward_length": int(c["intermediate_size"]),
+                    f"{a}.expert_gating_func": 2,  # sigmoid, with the correction bias
+                    f"{a}.rope.dimension_count": int(c.get("rotary_dim")
+                                                     or int(head_dim) * partial)})
+    return out
+
+
+def _glm4moe(c: Mapping[str, Any], rope: Mapping[str, Any], head_dim: int) -> dict[str, Any]:
+    """glm4moe's keys: sigmoid routing with a correction bias, shared experts, leading dense
+    blocks, partial (neox) rope; the multi-token-prediction layer left out (0 nextn layers)."""
+    a = "glm4moe"
+    partial = float(rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)))
+    out: dict[str, Any] = {
+        f"{a}.expert_count": int(c["n_routed_experts"]),
+        f"{a}.expert_feed_forward_length": int(c["moe_intermediate_size"]),
+        f"{a}.expert_shared_count": int(c.get("n_shared_experts") or 0),
+        f"{a}.leading_dense_block_count": int(c.get("first_k_dense_replace") or 0),
+        f"{a}.expert_weights_scale": float(c.get("routed_scaling_factor") or 1.0),
+        f"{a}.expert_weights_norm": bool(c.get("norm_topk_prob")),
+        f"{a}.expert_gating_func": 2,  # sigmoid
+        f"{a}.rope.dimension_count": int(head_dim * partial),
+        f"{a}.nextn_predict_layers": 0,
+        f"{a}.vocab_size": int(c["vocab_size"]),
+    }
+    if int(c.get("n_group") or 1) > 1:
+        out[f"{a}.expert_group_count"] = int(c["n_group"])
+        out[f"{a}.expert_group_used_count"] = int(c["topk_group"])
     return out
 
 
