@@ -12,6 +12,7 @@ import pkgutil
 import sys
 
 import qmoe_ray.bench as bench
+from qmoe_ray.errors import InputError
 
 
 def available() -> list[str]:
@@ -35,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     mod = importlib.import_module(f"qmoe_ray.bench.{args.name}")
     sub = argparse.ArgumentParser(prog=f"benchmark.py {args.name}")
     mod.add_arguments(sub)
-    result = mod.run(sub.parse_args(rest))
+    try:
+        result = mod.run(sub.parse_args(rest))
+    except InputError as exc:  # bad options: the message names them and the fix
+        print(f"benchmark.py {args.name}: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(result.figures, indent=2, default=str))
     print(result.markdown)
     if not args.no_record:

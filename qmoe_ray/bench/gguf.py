@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qmoe_ray.bench import BenchResult
+from qmoe_ray.bench import BenchResult, median_time
 from qmoe_ray.job.config import CompressConfig
 
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_local_experts=8)
@@ -156,16 +155,6 @@ def run(args) -> BenchResult:
 SPEED_TOKENS, SPEED_THREADS, SPEED_REPEATS = 128, 2, 5
 
 
-def _median_s(fn) -> float:
-    fn()  # warm
-    times = []
-    for _ in range(SPEED_REPEATS):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _speeds(ck: Path, tmp: Path) -> dict[str, float]:
     """Tokens/s of the logits of one ``SPEED_TOKENS``-token sequence: our loader's two modes and,
     where llama-cpp-python imports, llama.cpp on the GGUF exports; empty without llama.cpp."""
@@ -186,7 +175,7 @@ def _speeds(ck: Path, tmp: Path) -> dict[str, float]:
                             ("qmoe-ray load, resident mode (experts encoded)", "resident")):
             model = load(str(ck), mode=mode)
             with torch.no_grad():
-                out[label] = SPEED_TOKENS / _median_s(lambda m=model: m.logits(x))
+                out[label] = SPEED_TOKENS / median_time(lambda m=model: m.logits(x), SPEED_REPEATS)
     finally:
         torch.set_num_threads(n)
     for label, kw in (("llama.cpp, TQ2_0 experts, bf16 rest", {}),
@@ -202,7 +191,7 @@ def _speeds(ck: Path, tmp: Path) -> dict[str, float]:
                 llm.reset()
                 llm.eval(ids)
 
-            out[label] = SPEED_TOKENS / _median_s(prefill)
+            out[label] = SPEED_TOKENS / median_time(prefill, SPEED_REPEATS)
         finally:
             llm.close()
     return out

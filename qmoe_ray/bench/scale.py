@@ -1,6 +1,6 @@
 """Scale, measured: ``python jobs/benchmark.py scale``.
 
-So far only the manifest part of issue 18: a c2048-sized manifest (``_bigmanifest``: a real job's
+The manifest part: a c2048-sized manifest (``_bigmanifest``: a real job's
 manifest, the embedded tiny SwitchTransformers compressed, with its experts cloned to
 ``--experts`` per layer on its 8 MoE layers) written, then ``read_manifest`` (size limit, parse,
 full validation: what every reader does first) timed in a fresh process, with that process's
@@ -92,21 +92,20 @@ def run_jobs(names, workdir: Path) -> dict[str, dict[str, Any]]:
 
 
 def run(args) -> BenchResult:
+    reused = json.loads(Path(args.reuse).read_text()) if args.reuse else None
+    names = list(reused if reused is not None else args.jobs or [])
+    if names and FIT not in names:  # before any job runs: the tables need the fit run
+        raise InputError(f"--jobs {' '.join(names)}: the cost model is fitted on {FIT}, which "
+                         "is not among them; add it, or --reuse a --raw file that holds it")
     tmp = Path(tempfile.mkdtemp(prefix="qmoe-scale-"))
     try:
-        if args.reuse:
-            jobs = json.loads(Path(args.reuse).read_text())
-        else:
-            jobs = run_jobs(args.jobs, tmp) if args.jobs else {}
+        jobs = reused if reused is not None else run_jobs(names, tmp) if names else {}
         if args.raw:
             Path(args.raw).write_text(json.dumps(jobs, indent=1))
         manifest = None if args.no_manifest else _manifest(args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     parts, figures, notes = [], {"jobs": jobs}, []
-    if jobs and FIT not in jobs:
-        raise InputError(f"--jobs {' '.join(jobs)}: the cost model is fitted on {FIT}, which is "
-                         f"not among them; add it, or --reuse a --raw file that holds it")
     if jobs:
         from qmoe_ray.bench import _scaletables
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -235,8 +236,6 @@ def actor_pids(handles: Iterable[Any]) -> list[int]:
 def object_store_mib() -> dict[str, float]:
     """The object store's plasma bytes in use and bytes spilled so far, in MiB (Ray's memory
     summary; 0 where it names neither). Raises what Ray raises when the cluster is gone."""
-    import re
-
     from ray._private.internal_api import memory_summary
 
     text = memory_summary(stats_only=True)

@@ -408,26 +408,21 @@ def _allocate(spec: ExpertSpec, W: dict[str, torch.Tensor], B: dict[str, torch.T
     t = clock()
 
     # each in matrix's candidates measured where they act: the expert's output error with that
-    # matrix quantized (the others exact), over the expert's Hessian tokens, in the unit of an
-    # out matrix's proxy loss. (A first-order factor fitted at plain ternary underrated the
-    # near-zero rate-aware candidates: the SiLU gate is far from linear there.)
-    # (on at most ESTIMATE_TOKENS of them, evenly spaced: a mean, and the forwards dominated
-    # the allocation's cost)
+    # matrix quantized (the others exact), in the unit of an out matrix's proxy loss, over at
+    # most ESTIMATE_TOKENS of the expert's Hessian tokens, evenly spaced (a mean; the forwards
+    # dominated the allocation's cost)
     in_loss = {r: np.zeros((G, K)) for r in spec.in_roles}
     xs = [x[::max(1, -(-x.shape[0] // ESTIMATE_TOKENS))] for x in x_h]
-    y0s: dict[int, torch.Tensor] = {}
     with torch.no_grad():
+        base = [{**{q: W[q][i] for q in roles}, **bias[i]} for i in range(G)]
+        y0 = [spec.forward(base[i], xs[i]) if xs[i].shape[0] else None for i in range(G)]
         for r in spec.in_roles:
             for k in range(K):
                 deq = cand[r][k].dequantize()
                 for i in range(G):
-                    if not xs[i].shape[0]:
-                        continue
-                    base = {**{q: W[q][i] for q in roles}, **bias[i]}
-                    if i not in y0s:
-                        y0s[i] = spec.forward(base, xs[i])
-                    y = spec.forward({**base, r: deq[i]}, xs[i])
-                    in_loss[r][i, k] = float((y - y0s[i]).square().sum(dim=1).mean())
+                    if y0[i] is not None:
+                        y = spec.forward({**base[i], r: deq[i]}, xs[i])
+                        in_loss[r][i, k] = float((y - y0[i]).square().sum(dim=1).mean())
                 del deq
     weight = np.array([float(t.hmask.sum()) for t in tokens])
     bits = np.concatenate([np.stack([estimate_bits(cand[r][k]).numpy() for k in range(K)], 1)

@@ -169,7 +169,7 @@ def metadata(config: Mapping[str, Any], arch: str) -> dict[str, Any]:
         f"{a}.block_count": int(c["num_hidden_layers"]),
         f"{a}.feed_forward_length": int(c["intermediate_size"]),
         f"{a}.attention.head_count": heads,
-        f"{a}.attention.head_count_kv": int(c.get("num_key_value_heads") or heads),
+        f"{a}.attention.head_count_kv": kv,
         f"{a}.rope.freq_base": float(theta),
         f"{a}.attention.layer_norm_rms_epsilon": float(c["rms_norm_eps"]),
         f"{a}.expert_count": int(c.get("num_local_experts") or c.get("num_experts")
@@ -187,23 +187,32 @@ def metadata(config: Mapping[str, Any], arch: str) -> dict[str, Any]:
         out[f"{a}.expert_shared_feed_forward_length"] = int(c["shared_expert_intermediate_size"])
     if a == "deepseek2":
         out.update(_deepseek2(c, rope, rtype))
+    # partial rope (GLM-4.5, MiniMax-M2): the rotated width of a head
+    partial = float(rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)))
+    rotary = int(c.get("rotary_dim") or int(head_dim) * partial)
     if a == "glm4moe":
-        out.update(_glm4moe(c, rope, int(head_dim)))
+        out.update(_glm4moe(c, rotary))
     if a == "minimax-m2":
-        partial = float(rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)))
         out.update({f"{a}.expert_feed_forward_length": int(c["intermediate_size"]),
                     f"{a}.expert_gating_func": 2,  # sigmoid, with the correction bias
-                    f"{a}.rope.dimension_count": int(c.get("rotary_dim")
-                                                     or int(head_dim) * partial)})
+                    f"{a}.rope.dimension_count": rotary})
     return out
 
 
-def _glm4moe(c: Mapping[str, Any], rope: Mapping[str, Any], head_dim: int) -> dict[str, Any]:
+def _groups(c: Mapping[str, Any], a: str) -> dict[str, Any]:
+    """The expert-group keys of group-limited routing (``n_group`` > 1: DeepSeek-V3, GLM)."""
+    if int(c.get("n_group") or 1) <= 1:
+        return {}
+    return {f"{a}.expert_group_count": int(c["n_group"]),
+            f"{a}.expert_group_used_count": int(c["topk_group"])}
+
+
+def _glm4moe(c: Mapping[str, Any], rotary: int) -> dict[str, Any]:
     """glm4moe's keys: sigmoid routing with a correction bias, shared experts, leading dense
-    blocks, partial (neox) rope; the multi-token-prediction layer left out (0 nextn layers)."""
+    blocks, partial (neox) rope of ``rotary`` dimensions; the multi-token-prediction layer left
+    out (0 nextn layers)."""
     a = "glm4moe"
-    partial = float(rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)))
-    out: dict[str, Any] = {
+    return {
         f"{a}.expert_count": int(c["n_routed_experts"]),
         f"{a}.expert_feed_forward_length": int(c["moe_intermediate_size"]),
         f"{a}.expert_shared_count": int(c.get("n_shared_experts") or 0),
@@ -211,14 +220,11 @@ def _glm4moe(c: Mapping[str, Any], rope: Mapping[str, Any], head_dim: int) -> di
         f"{a}.expert_weights_scale": float(c.get("routed_scaling_factor") or 1.0),
         f"{a}.expert_weights_norm": bool(c.get("norm_topk_prob")),
         f"{a}.expert_gating_func": 2,  # sigmoid
-        f"{a}.rope.dimension_count": int(head_dim * partial),
+        f"{a}.rope.dimension_count": rotary,
         f"{a}.nextn_predict_layers": 0,
         f"{a}.vocab_size": int(c["vocab_size"]),
+        **_groups(c, a),
     }
-    if int(c.get("n_group") or 1) > 1:
-        out[f"{a}.expert_group_count"] = int(c["n_group"])
-        out[f"{a}.expert_group_used_count"] = int(c["topk_group"])
-    return out
 
 
 def _deepseek2(c: Mapping[str, Any], rope: Mapping[str, Any], rtype: str) -> dict[str, Any]:
@@ -246,9 +252,7 @@ def _deepseek2(c: Mapping[str, Any], rope: Mapping[str, Any], rtype: str) -> dic
         out[f"{a}.attention.q_lora_rank"] = int(c["q_lora_rank"])
     if c.get("norm_topk_prob"):
         out[f"{a}.expert_weights_norm"] = True
-    if int(c.get("n_group") or 1) > 1:
-        out[f"{a}.expert_group_count"] = int(c["n_group"])
-        out[f"{a}.expert_group_used_count"] = int(c["topk_group"])
+    out.update(_groups(c, a))
     if rtype == "yarn":
         out[f"{a}.rope.scaling.type"] = "yarn"
         out[f"{a}.rope.scaling.factor"] = float(rope["factor"])
