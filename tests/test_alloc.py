@@ -162,6 +162,52 @@ def test_group_budget_below_the_minimum_or_above_the_richest(worker_group):
     assert enc.allocation["richest"] and {e["setting"] for e in enc.entries.values()} == {"int4"}
 
 
+def test_large_matrices_estimate_on_sampled_rows_and_run_the_choice_whole():
+    """Rows >= 4 x SAMPLE_MIN_ROWS: candidates on a row sample; each chosen setting then runs on
+    the whole matrix of the experts that chose it (exactly gptq_multi on that subset), and the
+    budget still holds on the coded bits."""
+    from types import SimpleNamespace
+
+    from qmoe_ray.job.allocation import SAMPLE_MIN_ROWS, group_hessians
+    from qmoe_ray.job.group import ExpertTokens, QuantOptions, quantize_group
+    from qmoe_ray.job.workers import _pack_mixed
+    from qmoe_ray.models.base import ExpertSpec, relu_hidden
+    from qmoe_ray.quant import parse_scheme
+
+    g = torch.Generator().manual_seed(3)
+    G, d, ff, T = 3, 48, 4 * SAMPLE_MIN_ROWS, 256
+    spec = ExpertSpec(("wi",), ("wo",), relu_hidden("wi"))
+    W = {"wi": torch.randn(G, ff, d, generator=g) * d**-0.5,
+         "wo": torch.randn(G, d, ff, generator=g) * ff**-0.5}
+    xs = [torch.randn(T, d, generator=g) for _ in range(G)]
+    toks = [ExpertTokens(x.numpy(), np.ones(T, dtype=bool)) for x in xs]
+    params = sum(w[0].numel() for w in W.values()) * G
+    layer, names = SimpleNamespace(name="l", index=0), [{"wi": f"{i}.wi", "wo": f"{i}.wo"}
+                                                        for i in range(G)]
+
+    def measure(results, choices):
+        t, _, _ = _pack_mixed(layer, 0, list(range(G)), names, results, choices, 4096)
+        return 8 * sum(v.numel() * v.element_size() for v in t.values())
+
+    opts = QuantOptions(parse_scheme("ternary"), target_bits=1.2)
+    res = quantize_group(spec, W, toks, opts, measure=measure)
+    assert res.allocation["sampled_rows"] == {"wi": ff // 4 if ff // 16 < SAMPLE_MIN_ROWS
+                                              else ff // 16, "wo": None}
+    assert res.allocation["bits"] == measure(res.results, res.choices) <= 1.2 * params
+    assert res.allocation["bits"] >= 0.9 * 1.2 * params
+    # the in matrices' results: the chosen setting over the whole matrix of its experts
+    H, _ = group_hessians(xs, d)
+    labels = [(s if not lam else f"{s}@{lam:g}") for s, lam in CANDIDATES]
+    for lab in set(res.choices["wi"]):
+        idx = [i for i, c in enumerate(res.choices["wi"]) if c == lab]
+        sc, lam = CANDIDATES[labels.index(lab)]
+        ref = gptq_multi(W["wi"][idx], H[idx], [(sc, lam)], actorder=opts.actorder,
+                         percdamp=opts.percdamp, blocksize=opts.blocksize)[0]
+        for j, i in enumerate(idx):
+            assert res.results["wi"][i].codes.shape == (1, ff, d)
+            assert torch.equal(res.results["wi"][i].codes[0], ref.codes[j])
+
+
 # -- jobs on the embedded model -------------------------------------------------------------------
 _JOB = dict(num_samples=32, seq_len=32, eval_samples=4, batch_size=16, group_size=8)
 

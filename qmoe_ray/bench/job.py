@@ -131,24 +131,15 @@ def _synthetic_4x(src: Path, dst: Path, factor: int = 4) -> Path:
     return dst
 
 
-def _switch_base_layer(outliers: bool, tokens: int = 8192,
-                       rate_lambda: float = 0.0) -> dict[str, Any]:
-    """Bits per expert parameter of a synthetic switch-base-size layer, ternary GPTQ, as written.
-
-    Args:
-        outliers: calibration activations correlated (a random mixing) with 8 outlier channels
-            (x6), as real LLM activations are; else i.i.d. Gaussian activations.
-        tokens: calibration tokens per expert (the paper's switch-base run averaged ~40K per
-            expert; far fewer than ``d_ff`` leaves ``wo``'s Hessian rank-deficient).
-        rate_lambda: rate-aware rounding (0: plain GPTQ).
-    """
-    from qmoe_ray.format.matrices import pack_matrix, shared_table, table_tensors
-    from qmoe_ray.job.group import ExpertTokens, QuantOptions, quantize_group
+def switch_base_layer_inputs(outliers: bool, tokens: int = 8192, experts: int = 16):
+    """The synthetic switch-base-size layer: ``(spec, weights, tokens)`` for ``quantize_group``
+    (``experts`` of 768x3072 + 3072x768, Gaussian weights, ``tokens`` calibration tokens per
+    expert; with ``outliers`` the activations are correlated, with 8 outlier channels x6)."""
+    from qmoe_ray.job.group import ExpertTokens
     from qmoe_ray.models.base import ExpertSpec, relu_hidden
-    from qmoe_ray.quant import parse_scheme
 
     spec = ExpertSpec(("wi",), ("wo",), relu_hidden("wi"))
-    G, d, ff, T = 16, 768, 3072, tokens
+    G, d, ff, T = experts, 768, 3072, tokens
     g = torch.Generator().manual_seed(0)
     W = {
         "wi": torch.randn(G, ff, d, generator=g) * d**-0.5,
@@ -162,6 +153,26 @@ def _switch_base_layer(outliers: bool, tokens: int = 8192,
             x = x @ mix
             x[:, :8] *= 6
         toks.append(ExpertTokens(x.numpy(), np.ones(T, dtype=bool)))
+    return spec, W, toks
+
+
+def _switch_base_layer(outliers: bool, tokens: int = 8192,
+                       rate_lambda: float = 0.0) -> dict[str, Any]:
+    """Bits per expert parameter of a synthetic switch-base-size layer, ternary GPTQ, as written.
+
+    Args:
+        outliers: calibration activations correlated (a random mixing) with 8 outlier channels
+            (x6), as real LLM activations are; else i.i.d. Gaussian activations.
+        tokens: calibration tokens per expert (the paper's switch-base run averaged ~40K per
+            expert; far fewer than ``d_ff`` leaves ``wo``'s Hessian rank-deficient).
+        rate_lambda: rate-aware rounding (0: plain GPTQ).
+    """
+    from qmoe_ray.format.matrices import pack_matrix, shared_table, table_tensors
+    from qmoe_ray.job.group import QuantOptions, quantize_group
+    from qmoe_ray.quant import parse_scheme
+
+    spec, W, toks = switch_base_layer_inputs(outliers, tokens)
+    G, d, ff = W["wo"].shape[0], W["wo"].shape[1], W["wo"].shape[2]
     t0 = time.perf_counter()
     job = CompressConfig()  # the job's defaults (act-order on, sequential experts)
     opts = QuantOptions(parse_scheme("ternary"), actorder=job.actorder,

@@ -18,23 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from qmoe_ray.job.allocation import Measure, allocate_group, group_hessians, sync
 from qmoe_ray.job.config import CompressConfig
 from qmoe_ray.models.base import ExpertSpec
-from qmoe_ray.quant import QuantResult, Scheme, gptq, gptq_multi, hessian, parse_scheme, rtn
-from qmoe_ray.quant.alloc import (
-    CANDIDATES,
-    TABLE_BITS,
-    BudgetTooSmall,
-    allocate,
-    estimate_bits,
-    label,
-)
+from qmoe_ray.quant import QuantResult, Scheme, gptq, parse_scheme, rtn
 from qmoe_ray.quant.prune import PruneSpec, prune_mask
 
 _D = CompressConfig  # the defaults: CompressConfig's fields, one place for every option
@@ -113,9 +106,6 @@ class GroupResult:
     allocation: dict | None = None
 
 
-Measure = Callable[[Mapping[str, Sequence[QuantResult]], Mapping[str, Sequence[str]]], int]
-"""Exact stored bits (codes, grids, shared tables) of a group's per-expert results, given with
-the labels of their candidate settings."""
 
 
 def select_hessian_tokens(hmask: np.ndarray, cap: int | None) -> np.ndarray:
@@ -133,16 +123,6 @@ def select_hessian_tokens(hmask: np.ndarray, cap: int | None) -> np.ndarray:
         pick = np.linspace(0, len(eligible) - 1, cap).round().astype(np.int64)
         eligible = eligible[np.unique(pick)]
     return eligible
-
-
-def _hessians(xs: Sequence[torch.Tensor], cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hessians of a list of per-expert activations (empty ones give an all-zero Hessian)."""
-    return hessian([x if x.numel() else x.new_zeros(0, cols) for x in xs])
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _quantize(
@@ -241,7 +221,7 @@ def quantize_group(
 
     if opts.target_bits is not None:
         t0 = clock()
-        results, choices, alloc = _allocate(spec, W, B, x_h, counts, tokens, opts,
+        results, choices, alloc = allocate_group(spec, W, B, x_h, counts, tokens, opts,
                                             target_bits or opts.target_bits, measure, device)
         timings["quantize"] = clock() - t0
         deq = {r: torch.cat([q.dequantize() for q in results[r]]) for r in spec.roles}
@@ -251,13 +231,13 @@ def quantize_group(
 
     results: dict[str, QuantResult] = {}
     t0 = clock()
-    H_in, _ = _hessians(x_h, d_in)
-    _sync(device)
+    H_in, _ = group_hessians(x_h, d_in)
+    sync(device)
     t1 = clock()
     for role in spec.in_roles:
         results[role] = _quantize(W[role], H_in, counts, opts)
     del H_in
-    _sync(device)
+    sync(device)
     t2 = clock()
     timings["hessian"] += t1 - t0
     timings["quantize"] += t2 - t1
@@ -267,16 +247,16 @@ def quantize_group(
     hidden_h = [spec.hidden({**{r: feed[r][i] for r in spec.in_roles},
                              **{b: v[i] for b, v in B.items()}}, x_h[i]) for i in range(G)]
     d_ff = W[spec.out_roles[0]].shape[2]
-    H_out, _ = _hessians(hidden_h, d_ff)
+    H_out, _ = group_hessians(hidden_h, d_ff)
     del hidden_h
-    _sync(device)
+    sync(device)
     t3 = clock()
     for role in spec.out_roles:
         results[role] = _quantize(W[role], H_out, counts, opts)
     del H_out
     for role in spec.out_roles:
         deq[role] = results[role].dequantize()
-    _sync(device)
+    sync(device)
     t4 = clock()
     timings["hessian"] += t3 - t2
     timings["quantize"] += t4 - t3
@@ -349,153 +329,3 @@ def _to_cpu(q: QuantResult) -> QuantResult:
         tokens=None if q.tokens is None else q.tokens.cpu(),
         pruned=None if q.pruned is None else q.pruned.cpu(),
     )
-
-
-#: Hessian tokens per expert an in matrix's candidates are measured on (``_allocate``)
-ESTIMATE_TOKENS = 1024
-
-
-def _slice(q: QuantResult, idx: Sequence[int]) -> QuantResult:
-    """The experts ``idx`` of ``q`` (a stack of ``len(idx)``)."""
-    ix = torch.as_tensor(list(idx), dtype=torch.int64, device=q.codes.device)
-    return dataclasses.replace(
-        q, codes=q.codes[ix], params={k: v[ix] for k, v in q.params.items()},
-        loss=q.loss[ix.cpu()], tokens=None if q.tokens is None else q.tokens[ix.cpu()],
-        fallback=[q.fallback[i] for i in idx], squeeze=False, pruned=None)
-
-
-def _allocate(spec: ExpertSpec, W: dict[str, torch.Tensor], B: dict[str, torch.Tensor],
-              x_h: list[torch.Tensor], counts: torch.Tensor, tokens: Sequence[ExpertTokens],
-              opts: QuantOptions, target_bits: float, measure: Measure | None,
-              device: str) -> tuple[dict[str, list[QuantResult]], dict[str, list[str]], dict]:
-    """Every matrix of the group under its chosen candidate (``qmoe_ray.quant.alloc``).
-
-    Loss estimate (``qmoe_ray.quant.alloc``; README, ``--target-bits``): the mean squared error
-    a candidate adds to the expert's output over the expert's Hessian tokens, times those
-    tokens, so it is the squared error the matrix adds to the layer's output over the
-    calibration set. An out matrix's is its proxy loss; an in matrix's is measured by a forward
-    of the expert with that matrix under the candidate and the others exact (a linear factor
-    from plain ternary underrated the near-zero candidates by far: the gate is not linear).
-
-    The out matrices' candidates are estimated on the Hessian through the exact in matrices; once
-    the in matrices are chosen (and ``opts.sequential``), the out matrices are quantized again,
-    under their chosen settings, on the Hessian through the quantized ones, as without a budget.
-    """
-    clock = time.perf_counter
-    sec = {"candidates": 0.0, "calibrate": 0.0, "choose": 0.0, "requantize": 0.0, "measure": 0.0}
-    t = clock()
-    settings = [(parse_scheme(s), lam) for s, lam in CANDIDATES]
-    labels = [label(s, lam) for s, lam in CANDIDATES]
-    K, G = len(settings), len(x_h)
-    roles = list(spec.roles)
-    kw = dict(blocksize=opts.blocksize, percdamp=opts.percdamp, actorder=opts.actorder,
-              tokens=counts)
-    bias = [{b: v[i] for b, v in B.items()} for i in range(G)]
-    d_in = W[spec.in_roles[0]].shape[2]
-    d_ff = W[spec.out_roles[0]].shape[2]
-    H_in, _ = _hessians(x_h, d_in)
-    cand = {r: gptq_multi(W[r], H_in, settings, **kw) for r in spec.in_roles}
-    del H_in
-    hid = [spec.hidden({**{r: W[r][i] for r in spec.in_roles}, **bias[i]}, x_h[i])
-           for i in range(G)]
-    H0, _ = _hessians(hid, d_ff)
-    del hid
-    for r in spec.out_roles:
-        cand[r] = gptq_multi(W[r], H0, settings, **kw)
-    del H0
-    _sync(device)
-    sec["candidates"] += clock() - t
-    t = clock()
-
-    # each in matrix's candidates measured where they act: the expert's output error with that
-    # matrix quantized (the others exact), in the unit of an out matrix's proxy loss, over at
-    # most ESTIMATE_TOKENS of the expert's Hessian tokens, evenly spaced (a mean; the forwards
-    # dominated the allocation's cost)
-    in_loss = {r: np.zeros((G, K)) for r in spec.in_roles}
-    xs = [x[::max(1, -(-x.shape[0] // ESTIMATE_TOKENS))] for x in x_h]
-    with torch.no_grad():
-        base = [{**{q: W[q][i] for q in roles}, **bias[i]} for i in range(G)]
-        y0 = [spec.forward(base[i], xs[i]) if xs[i].shape[0] else None for i in range(G)]
-        for r in spec.in_roles:
-            for k in range(K):
-                deq = cand[r][k].dequantize()
-                for i in range(G):
-                    if y0[i] is not None:
-                        y = spec.forward({**base[i], r: deq[i]}, xs[i])
-                        in_loss[r][i, k] = float((y - y0[i]).square().sum(dim=1).mean())
-                del deq
-    weight = np.array([float(t.hmask.sum()) for t in tokens])
-    bits = np.concatenate([np.stack([estimate_bits(cand[r][k]).numpy() for k in range(K)], 1)
-                           for r in roles])
-    loss = np.concatenate([(in_loss[r] if r in in_loss else
-                            np.stack([cand[r][k].loss.numpy() for k in range(K)], 1))
-                           * weight[:, None] for r in roles])
-    params = sum(W[r][0].numel() for r in roles) * G
-    target = target_bits * params
-    minimum = float(bits.min(axis=1).sum())
-    richest = float(bits[:, K - 1].sum())
-    alloc = {"target_bits_per_param": target_bits, "params": params,
-             "minimum_bits_per_param": minimum / params,
-             "richest_bits_per_param": richest / params, "richest": target >= richest}
-
-    sec["calibrate"] += clock() - t
-    schemes = [s.name for s, _ in settings]
-
-    def choose(budget: float) -> tuple[np.ndarray, float]:
-        """The knapsack's choice at ``budget`` less the tables it needs, and its estimate."""
-        inner = budget
-        for _ in range(8):
-            choice = (np.full(len(bits), K - 1) if target >= richest
-                      else allocate(bits, loss, inner))
-            used = {(j, schemes[int(k)]) for j in range(len(roles))
-                    for k in choice[j * G:(j + 1) * G]}
-            est = float(bits[np.arange(len(bits)), choice].sum()) + sum(
-                TABLE_BITS.get(sc, 0) for _, sc in used)
-            if est <= budget or target >= richest:
-                break
-            inner -= est - budget
-        return choice, est
-
-    budget = target * (1 - 1e-3)  # a little room for the coder's overhead over the entropy
-    for attempt in range(8):
-        t = clock()
-        try:
-            choice, est = choose(budget)
-        except BudgetTooSmall as exc:
-            raise BudgetTooSmall(minimum / params, target_bits) from exc
-        ch = {r: choice[j * G:(j + 1) * G] for j, r in enumerate(roles)}
-        t1 = clock()
-        sec["choose"] += t1 - t
-        results = {r: [_slice(cand[r][int(ch[r][i])], [i]) for i in range(G)]
-                   for r in spec.in_roles}
-        if opts.sequential:
-            deq = {r: torch.cat([q.dequantize() for q in results[r]]) for r in spec.in_roles}
-            hid = [spec.hidden({**{r: deq[r][i] for r in spec.in_roles}, **bias[i]}, x_h[i])
-                   for i in range(G)]
-            H_out, _ = _hessians(hid, d_ff)
-            del hid, deq
-            for r in spec.out_roles:
-                ks = sorted(set(ch[r].tolist()))
-                qs = dict(zip(ks, gptq_multi(W[r], H_out, [settings[k] for k in ks], **kw),
-                              strict=True))
-                results[r] = [_slice(qs[int(ch[r][i])], [i]) for i in range(G)]
-            del H_out
-        else:
-            for r in spec.out_roles:
-                results[r] = [_slice(cand[r][int(ch[r][i])], [i]) for i in range(G)]
-        choices = {r: [labels[int(k)] for k in ch[r]] for r in roles}
-        _sync(device)
-        t2 = clock()
-        sec["requantize"] += t2 - t1
-        exact = est if measure is None else float(measure(results, choices))
-        sec["measure"] += clock() - t2
-        alloc.update(estimated_bits=est, bits=exact, attempts=attempt + 1)
-        if exact <= target or alloc["richest"]:
-            break
-        budget -= (exact - target) + 1e-3 * target
-    else:
-        raise RuntimeError(f"the coded choice stays above the budget ({exact:.0f} > "
-                           f"{target:.0f} bits) after {attempt + 1} tries")
-    alloc["bits_per_param"] = alloc["bits"] / params
-    alloc["seconds"] = sec
-    return results, choices, alloc

@@ -1,0 +1,268 @@
+"""A group's matrices under a size budget (``--target-bits``): candidates, estimates, the choice.
+
+``qmoe_ray.quant.alloc`` has the candidates, the bit estimate and the knapsack; this module runs
+them on one expert group as a worker does (``qmoe_ray.job.group.quantize_group`` calls
+``allocate_group``).
+
+Loss estimate (README, ``--target-bits``): the mean squared error a candidate adds to the
+expert's output over the expert's Hessian tokens, times those tokens, so it is the squared error
+the matrix adds to the layer's output over the calibration set. An out matrix's is its proxy
+loss; an in matrix's is measured by a forward of the expert with that matrix under the candidate
+and the others exact (a linear factor from plain ternary underrated the near-zero candidates by
+far: the gate is not linear).
+
+Cost: every candidate costs a GPTQ column sweep, so on large matrices the candidates are
+estimated on a sample of rows (``sample_rows``: evenly spaced, at least ``SAMPLE_MIN_ROWS``, a
+``1 / SAMPLE_FRACTION`` share): GPTQ treats rows independently given the Hessian factor, so a
+row sample's codes are exactly those rows' codes under the candidate, and its bits and loss,
+scaled by rows / sampled rows, estimate the matrix's (an in matrix's forward quantizes only the
+sampled rows, the others exact). Only the chosen setting is then run on the whole matrix, per
+expert subset (for a rate-aware setting its running code table is then the subset's, not the
+whole group's as in its estimate: running every used setting over the whole group would cost
+the sweeps the sampling saves). Small matrices (fewer than ``4 * SAMPLE_MIN_ROWS`` rows, as in the embedded
+models) use every row, and their chosen candidates are the results themselves.
+
+The out matrices' candidates are estimated on the Hessian through the exact in matrices; once
+the in matrices are chosen (and ``opts.sequential``), the out matrices are quantized again,
+under their chosen settings, on the Hessian through the quantized ones, as without a budget.
+Results are cached per expert and setting (and, for an out matrix, its expert's in choices)
+across the budget's attempts, so a tightened retry only runs what changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from qmoe_ray.models.base import ExpertSpec
+from qmoe_ray.quant import QuantResult, gptq_multi, hessian, parse_scheme
+from qmoe_ray.quant.alloc import (
+    CANDIDATES,
+    TABLE_BITS,
+    BudgetTooSmall,
+    allocate,
+    estimate_bits,
+    label,
+)
+
+#: Most of an expert's Hessian tokens the in matrices' forward estimates use (evenly spaced).
+ESTIMATE_TOKENS = 1024
+#: Row sampling of the candidates (``sample_rows``).
+SAMPLE_MIN_ROWS = 128
+SAMPLE_FRACTION = 16
+
+Measure = Callable[[Mapping[str, Sequence[QuantResult]], Mapping[str, Sequence[str]]], int]
+"""Exact stored bits (codes, grids, shared tables) of a group's per-expert results, given with
+the labels of their candidate settings."""
+
+
+def group_hessians(xs: Sequence[torch.Tensor], cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hessians of a list of per-expert activations (empty ones give an all-zero Hessian)."""
+    return hessian([x if x.numel() else x.new_zeros(0, cols) for x in xs])
+
+
+def sync(device: str) -> None:
+    """Wait for the device's queued work (timings on a GPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def slice_result(q: QuantResult, idx: Sequence[int]) -> QuantResult:
+    """The experts ``idx`` of ``q`` (a stack of ``len(idx)``)."""
+    ix = torch.as_tensor(list(idx), dtype=torch.int64, device=q.codes.device)
+    return dataclasses.replace(
+        q, codes=q.codes[ix], params={k: v[ix] for k, v in q.params.items()},
+        loss=q.loss[ix.cpu()], tokens=None if q.tokens is None else q.tokens[ix.cpu()],
+        fallback=[q.fallback[i] for i in idx], squeeze=False, pruned=None)
+
+
+def sample_rows(rows: int) -> torch.Tensor | None:
+    """The rows a matrix's candidates are estimated on (None: all of them)."""
+    if rows < 4 * SAMPLE_MIN_ROWS:
+        return None
+    n = max(SAMPLE_MIN_ROWS, rows // SAMPLE_FRACTION)
+    return torch.from_numpy(np.unique(np.linspace(0, rows - 1, n).round().astype(np.int64)))
+
+
+def allocate_group(spec: ExpertSpec, W: dict[str, torch.Tensor], B: dict[str, torch.Tensor],
+                   x_h: list[torch.Tensor], counts: torch.Tensor, tokens: Sequence[Any],
+                   opts: Any, target_bits: float, measure: Measure | None,
+                   device: str) -> tuple[dict[str, list[QuantResult]], dict[str, list[str]], dict]:
+    """Every matrix of the group under its chosen candidate (see the module doc).
+
+    ``opts`` is the group's ``QuantOptions``; ``tokens`` its ``ExpertTokens`` (for the Hessian
+    token counts that weigh the losses). Returns ``(results, choices, allocation)``: one
+    single-expert ``QuantResult`` per expert and role, the chosen labels, the budget record.
+    """
+    clock = time.perf_counter
+    sec = {"candidates": 0.0, "calibrate": 0.0, "choose": 0.0, "requantize": 0.0, "measure": 0.0}
+    t = clock()
+    settings = [(parse_scheme(s), lam) for s, lam in CANDIDATES]
+    labels = [label(s, lam) for s, lam in CANDIDATES]
+    K, G = len(settings), len(x_h)
+    roles = list(spec.roles)
+    kw = dict(blocksize=opts.blocksize, percdamp=opts.percdamp, actorder=opts.actorder)
+    bias = [{b: v[i] for b, v in B.items()} for i in range(G)]
+    d_in = W[spec.in_roles[0]].shape[2]
+    d_ff = W[spec.out_roles[0]].shape[2]
+    rows = {r: sample_rows(W[r].shape[1]) for r in roles}
+    if len({W[r].shape[1] for r in spec.in_roles}) == 1:  # gate/up: the same hidden units
+        rows.update({r: rows[spec.in_roles[0]] for r in spec.in_roles})
+    scale = {r: 1.0 if rows[r] is None else W[r].shape[1] / len(rows[r]) for r in roles}
+
+    def part(r: str) -> torch.Tensor:
+        return W[r] if rows[r] is None else W[r][:, rows[r].to(W[r].device)]
+
+    H_in, _ = group_hessians(x_h, d_in)
+    cand = {r: gptq_multi(part(r), H_in, settings, tokens=counts, **kw) for r in spec.in_roles}
+    hid = [spec.hidden({**{r: W[r][i] for r in spec.in_roles}, **bias[i]}, x_h[i])
+           for i in range(G)]
+    H0, _ = group_hessians(hid, d_ff)
+    del hid
+    for r in spec.out_roles:
+        cand[r] = gptq_multi(part(r), H0, settings, tokens=counts, **kw)
+    sync(device)
+    sec["candidates"] += clock() - t
+    t = clock()
+
+    # each in matrix's candidates measured where they act: the expert's output error with that
+    # matrix quantized (the others exact; sampled rows only when sampled), in the unit of an out
+    # matrix's proxy loss, over at most ESTIMATE_TOKENS of the expert's Hessian tokens
+    in_loss = {r: np.zeros((G, K)) for r in spec.in_roles}
+    xs = [x[::max(1, -(-x.shape[0] // ESTIMATE_TOKENS))] for x in x_h]
+    with torch.no_grad():
+        base = [{**{q: W[q][i] for q in roles}, **bias[i]} for i in range(G)]
+        y0 = [spec.forward(base[i], xs[i]) if xs[i].shape[0] else None for i in range(G)]
+        for r in spec.in_roles:
+            for k in range(K):
+                deq = cand[r][k].dequantize()
+                for i in range(G):
+                    if y0[i] is None:
+                        continue
+                    w = deq[i]
+                    if rows[r] is not None:
+                        w = W[r][i].clone()
+                        w[rows[r].to(w.device)] = deq[i]
+                    y = spec.forward({**base[i], r: w}, xs[i])
+                    in_loss[r][i, k] = float((y - y0[i]).square().sum(dim=1).mean())
+                del deq
+    weight = np.array([float(t.hmask.sum()) for t in tokens])
+    bits = np.concatenate([np.stack([estimate_bits(cand[r][k]).numpy() for k in range(K)], 1)
+                           * scale[r] for r in roles])
+    loss = np.concatenate([(in_loss[r] * scale[r] if r in in_loss else
+                            np.stack([cand[r][k].loss.numpy() for k in range(K)], 1) * scale[r])
+                           * weight[:, None] for r in roles])
+    params = sum(W[r][0].numel() for r in roles) * G
+    target = target_bits * params
+    minimum = float(bits.min(axis=1).sum())
+    richest = float(bits[:, K - 1].sum())
+    alloc = {"target_bits_per_param": target_bits, "params": params,
+             "minimum_bits_per_param": minimum / params,
+             "richest_bits_per_param": richest / params, "richest": target >= richest,
+             "sampled_rows": {r: None if rows[r] is None else len(rows[r]) for r in roles}}
+    sec["calibrate"] += clock() - t
+    schemes = [s.name for s, _ in settings]
+
+    def choose(budget: float) -> tuple[np.ndarray, float]:
+        """The knapsack's choice at ``budget`` less the tables it needs, and its estimate."""
+        inner = budget
+        for _ in range(8):
+            choice = (np.full(len(bits), K - 1) if target >= richest
+                      else allocate(bits, loss, inner))
+            used = {(j, schemes[int(k)]) for j in range(len(roles))
+                    for k in choice[j * G:(j + 1) * G]}
+            est = float(bits[np.arange(len(bits)), choice].sum()) + sum(
+                TABLE_BITS.get(sc, 0) for _, sc in used)
+            if est <= budget or target >= richest:
+                break
+            inner -= est - budget
+        return choice, est
+
+    cache: dict[tuple, QuantResult] = {}
+
+    def run(r: str, H: torch.Tensor, want: dict[int, tuple]) -> None:
+        """Quantize role ``r`` of the experts in ``want`` (expert -> cache key, setting last)
+        under their settings, on ``H`` (all experts' Hessians), into ``cache``."""
+        by_k: dict[int, list[int]] = {}
+        for i, key in want.items():
+            if key not in cache:
+                by_k.setdefault(key[-1], []).append(i)
+        for k, idx in sorted(by_k.items()):
+            ix = torch.as_tensor(idx, device=W[r].device)
+            q = gptq_multi(W[r][ix], H[ix], [settings[k]], tokens=counts[ix.cpu()], **kw)[0]
+            for j, i in enumerate(idx):
+                cache[want[i]] = slice_result(q, [j])
+
+    H_out: dict[int, tuple[tuple, torch.Tensor]] = {}  # per expert: (its in choices, out H)
+    budget = target * (1 - 1e-3)  # a little room for the coder's overhead over the entropy
+    for attempt in range(8):
+        t = clock()
+        try:
+            choice, est = choose(budget)
+        except BudgetTooSmall as exc:
+            raise BudgetTooSmall(minimum / params, target_bits) from exc
+        ch = {r: choice[j * G:(j + 1) * G] for j, r in enumerate(roles)}
+        t1 = clock()
+        sec["choose"] += t1 - t
+        results: dict[str, list[QuantResult]] = {}
+        for r in spec.in_roles:
+            if rows[r] is None:
+                results[r] = [slice_result(cand[r][int(ch[r][i])], [i]) for i in range(G)]
+            else:
+                want = {i: (r, i, int(ch[r][i])) for i in range(G)}
+                run(r, H_in, want)
+                results[r] = [cache[want[i]] for i in range(G)]
+        ins = [tuple(int(ch[r][i]) for r in spec.in_roles) for i in range(G)]
+        if opts.sequential:
+            need = [i for i in range(G) if i not in H_out or H_out[i][0] != ins[i]]
+            if need:
+                deq = {r: torch.cat([results[r][i].dequantize() for i in need])
+                       for r in spec.in_roles}
+                hid = [spec.hidden({**{r: deq[r][j] for r in spec.in_roles}, **bias[i]}, x_h[i])
+                       for j, i in enumerate(need)]
+                Hn, _ = group_hessians(hid, d_ff)
+                del hid, deq
+                for j, i in enumerate(need):
+                    H_out[i] = (ins[i], Hn[j])
+            Hs = torch.stack([H_out[i][1] for i in range(G)])
+            for r in spec.out_roles:
+                if rows[r] is None:  # small: each used setting over the whole group, as its
+                    # candidates were (a rate-aware setting's running table is the group's)
+                    ks = sorted(set(ch[r].tolist()))
+                    qs = dict(zip(ks, gptq_multi(W[r], Hs, [settings[k] for k in ks],
+                                                 tokens=counts, **kw), strict=True))
+                    results[r] = [slice_result(qs[int(ch[r][i])], [i]) for i in range(G)]
+                    continue
+                want = {i: (r, i, ins[i], int(ch[r][i])) for i in range(G)}
+                run(r, Hs, want)
+                results[r] = [cache[want[i]] for i in range(G)]
+            del Hs
+        else:
+            for r in spec.out_roles:
+                if rows[r] is None:
+                    results[r] = [slice_result(cand[r][int(ch[r][i])], [i]) for i in range(G)]
+                else:
+                    want = {i: (r, i, int(ch[r][i])) for i in range(G)}
+                    run(r, H0, want)
+                    results[r] = [cache[want[i]] for i in range(G)]
+        choices = {r: [labels[int(k)] for k in ch[r]] for r in roles}
+        sync(device)
+        t2 = clock()
+        sec["requantize"] += t2 - t1
+        exact = est if measure is None else float(measure(results, choices))
+        sec["measure"] += clock() - t2
+        alloc.update(estimated_bits=est, bits=exact, attempts=attempt + 1)
+        if exact <= target or alloc["richest"]:
+            break
+        budget -= (exact - target) + 1e-3 * target
+    else:
+        raise RuntimeError(f"the coded choice stays above the budget ({exact:.0f} > "
+                           f"{target:.0f} bits) after {attempt + 1} tries")
+    alloc["bits_per_param"] = alloc["bits"] / params
+    alloc["seconds"] = sec
+    return results, choices, alloc
