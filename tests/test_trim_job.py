@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import plain_reader
 import pytest
 import torch
 
@@ -65,7 +66,7 @@ def mixed(tmp_path_factory):
     args = ["compress", "--output", str(out), "--drop-layers", "1", "--drop-experts", "6",
             "--quiet"] + [f"--{k.replace('_', '-')}={v}" for k, v in _SMALL.items()]
     assert main(args) == 0
-    m = json.loads((out / "manifest.json").read_text())
+    m = plain_reader.load_manifest(out)
     rep = json.loads((out / "report.json").read_text())
     return TrimPlan.from_dict(m["trim"]["plan"]), out, rep
 
@@ -125,7 +126,7 @@ def test_compress_trim_plan_load_equals_torch_reference(which, request):
     from qmoe_ray.read.loader import load
 
     plan, out, rep = request.getfixturevalue(which)
-    m = json.loads((out / "manifest.json").read_text())
+    m = plain_reader.load_manifest(out)
     assert m["format_version"] == 2 and m["trim"]["plan"]["drop_blocks"] == list(plan.drop_blocks)
     kept = {k: v["kept"] for k, v in m["trim"]["experts"].items()}
     want = {f"model.layers.{i}": list(plan.keep_experts.get(f"model.layers.{i}", range(8)))
