@@ -24,10 +24,13 @@ whoever can write the manifest can recompute every checksum in it), so before an
 - its size is bounded before it is read (``manifest_size_limit``): ``MANIFEST_FLOOR`` plus
   ``MANIFEST_PER_TENSOR`` bytes for each tensor the model's config implies (``implied_tensors``:
   six stored tensors per expert matrix, with its entry and statistics, plus a generous allowance
-  per layer), never more than ``MANIFEST_CEILING``. A real manifest takes about 450 bytes per
-  stored tensor (190 KB for the embedded model, about 200 MB for a 1T-parameter model), so the
-  limit is 5x or more above what a compression job writes;
-- it is parsed with a nesting limit (``MAX_DEPTH``; a real manifest nests 5 deep);
+  per layer), never more than ``MANIFEST_CEILING``. A manifest of versions 1-2 takes about 450
+  bytes per stored tensor (190 KB for the embedded model, about 200 MB for a 1T-parameter
+  model), version 3 (columns) about a third of that, so the limit is 5x or more above what a
+  compression job writes;
+- it is parsed with a nesting limit (``MAX_DEPTH``; a real manifest nests 5 deep); version 3's
+  columns (``qmoe_ray.format.columns``) are expanded to the entry objects of versions 1-2, their
+  layout checked, so every check below and every reader sees one shape of manifest;
 - ``check_schema`` checks the type of every field any reader uses, once, in one place, and
   raises ``qmoe_ray.errors.CheckpointError`` naming the key, so no reader meets a ``KeyError``,
   ``TypeError`` or ``AttributeError`` later;
@@ -35,6 +38,8 @@ whoever can write the manifest can recompute every checksum in it), so before an
   dimensions: a hostile config could otherwise make the family enumerate billions of tensors);
 - ``check_manifest`` adds every matrix's stored tensors and every declared shape against the
   config; ``read_manifest`` does all of this, and readers pass the manifest it returns along.
+Speed (``bench.scale``): a sound tensor entry is tested in one expression, and what version 3
+pools (a group's one codec object, shapes) is checked once per object.
 """
 
 from __future__ import annotations
@@ -426,8 +431,7 @@ def _check_tensor(name: Any, e: Any, listed: set[str], where: str) -> None:
 
 
 def _check_quantized(name: Any, e: Any, where: str, seen: set[int] | None = None) -> None:
-    """One quantized entry's types; ``seen``: ids of codec objects already checked (version 3
-    shares one among the matrices of a group)."""
+    """One entry's types; ``seen``: ids of the codec objects checked (version 3 shares them)."""
     _name(name, where, "quantized matrix")
     what = f"quantized matrix {_short(name, 120)}"
     e = _obj(e, where, what)
@@ -447,8 +451,7 @@ def _check_quantized(name: Any, e: Any, where: str, seen: set[int] | None = None
     _strings(e["params"], where, f"{what} params")
     if seen is None or id(e["codec"]) not in seen:
         _str_map(e["codec"], where, f"{what} codec")
-        if seen is not None:
-            seen.add(id(e["codec"]))
+        seen is not None and seen.add(id(e["codec"]))
     if e.get("table") is not None:
         _name(e["table"], where, f"{what} table")
     for key in ("code_bytes", "scale_bytes", "layer", "expert"):
