@@ -6,6 +6,7 @@ Everything here follows the docs' wording; where a step is not in the docs it is
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import struct
@@ -18,11 +19,44 @@ _NP = {"bfloat16": np.uint16, "float32": np.float32, "float16": np.float16, "uin
        "uint16": np.uint16, "int8": np.int8, "int32": np.int32, "int64": np.int64}
 
 
-def read_manifest(root: Path) -> dict:
-    """manifest.json, refusing another format or a newer version (CHECKPOINT.md, Reading 1)."""
-    m = json.loads((root / "manifest.json").read_bytes())
+def _rows(stored: dict) -> dict:
+    """A version-3 collection (CHECKPOINT.md, Columns) as name -> entry object; a null value is
+    a key the entry lacks."""
+    names = stored["names"]
+    out: dict = {name: {} for name in names}
+    for key, col in stored["columns"].items():
+        # each entry its own copy of a pooled value (the tests edit entries one at a time)
+        values = ([copy.deepcopy(col["pool"][j]) for j in col["index"]] if isinstance(col, dict)
+                  else col)
+        assert len(values) == len(names), key
+        for name, v in zip(names, values, strict=True):
+            if v is not None:
+                out[name][key] = v
+    assert len(out) == len(names), "a name repeats"
+    return out
+
+
+def parse_manifest(raw: bytes) -> dict:
+    """manifest.json's bytes, refusing another format or a newer version (CHECKPOINT.md,
+    Reading 1); version 3's columns as the entry objects of versions 1 and 2."""
+    m = json.loads(raw)
     assert m["format"] == "qmoe-ray", m["format"]
-    assert m["format_version"] <= 1, m["format_version"]
+    assert m["format_version"] in (1, 2, 3), m["format_version"]
+    if m["format_version"] == 3:
+        m = {k: _rows(v) if k in ("tensors", "quantized") else v for k, v in m.items()}
+    return m
+
+
+def load_manifest(root: Path) -> dict:
+    """``parse_manifest`` of ``root/manifest.json``."""
+    return parse_manifest((root / "manifest.json").read_bytes())
+
+
+def read_manifest(root: Path) -> dict:
+    """``load_manifest`` of an untrimmed checkpoint (this reader does not apply trim records),
+    and the folder's config.json must be the manifest's config."""
+    m = load_manifest(root)
+    assert "trim" not in m, "a trimmed checkpoint"
     assert json.loads((root / "config.json").read_bytes()) == m["config"]
     return m
 

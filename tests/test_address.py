@@ -6,7 +6,6 @@ stopped by its PID. The job asks for a worker of that many CPUs: refused without
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import socket
@@ -16,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import plain_reader
 import pytest
 from fixtures_s3 import free_port
 from resume_helpers import job_options, make_tiny_mixtral, stop_head
@@ -96,7 +96,7 @@ def test_compress_runs_on_the_cluster_at_address(head, tmp_path):
     drivers_before = set(logs.glob("python-core-driver-*"))
     run = _compress(model, tmp_path / "out", "--address", address)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    manifest = plain_reader.load_manifest(tmp_path / "out")
     assert len(manifest["quantized"]) == 2 * 6 * 3 and manifest["heldout_loss"] > 0
     # the job's driver connected to the head started above (its log is in the head's session)
     assert set(logs.glob("python-core-driver-*")) - drivers_before

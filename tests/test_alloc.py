@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import plain_reader
 import pytest
 import torch
 
@@ -256,7 +257,7 @@ def test_budget_lands_within_two_percent_and_never_above(budget_jobs):
     from qmoe_ray.read.inspect import summarize
 
     for b, out in budget_jobs.items():
-        manifest = json.loads((out / "manifest.json").read_text())
+        manifest = plain_reader.load_manifest(out)
         info = summarize(manifest)
         bits = info["bits_per_param"]["experts"]  # the number inspect prints
         assert bits <= b and bits >= 0.98 * b, (b, bits)
@@ -266,8 +267,8 @@ def test_budget_lands_within_two_percent_and_never_above(budget_jobs):
                    for r in report["layers"])
         assert len(info["mix"]) > 1  # a mix, not one setting
     # 3 bits per parameter is mostly int3/int4, 0.8 almost all (sparse) ternary
-    mix3 = summarize(json.loads((budget_jobs[3.0] / "manifest.json").read_text()))["mix"]
-    mix08 = summarize(json.loads((budget_jobs[0.8] / "manifest.json").read_text()))["mix"]
+    mix3 = summarize(plain_reader.load_manifest(budget_jobs[3.0]))["mix"]
+    mix08 = summarize(plain_reader.load_manifest(budget_jobs[0.8]))["mix"]
     assert sum(m["params"] for k, m in mix3.items() if k in ("int3", "int4")) > sum(
         m["params"] for m in mix3.values()) / 2
     assert sum(m["params"] for k, m in mix08.items() if k.startswith("ternary")) > 0.9 * sum(
@@ -277,7 +278,6 @@ def test_budget_lands_within_two_percent_and_never_above(budget_jobs):
 @pytest.mark.slow
 @pytest.mark.ray
 def test_mixed_checkpoint_loads_evaluates_exports_and_inspects(budget_jobs, tmp_path, capsys):
-    import plain_reader
     import transformers as tf
 
     from qmoe_ray.data import load_samples
@@ -286,7 +286,7 @@ def test_mixed_checkpoint_loads_evaluates_exports_and_inspects(budget_jobs, tmp_
     from qmoe_ray.read.loader import load
 
     ckpt = budget_jobs[1.5]
-    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest = plain_reader.load_manifest(ckpt)
     # one layer mixes schemes within a role: ternary, int2 and bit-packed matrices side by side
     by_layer: dict[int, set[str]] = {}
     for e in manifest["quantized"].values():

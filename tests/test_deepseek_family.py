@@ -13,7 +13,9 @@ import torch
 
 pytest.importorskip("transformers")
 
+import plain_reader
 from fixtures_s3 import save_tiny, tiny_model  # noqa: E402
+from load_helpers import write_manifest
 from sigmoid_fixtures import DEEPSEEK as DEEPSEEK_TINY  # noqa: E402
 from sigmoid_fixtures import YARN as DEEPSEEK_YARN  # noqa: E402
 from sigmoid_fixtures import (  # noqa: E402
@@ -192,7 +194,7 @@ def test_compress_load_eval_export_round_trip(tmp_path, capsys):
     rep = run_compression(CompressConfig(
         source=str(src), output=str(out), data=str(src / "tokens.npy"), num_samples=24,
         seq_len=16, eval_samples=4, batch_size=12, group_size=8), progress=False)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = plain_reader.load_manifest(out)
     moe = [i for i in range(3) if i >= 1]  # first_k_dense_replace=1: blocks 1, 2 are MoE
     assert len(manifest["quantized"]) == len(moe) * 16 * 3
     assert not any("shared_experts" in n for n in manifest["quantized"])
@@ -233,9 +235,9 @@ def test_compress_load_eval_export_round_trip(tmp_path, capsys):
 
     kimi = tmp_path / "kimi"
     shutil.copytree(out, kimi)
-    km = json.loads((kimi / "manifest.json").read_text())
+    km = plain_reader.load_manifest(kimi)
     km["config"].update(model_type="kimi_k2", auto_map={"AutoConfig": "x.KimiConfig"})
-    (kimi / "manifest.json").write_text(json.dumps(km))
+    write_manifest(kimi, km)
     if (kimi / "config.json").exists():
         (kimi / "config.json").write_text(json.dumps(km["config"]))
     export(str(kimi), str(tmp_path / "hf-kimi"))
@@ -251,7 +253,7 @@ def test_compress_load_eval_export_round_trip(tmp_path, capsys):
     run_compression(CompressConfig(
         source=str(src), output=str(dropped), data=str(src / "tokens.npy"), num_samples=24,
         seq_len=16, eval_samples=4, batch_size=12, group_size=8, drop_mtp=True), progress=False)
-    m2 = json.loads((dropped / "manifest.json").read_text())
+    m2 = plain_reader.load_manifest(dropped)
     assert set(m2["tensors"]) == set(manifest["tensors"]) - set(mtp)
     assert m2["quantized"] == manifest["quantized"]
     assert inspect(str(dropped), verify=False)["mtp"]["policy"] == "dropped"

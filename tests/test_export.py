@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import plain_reader
 import pytest
 import torch
 from load_helpers import compressed_checkpoint
@@ -70,7 +71,7 @@ def test_export_refuses_an_existing_output_and_bad_layout(ckpt, tmp_path):
 
 
 def test_expert_layout_names_every_quantized_matrix(ckpt):
-    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest = plain_reader.load_manifest(ckpt)
     kind, names = expert_layout(manifest)
     assert kind == "per-expert" and set(names) == set(manifest["quantized"])
     assert len({v[0] for v in names.values()}) == len(names)  # no two matrices share a name

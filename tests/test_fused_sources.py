@@ -20,7 +20,9 @@ import torch
 
 pytest.importorskip("transformers")
 
+import plain_reader
 from fixtures_s3 import save_tiny, tiny_model  # noqa: E402
+from load_helpers import write_manifest
 from safetensors import safe_open  # noqa: E402
 
 from qmoe_ray.job.config import CompressConfig  # noqa: E402
@@ -178,7 +180,7 @@ def test_fused_source_compresses_like_its_per_expert_twin(twins, ray_session, mo
         reports["per-expert"]["heldout_loss"], rel=1e-6, abs=1e-6
     )
     for layout, out in outs.items():
-        manifest = json.loads((out / "manifest.json").read_text())
+        manifest = plain_reader.load_manifest(out)
         assert manifest["expert_layout"] == layout
         assert not any(
             "gate_up_proj" in n or n.endswith("experts.down_proj") for n in manifest["tensors"]
@@ -210,10 +212,10 @@ def _config_bounds_apply_to_manifests(out: Path, copy: Path) -> None:
     from qmoe_ray.read.loader import load
 
     shutil.copytree(out, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest = plain_reader.load_manifest(copy)
     # within the manifest schema's own loose bound (2**24), above the family's (2**16)
     manifest["config"]["hidden_size"] = 100_000
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(copy, manifest)
     (copy / "config.json").write_text(json.dumps(manifest["config"]))
     with pytest.raises(
         CheckpointError,

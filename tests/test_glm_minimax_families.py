@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+import plain_reader
 from fixtures_s3 import save_tiny  # noqa: E402
 from sigmoid_fixtures import (  # noqa: E402
     Case,
@@ -116,7 +117,7 @@ def test_glm_s3_compress_eval_export_round_trip(tmp_path, moto_endpoint, s3_cred
     assert main(["compress", "--source", "s3://qmoe-glm/src", "--output", "s3://qmoe-glm/out",
                  "--data", "s3://qmoe-glm/src/tokens.npy", "--num-samples", "24", "--seq-len",
                  "16", "--eval-samples", "4", "--group-size", "8", "--quiet", *opt]) == 0
-    manifest = json.loads(fs.cat_file("qmoe-glm/out/manifest.json"))
+    manifest = plain_reader.parse_manifest(fs.cat_file("qmoe-glm/out/manifest.json"))
     assert len(manifest["quantized"]) == 2 * 16 * 3  # blocks 1, 2 x 16 experts x 3 matrices
     ours = load("s3://qmoe-glm/out", endpoint_url=moto_endpoint)
     capsys.readouterr()

@@ -14,6 +14,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+import plain_reader
 from fixtures_s3 import layer_outputs, save_tiny  # noqa: E402
 from gpt_oss_fixtures import mxfp4_pack, save_mxfp4, tiny_gpt_oss  # noqa: E402
 from sigmoid_fixtures import inputs_for  # noqa: E402
@@ -174,7 +175,7 @@ def test_gpt_oss_s3_compress_eval_export_round_trip(tmp_path, moto_endpoint, s3_
     upload_dir(fs, src, "qmoe-oss/src")
     opt = ["--storage-option", f"endpoint_url={moto_endpoint}"]
     _compress(main, "s3://qmoe-oss/src", "s3://qmoe-oss/out", *opt)
-    manifest = json.loads(fs.cat_file("qmoe-oss/out/manifest.json"))
+    manifest = plain_reader.parse_manifest(fs.cat_file("qmoe-oss/out/manifest.json"))
     assert len(manifest["quantized"]) == 3 * 6 * 3  # 3 blocks x 6 experts x 3 matrices
     bias = "model.layers.2.mlp.experts.gate_up_proj_bias"
     assert manifest["tensors"][bias]["shape"] == [6, 48] and bias not in manifest["quantized"]

@@ -15,6 +15,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+import plain_reader
 from fixtures_s3 import save_tiny  # noqa: E402
 from hybrid_fixtures import HybridCase, decoder_layers, inputs_for, reference, tiny_hybrid  # noqa: E402
 from sigmoid_fixtures import check_loss_and_evaluate  # noqa: E402
@@ -187,7 +188,7 @@ def test_qwen3_next_s3_compress_eval_export_round_trip(tmp_path, moto_endpoint, 
     assert main(["compress", "--source", "s3://qmoe-qnext/src", "--output", "s3://qmoe-qnext/out",
                  "--data", "s3://qmoe-qnext/src/tokens.npy", "--num-samples", "24", "--seq-len",
                  "16", "--eval-samples", "4", "--group-size", "8", "--quiet", *opt]) == 0
-    manifest = json.loads(fs.cat_file("qmoe-qnext/out/manifest.json"))
+    manifest = plain_reader.parse_manifest(fs.cat_file("qmoe-qnext/out/manifest.json"))
     assert len(manifest["quantized"]) == 3 * 8 * 3  # MoE blocks 0, 2, 3 x 8 experts x 3
     assert not any("shared_expert" in n or "linear_attn" in n for n in manifest["quantized"])
     ours = load("s3://qmoe-qnext/out", endpoint_url=moto_endpoint)
@@ -231,7 +232,7 @@ def test_qwen3_5_moe_compress_load_eval_export_round_trip(tmp_path):
     conf = dict(source=str(src), data=str(src / "tokens.npy"), num_samples=24, seq_len=16,
                 eval_samples=4, batch_size=12, group_size=8)
     rep = run_compression(CompressConfig(output=str(out), **conf), progress=False)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = plain_reader.load_manifest(out)
     assert manifest["expert_layout"] == "fused"
     assert len(manifest["quantized"]) == 4 * 8 * 3
     assert all(n.startswith("model.language_model.layers.") for n in manifest["quantized"])

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import plain_reader
 import pytest
 import torch
 from load_helpers import (
@@ -53,7 +54,6 @@ def reference(ckpt) -> dict[str, torch.Tensor]:
     """Every expert matrix dequantized independently of the package: the stored tensors read,
     checksummed and decoded by tests/plain_reader.py (json, hashlib, numpy; written from the
     docs), as float32 holding the bf16 values."""
-    import plain_reader
 
     manifest = plain_reader.read_manifest(ckpt)
     tensors = plain_reader.read_verified(ckpt, manifest)
@@ -156,7 +156,7 @@ def test_parse_safetensors_refuses_gaps_and_overlaps():
 
 # -- bad checkpoints ---------------------------------------------------------------------------
 def _expert_shard(root: Path) -> tuple[Path, str]:
-    m = json.loads((root / "manifest.json").read_text())
+    m = plain_reader.load_manifest(root)
     name = next(n for n in m["tensors"] if ".q.stream" in n)
     return root / m["tensors"][name]["file"], name
 

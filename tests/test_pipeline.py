@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import plain_reader
 import pytest
 import torch
 from fixtures_s3 import save_tiny, tiny_model
@@ -191,7 +192,7 @@ def test_job_end_to_end_local(tiny_mixtral, tmp_path):
     assert f1.keys() == f2.keys() and "manifest.json" in f1
     assert all(f1[k] == f2[k] for k in f1), [k for k in f1 if f1[k] != f2[k]]
 
-    manifest = json.loads((out1 / "manifest.json").read_text())
+    manifest = plain_reader.load_manifest(out1)
     assert manifest["format_version"] == 1 and manifest["options"]["scheme"] == "ternary"
     assert len(manifest["source_fingerprint"]) == 64  # the source's identity travels with it
     assert len(manifest["quantized"]) == 2 * 6 * 3  # 2 layers x 6 experts x 3 matrices

@@ -4,8 +4,7 @@ held-out loss ordering of the methods and what pruning saves on top of ternary."
 
 from __future__ import annotations
 
-import json
-
+import plain_reader
 import pytest
 import torch
 
@@ -253,7 +252,7 @@ def runs(tmp_path_factory):
         path = tmp_path_factory.mktemp("prune") / "ckpt"
         rep = run_compression(CompressConfig(output=str(path), **_SMALL, **kw), progress=False)
         proxy: dict[str, float] = {}
-        for stats in json.loads((path / "manifest.json").read_text())["experts"].values():
+        for stats in plain_reader.load_manifest(path)["experts"].values():
             for st in stats:
                 for role, v in st["proxy_loss"].items():
                     proxy[role] = proxy.get(role, 0.0) + v
@@ -297,7 +296,7 @@ def test_cli_ternary_sparsegpt_job_manifest_and_inspect(runs, tmp_path, capsys):
             "--quiet"] + [f"--{k.replace('_', '-')}={v}" for k, v in _SMALL.items()]
     assert main(args) == 0
     capsys.readouterr()
-    m = json.loads((out / "manifest.json").read_text())
+    m = plain_reader.load_manifest(out)
     assert m["options"]["prune"] == "sparsegpt" and m["options"]["sparsity"] == 0.5
     assert m["quantized"] and all(e["sparsity"] == 0.5 for e in m["quantized"].values())
     stats = [s for v in m["experts"].values() for s in v]

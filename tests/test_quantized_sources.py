@@ -28,6 +28,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+import plain_reader  # noqa: E402
 from fixtures_s3 import save_tiny, tiny_model  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
@@ -258,10 +259,10 @@ def test_compressing_an_fp8_source_equals_compressing_its_decoded_twin(
             num_workers=1), progress=False)
     for p in sorted((outs["twin"] / "shards").glob("*.safetensors")):
         assert (outs["fp8"] / "shards" / p.name).read_bytes() == p.read_bytes(), p.name
-    m = json.loads((outs["fp8"] / "manifest.json").read_text())
+    m = plain_reader.load_manifest(outs["fp8"])
     assert m["source_precision"] == "fp8-block16 (e4m3, float32 scales)"
     assert "quantization_config" not in m["config"]
-    assert json.loads((outs["twin"] / "manifest.json").read_text())["source_precision"] == "bf16+fp32"
+    assert plain_reader.load_manifest(outs["twin"])["source_precision"] == "bf16+fp32"
     info = inspect(str(outs["fp8"]))
     assert info["model"]["source_precision"] == m["source_precision"]
     export(str(outs["fp8"]), str(tmp_path / "hf"))
@@ -476,7 +477,7 @@ def test_fp8_deepseek_v3_on_s3_compresses_evaluates_and_exports(tmp_path, moto_e
     assert main(["compress", "--source", "s3://qmoe-fp8/src", "--output", "s3://qmoe-fp8/out",
                  "--data", data, "--num-samples", "24", "--seq-len", "16", "--eval-samples",
                  "4", "--group-size", "8", "--quiet", *opt]) == 0
-    manifest = json.loads(fs.cat_file("qmoe-fp8/out/manifest.json"))
+    manifest = plain_reader.parse_manifest(fs.cat_file("qmoe-fp8/out/manifest.json"))
     assert manifest["source_precision"] == "fp8-block16 (e4m3, ue8m0 scales)"
     assert len(manifest["quantized"]) == 2 * 16 * 3
     assert not any(n.endswith("scale_inv") for n in manifest["tensors"])

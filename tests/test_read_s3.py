@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import plain_reader
 import pytest
 from fixtures_s3 import make_bucket, moto_endpoint, s3_credentials, upload_dir  # noqa: F401
 from load_helpers import compressed_checkpoint, data_offset
@@ -83,7 +84,7 @@ def test_inspect_on_s3_reports_a_corrupted_object(ckpt, remote, capsys):
     from qmoe_ray.cli import main
 
     fs, opts = remote
-    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest = plain_reader.load_manifest(ckpt)
     name = next(n for n in manifest["tensors"] if n.endswith(".q.stream"))
     shard = manifest["tensors"][name]["file"]
     raw = bytearray((ckpt / shard).read_bytes())

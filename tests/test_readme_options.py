@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import plain_reader
 import pytest
 import torch
 from resume_helpers import make_tiny_mixtral
@@ -72,7 +73,7 @@ def jobs(ray_session, tmp_path_factory) -> dict[str, Path]:
 
 
 def _manifest(folder: Path) -> dict:
-    return json.loads((folder / "manifest.json").read_text())
+    return plain_reader.load_manifest(folder)
 
 
 def _experts(manifest: dict, shard: str) -> list[dict]:

@@ -4,12 +4,13 @@ loaded model's), exported, and reloaded by transformers with the same logits."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
+import plain_reader
 import pytest
 import torch
+from load_helpers import write_manifest
 
 transformers = pytest.importorskip("transformers")
 
@@ -42,7 +43,7 @@ def compressed(switch_model, tmp_path_factory):
 
 def test_job_writes_every_sparse_expert(compressed):
     out, rep, _ = compressed
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = plain_reader.load_manifest(out)
     assert manifest["model_type"] == "switch_transformers"
     q = manifest["quantized"]
     # one sparse encoder block and one sparse decoder block, 8 experts, wi and wo each
@@ -101,7 +102,7 @@ def test_loader_refuses_a_switch_manifest_without_a_tensor_its_config_implies(
     out, _, _ = compressed
     root = tmp_path / "ckpt"
     shutil.copytree(out, root)
-    manifest = json.loads((root / "manifest.json").read_text())
+    manifest = plain_reader.load_manifest(root)
     name = "decoder.block.1.layer.1.EncDecAttention.k.weight"
     assert name in manifest["tensors"]
     check_against_config(manifest)  # the intact manifest passes
@@ -114,6 +115,6 @@ def test_loader_refuses_a_switch_manifest_without_a_tensor_its_config_implies(
         says = rf"tensor '{name}' is declared .*switch_transformers config implies"
     with pytest.raises(CheckpointError, match=says):
         check_against_config(manifest)
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(root, manifest)
     with pytest.raises(CheckpointError, match=name):
         load(str(root))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import plain_reader
 import pytest
 import torch
 
@@ -65,7 +66,7 @@ def mixed(tmp_path_factory):
     args = ["compress", "--output", str(out), "--drop-layers", "1", "--drop-experts", "6",
             "--quiet"] + [f"--{k.replace('_', '-')}={v}" for k, v in _SMALL.items()]
     assert main(args) == 0
-    m = json.loads((out / "manifest.json").read_text())
+    m = plain_reader.load_manifest(out)
     rep = json.loads((out / "report.json").read_text())
     return TrimPlan.from_dict(m["trim"]["plan"]), out, rep
 
@@ -125,8 +126,8 @@ def test_compress_trim_plan_load_equals_torch_reference(which, request):
     from qmoe_ray.read.loader import load
 
     plan, out, rep = request.getfixturevalue(which)
-    m = json.loads((out / "manifest.json").read_text())
-    assert m["format_version"] == 2 and m["trim"]["plan"]["drop_blocks"] == list(plan.drop_blocks)
+    m = plain_reader.load_manifest(out)
+    assert m["format_version"] == 3 and m["trim"]["plan"]["drop_blocks"] == list(plan.drop_blocks)
     kept = {k: v["kept"] for k, v in m["trim"]["experts"].items()}
     want = {f"model.layers.{i}": list(plan.keep_experts.get(f"model.layers.{i}", range(8)))
             for i in range(4) if f"model.layers.{i}" not in plan.drop_blocks + plan.drop_layers}
@@ -190,8 +191,8 @@ def test_trimmed_checkpoint_readers_and_refusals(mixed, tmp_path, capsys, monkey
     with pytest.raises(InputError, match="Layer-Drops"):
         export(str(out), str(tmp_path / "hf"))
     assert not (tmp_path / "hf").exists()
-    monkeypatch.setattr(mf, "FORMAT_VERSION", 1)  # a reader of version 1
-    with pytest.raises(CheckpointError, match="format version 2 is not supported"):
+    monkeypatch.setattr(mf, "FORMAT_VERSION", 2)  # a reader of versions 1..2
+    with pytest.raises(CheckpointError, match="format version 3 is not supported"):
         mf.read_manifest(str(out))
 
 
@@ -284,21 +285,24 @@ def test_hf_export_refuses_inexpressible_trims(fam):
 
 
 def test_manifest_versions_and_trim_record_checks(fam):
-    """Untrimmed manifests stay version 1; a trim record needs version 2 and vice versa."""
+    """Every manifest is written as version 3 (columns), trimmed or not; a trim record is refused
+    in version 1, and version 2 needs one."""
     from qmoe_ray.format import manifest as mf
     from qmoe_ray.format.trimmed import read_trim, trim_record
 
     kw = dict(created_by="t", source="s", source_fingerprint="f", model_type="mixtral",
               expert_layout="per-expert", config=dict(fam.config), options={}, copied_files={},
               tensors={}, quantized={}, tables={}, experts={}, sizes={}, heldout_loss=None)
-    assert mf.build_manifest(**kw)["format_version"] == 1
+    assert mf.build_manifest(**kw)["format_version"] == 3
+    assert read_trim(mf.build_manifest(**kw)) is None
     tf = TrimmedFamily(fam, TrimPlan(model_identity(fam), ("model.layers.2",)))
     m = mf.build_manifest(**kw, trim=trim_record(tf))
-    assert m["format_version"] == 2 and read_trim(m).drop_blocks == ("model.layers.2",)
+    assert m["format_version"] == 3 and read_trim(m).drop_blocks == ("model.layers.2",)
+    assert read_trim({**m, "format_version": 2}).drop_blocks == ("model.layers.2",)
     with pytest.raises(CheckpointError, match="version 1 manifest"):
         read_trim({**m, "format_version": 1})
     with pytest.raises(CheckpointError, match="without a 'trim' record"):
-        read_trim({k: v for k, v in m.items() if k != "trim"})
+        read_trim({k: v for k, v in m.items() if k != "trim"} | {"format_version": 2})
     with pytest.raises(CheckpointError, match="router mode"):
         read_trim({**m, "trim": {**m["trim"], "router": "zero-experts"}})
 

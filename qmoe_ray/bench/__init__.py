@@ -28,6 +28,9 @@ class BenchResult:
     figures: dict[str, Any]
     markdown: str
     notes: list[str] = field(default_factory=list)
+    #: when set, ``record`` replaces only the part ``<!-- bench:NAME:PART -->`` of the section
+    #: (a run that measured one part of a benchmark keeps the section's other rows)
+    part: str | None = None
 
 
 def machine_description() -> str:
@@ -71,9 +74,12 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> flo
 
 
 def record(name: str, result: BenchResult, path: str | Path = "BENCHMARKS.md") -> None:
-    """Replace (or append) the section of benchmark ``name`` in ``path``."""
+    """Replace (or append) the section of benchmark ``name`` in ``path`` (only its part
+    ``result.part`` when that is set: ``record_part``)."""
     path = Path(path)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if result.part is not None:
+        return record_part(name, result, path, stamp)
     body = (
         f"<!-- bench:{name} -->\n## {name}\n\n"
         f"Measured {stamp} on: {machine_description()}.\n\n"
@@ -94,4 +100,27 @@ def record(name: str, result: BenchResult, path: str | Path = "BENCHMARKS.md") -
         text = pattern.sub(lambda _m: body, text)
     else:
         text = text.rstrip("\n") + "\n\n" + body
+    path.write_text(text)
+
+
+def record_part(name: str, result: BenchResult, path: Path, stamp: str) -> None:
+    """Replace the block ``<!-- bench:NAME:PART -->`` ... ``<!-- /bench:NAME:PART -->`` of
+    ``path`` (inserted at the end of the section ``name``, or a new section, when missing),
+    stamped with its own date and machine."""
+    tag = f"{name}:{result.part}"
+    body = (f"<!-- bench:{tag} -->\n_Measured {stamp} on: {machine_description()}._\n\n"
+            f"{result.markdown.strip()}\n")
+    if result.notes:
+        body += "\n" + "\n".join(f"- {n}" for n in result.notes) + "\n"
+    body += f"<!-- /bench:{tag} -->\n"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    part = re.compile(rf"<!-- bench:{re.escape(tag)} -->.*?<!-- /bench:{re.escape(tag)} -->\n",
+                      re.S)
+    end = f"<!-- /bench:{name} -->\n"
+    if part.search(text):
+        text = part.sub(lambda _m: body, text)
+    elif end in text:
+        text = text.replace(end, f"\n{body}{end}", 1)
+    else:
+        text = text.rstrip("\n") + f"\n\n<!-- bench:{name} -->\n## {name}\n\n{body}{end}"
     path.write_text(text)

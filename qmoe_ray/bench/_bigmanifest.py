@@ -8,7 +8,9 @@ the tiny model's shapes, which changes a few digits per entry, not the number of
 7680 experts on the tiny model's 8 MoE layers it holds 122,880 expert matrices, switch-c-2048's
 count (30 MoE layers x 2048 experts x 2); with 2048, 32,768. Only the manifest and config.json are
 written: the shards are not, so it serves ``read_manifest`` (every reader's first step: the size
-limit, the parse and the whole validation) and nothing that reads tensors.
+limit, the parse and the whole validation) and nothing that reads tensors. It is written as the
+job writes it (``manifest_bytes``: format version 3's columns), or in the entry objects of
+version 1 (``version=1``: the layout before version 3, for the comparison).
 """
 
 from __future__ import annotations
@@ -64,14 +66,19 @@ def grow_manifest(m: dict[str, Any], experts: int, group_size: int) -> dict[str,
     return out
 
 
-def write_grown(src: Path, dst: Path, experts: int, group_size: int = 16) -> dict[str, Any]:
-    """Write ``grow_manifest`` of ``src``'s manifest (and its config) to ``dst``; returns
-    ``{"matrices", "bytes"}``."""
+def write_grown(src: Path, dst: Path, experts: int, group_size: int = 16,
+                version: int | None = None) -> dict[str, Any]:
+    """Write ``grow_manifest`` of ``src``'s manifest (and its config) to ``dst``, as format
+    ``version`` (None: the newest, what the job writes; 1: entry objects, for a comparison);
+    returns ``{"matrices", "bytes", "format_version"}``."""
     from qmoe_ray.format import manifest as mf
 
-    m = grow_manifest(json.loads((src / mf.MANIFEST).read_text()), experts, group_size)
+    src_m = mf.stored_to_logical(json.loads((src / mf.MANIFEST).read_text()), str(src))
+    m = grow_manifest(src_m, experts, group_size)
+    m["format_version"] = version or mf.FORMAT_VERSION
     dst.mkdir(parents=True, exist_ok=True)
-    raw = mf.dumps(m)
+    raw = mf.manifest_bytes(m)
     (dst / mf.MANIFEST).write_bytes(raw)
     (dst / "config.json").write_text(json.dumps(m["config"], indent=1))
-    return {"matrices": len(m["quantized"]), "bytes": len(raw)}
+    return {"matrices": len(m["quantized"]), "bytes": len(raw),
+            "format_version": m["format_version"]}

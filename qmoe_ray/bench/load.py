@@ -44,7 +44,7 @@ def synthetic_checkpoint(out: Path, hidden: int = 1024, ff: int = 2048, layers: 
            "num_experts_per_tok": 2, "vocab_size": vocab, "rms_norm_eps": 1e-5,
            "max_position_embeddings": 512, "tie_word_embeddings": False}
     (out / "shards").mkdir(parents=True, exist_ok=True)
-    manifest: dict[str, Any] = {"format": mf.FORMAT_NAME, "format_version": mf.PLAIN_VERSION,
+    manifest: dict[str, Any] = {"format": mf.FORMAT_NAME, "format_version": mf.FORMAT_VERSION,
                                 "config": cfg, "files": [], "tensors": {}, "quantized": {},
                                 "tables": {}, "experts": {}, "source": "synthetic",
                                 "options": {"scheme": "ternary", "method": "synthetic"}}
@@ -85,7 +85,7 @@ def synthetic_checkpoint(out: Path, hidden: int = 1024, ff: int = 2048, layers: 
     write("shards/other.safetensors", {"model.embed_tokens.weight": bf16(vocab, hidden),
                                        "lm_head.weight": bf16(vocab, hidden),
                                        "model.norm.weight": bf16(hidden)})
-    (out / mf.MANIFEST).write_bytes(mf.dumps(manifest))
+    (out / mf.MANIFEST).write_bytes(mf.manifest_bytes(manifest))
     return manifest
 
 

@@ -54,6 +54,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--jobs", nargs="*", default=list(JOBS), choices=list(JOBS),
                         help=f"real-shaped job runs (the first fits the cost model: {FIT})")
     parser.add_argument("--no-manifest", action="store_true", help="skip the manifest part")
+    parser.add_argument("--manifest-only", action="store_true",
+                        help="only the manifest part (no job runs); BENCHMARKS.md keeps the "
+                             "section's job rows and gets only its manifest table replaced")
+    parser.add_argument("--reads", type=int, default=5,
+                        help="fresh-process reads per manifest (the median is reported)")
+    parser.add_argument("--versions", type=int, nargs="+", default=[1, 3],
+                        help="manifest layouts to time (1: entry objects, before version 3; "
+                             "3: columns, what the job writes)")
     parser.add_argument("--write-constants", action="store_true",
                         help="write the fitted cost-model constants to "
                              "qmoe_ray/job/cost_constants.json (what `qmoe-ray plan` uses)")
@@ -92,6 +100,16 @@ def run_jobs(names, workdir: Path) -> dict[str, dict[str, Any]]:
 
 
 def run(args) -> BenchResult:
+    if args.manifest_only:
+        if args.no_manifest:
+            raise InputError("--manifest-only and --no-manifest exclude each other")
+        tmp = Path(tempfile.mkdtemp(prefix="qmoe-scale-"))
+        try:
+            result = _manifest(args, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        result.part = "manifest"
+        return result
     reused = json.loads(Path(args.reuse).read_text()) if args.reuse else None
     names = list(reused if reused is not None else args.jobs or [])
     if names and FIT not in names:  # before any job runs: the tables need the fit run
@@ -116,14 +134,16 @@ def run(args) -> BenchResult:
         parts.append(md)
         figures.update(extra)
         notes += more
-    if manifest is not None:
-        parts.append(manifest.markdown)
+    if manifest is not None:  # in its part's markers: a --manifest-only run replaces just it
+        body = manifest.markdown + "".join(f"\n- {n}" for n in manifest.notes)
+        parts.append(f"<!-- bench:scale:manifest -->\n{body}\n<!-- /bench:scale:manifest -->")
         figures.update(manifest.figures)
-        notes += manifest.notes
     return BenchResult(figures, "\n\n".join(parts), notes=notes)
 
 
 def _manifest(args, tmp: Path) -> BenchResult:
+    import statistics
+
     from qmoe_ray.bench._bigmanifest import write_grown
 
     rows: list[dict[str, Any]] = []
@@ -133,17 +153,31 @@ def _manifest(args, tmp: Path) -> BenchResult:
                         "--seq-len", "64", "--eval-samples", "0", "--overwrite"],
                        check=True, capture_output=True)
         for e in args.experts:
-            info = write_grown(tmp / "sw", tmp / f"m{e}", e)
-            out = subprocess.run([sys.executable, "-c", _PROBE, str(tmp / f"m{e}")], check=True,
-                                 capture_output=True, text=True).stdout
-            rows.append({"experts_per_layer": e, **info, **json.loads(out.splitlines()[-1])})
+            for v in args.versions:
+                info = write_grown(tmp / "sw", tmp / f"m{e}", e, version=v)
+                runs = [json.loads(subprocess.run(
+                    [sys.executable, "-c", _PROBE, str(tmp / f"m{e}")], check=True,
+                    capture_output=True, text=True).stdout.splitlines()[-1])
+                    for _ in range(max(1, args.reads))]
+                rows.append({"experts_per_layer": e, **info, "reads": len(runs),
+                             "seconds_all": [r["seconds"] for r in runs],
+                             "seconds": statistics.median(r["seconds"] for r in runs),
+                             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs)})
+                shutil.rmtree(tmp / f"m{e}", ignore_errors=True)
     finally:
         shutil.rmtree(tmp / "sw", ignore_errors=True)
-    lines = ["Manifest of a grown Switch job (8 MoE layers), `read_manifest` in a fresh process "
-             "(target: < 2 s and driver < 1 GB for a c2048-sized one):", "",
-             "| expert matrices | manifest | read_manifest | peak RSS |", "|---|---|---|---|"]
+    lines = ["Manifest of a grown Switch job (8 MoE layers), `read_manifest` (size limit, parse, "
+             "every check) in a fresh process, median of several reads (target: < 2 s and "
+             "driver < 1 GB for a c2048-sized one; 122,880 matrices is switch-c-2048's count):",
+             "", "| expert matrices | layout (format version) | manifest | read_manifest "
+             "(median) | min..max | peak RSS |", "|---|---|---|---|---|---|"]
+    names = {1: "entry objects (1)", 3: "columns (3)"}
     for r in rows:
-        lines.append(f"| {r['matrices']:,} | {r['bytes'] / 1e6:.1f} MB | {r['seconds']:.2f} s | "
+        lines.append(f"| {r['matrices']:,} | {names.get(r['format_version'], r['format_version'])}"
+                     f" | {r['bytes'] / 1e6:.1f} MB | {r['seconds']:.2f} s | "
+                     f"{min(r['seconds_all']):.2f}..{max(r['seconds_all']):.2f} s | "
                      f"{r['peak_rss_mb']:.0f} MB |")
     return BenchResult({"manifests": rows}, "\n".join(lines),
-                       notes=["one run per size on the shared 2-core machine (noisy)"])
+                       notes=[f"{args.reads} fresh-process reads per manifest on the shared "
+                              "2-core machine (other jobs running: noisy); peak RSS is the "
+                              "reading process's VmHWM, median"])

@@ -24,10 +24,13 @@ whoever can write the manifest can recompute every checksum in it), so before an
 - its size is bounded before it is read (``manifest_size_limit``): ``MANIFEST_FLOOR`` plus
   ``MANIFEST_PER_TENSOR`` bytes for each tensor the model's config implies (``implied_tensors``:
   six stored tensors per expert matrix, with its entry and statistics, plus a generous allowance
-  per layer), never more than ``MANIFEST_CEILING``. A real manifest takes about 450 bytes per
-  stored tensor (190 KB for the embedded model, about 200 MB for a 1T-parameter model), so the
-  limit is 5x or more above what a compression job writes;
-- it is parsed with a nesting limit (``MAX_DEPTH``; a real manifest nests 5 deep);
+  per layer), never more than ``MANIFEST_CEILING``. A manifest of versions 1-2 takes about 450
+  bytes per stored tensor (190 KB for the embedded model, about 200 MB for a 1T-parameter
+  model), version 3 (columns) about a third of that, so the limit is 5x or more above what a
+  compression job writes;
+- it is parsed with a nesting limit (``MAX_DEPTH``; a real manifest nests 5 deep); version 3's
+  columns (``qmoe_ray.format.columns``) are expanded to the entry objects of versions 1-2, their
+  layout checked, so every check below and every reader sees one shape of manifest;
 - ``check_schema`` checks the type of every field any reader uses, once, in one place, and
   raises ``qmoe_ray.errors.CheckpointError`` naming the key, so no reader meets a ``KeyError``,
   ``TypeError`` or ``AttributeError`` later;
@@ -35,6 +38,8 @@ whoever can write the manifest can recompute every checksum in it), so before an
   dimensions: a hostile config could otherwise make the family enumerate billions of tensors);
 - ``check_manifest`` adds every matrix's stored tensors and every declared shape against the
   config; ``read_manifest`` does all of this, and readers pass the manifest it returns along.
+Speed (``bench.scale``): a sound tensor entry is tested in one expression, and what version 3
+pools (a group's one codec object, shapes) is checked once per object.
 """
 
 from __future__ import annotations
@@ -46,17 +51,20 @@ from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from qmoe_ray.errors import CheckpointError, shorten
+from qmoe_ray.format import columns
 from qmoe_ray.format import matrices as layout
+from qmoe_ray.format.columns import COLUMNS_VERSION as COLUMNS_VERSION  # re-exported: mf.*
+from qmoe_ray.format.columns import manifest_bytes as manifest_bytes
 from qmoe_ray.format.expected import check_against_config, implied_counts
 from qmoe_ray.format.jsonio import MAX_DEPTH as MAX_DEPTH  # re-exported: callers write mf.*
 from qmoe_ray.format.jsonio import dumps as dumps
 from qmoe_ray.format.jsonio import parse_json
-from qmoe_ray.format.trimmed import TRIM_KEY, TRIM_VERSION, read_trim
+from qmoe_ray.format.trimmed import TRIM_KEY, read_trim
 from qmoe_ray.storage.fs import check_relname, fs_errors, read_small, redact, url_to_fs
 
 FORMAT_NAME = "qmoe-ray"
-FORMAT_VERSION = 2  # the newest version this reader reads (untrimmed checkpoints write 1)
-PLAIN_VERSION = 1  # what an untrimmed checkpoint is written with (``format.trimmed``: why)
+FORMAT_VERSION = 3  # the newest version this reader reads, and what the job writes
+PLAIN_VERSION = 1  # untrimmed checkpoints before version 3 (1 and 2: entries as objects)
 MANIFEST = "manifest.json"
 
 MANIFEST_FLOOR = 4 * 2**20  # whatever the config: room for any small model's manifest
@@ -159,11 +167,27 @@ def read_manifest(url: str, **storage_options: Any) -> dict[str, Any]:
             else "a manifest may have without a config.json")
     raw = read_small(fs, f"{base}/{MANIFEST}", limit, where, url=url,
                      storage_options=storage_options, what=f"{what} {limits}")
-    manifest = parse_json(raw, where)
+    manifest = stored_to_logical(parse_json(raw, where), where)
     check_manifest(manifest, where)
     if config is not None and _canonical(config) != _canonical(manifest["config"]):
         raise CheckpointError(f"{where}: its config differs from the folder's config.json; the "
                               "checkpoint is inconsistent: copy it again or re-run the job")
+    return manifest
+
+
+def stored_to_logical(manifest: Any, where: str) -> Any:
+    """The manifest as every check and reader sees it: a version-3 manifest's columns expanded
+    to the entry objects of versions 1 and 2 (``qmoe_ray.format.columns``, its layout checked);
+    anything else unchanged (``check_schema`` judges it).
+
+    Raises:
+        CheckpointError: a version-3 manifest whose columns are malformed, naming the key.
+    """
+    if (isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME
+            and _is_int(manifest.get("format_version"))
+            and manifest["format_version"] >= COLUMNS_VERSION):
+        check_version(manifest, where)  # a newer version's columns are not ours to read
+        return columns.from_stored(manifest, where)
     return manifest
 
 
@@ -185,8 +209,9 @@ def check_manifest(manifest: Any, where: str = "manifest") -> None:
     try:
         checked = {tname: layout.check_table(tname, meta, tensors)
                    for tname, meta in tables.items()}
+        memo: dict[Any, Any] = {}  # what matrices share, checked once (check_matrix)
         for name, entry in manifest["quantized"].items():
-            layout.check_matrix(name, entry, tensors, tables, checked)
+            layout.check_matrix(name, entry, tensors, tables, checked, memo)
     except CheckpointError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
     check_against_config(manifest, where)
@@ -340,41 +365,73 @@ def check_schema(manifest: Any, where: str = MANIFEST) -> None:
         except ValueError as exc:
             raise CheckpointError(f"{where}: {exc}") from None
     listed = set(files)
-    used: set[str] = set()
-    for name, e in m["tensors"].items():
-        _name(name, where, "tensor")
-        what = f"tensor {_short(name, 120)}"
-        e = _obj(e, where, what)
-        if e.get("file") not in listed:
-            _fail(where, f"{what} names file {_short(e.get('file'))}, which is not in the "
-                         "manifest's file list")
-        used.add(e["file"])
-        size = DTYPE_SIZES.get(e.get("dtype")) if isinstance(e.get("dtype"), str) else None
-        if size is None:
-            _fail(where, f"{what} has dtype {_short(e.get('dtype'))}; known: "
-                         f"{', '.join(DTYPE_SIZES)}")
-        shape = _shape(e.get("shape"), where, f"{what} shape")
-        _count(e.get("nbytes"), where, f"{what} nbytes")
-        if e["nbytes"] != math.prod(shape) * size:
-            _fail(where, f"{what} has nbytes {e['nbytes']}, but {e['dtype']}{shape} is "
-                         f"{math.prod(shape) * size} bytes")
-        if not isinstance(e.get("sha256"), str) or not SHA256.fullmatch(e["sha256"]):
-            _fail(where, f"{what} has no sha256 of 64 lowercase hex digits")
+    used = _check_tensors(m["tensors"], listed, where)
     empty = sorted(listed - used)
     if empty:
         _fail(where, f"file {empty[0]!r} holds no tensor of the manifest")
     for tname, meta in m.get("tables", {}).items():
         _name(tname, where, "code table")
         _str_map(meta, where, f"code table {_short(tname, 120)}")
+    seen: set[int] = set()  # ids of the (pooled, shared) codec objects already checked
     for name, e in m["quantized"].items():
-        _check_quantized(name, e, where)
+        _check_quantized(name, e, where, seen)
     _check_experts(m.get("experts"), where)
     read_trim(m, where)  # the trim record and the version agree; the plan parses
     # copied_files: only its type here; its names and entries are checked by their one reader,
     # qmoe_ray.read.export_files (check_copied_name / copied_files), before any is used as a path
 
 
-def _check_quantized(name: Any, e: Any, where: str) -> None:
+def _check_tensors(tensors: dict[str, Any], listed: set[str], where: str) -> set[str]:
+    """Check every tensor entry (``check_schema``); returns the files they name. The test that
+    an entry is sound is one expression (a c2048-sized manifest lists 600,000 tensors); an entry
+    that fails it takes ``_check_tensor``, which names what is wrong."""
+    used: set[str] = set()
+    shapes: set[int] = set()  # ids of shape lists already checked (version 3 pools them)
+    sizes, sha = DTYPE_SIZES, SHA256.fullmatch
+    for name, e in tensors.items():
+        if type(e) is dict and type(name) is str and 0 < len(name) <= MAX_NAME:
+            f, s, nb, h = e.get("file"), e.get("shape"), e.get("nbytes"), e.get("sha256")
+            size = sizes.get(e.get("dtype"), 0) if type(e.get("dtype")) is str else 0
+            if (type(f) is str and f in listed and size and type(s) is list
+                    and (id(s) in shapes or _shape_ok(s, shapes)) and type(nb) is int
+                    and nb == math.prod(s) * size and type(h) is str and sha(h)):
+                used.add(f)
+                continue
+        _check_tensor(name, e, listed, where)
+        used.add(e["file"])
+    return used
+
+
+def _shape_ok(s: list[Any], shapes: set[int]) -> bool:
+    if len(s) <= MAX_NDIM and all(type(x) is int and x >= 0 for x in s):
+        shapes.add(id(s))
+        return True
+    return False
+
+
+def _check_tensor(name: Any, e: Any, listed: set[str], where: str) -> None:
+    """One tensor entry, every check in turn; raises naming the first problem."""
+    _name(name, where, "tensor")
+    what = f"tensor {_short(name, 120)}"
+    e = _obj(e, where, what)
+    if not isinstance(e.get("file"), str) or e["file"] not in listed:
+        _fail(where, f"{what} names file {_short(e.get('file'))}, which is not in the "
+                     "manifest's file list")
+    size = DTYPE_SIZES.get(e.get("dtype")) if isinstance(e.get("dtype"), str) else None
+    if size is None:
+        _fail(where, f"{what} has dtype {_short(e.get('dtype'))}; known: "
+                     f"{', '.join(DTYPE_SIZES)}")
+    shape = _shape(e.get("shape"), where, f"{what} shape")
+    _count(e.get("nbytes"), where, f"{what} nbytes")
+    if e["nbytes"] != math.prod(shape) * size:
+        _fail(where, f"{what} has nbytes {e['nbytes']}, but {e['dtype']}{shape} is "
+                     f"{math.prod(shape) * size} bytes")
+    if not isinstance(e.get("sha256"), str) or not SHA256.fullmatch(e["sha256"]):
+        _fail(where, f"{what} has no sha256 of 64 lowercase hex digits")
+
+
+def _check_quantized(name: Any, e: Any, where: str, seen: set[int] | None = None) -> None:
+    """One entry's types; ``seen``: ids of the codec objects checked (version 3 shares them)."""
     _name(name, where, "quantized matrix")
     what = f"quantized matrix {_short(name, 120)}"
     e = _obj(e, where, what)
@@ -392,7 +449,9 @@ def _check_quantized(name: Any, e: Any, where: str) -> None:
         _fail(where, f"{what} shape {shape} is not [rows, cols] of positive integers")
     _strings(e["fields"], where, f"{what} fields")
     _strings(e["params"], where, f"{what} params")
-    _str_map(e["codec"], where, f"{what} codec")
+    if seen is None or id(e["codec"]) not in seen:
+        _str_map(e["codec"], where, f"{what} codec")
+        seen is not None and seen.add(id(e["codec"]))
     if e.get("table") is not None:
         _name(e["table"], where, f"{what} table")
     for key in ("code_bytes", "scale_bytes", "layer", "expert"):
@@ -452,11 +511,12 @@ def build_manifest(*, created_by: str, source: str, source_fingerprint: str, mod
     shard a tensor lives in. ``source_precision`` says how the source stored its weights
     (``"bf16"``, ``"fp8-block128 (e4m3, float32 scales)"``...); ``config`` is the decoded
     model's (no quantization block). ``trim`` is a trimmed model's record
-    (``qmoe_ray.format.trimmed.trim_record``): the manifest is then format version 2, else 1.
+    (``qmoe_ray.format.trimmed.trim_record``). The manifest is format version 3, trimmed or not
+    (write it with ``manifest_bytes``: its columns).
     """
     out = {
         "format": FORMAT_NAME,
-        "format_version": PLAIN_VERSION if trim is None else TRIM_VERSION,
+        "format_version": FORMAT_VERSION,
         "created_by": created_by,
         "source": source,
         "source_fingerprint": source_fingerprint,

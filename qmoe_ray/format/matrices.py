@@ -332,7 +332,8 @@ def check_table(tname: str, meta: Mapping[str, str],
 
 def check_matrix(name: str, entry: Mapping[str, Any], tensors: Mapping[str, Mapping[str, Any]],
                  tables: Mapping[str, Mapping[str, str]],
-                 checked: Mapping[str, tuple[str, int, int]] | None = None) -> None:
+                 checked: Mapping[str, tuple[str, int, int]] | None = None,
+                 memo: dict[Any, list[Any]] | None = None) -> None:
     """Check what a quantized matrix declares against its own shape (after
     ``manifest.check_schema``; the shape itself is checked against the model's config elsewhere).
 
@@ -345,12 +346,33 @@ def check_matrix(name: str, entry: Mapping[str, Any], tensors: Mapping[str, Mapp
     [rows]``, ``scale`` ``bfloat16`` / ``zero`` ``uint8`` ``[rows, groups]``; a shared table is
     listed, with the matrix's kind, group, precision and hash. ``checked``: ``check_table``'s
     result per table name for tables already checked (a manifest's thousands of matrices share a
-    few hundred tables).
+    few hundred tables). ``memo``: one dict per manifest, kept by the caller while the manifest
+    lives: the checks that depend only on what matrices share (scheme, shape, the codec object,
+    fields, params, table) run once per distinct combination, the stored tensors per matrix.
 
     Raises:
         CheckpointError: the first mismatch, naming the matrix and the tensor.
     """
     what = f"quantized matrix {name!r}"
+    spec = key = None
+    if memo is not None:  # id(): the very codec object, alive as long as the manifest
+        key = (entry["scheme"], entry.get("quant_group_size"), tuple(entry["shape"]),
+               id(entry["codec"]), tuple(entry["fields"]), tuple(entry["params"]),
+               entry.get("table"))
+        spec = memo.get(key)
+    if spec is None:
+        spec = _matrix_spec(what, entry, tensors, tables, checked)
+        if memo is not None:
+            memo[key] = spec
+    for suffix, dtype, shape, max_len in spec:
+        _check_tensor(tensors, f"{name}{suffix}", dtype, shape, what, max_len)
+
+
+def _matrix_spec(what: str, entry: Mapping[str, Any], tensors: Mapping[str, Mapping[str, Any]],
+                 tables: Mapping[str, Mapping[str, str]],
+                 checked: Mapping[str, tuple[str, int, int]] | None) -> list[Any]:
+    """``check_matrix``'s checks of the entry alone; returns its stored tensors to check,
+    ``(name suffix, dtype, shape or None, max length or None)``."""
     try:
         scheme = parse_scheme(entry["scheme"], entry.get("quant_group_size"))
     except ValueError as exc:
@@ -360,8 +382,9 @@ def check_matrix(name: str, entry: Mapping[str, Any], tensors: Mapping[str, Mapp
     if meta.get("shape") != f"{rows},{cols}":
         raise CheckpointError(f"{what}: codec shape {str(meta.get('shape'))[:40]!r} is not the "
                               f"entry's shape {rows},{cols}")
-    field_t = {f: f"{name}{CODE_PREFIX}{f}" for f in fields}
+    code = CODE_PREFIX
     n = rows * cols
+    spec: list[Any] = []
     if scheme.name in RANS_SCHEMES:
         kind, group, prob_bits = _rans_params(meta, what)
         if kind != ("int2" if scheme.is_symmetric_ternary else scheme.name):
@@ -391,16 +414,15 @@ def check_matrix(name: str, entry: Mapping[str, Any], tensors: Mapping[str, Mapp
             if entry.get("table"):
                 raise CheckpointError(f"{what}: an embedded table and a shared one "
                                       f"({entry['table']!r})")
-            _check_tensor(tensors, field_t.get("freqs", f"{name}{CODE_PREFIX}freqs"), "uint16",
-                          [KINDS[kind] ** group], what)
+            spec.append((f"{code}freqs", "uint16", [KINDS[kind] ** group], None))
         else:
             raise CheckpointError(f"{what}: codec table {str(placement)[:20]!r}, expected "
                                   "'embedded' or 'shared'")
         if fields != want_fields:
             raise CheckpointError(f"{what}: fields {sorted(fields)}, expected "
                                   f"{sorted(want_fields)}")
-        _check_tensor(tensors, field_t["seg_words"], "uint16", [nseg], what)
-        _check_tensor(tensors, field_t["stream"], "uint16", None, what, 2 * nseg + nsym)
+        spec.append((f"{code}seg_words", "uint16", [nseg], None))
+        spec.append((f"{code}stream", "uint16", None, 2 * nseg + nsym))
     else:
         if meta.get("format") != PACK_FORMAT or meta.get("version") != str(PACK_VERSION):
             raise CheckpointError(f"{what}: a {scheme.name} matrix needs codec {PACK_FORMAT} "
@@ -411,7 +433,7 @@ def check_matrix(name: str, entry: Mapping[str, Any], tensors: Mapping[str, Mapp
         if fields != {"packed"} or entry.get("table"):
             raise CheckpointError(f"{what}: fields {sorted(fields)}, expected ['packed'] and no "
                                   "table")
-        _check_tensor(tensors, field_t["packed"], "uint8", [-(-n * scheme.bits // 8)], what)
+        spec.append((f"{code}packed", "uint8", [-(-n * scheme.bits // 8)], None))
     if scheme.is_ternary:
         want_params = {"lo": ("bfloat16", [rows]), "hi": ("bfloat16", [rows])}
     else:
@@ -420,5 +442,4 @@ def check_matrix(name: str, entry: Mapping[str, Any], tensors: Mapping[str, Mapp
     if set(entry["params"]) != set(want_params):
         raise CheckpointError(f"{what}: params {sorted(entry['params'])}, a {scheme.name} matrix "
                               f"has {sorted(want_params)}")
-    for p, (dtype, shape) in want_params.items():
-        _check_tensor(tensors, f"{name}.{p}", dtype, shape, what)
+    return spec + [(f".{p}", dtype, shape, None) for p, (dtype, shape) in want_params.items()]

@@ -1,4 +1,5 @@
-"""A trimmed checkpoint's record (manifest ``trim``, format version 2) and the family it implies.
+"""A trimmed checkpoint's record (manifest ``trim``, format version 2 or 3) and the family it
+implies.
 
 A checkpoint compressed with a trim plan (``qmoe-ray compress --trim-plan`` or the budget flags;
 docs/TRIM.md) holds the *trimmed* model: no tensor of a dropped block, no expert of a dropped
@@ -20,8 +21,9 @@ its attention, its norms and its router (unused, a few KB).
 
 Why a new format version only for trimmed checkpoints: a reader of version 1 would take a
 trimmed checkpoint for a damaged one (fewer experts than its config implies); version 2 makes it
-say "upgrade". Untrimmed checkpoints keep version 1, so every released reader still reads them.
-The keys here are separate from the rest of the manifest (``manifest.py`` only dispatches).
+say "upgrade". Untrimmed checkpoints kept version 1, so every reader of version 1 read them.
+Since version 3 (the columnar layout, ``format.columns``) every checkpoint is written as version 3,
+trimmed or not, and the record alone says which it is. The keys here are separate from the rest of the manifest (``manifest.py`` only dispatches).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from typing import Any
 from qmoe_ray.errors import CheckpointError, InputError
 
 TRIM_KEY = "trim"
-TRIM_VERSION = 2  # the manifest format version a trimmed checkpoint is written with
+TRIM_VERSION = 2  # the format version trimmed checkpoints had before version 3
+TRIM_ANY = (2, 3)  # versions a trim record may appear in (3: trimmed or not)
 ROUTER_MODE = "kept-rows"
 _KEYS = {"plan", "router", "experts", "dropped_blocks", "dropped_layers"}
 
@@ -84,10 +87,10 @@ def read_trim(manifest: Mapping[str, Any], where: str = "manifest") -> Any:
             raise CheckpointError(f"{where}: format version {TRIM_VERSION} without a 'trim' "
                                   "record; the checkpoint is damaged: re-run the job")
         return None
-    if version != TRIM_VERSION:
+    if version not in TRIM_ANY:
         raise CheckpointError(f"{where}: a 'trim' record in a format version {version} "
-                              f"manifest (trimmed checkpoints are version {TRIM_VERSION}); the "
-                              "checkpoint is damaged: re-run the job")
+                              f"manifest (trimmed checkpoints are version {TRIM_VERSION} or "
+                              "later); the checkpoint is damaged: re-run the job")
     if not isinstance(rec, dict) or set(rec) - _KEYS or "plan" not in rec:
         raise CheckpointError(f"{where}: 'trim' must be an object with 'plan' (and "
                               f"{', '.join(sorted(_KEYS - {'plan'}))})")

@@ -432,5 +432,5 @@ def _finish(plan: Plan, actors: Any, guard: Guard, result: dict[str, Any]) -> di
         options=plan.cfg.output_options(), copied_files=copied, sizes=sizes,
         heldout_loss=report["heldout_loss"], source_precision=report["source_precision"],
         trim=None if plan.trim is None else trim_record(plan.family), **parts)
-    ray.get(put(mf.MANIFEST, mf.dumps(manifest)))
+    ray.get(put(mf.MANIFEST, mf.manifest_bytes(manifest)))
     return report
