@@ -59,6 +59,8 @@ class QuantOptions:
     """Rate-aware rounding strength (``qmoe_ray.quant.rate``; 0: plain GPTQ)."""
     prune: PruneSpec | None = None
     """Expert pruning (``qmoe_ray.quant.prune``), joint with the quantization; None: none."""
+    hessian_dtype: str = _D.hessian_dtype
+    """dtype of the Hessians' running sums (``float32`` or ``float64``; ``CompressConfig``)."""
     target_bits: float | None = None
     """A size budget in bits per expert parameter (``qmoe_ray.quant.alloc``): each matrix gets
     the candidate setting the allocation chooses; None: ``scheme`` for every matrix."""
@@ -74,6 +76,7 @@ class QuantOptions:
                    blocksize=cfg.blocksize, percdamp=cfg.percdamp, actorder=cfg.actorder,
                    sequential=cfg.sequential_experts, segment_symbols=cfg.segment_symbols,
                    rate_lambda=cfg.rate_lambda, target_bits=cfg.target_bits,
+                   hessian_dtype=cfg.hessian_dtype,
                    prune=None if cfg.prune is None else PruneSpec(cfg.prune, cfg.sparsity,
                                                                   cfg.prune_pattern))
 
@@ -135,9 +138,12 @@ def select_hessian_tokens(hmask: np.ndarray, cap: int | None) -> np.ndarray:
     return eligible
 
 
-def _hessians(xs: Sequence[torch.Tensor], cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hessians of a list of per-expert activations (empty ones give an all-zero Hessian)."""
-    return hessian([x if x.numel() else x.new_zeros(0, cols) for x in xs])
+def _hessians(xs: Sequence[torch.Tensor], cols: int,
+              opts: QuantOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hessians of a list of per-expert activations (empty ones give an all-zero Hessian), their
+    sums in ``opts.hessian_dtype``."""
+    return hessian([x if x.numel() else x.new_zeros(0, cols) for x in xs],
+                   dtype=getattr(torch, opts.hessian_dtype))
 
 
 def _sync(device: str) -> None:
@@ -251,7 +257,7 @@ def quantize_group(
 
     results: dict[str, QuantResult] = {}
     t0 = clock()
-    H_in, _ = _hessians(x_h, d_in)
+    H_in, _ = _hessians(x_h, d_in, opts)
     _sync(device)
     t1 = clock()
     for role in spec.in_roles:
@@ -267,7 +273,7 @@ def quantize_group(
     hidden_h = [spec.hidden({**{r: feed[r][i] for r in spec.in_roles},
                              **{b: v[i] for b, v in B.items()}}, x_h[i]) for i in range(G)]
     d_ff = W[spec.out_roles[0]].shape[2]
-    H_out, _ = _hessians(hidden_h, d_ff)
+    H_out, _ = _hessians(hidden_h, d_ff, opts)
     del hidden_h
     _sync(device)
     t3 = clock()
@@ -393,12 +399,12 @@ def _allocate(spec: ExpertSpec, W: dict[str, torch.Tensor], B: dict[str, torch.T
     bias = [{b: v[i] for b, v in B.items()} for i in range(G)]
     d_in = W[spec.in_roles[0]].shape[2]
     d_ff = W[spec.out_roles[0]].shape[2]
-    H_in, _ = _hessians(x_h, d_in)
+    H_in, _ = _hessians(x_h, d_in, opts)
     cand = {r: gptq_multi(W[r], H_in, settings, **kw) for r in spec.in_roles}
     del H_in
     hid = [spec.hidden({**{r: W[r][i] for r in spec.in_roles}, **bias[i]}, x_h[i])
            for i in range(G)]
-    H0, _ = _hessians(hid, d_ff)
+    H0, _ = _hessians(hid, d_ff, opts)
     del hid
     for r in spec.out_roles:
         cand[r] = gptq_multi(W[r], H0, settings, **kw)
@@ -472,7 +478,7 @@ def _allocate(spec: ExpertSpec, W: dict[str, torch.Tensor], B: dict[str, torch.T
             deq = {r: torch.cat([q.dequantize() for q in results[r]]) for r in spec.in_roles}
             hid = [spec.hidden({**{r: deq[r][i] for r in spec.in_roles}, **bias[i]}, x_h[i])
                    for i in range(G)]
-            H_out, _ = _hessians(hid, d_ff)
+            H_out, _ = _hessians(hid, d_ff, opts)
             del hid, deq
             for r in spec.out_roles:
                 ks = sorted(set(ch[r].tolist()))

@@ -124,16 +124,20 @@ def _triu_inverse(
     return out
 
 
-def _inverse_factor(Hf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _inverse_factor(held: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper ``U`` with ``U^T U = Hd^-1`` per expert, and a bool ``[E]`` of which succeeded.
 
-    Takes ``Hf``, the damped Hessian ``Hd`` with rows and columns reversed (built that way by the
-    caller, which saves a copy).
+    Takes ``held = [Hf]``, the damped Hessian ``Hd`` with rows and columns reversed (built that
+    way by the caller, which saves a copy), and empties the list: ``Hf`` is freed once factored,
+    so at most two ``[E, C, C]`` working copies live besides the caller's ``H`` (the factor and
+    its flip, then the flip and the inverse), not three.
     """
+    Hf = held.pop()
     E, C, _ = Hf.shape
-    M, info = torch.linalg.cholesky_ex(Hf)  # lower M: Hf = M M^T
-    ok = info == 0
     eye = torch.eye(C, dtype=Hf.dtype, device=Hf.device)
+    M, info = torch.linalg.cholesky_ex(Hf)  # lower M: Hf = M M^T
+    del Hf
+    ok = info == 0
     V = M.flip(-2, -1)  # upper V: Hd = V V^T
     del M
     if not ok.all():
@@ -310,8 +314,9 @@ def gptq_multi(
     diag.copy_(torch.where(dead, fill[:, None], diag) + damp[:, None])
     if skip.any():
         Hf[skip] = eye
-    U, ok = _inverse_factor(Hf)
-    del Hf
+    held = [Hf]
+    del Hf, diag  # the list holds the one reference: _inverse_factor frees it once factored
+    U, ok = _inverse_factor(held)
     for e in (~ok).nonzero().flatten().tolist():
         if reasons[e] is None:
             reasons[e] = CHOLESKY_FAILED
