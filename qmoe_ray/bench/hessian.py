@@ -110,7 +110,7 @@ def _stream(args) -> dict[str, Any]:
     base = gptq(W, ref.float(), scheme, actorder=True)
 
     def loss_on_ref(q: Any) -> float:
-        D = (W - q.dequantize()[0]).double()
+        D = (W - q.dequantize().reshape(W.shape)).double()
         return float(((D @ ref) * D).sum())
 
     ref_loss = loss_on_ref(base)

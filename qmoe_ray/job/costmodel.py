@@ -60,8 +60,8 @@ GPUS: dict[str, dict[str, float]] = {
 GPU_EFFICIENCY = {"hessian": 0.5, "forward": 0.5, "gptq": 0.1}
 #: ``[E, cols, cols]`` float32 working copies GPTQ holds besides the Hessians it is given (the
 #: Cholesky factor and its flip, then the flip and its inverse, and the products of the
-#: blocked inverse): measured 2.7x (groups of 8) to 3.7x (groups of 2, where one ``cols x cols``
-#: identity weighs more) the Hessians' bytes (BENCHMARKS.md, ``hessian``).
+#: blocked inverse): measured 2.6-2.8x (8 x 2048^2) to 3.7x (2 x 4096^2, where one
+#: ``cols x cols`` identity weighs more) the Hessians' bytes (BENCHMARKS.md, ``hessian``).
 GPTQ_COPIES = 3
 #: The cheapest-shape search gives each worker up to this many stores (CPU actors: it assumes a
 #: node has that many cores per GPU for them); stores split the dense forward and the tokens.

@@ -124,20 +124,16 @@ def _triu_inverse(
     return out
 
 
-def _inverse_factor(held: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _inverse_factor(Hf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper ``U`` with ``U^T U = Hd^-1`` per expert, and a bool ``[E]`` of which succeeded.
 
-    Takes ``held = [Hf]``, the damped Hessian ``Hd`` with rows and columns reversed (built that
-    way by the caller, which saves a copy), and empties the list: ``Hf`` is freed once factored,
-    so at most two ``[E, C, C]`` working copies live besides the caller's ``H`` (the factor and
-    its flip, then the flip and the inverse), not three.
+    Takes ``Hf``, the damped Hessian ``Hd`` with rows and columns reversed (built that way by the
+    caller, which saves a copy).
     """
-    Hf = held.pop()
     E, C, _ = Hf.shape
-    eye = torch.eye(C, dtype=Hf.dtype, device=Hf.device)
     M, info = torch.linalg.cholesky_ex(Hf)  # lower M: Hf = M M^T
-    del Hf
     ok = info == 0
+    eye = torch.eye(C, dtype=Hf.dtype, device=Hf.device)
     V = M.flip(-2, -1)  # upper V: Hd = V V^T
     del M
     if not ok.all():
@@ -314,9 +310,8 @@ def gptq_multi(
     diag.copy_(torch.where(dead, fill[:, None], diag) + damp[:, None])
     if skip.any():
         Hf[skip] = eye
-    held = [Hf]
-    del Hf, diag  # the list holds the one reference: _inverse_factor frees it once factored
-    U, ok = _inverse_factor(held)
+    U, ok = _inverse_factor(Hf)
+    del Hf
     for e in (~ok).nonzero().flatten().tolist():
         if reasons[e] is None:
             reasons[e] = CHOLESKY_FAILED
