@@ -117,8 +117,15 @@ def test_deepseek_v3_fp8_with_its_mtp_layer():
     assert p["source_precision"].startswith("fp8")
     # FP8 with one float32 scale per 128x128 block: a little over a byte per linear weight
     assert p["total"] < p["source_bytes"] < 1.02 * p["total"]
-    # the Hessians of 16 experts: float64, one 7168^2 (gate/up input) + one 2048^2 (down input)
-    assert p["hessian_bytes_per_group"] == 16 * 8 * (7168 ** 2 + 2048 ** 2)
+    # the Hessians of 16 experts: one 7168^2 (gate/up input) + one 2048^2 (down input), their
+    # sums float32 by default, float64 on request (twice the bytes)
+    assert p["hessian_bytes_per_group"] == 16 * 4 * (7168 ** 2 + 2048 ** 2)
+    p64 = estimate(DEEPSEEK_V3, group_size=16, num_samples=256, seq_len=128,
+                   hessian_dtype="float64")
+    assert p64["hessian_bytes_per_group"] == 2 * p["hessian_bytes_per_group"]
+    with pytest.raises(InputError, match="--hessian-dtype 'float16'"):
+        estimate(DEEPSEEK_V3, group_size=16, num_samples=256, seq_len=128,
+                 hessian_dtype="float16")
     assert p["activation_bytes"] == 256 * 128 * 7168 * 4
     t = p["schemes"]["ternary"]
     rest = p["total"] - p["params"]["routed experts"]
@@ -146,7 +153,7 @@ def test_the_command_prints_json_and_text(tmp_path, capsys):
     assert main(["plan", str(tmp_path), "--json", "--group-size", "8"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["model_type"] == "mixtral" and out["group_size"] == 8
-    assert out["hessian_bytes_per_group"] == 8 * 8 * (4096 ** 2 + 14336 ** 2)
+    assert out["hessian_bytes_per_group"] == 8 * 4 * (4096 ** 2 + 14336 ** 2)
     assert set(out["schemes"]) == {"ternary", "int2", "int3", "int4", "int8", "ternary-sym256"}
     assert main(["plan", str(tmp_path / "config.json")]) == 0
     text = capsys.readouterr().out

@@ -70,9 +70,10 @@ def test_predictions_move_the_right_way():
     assert more["hours"] > eight["hours"]
     assert more["peak_store_bytes"] > eight["peak_store_bytes"]
     assert _plan(group=4, gpu="H100")["peak_worker_bytes"] < one["peak_worker_bytes"]
-    # the A6000 runs the float64 Hessian sums at 1/64 of its FP32 rate
-    assert (_plan(gpu="A6000")["stage_hours"]["hessian"]
-            > 10 * _plan(gpu="A100")["stage_hours"]["hessian"])
+    # the Hessian products are float32 whatever dtype sums them: the A6000's 1/64-rate FP64 does
+    # not enter, its FP32 peak does (38.7 against the A100's 19.5 TFLOP/s)
+    assert _plan(gpu="A6000")["stage_hours"]["hessian"] == pytest.approx(
+        _plan(gpu="A100")["stage_hours"]["hessian"] * 19.5 / 38.7)
     assert _plan(stores=4, gpu="H100")["stage_hours"]["dense"] == pytest.approx(
         one["stage_hours"]["dense"] / 4)
     for p in (one, eight, cpu, more):
@@ -114,3 +115,20 @@ def test_bad_options_are_named(tmp_path, capsys):
 def test_no_shape_within_the_time_asked():
     p = _plan("kimi-k2", workers=1, max_hours=0.01)
     assert p["cheapest"] is None
+
+
+def test_worker_memory_prices_the_hessian_sums_dtype(monkeypatch):
+    """The worker's Hessian bytes: the larger of forming them (the sums in --hessian-dtype, then
+    the float32 mean) and GPTQ (the float32 Hessians and GPTQ_COPIES working copies)."""
+    p32 = estimate(released_config("deepseek-v3"), group_size=8, num_samples=256, seq_len=128)
+    p64 = estimate(released_config("deepseek-v3"), group_size=8, num_samples=256, seq_len=128,
+                   hessian_dtype="float64")
+    s32, s64 = (cm.shape_of(p, eval_samples=0) for p in (p32, p64))
+    assert (s32.sum_bytes, s64.sum_bytes) == (4, 8)
+    base = cm.worker_bytes(s32, 8, 0.0) - 8 * 7168 ** 2 * 4 * (1 + cm.GPTQ_COPIES)
+    assert base > 0  # weights and tokens
+    # GPTQ's copies outweigh forming the Hessians in either dtype: the same peak
+    assert cm.worker_bytes(s64, 8, 0.0) == cm.worker_bytes(s32, 8, 0.0)
+    # were GPTQ to hold no copies, the float64 sums (8 + 4 bytes) would set the peak
+    monkeypatch.setattr(cm, "GPTQ_COPIES", 0)
+    assert cm.worker_bytes(s64, 8, 0.0) - cm.worker_bytes(s32, 8, 0.0) == 8 * 7168 ** 2 * (12 - 8)

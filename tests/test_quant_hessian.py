@@ -74,3 +74,37 @@ def test_hessian_bad_input():
         hessian([])
     with pytest.raises(ValueError, match="floating"):
         hessian(torch.zeros(2, 3, 4, dtype=torch.int32))
+
+
+def test_float32_sums_of_one_product_equal_float64_ones_bit_for_bit():
+    """The job's path: one product per expert, so the sums' dtype changes no bit of H (the
+    float64 division rounded to float32 is the float32 division)."""
+    g = torch.Generator().manual_seed(3)
+    X = [torch.randn(n, 64, generator=g) * s for n, s in ((500, 1.0), (7, 40.0), (0, 1.0),
+                                                          (3000, 0.01))]
+    X[2] = torch.zeros(0, 64)
+    H32, n32 = hessian(X, dtype=torch.float32)
+    H64, n64 = hessian(X, dtype=torch.float64)
+    assert torch.equal(H32, H64) and torch.equal(n32, n64)
+    # streamed in batches the sums round differently: close, not equal
+    acc32, acc64 = HessianAccumulator(1, 64, dtype=torch.float32), HessianAccumulator(1, 64)
+    for chunk in X[3].split(100):
+        acc32.add(0, chunk)
+        acc64.add(0, chunk)
+    S32, S64 = acc32.result()[0], acc64.result()[0]
+    assert torch.allclose(S32, S64, rtol=1e-5, atol=1e-9) and not torch.equal(S32, S64)
+
+
+def test_release_hands_the_sums_over_and_spends_the_accumulator():
+    acc = HessianAccumulator(2, 8, dtype=torch.float32)
+    acc.add(0, torch.ones(4, 8))
+    kept, _ = acc.result()
+    ptr = acc.sums.data_ptr()
+    H, n = acc.result(release=True)
+    assert torch.equal(H, kept) and n.tolist() == [4, 0]
+    assert H.data_ptr() == ptr  # float32 sums: divided in place, no copy
+    for call in (lambda: acc.add(0, torch.ones(1, 8)), lambda: acc.result(),
+                 lambda: acc.add_batch(torch.ones(2, 1, 8)),
+                 lambda: HessianAccumulator(2, 8).merge(acc)):
+        with pytest.raises(RuntimeError, match="released by result\\(release=True\\)"):
+            call()

@@ -151,3 +151,33 @@ def test_activation_checkpoint_round_trip_is_exact(tmp_path):
     prog.finish_layer(4, {"x": 1}, previous=3)  # drops the activations of layer 3
     with pytest.raises(FileNotFoundError, match="--overwrite"):
         prog.load_state(3, 7)
+
+
+def test_hessian_dtype_is_recorded_and_a_resume_with_another_is_refused(tmp_path):
+    """float64 (every job before the option) stays out of the record, so an older job resumes
+    with ``--hessian-dtype float64``; the refusal names what an old record meant."""
+    from qmoe_ray.errors import InputError
+    from qmoe_ray.job.config import CompressConfig
+
+    f32, f64 = CompressConfig().output_options(), CompressConfig(
+        hessian_dtype="float64").output_options()
+    assert f32["hessian_dtype"] == "float32" and "hessian_dtype" not in f64
+    assert {k: v for k, v in f32.items() if k != "hessian_dtype"} == f64
+    prog = Progress(str(tmp_path))
+    old = {"source": "m", "source_fingerprint": "abc", "options": f64}  # an older job's record
+    prog.start(old, overwrite=False)
+    assert prog.check(old, overwrite=False) is True
+    with pytest.raises(ValueError, match=r"hessian_dtype='float64' \(now 'float32'\)"):
+        prog.check({**old, "options": f32}, overwrite=False)
+    with pytest.raises(InputError, match="hessian_dtype='float16'.*float32, float64.*"
+                                         "--hessian-dtype"):
+        CompressConfig(hessian_dtype="float16")
+    import argparse
+
+    from qmoe_ray.job.cli import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg, _ = config_from_args(parser.parse_args(["--hessian-dtype", "float64"]))
+    assert cfg.hessian_dtype == "float64"
+    assert config_from_args(parser.parse_args([]))[0].hessian_dtype == "float32"

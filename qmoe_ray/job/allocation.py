@@ -61,9 +61,12 @@ Measure = Callable[[Mapping[str, Sequence[QuantResult]], Mapping[str, Sequence[s
 the labels of their candidate settings."""
 
 
-def group_hessians(xs: Sequence[torch.Tensor], cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hessians of a list of per-expert activations (empty ones give an all-zero Hessian)."""
-    return hessian([x if x.numel() else x.new_zeros(0, cols) for x in xs])
+def group_hessians(xs: Sequence[torch.Tensor], cols: int,
+                   dtype: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
+    """Hessians of a list of per-expert activations (empty ones give an all-zero Hessian), their
+    sums in ``dtype`` (``float32`` or ``float64``: ``--hessian-dtype``)."""
+    return hessian([x if x.numel() else x.new_zeros(0, cols) for x in xs],
+                   dtype=getattr(torch, dtype))
 
 
 def sync(device: str) -> None:
@@ -118,11 +121,11 @@ def allocate_group(spec: ExpertSpec, W: dict[str, torch.Tensor], B: dict[str, to
     def part(r: str) -> torch.Tensor:
         return W[r] if rows[r] is None else W[r][:, rows[r].to(W[r].device)]
 
-    H_in, _ = group_hessians(x_h, d_in)
+    H_in, _ = group_hessians(x_h, d_in, opts.hessian_dtype)
     cand = {r: gptq_multi(part(r), H_in, settings, tokens=counts, **kw) for r in spec.in_roles}
     hid = [spec.hidden({**{r: W[r][i] for r in spec.in_roles}, **bias[i]}, x_h[i])
            for i in range(G)]
-    H0, _ = group_hessians(hid, d_ff)
+    H0, _ = group_hessians(hid, d_ff, opts.hessian_dtype)
     del hid
     for r in spec.out_roles:
         cand[r] = gptq_multi(part(r), H0, settings, tokens=counts, **kw)
@@ -225,7 +228,7 @@ def allocate_group(spec: ExpertSpec, W: dict[str, torch.Tensor], B: dict[str, to
                        for r in spec.in_roles}
                 hid = [spec.hidden({**{r: deq[r][j] for r in spec.in_roles}, **bias[i]}, x_h[i])
                        for j, i in enumerate(need)]
-                Hn, _ = group_hessians(hid, d_ff)
+                Hn, _ = group_hessians(hid, d_ff, opts.hessian_dtype)
                 del hid, deq
                 for j, i in enumerate(need):
                     H_out[i] = (ins[i], Hn[j])

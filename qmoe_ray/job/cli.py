@@ -35,6 +35,8 @@ _HELP = {
     "sequential_experts": "quantize wo/down on the outputs of the quantized wi/gate/up "
                           "(--no-sequential-experts: the QMoE reference recipe)",
     "quant_group_size": "int schemes: scale groups along the input dimension",
+    "hessian_dtype": "dtype of the Hessians' running sums: float32 (half the memory, the same "
+                     "Hessians: the products are float32 either way) or float64",
     "rate_lambda": "rate-aware GPTQ rounding: near-threshold weights become cheap zeros when "
                    "their loss (in grid steps squared) is below this x the bits saved (0: off)",
     "target_bits": "size budget in bits per expert parameter (coded bytes with scales and "

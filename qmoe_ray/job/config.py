@@ -19,7 +19,12 @@ from qmoe_ray.errors import InputError
 
 SCHEMES = ("ternary", "int2", "int3", "int4", "int8", "ternary-sym256")
 METHODS = ("gptq", "rtn")
+HESSIAN_DTYPES = ("float32", "float64")
 EMBEDDED = "embedded"
+#: Options left out of the recorded options (manifest, progress record) at these values: the
+#: values every job had before the option existed, so a job recorded then still resumes (with
+#: that value given), and a refusal can name what the old record meant.
+UNRECORDED = {"hessian_dtype": "float64"}
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,11 @@ class CompressConfig:
             its already-quantized input matrices (False: through the original ones, as the QMoE
             reference does).
         quant_group_size: int schemes only: scale groups along the input dim (None: per row).
+        hessian_dtype: dtype of the Hessians' running sums on the workers, ``float32`` (default)
+            or ``float64``: the products are float32 either way, and the job forms each
+            expert's Hessian with one product of its tokens, so float32 sums give the same
+            Hessians at half the memory (float64: the sums of before this option; see
+            ``qmoe_ray.quant.hessian``).
         rate_lambda: rate-aware rounding (GPTQ only): each weight goes to the grid point that
             minimises its loss increase plus ``rate_lambda`` x one grid step's loss x its code
             length in bits, so near-threshold weights become cheap zeros (0: plain GPTQ; 0.05
@@ -98,6 +108,7 @@ class CompressConfig:
     actorder: bool = True
     sequential_experts: bool = True
     quant_group_size: int | None = None
+    hessian_dtype: str = "float32"
     rate_lambda: float = 0.0
     target_bits: float | None = None
     prune: str | None = None
@@ -131,6 +142,8 @@ class CompressConfig:
             raise bad("scheme", self.scheme, f"one of {', '.join(SCHEMES)}")
         if self.method not in METHODS:
             raise bad("method", self.method, f"one of {', '.join(METHODS)}")
+        if self.hessian_dtype not in HESSIAN_DTYPES:
+            raise bad("hessian_dtype", self.hessian_dtype, f"one of {', '.join(HESSIAN_DTYPES)}")
         for name in (
             "group_size",
             "num_samples",
@@ -294,6 +307,9 @@ class CompressConfig:
             out.pop("target_bits")
         if not self.trim_budgets():  # untrimmed: the options (and records) of before trimming
             for k in ("drop_experts", "drop_layers", "drop_blocks"):
+                out.pop(k)
+        for k, v in UNRECORDED.items():  # the records of before the option
+            if out.get(k) == v:
                 out.pop(k)
         return out
 

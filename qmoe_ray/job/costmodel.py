@@ -5,7 +5,7 @@ A compression job walks the layers in order; per MoE layer (see ``qmoe_ray.job.d
 - the stores run the block up to the router over their share of the tokens (``dense``: CPU, the
   stores' own processes), then the router and the bucketing (``routing``);
 - the expert groups go to the workers; one group costs ``read`` (its source bytes) + ``hessian``
-  (float64 ``x x^T`` sums of its Hessian tokens, and the hidden activation through the quantized
+  (the float32 ``x x^T`` products of its Hessian tokens, and the hidden activation through the quantized
   input matrices) + ``gptq`` (per matrix: the sweep's updates ``rows x cols^2``, the in-block ones
   ``2 x rows x cols x blocksize``, and the ``cols^3`` of the Cholesky factors and inverse) +
   ``forward`` (every routed token through the quantized expert) + ``encode`` (codes to the
@@ -20,12 +20,14 @@ work units per second fitted from a measured real-shaped job on this project's m
 ``scale`` benchmark: ``python jobs/benchmark.py scale --write-constants``, which writes
 ``cost_constants.json`` next to this module with where and when it was measured). On a GPU the
 worker's ``hessian`` / ``gptq`` / ``forward`` rates are *assumptions*, never measurements: the
-GPU's published peak throughput (FP64 for the float64 Hessian sums, FP32 otherwise) times an
+GPU's published peak throughput (FP32: the Hessian products are float32 whatever
+``--hessian-dtype`` sums them in, so the A6000's 1/64-rate FP64 does not apply) times an
 assumed efficiency (``GPUS``, ``GPU_EFFICIENCY``); ``read``, ``encode``, ``dense`` (the stores
 stay on CPUs) and the rest keep their CPU figures.
 
 Memory: a worker holds one group (its weights read in bf16 and as float32, the dequantized
-copies and codes, the Hessians with their float64 sums and the GPTQ working copies, the group's
+copies and codes, the larger of the Hessians being formed (their ``--hessian-dtype`` sums, then
+the float32 mean) and the float32 Hessians under GPTQ with its working copies, the group's
 tokens, hidden activations and outputs) over a fitted process base; a store its share of the
 tokens (the gathered MoE inputs, the summed outputs, the re-scattered stream) and one block's
 dense weights; the object store every store's stream (fitted bytes per token).
@@ -56,6 +58,11 @@ GPUS: dict[str, dict[str, float]] = {
 #: the Hessian sums and the forward are large GEMMs; the GPTQ sweep is column by column, small
 #: kernels and triangular solves.
 GPU_EFFICIENCY = {"hessian": 0.5, "forward": 0.5, "gptq": 0.1}
+#: ``[E, cols, cols]`` float32 working copies GPTQ holds besides the Hessians it is given (the
+#: Cholesky factor and its flip, then the flip and its inverse, and the products of the
+#: blocked inverse): measured 2.6-2.8x (8 x 2048^2) to 3.7x (2 x 4096^2, where one
+#: ``cols x cols`` identity weighs more) the Hessians' bytes (BENCHMARKS.md, ``hessian``).
+GPTQ_COPIES = 3
 #: The cheapest-shape search gives each worker up to this many stores (CPU actors: it assumes a
 #: node has that many cores per GPU for them); stores split the dense forward and the tokens.
 STORES_PER_WORKER = 8
@@ -63,7 +70,7 @@ STAGES = ("dense", "routing", "read", "hessian", "gptq", "forward", "encode", "t
           "write", "checkpoint")
 #: The units each stage's rate counts (per second).
 UNITS = {"dense": "FLOP (2 x block params + 2 x seq x hidden, per token)",
-         "routing": "token-expert pairs", "read": "source bytes", "hessian": "FLOP (float64)",
+         "routing": "token-expert pairs", "read": "source bytes", "hessian": "FLOP (float32 products)",
          "gptq": "FLOP", "forward": "FLOP", "encode": "weights", "transfer": "bytes",
          "write": "output bytes", "checkpoint": "bytes"}
 
@@ -119,6 +126,7 @@ class Shape:
     calib_tokens: int
     all_tokens: int  # calibration + held-out tokens (all pass through every layer)
     seq_len: int
+    sum_bytes: int = 4  # bytes per element of the Hessians' running sums (--hessian-dtype)
 
     @property
     def expert_params(self) -> int:
@@ -152,7 +160,8 @@ def shape_of(plan: Mapping[str, Any], *, eval_samples: int, scheme: str = "terna
         source_bytes_per_weight=plan["source_bytes"] / max(plan["total"], 1),
         output_bytes=plan["schemes"][scheme]["bytes"],
         calib_tokens=c["samples"] * c["seq_len"],
-        all_tokens=(c["samples"] + eval_samples) * c["seq_len"], seq_len=c["seq_len"])
+        all_tokens=(c["samples"] + eval_samples) * c["seq_len"], seq_len=c["seq_len"],
+        sum_bytes=8 if plan.get("hessian_dtype") == "float64" else 4)
 
 
 def layer_work(s: Shape, blocksize: int = 128) -> dict[str, float]:
@@ -183,7 +192,7 @@ def worker_rates(c: Constants, gpu: str | None) -> dict[str, float]:
     rates = dict(c.rates)
     if gpu:
         g = GPUS[gpu]
-        rates["hessian"] = g["fp64"] * 1e12 * GPU_EFFICIENCY["hessian"]
+        rates["hessian"] = g["fp32"] * 1e12 * GPU_EFFICIENCY["hessian"]
         rates["gptq"] = g["fp32"] * 1e12 * GPU_EFFICIENCY["gptq"]
         rates["forward"] = g["fp32"] * 1e12 * GPU_EFFICIENCY["forward"]
     return rates
@@ -194,7 +203,9 @@ def worker_bytes(s: Shape, group: int, base: float) -> float:
     p = s.expert_params
     t_e = s.all_tokens * s.top_k / s.experts  # tokens routed to one expert (uniform)
     weights = group * p * (2 + 4 + 4 + 1)  # bf16 read, float32, dequantized, codes
-    hess = max(group * c * c * (8 + 4 + 3 * 4) for _, c in s.matrices)
+    # forming: the sums, then the float32 mean (divided in place); under GPTQ: H + its copies
+    per = max(s.sum_bytes + 4, 4 * (1 + GPTQ_COPIES))
+    hess = max(group * c * c * per for _, c in s.matrices)
     tokens = group * t_e * (s.hidden * 4 * 3 + s.d_ff * 4)  # inputs x2, outputs, hidden
     return base + weights + hess + tokens
 
@@ -308,7 +319,7 @@ def cluster_plan(plan: Mapping[str, Any], *, workers: int, gpu: str | None, eval
     if one > mem:
         raise InputError(f"{where}: one expert group of a single expert needs "
                          f"{one / 1e9:.1f} GB per worker ({plan['model_type']} expert matrices "
-                         f"{s.matrices}, float64 Hessians); use workers with at least that much "
+                         f"{s.matrices}, {s.sum_bytes * 8}-bit Hessian sums); use workers with at least that much "
                          "memory")
     if worker_bytes(s, group, c.worker_base_bytes) > mem:
         fits = max(g for g in range(1, s.experts + 1)

@@ -17,8 +17,9 @@ every tensor goes to one kind (``KINDS``; the routed experts are the family's
   measured bits-per-parameter rate (``CODED_RATES``, with where it was measured);
 - multi-token-prediction layers (``num_nextn_predict_layers``: DeepSeek-V3, GLM) are counted
   apart: the job carries them through unchanged, so they stay at bf16 in every scheme's size;
-- the job's memory: the Hessians of one expert group (``--group-size`` experts, float64
-  ``cols x cols`` per matrix input) and the calibration activations the stores hold (float32
+- the job's memory: the Hessians of one expert group (``--group-size`` experts, one
+  ``cols x cols`` per matrix input, their sums in ``--hessian-dtype``: float32 by default,
+  float64 twice that) and the calibration activations the stores hold (float32
   ``samples x seq_len x hidden``, shared among the stores).
 """
 
@@ -34,7 +35,7 @@ from typing import Any
 
 from qmoe_ray.data.samples import text_view
 from qmoe_ray.errors import InputError
-from qmoe_ray.job.config import SCHEMES, CompressConfig
+from qmoe_ray.job.config import HESSIAN_DTYPES, SCHEMES, CompressConfig
 from qmoe_ray.job.costmodel import GPUS as _GPUS
 
 GPU_KINDS = tuple(_GPUS)
@@ -191,8 +192,16 @@ def expert_bits(scheme: str, rows: int, cols: int, quant_group: int | None) -> f
 
 
 def estimate(config: Mapping[str, Any], *, group_size: int, num_samples: int, seq_len: int,
-             num_stores: int = 1, quant_group_size: int | None = None) -> dict[str, Any]:
-    """The ``qmoe-ray plan`` figures for a parsed ``config.json`` (see the module docstring)."""
+             num_stores: int = 1, quant_group_size: int | None = None,
+             hessian_dtype: str = CompressConfig.hessian_dtype) -> dict[str, Any]:
+    """The ``qmoe-ray plan`` figures for a parsed ``config.json`` (see the module docstring).
+
+    Raises:
+        InputError: an unknown ``hessian_dtype`` (the known ones named).
+    """
+    if hessian_dtype not in HESSIAN_DTYPES:
+        raise InputError(f"--hessian-dtype {hessian_dtype!r}: expected one of "
+                         f"{', '.join(HESSIAN_DTYPES)}")
     counts = count_parameters(config)
     src, precision = source_bytes(config, counts)
     routed = counts["params"]["routed experts"]
@@ -209,8 +218,8 @@ def estimate(config: Mapping[str, Any], *, group_size: int, num_samples: int, se
                            "basis": CODED_RATES[scheme][1] if scheme in CODED_RATES
                            else "exact: packed code bits + bf16 scale + uint8 zero per group"}
     hidden = max((c for _, c in mats), default=0)
-    # one float64 Hessian per distinct input of an expert (the input matrices share theirs)
-    hessian = group_size * sum(c * c for c in {c for _, c in mats}) * 8
+    # one Hessian's sums per distinct input of an expert (the input matrices share theirs)
+    hessian = group_size * sum(c * c for c in {c for _, c in mats}) * _DTYPE_BYTES[hessian_dtype]
     acts = num_samples * seq_len * _hidden_size(config, hidden) * 4
     return {
         **counts,
@@ -220,6 +229,7 @@ def estimate(config: Mapping[str, Any], *, group_size: int, num_samples: int, se
         "source_precision": precision,
         "schemes": schemes,
         "hessian_bytes_per_group": hessian,
+        "hessian_dtype": hessian_dtype,
         "group_size": group_size,
         "activation_bytes": acts,
         "activation_bytes_per_store": math.ceil(acts / max(num_stores, 1)),
@@ -273,7 +283,8 @@ def format_text(p: Mapping[str, Any]) -> str:
         lines.append(f"| {scheme} | {s['expert_bits_per_param']:.3f} | {_gb(s['bytes'])} | "
                      f"{s['vs_source']}x | {s['basis']} |")
     c = p["calibration"]
-    lines += ["", f"Hessians of one group of {p['group_size']} experts (float64): "
+    lines += ["", f"Hessians of one group of {p['group_size']} experts "
+              f"({p.get('hessian_dtype', 'float64')} sums): "
               f"{_gb(p['hessian_bytes_per_group'])}",
               f"calibration activations ({c['samples']} x {c['seq_len']} tokens, float32): "
               f"{_gb(p['activation_bytes'])} in all, {_gb(p['activation_bytes_per_store'])} per "
@@ -321,6 +332,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="activation store actors")
     parser.add_argument("--quant-group-size", type=int, default=d["quant_group_size"],
                         help="int schemes: input columns per scale group (default: per row)")
+    parser.add_argument("--hessian-dtype", choices=HESSIAN_DTYPES, default=d["hessian_dtype"],
+                        help="dtype of the Hessians' running sums, as the job's option")
     parser.add_argument("--eval-samples", type=int, default=d["eval_samples"],
                         help="held-out samples (they pass through every layer too)")
     parser.add_argument("--workers", type=int, default=None,
@@ -361,7 +374,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         p = estimate(config, group_size=args.group_size, num_samples=args.calib_samples,
                      seq_len=args.seq_len, num_stores=args.num_stores,
-                     quant_group_size=args.quant_group_size)
+                     quant_group_size=args.quant_group_size,
+                     hessian_dtype=args.hessian_dtype)
     except InputError:
         raise
     except ValueError as exc:  # get_family: an unsupported model type (the supported named)

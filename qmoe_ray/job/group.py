@@ -52,6 +52,8 @@ class QuantOptions:
     """Rate-aware rounding strength (``qmoe_ray.quant.rate``; 0: plain GPTQ)."""
     prune: PruneSpec | None = None
     """Expert pruning (``qmoe_ray.quant.prune``), joint with the quantization; None: none."""
+    hessian_dtype: str = _D.hessian_dtype
+    """dtype of the Hessians' running sums (``float32`` or ``float64``; ``CompressConfig``)."""
     target_bits: float | None = None
     """A size budget in bits per expert parameter (``qmoe_ray.quant.alloc``): each matrix gets
     the candidate setting the allocation chooses; None: ``scheme`` for every matrix."""
@@ -67,6 +69,7 @@ class QuantOptions:
                    blocksize=cfg.blocksize, percdamp=cfg.percdamp, actorder=cfg.actorder,
                    sequential=cfg.sequential_experts, segment_symbols=cfg.segment_symbols,
                    rate_lambda=cfg.rate_lambda, target_bits=cfg.target_bits,
+                   hessian_dtype=cfg.hessian_dtype,
                    prune=None if cfg.prune is None else PruneSpec(cfg.prune, cfg.sparsity,
                                                                   cfg.prune_pattern))
 
@@ -231,7 +234,7 @@ def quantize_group(
 
     results: dict[str, QuantResult] = {}
     t0 = clock()
-    H_in, _ = group_hessians(x_h, d_in)
+    H_in, _ = group_hessians(x_h, d_in, opts.hessian_dtype)
     sync(device)
     t1 = clock()
     for role in spec.in_roles:
@@ -247,7 +250,7 @@ def quantize_group(
     hidden_h = [spec.hidden({**{r: feed[r][i] for r in spec.in_roles},
                              **{b: v[i] for b, v in B.items()}}, x_h[i]) for i in range(G)]
     d_ff = W[spec.out_roles[0]].shape[2]
-    H_out, _ = group_hessians(hidden_h, d_ff)
+    H_out, _ = group_hessians(hidden_h, d_ff, opts.hessian_dtype)
     del hidden_h
     sync(device)
     t3 = clock()

@@ -53,6 +53,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from qmoe_ray.format import manifest as mf
+from qmoe_ray.job.config import UNRECORDED
 from qmoe_ray.storage.checkpoint import SourceIndex
 from qmoe_ray.storage.fs import redact, url_to_fs
 from qmoe_ray.storage.retry import put_file, with_retries
@@ -279,7 +280,8 @@ def check_same_job(recorded: Mapping[str, Any], job: Mapping[str, Any], where: s
     old, new = recorded.get("options", {}), job["options"]
     diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if diff:
-        what = ", ".join(f"{k}={old.get(k)!r} (now {new.get(k)!r})" for k in diff)
+        what = ", ".join(f"{k}={old.get(k, UNRECORDED.get(k))!r} "
+                         f"(now {new.get(k, UNRECORDED.get(k))!r})" for k in diff)
         raise ValueError(
             f"{where} holds a job run with other options: {what}; rerun with the recorded "
             "values to resume, or pass --overwrite to start over"
