@@ -209,6 +209,36 @@ def test_large_matrices_estimate_on_sampled_rows_and_run_the_choice_whole():
             assert torch.equal(res.results["wi"][i].codes[0], ref.codes[j])
 
 
+def test_a_choice_that_leaves_budget_unspent_is_loosened_and_never_exceeds():
+    """A coder cheaper than the estimate (here: told 0.8x the true bits) leaves budget unspent:
+    the choice is made again with it (more bits, less loss), and still never over the budget."""
+    from qmoe_ray.job.group import ExpertTokens, QuantOptions, quantize_group
+    from qmoe_ray.models.base import ExpertSpec, relu_hidden
+    from qmoe_ray.quant import parse_scheme
+    from qmoe_ray.quant.alloc import estimate_bits
+
+    g = torch.Generator().manual_seed(5)
+    G, d, ff, T = 6, 32, 48, 128
+    spec = ExpertSpec(("wi",), ("wo",), relu_hidden("wi"))
+    W = {"wi": torch.randn(G, ff, d, generator=g), "wo": torch.randn(G, d, ff, generator=g)}
+    toks = [ExpertTokens(torch.randn(T, d, generator=g).numpy(), np.ones(T, dtype=bool))
+            for _ in range(G)]
+    params = 2 * G * d * ff
+    seen = []
+
+    def measure(results, choices):
+        seen.append(0.8 * float(sum(estimate_bits(q).sum() for per in results.values()
+                                    for q in per)))
+        return seen[-1]
+
+    opts = QuantOptions(parse_scheme("ternary"), target_bits=1.5)
+    res = quantize_group(spec, W, toks, opts, measure=measure)
+    a = res.allocation
+    assert a["loosened"] >= 1 and len(seen) >= 2
+    assert a["bits"] == seen[-1] <= 1.5 * params
+    assert a["bits"] > seen[0]  # the loosened choice spends what the first left
+
+
 # -- jobs on the embedded model -------------------------------------------------------------------
 _JOB = dict(num_samples=32, seq_len=32, eval_samples=4, batch_size=16, group_size=8)
 

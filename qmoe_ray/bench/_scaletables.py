@@ -53,15 +53,18 @@ def tables(jobs: Mapping[str, Mapping[str, Any]], fit: str
             f"{w['quantize']:.1f} | {w['forward']:.1f} | {w['encode']:.1f} | {t['write']:.1f} |")
     lines += ["", "Stage seconds are summed over the run's layers (workers: over their groups). "
               "Memory (peak RSS: `VmHWM` of each actor's process; the driver's own), object store "
-              "(Ray's memory summary after each layer, the maximum) and output:", "",
-              "| run | driver | worker | store | writer | object store | spilled | output |",
-              "|---|---|---|---|---|---|---|---|"]
+              "(Ray's memory summary after each layer, the maximum), output (all of it: experts, "
+              "the bf16 dense part, tables) and the experts' bits per parameter (ternary):", "",
+              "| run | driver | worker | store | writer | object store | spilled | output "
+              "| expert bits/param |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in jobs.items():
         m, o = r["peak_rss_mb"], r["object_store"]
         lines.append(f"| {name} | {m['driver']:.0f} MB | {m.get('worker', 0):.0f} MB | "
                      f"{m.get('store', 0):.0f} MB | {m.get('writer', 0):.0f} MB | "
                      f"{o['plasma_mb_max']:.0f} MB | {o['spilled_mb_max']:.0f} MB | "
-                     f"{r['output_bytes'] / 1e6:.1f} MB |")
+                     f"{r['output_bytes'] / 1e6:.1f} MB | "
+                     f"{r.get('expert_bits_per_param', float('nan')):.3f} |")
     lines += ["", f"Cost model constants (`qmoe_ray/job/cost_constants.json`), fitted from "
               f"{fit}:", "", "| stage | rate | units |", "|---|---|---|"]
     for k, v in consts.rates.items():

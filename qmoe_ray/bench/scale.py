@@ -44,6 +44,8 @@ JOBS: dict[str, tuple[str, int, int, int, int, int]] = {
     # a slice of one DeepSeek-V3 MoE layer (issue 14): 16 of its 256 experts (top-8 of 16),
     # hidden 7168, expert width 2048, MLA attention and the shared expert at true shapes
     "deepseek-v3-1L-16E": ("deepseek-v3", 1, 16, 32, 512, 8),
+    # the issue's realistic calibration size: 256 x 512 tokens (8x the others')
+    "qwen3-1L-16E-c256": ("qwen3-30b-a3b", 1, 16, 256, 512, 8),
 }
 FIT = "qwen3-1L-16E"
 
@@ -51,8 +53,9 @@ FIT = "qwen3-1L-16E"
 def add_arguments(parser) -> None:
     parser.add_argument("--experts", type=int, nargs="+", default=[2048],
                         help="experts per layer of the grown manifests (7680: 122,880 matrices)")
-    parser.add_argument("--jobs", nargs="*", default=list(JOBS), choices=list(JOBS),
-                        help=f"real-shaped job runs (the first fits the cost model: {FIT})")
+    parser.add_argument("--jobs", nargs="*", default=None, choices=list(JOBS),
+                        help=f"real-shaped job runs (default all; {FIT} fits the cost model); "
+                             "with --reuse, the ones its file lacks are run and added")
     parser.add_argument("--no-manifest", action="store_true", help="skip the manifest part")
     parser.add_argument("--manifest-only", action="store_true",
                         help="only the manifest part (no job runs); BENCHMARKS.md keeps the "
@@ -110,14 +113,16 @@ def run(args) -> BenchResult:
             shutil.rmtree(tmp, ignore_errors=True)
         result.part = "manifest"
         return result
-    reused = json.loads(Path(args.reuse).read_text()) if args.reuse else None
-    names = list(reused if reused is not None else args.jobs or [])
+    reused = json.loads(Path(args.reuse).read_text()) if args.reuse else {}
+    wanted = args.jobs if args.jobs is not None else [] if args.reuse else list(JOBS)
+    to_run = [n for n in wanted if n not in reused]
+    names = list(reused) + to_run
     if names and FIT not in names:  # before any job runs: the tables need the fit run
         raise InputError(f"--jobs {' '.join(names)}: the cost model is fitted on {FIT}, which "
                          "is not among them; add it, or --reuse a --raw file that holds it")
     tmp = Path(tempfile.mkdtemp(prefix="qmoe-scale-"))
     try:
-        jobs = reused if reused is not None else run_jobs(names, tmp) if names else {}
+        jobs = {**reused, **(run_jobs(to_run, tmp) if to_run else {})}
         if args.raw:
             Path(args.raw).write_text(json.dumps(jobs, indent=1))
         manifest = None if args.no_manifest else _manifest(args, tmp)

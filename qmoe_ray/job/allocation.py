@@ -25,8 +25,12 @@ models) use every row, and their chosen candidates are the results themselves.
 The out matrices' candidates are estimated on the Hessian through the exact in matrices; once
 the in matrices are chosen (and ``opts.sequential``), the out matrices are quantized again,
 under their chosen settings, on the Hessian through the quantized ones, as without a budget.
-Results are cached per expert and setting (and, for an out matrix, its expert's in choices)
-across the budget's attempts, so a tightened retry only runs what changed.
+The coded bits of each choice are measured (the worker codes it); a choice over the budget is
+chosen again with the budget tightened by the excess, and one that leaves more than
+``LOOSEN_SLACK`` of it unspent (the estimate ran high: sampled rows, the coder's overhead) with
+the budget loosened by what is left, keeping the last choice that fit if that goes over. Results
+are cached per expert and setting (and, for an out matrix, its expert's in choices) across the
+attempts, so a retry only runs what changed.
 """
 
 from __future__ import annotations
@@ -52,6 +56,11 @@ from qmoe_ray.quant.alloc import (
 
 #: Most of an expert's Hessian tokens the in matrices' forward estimates use (evenly spaced).
 ESTIMATE_TOKENS = 1024
+#: Choices per group: the first, tightened ones while the coded bits exceed the budget, and up
+#: to ``LOOSEN_TRIES`` loosened ones while more than ``LOOSEN_SLACK`` of it is left unspent.
+MAX_ATTEMPTS = 8
+LOOSEN_TRIES = 2
+LOOSEN_SLACK = 5e-3
 #: Row sampling of the candidates (``sample_rows``).
 SAMPLE_MIN_ROWS = 128
 SAMPLE_FRACTION = 16
@@ -203,7 +212,8 @@ def allocate_group(spec: ExpertSpec, W: dict[str, torch.Tensor], B: dict[str, to
 
     H_out: dict[int, tuple[tuple, torch.Tensor]] = {}  # per expert: (its in choices, out H)
     budget = target * (1 - 1e-3)  # a little room for the coder's overhead over the entropy
-    for attempt in range(8):
+    best, loosened = None, 0
+    for attempt in range(MAX_ATTEMPTS):
         t = clock()
         try:
             choice, est = choose(budget)
@@ -260,12 +270,29 @@ def allocate_group(spec: ExpertSpec, W: dict[str, torch.Tensor], B: dict[str, to
         exact = est if measure is None else float(measure(results, choices))
         sec["measure"] += clock() - t2
         alloc.update(estimated_bits=est, bits=exact, attempts=attempt + 1)
-        if exact <= target or alloc["richest"]:
+        if alloc["richest"]:
+            break
+        if exact <= target:
+            best = (results, choices, est, exact)
+            # the coded choice left budget unspent (the estimate ran high): choose again with it
+            if loosened < LOOSEN_TRIES and target - exact > LOOSEN_SLACK * target \
+                    and measure is not None and attempt + 1 < MAX_ATTEMPTS:
+                loosened += 1
+                budget += target - exact
+                continue
+            break
+        if best is not None:  # a loosened choice went over: back to the last one that fit
+            results, choices, est, exact = best
+            t2 = clock()
+            exact = float(measure(results, choices))  # the worker keeps what it coded last
+            sec["measure"] += clock() - t2
+            alloc.update(estimated_bits=est, bits=exact)
             break
         budget -= (exact - target) + 1e-3 * target
     else:
         raise RuntimeError(f"the coded choice stays above the budget ({exact:.0f} > "
                            f"{target:.0f} bits) after {attempt + 1} tries")
+    alloc["loosened"] = loosened
     alloc["bits_per_param"] = alloc["bits"] / params
     alloc["seconds"] = sec
     return results, choices, alloc
