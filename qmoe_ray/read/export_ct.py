@@ -258,6 +258,20 @@ def quantization_config(weights: Mapping[str, Any], expert_modules: list[str],
     }
 
 
+def family_reason(family: Any) -> str | None:
+    """Why transformers cannot load ``family``'s experts from a compressed-tensors checkpoint, or
+    ``None``. compressed-tensors quantizes Linear modules; transformers >= 5 fuses per-expert
+    modules into 3-D parameters while loading only where its conversion mapping says how (Mixtral,
+    the Qwen MoEs, Qwen3-Next, Qwen3.5 ...). gpt-oss has none: its experts were never per-expert
+    modules (``gate_up_proj`` ``[E, D, 2F]``, gate and up interleaved, ``x @ W``, with biases),
+    so no per-expert name reaches them and its fused parameters are not ``.weight`` tensors that
+    the dequantize step is given."""
+    if family.fused_layout == "rows":
+        return None
+    return (f"transformers' {family.model_type} has no per-expert Linear modules (its experts are "
+            "fused 3-D tensors, and it converts no per-expert names into them)")
+
+
 def export_formats(manifest: Mapping[str, Any]) -> dict[str, str | None]:
     """Which export formats hold the checkpoint losslessly, from its manifest alone: format ->
     ``None`` (lossless) or the reason it is refused. A ternary checkpoint's rows decide (their
@@ -268,14 +282,10 @@ def export_formats(manifest: Mapping[str, Any]) -> dict[str, str | None]:
     out: dict[str, str | None] = {"hf": None}
     quantized = manifest["quantized"]
     grids = {(e["scheme"], e.get("quant_group_size")) for e in quantized.values()}
-    reason = None
-    family = get_family(manifest["config"])
-    if family.fused_layout != "rows":
-        reason = (f"transformers' {family.model_type} has no per-expert Linear modules (its "
-                  "experts are fused 3-D tensors)")
-    elif len(grids) != 1:
+    reason = family_reason(get_family(manifest["config"]))
+    if reason is None and len(grids) != 1:
         reason = f"the experts use several grids {sorted(grids, key=str)}"
-    else:
+    elif reason is None:
         name, gs = next(iter(grids))
         partial = sorted({e["shape"][1] for e in quantized.values()
                           if gs is not None and e["shape"][1] > gs and e["shape"][1] % gs})
@@ -289,8 +299,6 @@ def export_formats(manifest: Mapping[str, Any]) -> dict[str, str | None]:
     if reason is None and next(iter(grids))[0] == "int8":
         sym = "int8 has no symmetric form (9-bit codes)"
     out["compressed-tensors --symmetric"] = sym
-    if family.fused_layout != "rows":
-        out["compressed-tensors --symmetric"] = reason
     from qmoe_ray.read.export_gguf import gguf_reason
 
     out["gguf"] = gguf_reason(manifest)
