@@ -406,6 +406,9 @@ def test_gpt_oss_export_is_refused_naming_the_format_that_works(tmp_path_factory
     assert formats["hf"] is None
     assert "gpt_oss has no per-expert Linear modules" in formats["compressed-tensors"]
     assert formats["compressed-tensors --symmetric"] == formats["compressed-tensors"]
+    assert formats["gguf"].endswith("no llama.cpp architecture in this export (supported: "
+                                    "deepseek_v3, glm4_moe, kimi_k2, minimax_m2, mixtral, olmoe, "
+                                    "qwen2_moe, qwen3_moe); export it with --format hf")
     export(str(ckpt), str(tmp_path / "hf"))
     hf, source = _shards(tmp_path / "hf"), load_file(str(mx / "model.safetensors"))
     for b in range(3):

@@ -32,6 +32,12 @@ Which grids are expressible (``ct_grid``):
 
 The ``quantization_config`` (``quantization_config``) targets exactly the expert Linear modules
 (a ``re:`` pattern per role) and lists every other Linear module in ``ignore``.
+
+Families: the experts are always written per expert under transformers' per-expert names (a
+Qwen3.5-MoE's under ``model.language_model.``, even from its fused Hub layout), which
+transformers >= 5 merges into its fused ``gate_up_proj`` / ``down_proj`` while decompressing;
+everything else (a vision tower, Gated DeltaNet, shared experts) is carried bf16. gpt-oss is
+refused (``family_reason``): transformers has no per-expert modules for it to load.
 """
 
 from __future__ import annotations
