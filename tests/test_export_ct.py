@@ -359,8 +359,8 @@ def test_transformers_loads_hybrid_export_with_our_logits(tmp_path_factory, tmp_
         for e in range(lay.num_experts):
             x = {r: ours.experts[f"{lay.name}.mlp.experts.{e}.{r}_proj.weight"]
                  for r in ("gate", "up", "down")}
-            assert torch.equal(gu[e], torch.cat([x["gate"], x["up"]])) and torch.equal(down[e],
-                                                                                      x["down"])
+            assert torch.equal(gu[e], torch.cat([x["gate"], x["up"]]))
+            assert torch.equal(down[e], x["down"])
     source = _not_experts(_shards(src))
     assert all(torch.equal(sd[n], v.float()) for n, v in source.items())  # vision tower too
     ids = torch.from_numpy(np.random.default_rng(1).integers(3, 97, (2, 10)))
