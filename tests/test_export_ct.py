@@ -244,3 +244,175 @@ def test_inspect_says_which_formats_are_lossless(tmp_path_factory):
     partial = inspect(str(_ckpt(tmp_path_factory, "int4-g128")), verify=False)
     assert "[192] are not multiples of quant_group_size 128" in \
         partial["export_formats"]["compressed-tensors"]
+
+
+# The hybrid families (Gated DeltaNet + gated attention), each on its own grid: experts of 16
+# rows (moe_intermediate_size 16: transformers' grouped_mm wants 16-byte strides of bf16 rows)
+HYBRIDS = {"qwen3_next": ("int4", 16), "qwen3_5_moe": ("int2", None)}
+_HYBRID: dict[str, tuple[Path, Path]] = {}
+
+
+def _hybrid(tmp_path_factory, model_type: str) -> tuple[Path, Path]:
+    """``(source, checkpoint)``: a tiny random bf16 model of the family (Qwen3.5 as the Hub
+    ships it: the multimodal wrapper, fused ``gate_up_proj`` experts, a vision tower) compressed
+    on its ``HYBRIDS`` grid."""
+    if model_type not in _HYBRID:
+        from fixtures_s3 import save_tiny
+        from hybrid_fixtures import tiny_hybrid
+
+        from qmoe_ray.job.config import CompressConfig
+        from qmoe_ray.job.driver import run_compression
+
+        root = tmp_path_factory.mktemp(f"ct_{model_type}")
+        kw = {"save_original_format": False} if model_type == "qwen3_5_moe" else {}
+        src = save_tiny(tiny_hybrid(model_type, seed=3, moe_intermediate_size=16), root / "src",
+                        dtype=torch.bfloat16, **kw)
+        np.save(src / "tokens.npy", np.random.default_rng(0).integers(3, 97, (48, 16)))
+        scheme, gs = HYBRIDS[model_type]
+        run_compression(CompressConfig(source=str(src), data=str(src / "tokens.npy"),
+                                       output=str(root / "ckpt"), num_samples=24, seq_len=16,
+                                       eval_samples=4, batch_size=12, group_size=8,
+                                       scheme=scheme, quant_group_size=gs), progress=False)
+        _HYBRID[model_type] = (src, root / "ckpt")
+    return _HYBRID[model_type]
+
+
+def _not_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: v for n, v in tensors.items() if ".mlp.experts." not in n}
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("model_type, symmetric", [(m, s) for m in HYBRIDS for s in (False, True)])
+def test_hybrid_export_decompresses_to_our_weights(tmp_path_factory, tmp_path, model_type,
+                                                   symmetric):
+    """Qwen3-Next and Qwen3.5-MoE: every routed expert under transformers' per-expert name (the
+    ``model.language_model.`` prefix of Qwen3.5; its fused source experts written per expert,
+    which transformers merges while loading), decompressed by compressed-tensors to exactly our
+    weights; every other tensor (Gated DeltaNet, shared experts, the vision tower) the source's
+    bf16 bit for bit, its Linear modules in ``ignore``."""
+    from compressed_tensors.utils.match import match_name
+
+    torch.set_num_threads(1)
+    src, ckpt = _hybrid(tmp_path_factory, model_type)
+    out = tmp_path / "ct"
+    assert export(str(ckpt), str(out), format="compressed-tensors",
+                  symmetric=symmetric)["layout"] == "per-expert"
+    config = json.loads((out / "config.json").read_text())
+    scheme_name, gs = HYBRIDS[model_type]
+    w = config["quantization_config"]["config_groups"]["group_0"]["weights"]
+    assert w["num_bits"] == int(scheme_name[3:]) + symmetric and w["symmetric"] == symmetric
+    assert w["strategy"] == ("group" if gs else "channel") and w["group_size"] == gs
+    scheme = _ct_scheme(config)
+    ignore = set(config["quantization_config"]["ignore"])
+    tensors = _shards(out)
+    ours, dense = load(str(ckpt), mode="resident"), load(str(ckpt))
+    prefix = "model.language_model.layers." if model_type == "qwen3_5_moe" else "model.layers."
+    assert len(ours.experts) == (4 if model_type == "qwen3_5_moe" else 3) * 8 * 3
+    for canon, enc in ours.experts.items():
+        module = canon.removesuffix(".weight")  # transformers' per-expert name
+        assert module.startswith(prefix) and ".mlp.experts." in module
+        assert any(match_name(module, t) for t in scheme.targets) and module not in ignore
+        assert (f"{module}.weight_zero_point" in tensors) != symmetric
+        got = _decompress(scheme, tensors, f"{module}.", torch.float32)
+        want = dequantize(enc.scheme, torch.from_numpy(enc.codes())[None],
+                          {k: v.float()[None] for k, v in enc.params.items()})[0]
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), canon
+        got16 = _decompress(scheme, tensors, f"{module}.", torch.bfloat16)
+        assert torch.equal(got16.view(torch.int16), dense.experts[canon].view(torch.int16))
+    source, exported = _not_experts(_shards(src)), _not_experts(tensors)
+    assert set(exported) == set(source)
+    assert all(torch.equal(exported[n], v) for n, v in source.items())
+    p = prefix + "0."
+    assert {p + "linear_attn.out_proj", p + "mlp.shared_expert.gate_proj", "lm_head"} <= ignore
+    visual = {n for n in source if n.startswith("model.visual.")}
+    assert bool(visual) == (model_type == "qwen3_5_moe")
+    assert {n.removesuffix(".weight") for n in visual if source[n].dim() == 2} <= ignore
+    assert not any(match_name(m, t) for m in ignore for t in scheme.targets)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("model_type", sorted(HYBRIDS))
+def test_transformers_loads_hybrid_export_with_our_logits(tmp_path_factory, tmp_path,
+                                                          model_type):
+    """transformers merges the per-expert compressed-tensors experts into its fused
+    ``gate_up_proj`` / ``down_proj`` bit for bit, loads every other tensor (the vision tower
+    included) as the source has it, and gives our logits: within the hybrid families' float32
+    tolerance once its bf16 experts are widened; as loaded (bf16 expert products), the median
+    logit within the bf16 tolerance of the Mixtral case (these tiny random hybrids amplify bf16
+    rounding: some logits move by ~1)."""
+    import transformers as tf
+
+    torch.set_num_threads(1)
+    src, ckpt = _hybrid(tmp_path_factory, model_type)
+    out = tmp_path / "ct"
+    export(str(ckpt), str(out), format="compressed-tensors", symmetric=True)
+    cls = (tf.Qwen3_5MoeForConditionalGeneration if model_type == "qwen3_5_moe"
+           else tf.Qwen3NextForCausalLM)
+    model = cls.from_pretrained(str(out), dtype=torch.float32).eval()
+    ours = load(str(ckpt))
+    sd = model.state_dict()
+    for lay in ours.family.layers():
+        if not lay.moe:
+            continue
+        gu, down = sd[f"{lay.name}.mlp.experts.gate_up_proj"], sd[f"{lay.name}.mlp.experts.down_proj"]
+        assert gu.dtype == down.dtype == torch.bfloat16  # the scales' dtype
+        for e in range(lay.num_experts):
+            x = {r: ours.experts[f"{lay.name}.mlp.experts.{e}.{r}_proj.weight"]
+                 for r in ("gate", "up", "down")}
+            assert torch.equal(gu[e], torch.cat([x["gate"], x["up"]]))
+            assert torch.equal(down[e], x["down"])
+    source = _not_experts(_shards(src))
+    assert all(torch.equal(sd[n], v.float()) for n, v in source.items())  # vision tower too
+    ids = torch.from_numpy(np.random.default_rng(1).integers(3, 97, (2, 10)))
+    want = ours.logits(ids)
+    with torch.no_grad():
+        as_loaded = model(input_ids=ids).logits
+        for p in model.parameters():
+            p.data = p.data.float()
+        widened = model(input_ids=ids).logits
+    torch.testing.assert_close(widened, want, rtol=1e-4, atol=1e-3)  # test_hybrid_families'
+    # bf16 expert products: a median logit moves by 0.007 (qwen3_next) / 0.024 (qwen3_5_moe), the
+    # most sensitive ones by ~1 (rounding only the experts' inputs to bf16 moves them by 0.5)
+    assert (as_loaded - want).abs().median() < 5e-2
+
+
+@pytest.mark.ray
+def test_gpt_oss_export_is_refused_naming_the_format_that_works(tmp_path_factory, tmp_path):
+    """gpt-oss (MXFP4 source, expert biases, gate/up interleaved ``[E, D, 2F]``): transformers has
+    no per-expert modules and no conversion into its fused experts, so compressed-tensors' per-module
+    weights could not be loaded: refused by name, nothing written, ``inspect`` says so; the
+    format named instead (``--format hf``) writes the fused interleaved experts and the biases."""
+    from gpt_oss_fixtures import save_mxfp4, tiny_gpt_oss
+
+    from qmoe_ray.job.config import CompressConfig
+    from qmoe_ray.job.driver import run_compression
+    from qmoe_ray.read.inspect import inspect
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("ct_gpt_oss")
+    mx, _ = save_mxfp4(tiny_gpt_oss(4, intermediate_size=32), root)
+    np.save(mx / "tokens.npy", np.random.default_rng(0).integers(3, 97, (48, 16)))
+    ckpt = root / "ckpt"
+    run_compression(CompressConfig(source=str(mx), data=str(mx / "tokens.npy"), output=str(ckpt),
+                                   num_samples=24, seq_len=16, eval_samples=4, batch_size=12,
+                                   group_size=3, scheme="int4", method="rtn"), progress=False)
+    for symmetric in (False, True):
+        with pytest.raises(InputError, match="compressed-tensors is refused for gpt_oss: "
+                           "transformers' gpt_oss has no per-expert Linear modules.*--format hf"):
+            export(str(ckpt), str(tmp_path / "ct"), format="compressed-tensors",
+                   symmetric=symmetric)
+    assert list(tmp_path.iterdir()) == []
+    formats = inspect(str(ckpt), verify=False)["export_formats"]
+    assert formats["hf"] is None
+    assert "gpt_oss has no per-expert Linear modules" in formats["compressed-tensors"]
+    assert formats["compressed-tensors --symmetric"] == formats["compressed-tensors"]
+    assert formats["gguf"].endswith("no llama.cpp architecture in this export (supported: "
+                                    "deepseek_v3, glm4_moe, kimi_k2, minimax_m2, mixtral, olmoe, "
+                                    "qwen2_moe, qwen3_moe); export it with --format hf")
+    export(str(ckpt), str(tmp_path / "hf"))
+    hf, source = _shards(tmp_path / "hf"), load_file(str(mx / "model.safetensors"))
+    for b in range(3):
+        p = f"model.layers.{b}.mlp.experts."
+        assert hf[p + "gate_up_proj"].shape == (6, 32, 64) and hf[p + "down_proj"].shape == (6, 32, 32)
+        for bias in ("gate_up_proj_bias", "down_proj_bias"):
+            assert torch.equal(hf[p + bias], source[p + bias])

@@ -266,10 +266,11 @@ def export(url: str, out_dir: str, layout: str = "auto", overwrite: bool = False
     if tx is not None and ct:
         raise InputError("export --format compressed-tensors of a trimmed checkpoint is not "
                          "supported yet; use --format hf")
-    if ct and inner.fused_layout != "rows":
-        raise InputError(f"the compressed-tensors export writes per-expert Linear modules, which "
-                         f"transformers' {inner.model_type} does not have (its experts are "
-                         "fused 3-D tensors): use --format hf")
+    if ct and export_ct.family_reason(inner) is not None:
+        raise InputError(f"--format compressed-tensors is refused for {inner.model_type}: "
+                         f"{export_ct.family_reason(inner)}, so transformers could not load its "
+                         "quantized experts; use --format hf (bf16 experts, in the layout "
+                         "transformers reads)")
     if ct:
         layout = "per-expert"
     try:

@@ -32,6 +32,12 @@ Which grids are expressible (``ct_grid``):
 
 The ``quantization_config`` (``quantization_config``) targets exactly the expert Linear modules
 (a ``re:`` pattern per role) and lists every other Linear module in ``ignore``.
+
+Families: the experts are always written per expert under transformers' per-expert names (a
+Qwen3.5-MoE's under ``model.language_model.``, even from its fused Hub layout), which
+transformers >= 5 merges into its fused ``gate_up_proj`` / ``down_proj`` while decompressing;
+everything else (a vision tower, Gated DeltaNet, shared experts) is carried bf16. gpt-oss is
+refused (``family_reason``): transformers has no per-expert modules for it to load.
 """
 
 from __future__ import annotations
@@ -258,6 +264,20 @@ def quantization_config(weights: Mapping[str, Any], expert_modules: list[str],
     }
 
 
+def family_reason(family: Any) -> str | None:
+    """Why transformers cannot load ``family``'s experts from a compressed-tensors checkpoint, or
+    ``None``. compressed-tensors quantizes Linear modules; transformers >= 5 fuses per-expert
+    modules into 3-D parameters while loading only where its conversion mapping says how (Mixtral,
+    the Qwen MoEs, Qwen3-Next, Qwen3.5 ...). gpt-oss has none: its experts were never per-expert
+    modules (``gate_up_proj`` ``[E, D, 2F]``, gate and up interleaved, ``x @ W``, with biases),
+    so no per-expert name reaches them and its fused parameters are not ``.weight`` tensors that
+    the dequantize step is given."""
+    if family.fused_layout == "rows":
+        return None
+    return (f"transformers' {family.model_type} has no per-expert Linear modules (its experts are "
+            "fused 3-D tensors, and it converts no per-expert names into them)")
+
+
 def export_formats(manifest: Mapping[str, Any]) -> dict[str, str | None]:
     """Which export formats hold the checkpoint losslessly, from its manifest alone: format ->
     ``None`` (lossless) or the reason it is refused. A ternary checkpoint's rows decide (their
@@ -268,14 +288,10 @@ def export_formats(manifest: Mapping[str, Any]) -> dict[str, str | None]:
     out: dict[str, str | None] = {"hf": None}
     quantized = manifest["quantized"]
     grids = {(e["scheme"], e.get("quant_group_size")) for e in quantized.values()}
-    reason = None
-    family = get_family(manifest["config"])
-    if family.fused_layout != "rows":
-        reason = (f"transformers' {family.model_type} has no per-expert Linear modules (its "
-                  "experts are fused 3-D tensors)")
-    elif len(grids) != 1:
+    reason = family_reason(get_family(manifest["config"]))
+    if reason is None and len(grids) != 1:
         reason = f"the experts use several grids {sorted(grids, key=str)}"
-    else:
+    elif reason is None:
         name, gs = next(iter(grids))
         partial = sorted({e["shape"][1] for e in quantized.values()
                           if gs is not None and e["shape"][1] > gs and e["shape"][1] % gs})
@@ -289,8 +305,6 @@ def export_formats(manifest: Mapping[str, Any]) -> dict[str, str | None]:
     if reason is None and next(iter(grids))[0] == "int8":
         sym = "int8 has no symmetric form (9-bit codes)"
     out["compressed-tensors --symmetric"] = sym
-    if family.fused_layout != "rows":
-        out["compressed-tensors --symmetric"] = reason
     from qmoe_ray.read.export_gguf import gguf_reason
 
     out["gguf"] = gguf_reason(manifest)

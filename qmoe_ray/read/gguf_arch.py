@@ -73,9 +73,22 @@ def arch_of(config: Mapping[str, Any]) -> str:
     if mt not in ARCHS:
         raise InputError(
             f"--format gguf: model_type {str(mt)[:40]!r} has no llama.cpp architecture in this "
-            f"export (supported: {', '.join(sorted(ARCHS))}); export it with --format hf or "
-            "--format compressed-tensors")
+            f"export (supported: {', '.join(sorted(ARCHS))}); export it with "
+            f"{_other_formats(config)}")
     return ARCHS[mt]
+
+
+def _other_formats(config: Mapping[str, Any]) -> str:
+    """The export formats that hold a family llama.cpp lacks: ``--format hf``, and
+    ``--format compressed-tensors`` unless it is refused for the family (fused experts only in
+    transformers, as gpt-oss: ``qmoe_ray.read.export_ct.family_reason``)."""
+    from qmoe_ray.models import get_family
+
+    try:
+        refused = get_family(dict(config)).fused_layout != "rows"
+    except ValueError:  # not a whole config (a bare model_type): name both
+        refused = False
+    return "--format hf" if refused else "--format hf or --format compressed-tensors"
 
 
 def tensor_name(name: str, arch: str) -> str | None:
