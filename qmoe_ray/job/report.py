@@ -128,10 +128,11 @@ def grouping(info: Mapping[str, Any] | None,
         if row is None or not res.get("group_size"):
             continue
         g, routed = int(res["group_size"]), np.asarray(res["routed"], dtype=np.int64)
-        heavy = max(int(routed[i:i + g].sum()) for i in range(0, len(routed), g))
+        uniform = max(int(routed.sum()), 1) / len(routed)  # tokens per expert
         row["group_size"] = g  # the size the layer ran with
-        row["heaviest_group_vs_uniform"] = round(
-            heavy / max(routed.sum() * min(g, len(routed)) / len(routed), 1), 3)
+        row["heaviest_group_vs_uniform"] = round(max(
+            routed[i:i + g].sum() / (uniform * len(routed[i:i + g]))
+            for i in range(0, len(routed), g)), 3)
         peak = res.get("worker_timings", {}).get("peak_rss_mb")
         row["measured_worker_peak_gib"] = None if peak is None else round(peak / 1024, 4)
     out["layers"] = rows
