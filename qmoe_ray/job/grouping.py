@@ -9,7 +9,10 @@ trimmed or hybrid model, between layers), ``auto`` takes the largest ``g`` whose
 plus ``MARGIN`` fits the budget, and no more than ``ceil(experts / workers)`` (a larger group
 would leave a worker without one). Routing is taken to be uniform (every expert gets
 ``tokens x top_k / experts`` tokens); the margin is for what the model does not see (a skewed
-router's heavier groups, the allocator's slack).
+router's heavier groups, the allocator's slack). On the ``scale`` benchmark's runs not used to fit
+it the measured worker RSS was 0.78-1.01 x the predicted peak (BENCHMARKS.md, ``scale``); on the
+embedded Mixtral the heaviest group of 3 drew up to 1.8x its uniform share of tokens (the report's
+``heaviest_group_vs_uniform``), which the token term (a third of a Qwen3 expert's bytes) feels.
 
 The budget (``worker_budget``): ``--worker-memory GIB`` when given; else, on the local cluster
 the job starts, this machine's available memory (``psutil``) shared by the workers; on a cluster
