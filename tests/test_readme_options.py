@@ -169,3 +169,45 @@ def test_int_schemes_export_to_transformers_with_our_logits(jobs, job, tmp_path)
     # the same bf16 weights in float32 arithmetic on both sides
     torch.testing.assert_close(theirs, mine, rtol=1e-3, atol=1e-3)
     assert not torch.allclose(mine[0], mine[1])  # not a constant output
+
+
+def test_readme_documents_group_size_auto_and_worker_memory():
+    rows = {r.split("|")[1].strip(): r for r in
+            (Path(__file__).parents[1] / "README.md").read_text().splitlines()
+            if r.startswith("| `--")}
+    assert "`auto`" in rows["`--group-size`"] and "--worker-memory" in rows["`--group-size`"]
+    row = rows["`--worker-memory`"]
+    assert "GiB per worker" in row and "available memory" in row and "memory` resource" in row
+
+
+def test_group_size_auto_on_the_embedded_model(ray_session, tmp_path):
+    """``--group-size auto --worker-memory`` through the CLI: a budget of exactly three of the
+    embedded Mixtral's eight experts gives groups of three in every layer (three groups of 3, 3
+    and 2 experts: three code tables per matrix kind), as the report and the manifest say."""
+    from qmoe_ray.cli import main
+    from qmoe_ray.job import grouping
+    from qmoe_ray.job.config import CompressConfig
+    from qmoe_ray.job.costmodel import load_constants
+    from qmoe_ray.job.plan import prepare
+
+    opts = dict(num_samples=32, seq_len=64, eval_samples=8)
+    probe = prepare(CompressConfig(output=str(tmp_path / "p"), group_size="auto",
+                                   worker_memory=1000, **opts))
+    wm = grouping.need_bytes(probe.shapes["model.layers.0"], 3,
+                             load_constants().worker_base_bytes) / grouping.GIB
+    out = tmp_path / "out"
+    assert main(["compress", "--output", str(out), "--quiet", "--group-size", "auto",
+                 "--worker-memory", repr(wm), "--num-samples", "32", "--seq-len", "64",
+                 "--eval-samples", "8"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    g = report["grouping"]
+    assert report["options"]["group_size"] == "auto" and g["budget_gib"] == pytest.approx(wm, abs=1e-4)
+    assert [r["group_size"] for r in report["layers"]] == [3, 3, 3, 3]
+    assert {r["group_size"] for r in g["layers"].values()} == {3}
+    for row in g["layers"].values():
+        assert row["measured_worker_peak_gib"] > 0 and row["heaviest_group_vs_uniform"] >= 1
+    assert "expert groups of auto (3, 3, 3, 3 per MoE layer" in (out / "report.md").read_text()
+    tables = _manifest(out)["tables"]  # one code table per group and role
+    for i in range(4):
+        pre = f"model.layers.{i}.qmoe_table.group"
+        assert {k[len(pre):].split(".")[0] for k in tables if k.startswith(pre)} == {"0", "1", "2"}

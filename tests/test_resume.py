@@ -181,3 +181,44 @@ def test_hessian_dtype_is_recorded_and_a_resume_with_another_is_refused(tmp_path
     cfg, _ = config_from_args(parser.parse_args(["--hessian-dtype", "float64"]))
     assert cfg.hessian_dtype == "float64"
     assert config_from_args(parser.parse_args([]))[0].hessian_dtype == "float32"
+
+
+def test_auto_group_sizes_are_recorded_and_a_resume_keeps_them(model, clean, tmp_path):
+    """``--group-size auto``: the sizes chosen go into the job's record; a resume with more
+    memory keeps them (the shards are an uninterrupted ``--group-size 2`` run's), one with too
+    little for them or with a fixed size is refused."""
+    from qmoe_ray.errors import InputError
+    from qmoe_ray.job import grouping
+    from qmoe_ray.job.costmodel import load_constants
+    from qmoe_ray.job.driver import run_compression
+    from qmoe_ray.job.plan import prepare
+
+    base = load_constants().worker_base_bytes
+    probe = prepare(job_cfg(model, tmp_path / "probe", group_size="auto", worker_memory=1000))
+    assert set(probe.group_sizes.values()) == {6}  # all six experts fit 1000 GiB
+    wm = grouping.need_bytes(probe.shapes["model.layers.0"], 2, base) / grouping.GIB
+    out = tmp_path / "out"
+
+    def stop_after_first_layer(event, info):
+        if event == "layer_done":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_compression(job_cfg(model, out, group_size="auto", worker_memory=wm),
+                        progress=False, hook=stop_after_first_layer)
+    sizes = json.loads((out / JOB).read_text())["group_sizes"]
+    assert sizes == {"model.layers.0": 2, "model.layers.1": 2}
+    with pytest.raises(ValueError, match=r"group_size='auto' \(now 2\)"):
+        run_compression(job_cfg(model, out, group_size=2), progress=False)
+    with pytest.raises(InputError, match=r"layer model.layers.0: a group of 2 experts needs .*"
+                                         r"the job this run resumes chose groups of 2.*--overwrite"):
+        run_compression(job_cfg(model, out, group_size="auto", worker_memory=wm * 0.999),
+                        progress=False)
+    rep = run_compression(job_cfg(model, out, group_size="auto", worker_memory=100),
+                          progress=False)
+    assert rep["resumed_after_layers"] == 1 and rep["grouping"]["recorded"]
+    assert [r["group_size"] for r in rep["layers"]] == [2, 2]
+    assert {n: r["group_size"] for n, r in rep["grouping"]["layers"].items()} == sizes
+    got = files(out)
+    shards = [k for k in clean if k.startswith("shards/")]
+    assert len(shards) >= 3 and all(got[k] == clean[k] for k in shards)

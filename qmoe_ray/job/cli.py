@@ -26,7 +26,8 @@ _HELP = {
     "data": "calibration data: .npy/.safetensors token ids, .jsonl/.txt text, or 'embedded'",
     "scheme": "ternary, ternary-sym256 (GGUF TQ2_0/TQ1_0-exact), int2, int3, int4 or int8",
     "method": "gptq, or rtn (round to nearest, the baseline)",
-    "group_size": "experts quantized jointly per worker call",
+    "group_size": "experts quantized jointly per worker call, or auto: per layer the largest "
+                  "group whose predicted worker peak (+10%%) fits --worker-memory",
     "token_cap": "Hessian tokens per expert capped at this x the mean (0: no cap)",
     "percdamp": "GPTQ damping, fraction of the mean Hessian diagonal",
     "blocksize": "GPTQ block size",
@@ -64,10 +65,20 @@ _HELP = {
     "num_stores": "activation store actors",
     "cpus_per_worker": "CPUs per worker (and its torch threads)",
     "gpus_per_worker": "GPUs per worker (0: CPU quantization)",
+    "worker_memory": "GiB per worker that --group-size auto sizes the groups to (default: the "
+                     "machine's available memory over the workers, locally; Ray's memory "
+                     "resource of a worker's node over its workers, on a cluster; GPU workers: "
+                     "give the GPU's); with a fixed --group-size, a group that does not fit is "
+                     "refused",
     "address": "Ray address (default: RAY_ADDRESS, else an in-process local cluster)",
     "seed": "data sampling seed",
     "overwrite": "replace an existing checkpoint at the output",
 }
+
+
+def _int_or_str(value: str) -> int | str:
+    """``--group-size 8`` or ``--group-size auto`` (checked by ``CompressConfig``)."""
+    return int(value) if value.strip().lstrip("-").isdigit() else value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 help=_HELP.get(f.name))
             continue
         kind = {"int": int, "float": float, "int | None": int, "float | None": float,
-                "str | None": str}.get(str(f.type), str)
+                "str | None": str, "int | str": _int_or_str}.get(str(f.type), str)
         parser.add_argument(flag, type=kind, default=None, help=f"{_HELP.get(f.name, '')} "
                             f"(default: {f.default})")
     add_storage_options(parser, "the source and the output")

@@ -169,6 +169,28 @@ def _resource_problem(cfg: CompressConfig) -> str | None:
     return None
 
 
+def ray_worker_memory(cfg: CompressConfig) -> tuple[float, str] | None:
+    """Ray's figure of the memory a worker may use (``--group-size auto`` on a joined cluster):
+    the ``memory`` resource of each alive node that can host a worker, shared by as many
+    workers as it holds (its CPUs / GPUs over each worker's, at most ``num_workers``), the
+    smallest over the nodes; None when no such node reports memory."""
+    import ray
+
+    per = {"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker}
+    best: tuple[float, str] | None = None
+    for n in ray.nodes():
+        res = n.get("Resources", {}) if n.get("Alive") else {}
+        slots = min((int(res.get(r, 0) // v) for r, v in per.items() if v > 0), default=0)
+        if slots < 1 or not res.get("memory"):
+            continue
+        each = float(res["memory"]) / min(slots, cfg.num_workers)
+        if best is None or each < best[0]:
+            best = (each, f"Ray's memory resource of node {n.get('NodeManagerAddress')}, "
+                          f"{res['memory'] / 2**30:.2f} GiB, over {min(slots, cfg.num_workers)} "
+                          "worker(s) on it; --worker-memory GIB to set it")
+    return best
+
+
 def check_resources(cfg: CompressConfig, wait_s: float = 0.0) -> None:
     """Refuse when the cluster lacks what the workers ask for (instead of hanging).
 

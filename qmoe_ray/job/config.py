@@ -38,7 +38,10 @@ class CompressConfig:
         scheme: quantization grid: ternary, ternary-sym256 (symmetric, one f16-exact scale per
             256 input columns: GGUF TQ2_0/TQ1_0 exactly), int2, int3, int4, int8.
         method: ``gptq`` or ``rtn`` (round to nearest, the baseline).
-        group_size: experts quantized jointly by one worker call.
+        group_size: experts quantized jointly by one worker call, or ``"auto"``: per MoE
+            layer, the largest group whose predicted worker peak (the cost model's, plus a
+            margin) fits ``worker_memory`` (``qmoe_ray.job.grouping``); the sizes chosen are
+            recorded with the job (a resume groups as the first run did) and in the report.
         token_cap: Hessian tokens per expert capped at ``token_cap`` x the mean (0: no cap).
         percdamp: GPTQ damping as a fraction of the mean Hessian diagonal.
         blocksize: GPTQ block size (columns).
@@ -90,6 +93,10 @@ class CompressConfig:
         num_workers: quantization worker actors.
         num_stores: activation store actors.
         cpus_per_worker: CPUs reserved by each worker (also its torch thread count).
+        worker_memory: memory per worker in GiB for ``group_size="auto"`` (None: this machine's
+            available memory over the workers on the local cluster, Ray's memory resource of a
+            worker's node over its workers on a joined one; GPU workers: needed, the GPU's).
+            With a fixed ``group_size``, a group that does not fit it is refused.
         gpus_per_worker: GPUs reserved by each worker (0: quantize on CPU).
         address: Ray address; None starts an in-process single-node cluster.
         seed: seed for data sampling.
@@ -101,7 +108,7 @@ class CompressConfig:
     data: str = EMBEDDED
     scheme: str = "ternary"
     method: str = "gptq"
-    group_size: int = 16
+    group_size: int | str = 16
     token_cap: float = 4.0
     percdamp: float = 0.1
     blocksize: int = 128
@@ -127,6 +134,7 @@ class CompressConfig:
     num_workers: int = 1
     num_stores: int = 1
     cpus_per_worker: float = 1.0
+    worker_memory: float | None = None
     gpus_per_worker: float = 0.0
     address: str | None = None
     seed: int = 0
@@ -144,8 +152,19 @@ class CompressConfig:
             raise bad("method", self.method, f"one of {', '.join(METHODS)}")
         if self.hessian_dtype not in HESSIAN_DTYPES:
             raise bad("hessian_dtype", self.hessian_dtype, f"one of {', '.join(HESSIAN_DTYPES)}")
+        if isinstance(self.group_size, str) and self.group_size.strip().isdigit():
+            object.__setattr__(self, "group_size", int(self.group_size))  # YAML/CLI "8"
+        if self.group_size != "auto":
+            if (not isinstance(self.group_size, int) or isinstance(self.group_size, bool)
+                    or self.group_size < 1):
+                raise bad("group_size", self.group_size, "an integer >= 1 or auto (the "
+                          "largest group that fits --worker-memory)")
+        if self.worker_memory is not None and (
+                isinstance(self.worker_memory, bool)
+                or not isinstance(self.worker_memory, (int, float))
+                or not math.isfinite(self.worker_memory) or self.worker_memory <= 0):
+            raise bad("worker_memory", self.worker_memory, "a number of GiB > 0, such as 24")
         for name in (
-            "group_size",
             "num_samples",
             "seq_len",
             "batch_size",
@@ -291,6 +310,7 @@ class CompressConfig:
             "num_workers",
             "num_stores",
             "cpus_per_worker",
+            "worker_memory",  # under group_size auto: the job's record holds the sizes chosen
             "gpus_per_worker",
             "address",
             "overwrite",

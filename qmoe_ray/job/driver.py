@@ -30,6 +30,7 @@ the progress folder (``Progress.save_source_index``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -44,7 +45,8 @@ from qmoe_ray.format.trimmed import trim_record, trim_summary
 from qmoe_ray.job import cluster
 from qmoe_ray.job.config import CompressConfig, StorageOptions
 from qmoe_ray.job.faults import Guard
-from qmoe_ray.job.plan import Plan, prepare, source_label
+from qmoe_ray.job.grouping import AUTO
+from qmoe_ray.job.plan import Plan, prepare, resolve_groups, source_label, worker_budget
 from qmoe_ray.job.progress import PROGRESS
 from qmoe_ray.models import LayerSpec
 from qmoe_ray.storage import quantized as qz
@@ -108,6 +110,7 @@ def execute(plan: Plan, progress: bool = True, hook: Hook | None = None) -> dict
     try:
         joined = not started or bool(cluster.address(cfg))
         cluster.check_resources(cfg, cluster.resource_wait_s(joined))
+        plan = _cluster_groups(plan)
         # every check has passed: from here on the output is this job's (an old checkpoint
         # is replaced only now)
         if not plan.resuming:
@@ -122,6 +125,17 @@ def execute(plan: Plan, progress: bool = True, hook: Hook | None = None) -> dict
     finally:
         cluster.release(started, actors.all() if actors is not None else [])
     return report
+
+
+def _cluster_groups(plan: Plan) -> Plan:
+    """``--group-size auto`` on a joined cluster without ``--worker-memory``: the groups sized
+    to Ray's memory figure (``cluster.ray_worker_memory``), now that Ray is up."""
+    if plan.cfg.group_size != AUTO or plan.grouping is not None:
+        return plan
+    budget = worker_budget(plan.cfg, cluster.ray_worker_memory(plan.cfg))
+    sizes, info = resolve_groups(plan.cfg, plan.family, plan.shapes, budget, plan.group_sizes)
+    plan.job["group_sizes"] = sizes
+    return dataclasses.replace(plan, group_sizes=sizes, grouping=info)
 
 
 def _resume(plan: Plan, actors: Any, progress: bool) -> None:
@@ -216,7 +230,8 @@ def _layer_step(plan: Plan, layer: LayerSpec, actors: Any, timings: dict[str, fl
 
     if hook:
         hook("layer_start", {"layer": layer, "attempt": attempt, "actors": actors})
-    res = _layer(plan.cfg, layer, actors, timings, moe, progress, hook, attempt, budget)
+    group = plan.group_sizes[layer.name] if layer.moe else 0
+    res = _layer(plan.cfg, layer, actors, timings, moe, progress, hook, attempt, budget, group)
     t1 = time.perf_counter()
     ray.get([s.save_state.remote(layer.index) for s in actors.stores])
     timings["checkpoint"] += time.perf_counter() - t1
@@ -266,8 +281,9 @@ def _dense_layer(layer: LayerSpec, actors: Any, timings: dict[str, float]) -> di
 
 def _layer(cfg: CompressConfig, layer: LayerSpec, actors: Any, timings: dict[str, float],
            moe: dict[str, int], progress: bool, hook: Hook | None,
-           attempt: int, budget: float | None = None) -> dict[str, Any]:
-    """One layer through the stores, workers and writer; returns the writer's result."""
+           attempt: int, budget: float | None = None, group: int = 0) -> dict[str, Any]:
+    """One layer through the stores, workers and writer (``group`` experts per worker call);
+    returns the writer's result."""
     import ray
 
     if not layer.moe:
@@ -282,8 +298,8 @@ def _layer(cfg: CompressConfig, layer: LayerSpec, actors: Any, timings: dict[str
     routed = np.sum([c["routed"] for c in counts], axis=0)
     hess = np.sum([c["hessian"] for c in counts], axis=0)
     cap = int(math.ceil(cfg.token_cap * hess.mean())) if cfg.token_cap else None
-    groups = [list(range(g, min(g + cfg.group_size, layer.num_experts)))
-              for g in range(0, layer.num_experts, cfg.group_size)]
+    groups = [list(range(g, min(g + group, layer.num_experts)))
+              for g in range(0, layer.num_experts, group)]
     desc = f"layer {layer.name} ({moe['done'] + 1}/{moe['total']} MoE)"
     _dispatch(layer, groups, cap, actors, desc if progress else None, int(routed.sum()), hook,
               attempt, budget)
@@ -295,6 +311,8 @@ def _layer(cfg: CompressConfig, layer: LayerSpec, actors: Any, timings: dict[str
     res["routed"] = routed.tolist()
     res["hessian_tokens_total"] = hess.tolist()
     res["cap"] = cap
+    res["group_size"] = group
+    res["layer"] = layer.name
     return res
 
 
@@ -396,6 +414,7 @@ def _report(plan: Plan, result: dict[str, Any], sizes: dict[str, Any], experts: 
         "heldout_perplexity": math.exp(ce / ntok) if ntok else None,
         "heldout_tokens": ntok,
         "layers": rp.layer_rows(result["layers"]),
+        "grouping": rp.grouping(plan.grouping, result["layers"]),
         "trim": None if plan.trim is None else trim_summary(trim_record(plan.family)),
         "fallbacks": [
             {"file": f, "expert": s["expert"], "reason": s["fallback"]}

@@ -289,6 +289,8 @@ def format_text(p: Mapping[str, Any]) -> str:
               f"calibration activations ({c['samples']} x {c['seq_len']} tokens, float32): "
               f"{_gb(p['activation_bytes'])} in all, {_gb(p['activation_bytes_per_store'])} per "
               f"store ({c['stores']} stores)"]
+    if p.get("auto_group_size"):
+        lines.append(_auto_text(p["auto_group_size"]))
     return "\n".join(lines)
 
 
@@ -323,8 +325,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = {f.name: f.default for f in dataclasses.fields(CompressConfig)}
     parser.add_argument("config", metavar="CONFIG", help="a config.json (path or URL) or a "
                         "folder holding one")
-    parser.add_argument("--group-size", type=int, default=d["group_size"],
-                        help="experts quantized together by one worker call")
+    parser.add_argument("--group-size", type=_group_arg, default=d["group_size"],
+                        help="experts quantized together by one worker call, or auto: show the "
+                             "size the job would choose per layer for --worker-memory")
     parser.add_argument("--calib-samples", type=int, default=d["num_samples"],
                         help="calibration samples")
     parser.add_argument("--seq-len", type=int, default=d["seq_len"], help="tokens per sample")
@@ -343,7 +346,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one GPU per worker of this kind, or none (CPU workers); GPU "
                              "rates are assumptions from published peaks (default: none)")
     parser.add_argument("--worker-memory-gb", type=float, default=None,
-                        help="memory per worker (default: the GPU's; CPU workers: 64)")
+                        help="memory per worker in GB (default: the GPU's; CPU workers: 64)")
+    parser.add_argument("--worker-memory", type=float, default=None, metavar="GIB",
+                        help="memory per worker in GiB, as the job's option: --group-size auto "
+                             "sizes the groups to it (default: --worker-memory-gb, the GPU's, "
+                             "else this machine's available memory over --workers)")
     parser.add_argument("--max-hours", type=float, default=72.0,
                         help="the cheapest cluster shape searched must finish within this")
     parser.add_argument("--scheme", choices=SCHEMES, default=d["scheme"],
@@ -352,11 +359,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_storage_options(parser, "CONFIG")
 
 
+def _group_arg(value: str) -> int | str:
+    return int(value) if value.strip().lstrip("-").isdigit() else value
+
+
+def auto_groups(config: Mapping[str, Any], *, tokens: int, hessian_dtype: str, budget: float,
+                where: str, workers: int) -> dict[str, Any]:
+    """The group size ``--group-size auto`` would choose for each MoE layer of ``config`` with
+    ``budget`` bytes per worker (``qmoe_ray.job.grouping``, as the job chooses them).
+
+    Raises:
+        InputError: a layer where one expert does not fit (what it needs named).
+    """
+    from qmoe_ray.job import grouping
+    from qmoe_ray.job.costmodel import load_constants
+    from qmoe_ray.models import get_family
+
+    family = get_family(dict(config)).bind(_SourceNames())
+    shapes = grouping.shapes_of(family, family.layers(), config, tokens, hessian_dtype)
+    base = load_constants().worker_base_bytes
+    sizes = grouping.choose(shapes, budget, base, workers, where, "--calib-samples")
+    return {"budget_gib": budget / grouping.GIB, "budget_from": where, "margin": grouping.MARGIN,
+            "tokens": tokens, "layers": grouping.summary(shapes, sizes, base)}
+
+
+def _auto_budget(args: argparse.Namespace) -> tuple[float, str]:
+    from qmoe_ray.job import grouping
+
+    if args.worker_memory is not None:
+        return args.worker_memory * grouping.GIB, f"--worker-memory {args.worker_memory:g}"
+    if args.worker_memory_gb is not None:
+        return args.worker_memory_gb * 1e9, f"--worker-memory-gb {args.worker_memory_gb:g}"
+    if args.gpu not in (None, "none"):
+        return _GPUS[args.gpu]["memory_gb"] * 1e9, f"--gpu {args.gpu}'s memory"
+    return grouping.local_budget(args.workers or 1)
+
+
+def _auto_text(a: Mapping[str, Any]) -> str:
+    by: dict[tuple[int, float], list[str]] = {}
+    for name, r in a["layers"].items():
+        by.setdefault((r["group_size"], r["predicted_worker_gib"]), []).append(name)
+    parts = [f"groups of {g} ({len(n)} layer{'s' * (len(n) > 1)}: {n[0]}"
+             f"{' ...' if len(n) > 1 else ''}; predicted worker peak {gib:.2f} GiB)"
+             for (g, gib), n in by.items()]
+    return (f"--group-size auto for {a['budget_gib']:.2f} GiB per worker ({a['budget_from']}; "
+            f"predicted peak + {a['margin']:.0%} must fit, {a['tokens']} tokens): "
+            + "; ".join(parts))
+
+
 def main(args: argparse.Namespace) -> int:
     """Run ``qmoe-ray plan``."""
     from qmoe_ray.cli import storage_options
 
-    for flag, value in (("--group-size", args.group_size), ("--calib-samples", args.calib_samples),
+    if args.group_size != "auto" and not isinstance(args.group_size, int):
+        raise InputError(f"--group-size {args.group_size}: expected a positive integer or auto")
+    if args.worker_memory is not None and args.worker_memory_gb is not None:
+        raise InputError("--worker-memory and --worker-memory-gb: give one (GiB or GB)")
+    for flag, value in (("--group-size", 1 if args.group_size == "auto" else args.group_size),
+                        ("--calib-samples", args.calib_samples),
                         ("--seq-len", args.seq_len), ("--num-stores", args.num_stores),
                         ("--workers", 1 if args.workers is None else args.workers)):
         if value < 1:
@@ -364,14 +424,23 @@ def main(args: argparse.Namespace) -> int:
     if args.eval_samples < 0:
         raise InputError(f"--eval-samples {args.eval_samples}: expected 0 or more")
     for flag, v in (("--max-hours", args.max_hours), ("--worker-memory-gb",
-                                                       args.worker_memory_gb)):
+                                                       args.worker_memory_gb),
+                    ("--worker-memory", args.worker_memory)):
         if v is not None and not v > 0:
             raise InputError(f"{flag} {v}: expected a positive number")
     if args.quant_group_size is not None and args.quant_group_size < 1:
         raise InputError(f"--quant-group-size {args.quant_group_size}: expected a positive "
                          "integer (or leave it out: one scale per row)")
     config = read_config(args.config, storage_options(args))
+    auto = None
     try:
+        if args.group_size == "auto":
+            budget = _auto_budget(args)
+            auto = auto_groups(config, tokens=(args.calib_samples + args.eval_samples)
+                               * args.seq_len, hessian_dtype=args.hessian_dtype,
+                               budget=budget[0], where=budget[1], workers=args.workers or 1)
+            args.worker_memory_gb = budget[0] / 1e9  # the cost model sizes its search by it
+            args.group_size = min(r["group_size"] for r in auto["layers"].values())
         p = estimate(config, group_size=args.group_size, num_samples=args.calib_samples,
                      seq_len=args.seq_len, num_stores=args.num_stores,
                      quant_group_size=args.quant_group_size,
@@ -380,6 +449,8 @@ def main(args: argparse.Namespace) -> int:
         raise
     except ValueError as exc:  # get_family: an unsupported model type (the supported named)
         raise InputError(f"CONFIG {args.config}: {exc}") from None
+    if auto is not None:
+        p["auto_group_size"] = auto
     if args.workers is not None or args.gpu is not None:
         from qmoe_ray.job.costmodel import cluster_plan, format_cost
 

@@ -17,9 +17,10 @@ import numpy as np
 
 from qmoe_ray.data import resolve_data, resolve_source
 from qmoe_ray.errors import InputError
-from qmoe_ray.job import cluster
+from qmoe_ray.job import cluster, grouping
 from qmoe_ray.job.config import CompressConfig, StorageOptions
 from qmoe_ray.job.group import QuantOptions
+from qmoe_ray.job.grouping import AUTO
 from qmoe_ray.job.progress import Progress, source_fingerprint
 from qmoe_ray.job.trimming import job_trim
 from qmoe_ray.models import LayerSpec, get_family
@@ -52,6 +53,12 @@ class Plan:
         started_at: ``time.perf_counter()`` when the job began (the report's seconds).
         trim: the ``TrimPlan`` the job applies (``family`` and ``layers`` are then the trimmed
             model's), or None.
+        group_sizes: experts per group for each MoE layer (``{layer name: size}``); None while
+            ``--group-size auto`` waits for the cluster's memory (``driver.execute`` resolves
+            it, ``resolve_groups``).
+        grouping: how the sizes were chosen (``grouping.summary`` per layer, the budget and
+            where it came from), for the report; None with a fixed size and no budget.
+        shapes: the cost model's shape of each MoE layer (``grouping.shapes_of``), or None.
     """
 
     cfg: CompressConfig
@@ -70,6 +77,9 @@ class Plan:
     restart_timeout_s: float
     started_at: float
     trim: Any = None  # the TrimPlan applied (qmoe_ray.job.trimming), None: no trim
+    group_sizes: dict[str, int] | None = None
+    grouping: dict[str, Any] | None = None
+    shapes: dict[str, Any] | None = None
 
     @property
     def moe_layers(self) -> list[LayerSpec]:
@@ -193,7 +203,92 @@ def prepare(cfg: CompressConfig, storage: StorageOptions | None = None) -> Plan:
            "trim": None if trim is None else trim.to_dict()}
     resuming = prog.check(job, cfg.overwrite)
     done = prog.done_layers([l.index for l in layers]) if resuming else []
+    shapes = _shapes(cfg, family, layers, ckpt.config, inputs)
+    recorded = (prog.recorded_job() or {}).get("group_sizes") if resuming else None
+    budget = None if cluster.address(cfg) and cfg.worker_memory is None else worker_budget(cfg)
+    sizes, grouping_info = resolve_groups(cfg, family, shapes, budget, recorded)
+    if cfg.group_size == AUTO and sizes is not None:
+        job["group_sizes"] = sizes  # the job's record: a resume groups as this run does
     return Plan(cfg=cfg, storage=storage, source=source, index=source_index(ckpt),
                 family=family, layers=layers, quant=quant, progress=prog, job=job,
                 resuming=resuming, done=done, inputs=inputs, is_calib=is_calib,
-                restart_timeout_s=cluster.restart_timeout_s(), started_at=started_at, trim=trim)
+                restart_timeout_s=cluster.restart_timeout_s(), started_at=started_at, trim=trim,
+                group_sizes=sizes, grouping=grouping_info, shapes=shapes)
+
+
+def _shapes(cfg: CompressConfig, family: Any, layers: list[LayerSpec], config: Mapping[str, Any],
+            inputs: Mapping[str, np.ndarray]) -> dict[str, Any] | None:
+    """Every MoE layer's shape for the memory model (None: a fixed group size, no budget, and
+    a family whose expert tensors cannot be sized, which then needs none)."""
+    mask = inputs.get("attention_mask")
+    tokens = int(np.asarray(mask).sum()) if mask is not None else int(
+        np.asarray(next(iter(inputs.values()))).size)
+    try:
+        return grouping.shapes_of(family, layers, config, tokens, cfg.hessian_dtype)
+    except InputError:
+        if cfg.group_size == AUTO or cfg.worker_memory is not None:
+            raise
+        return None
+
+
+def worker_budget(cfg: CompressConfig, ray_memory: tuple[float, str] | None = None
+                  ) -> tuple[float, str]:
+    """The bytes per worker the groups are sized to, and where the figure comes from:
+    ``--worker-memory``; else Ray's (``ray_memory``, on a joined cluster) or this machine's
+    available memory over the workers.
+
+    Raises:
+        InputError: ``--group-size auto`` on GPU workers without ``--worker-memory``, or a
+            cluster that reports no memory.
+    """
+    if cfg.worker_memory is not None:
+        return cfg.worker_memory * grouping.GIB, f"--worker-memory {cfg.worker_memory:g}"
+    if cfg.gpus_per_worker and cfg.group_size == AUTO:
+        raise InputError("--group-size auto with --gpus-per-worker "
+                         f"{cfg.gpus_per_worker:g}: give --worker-memory GIB (the GPU's memory, "
+                         "e.g. 80 for an H100), or a fixed --group-size")
+    if cluster.address(cfg):
+        if ray_memory is None:
+            raise InputError("--group-size auto: the Ray cluster reports no memory for the "
+                             "workers' nodes; give --worker-memory GIB")
+        return ray_memory
+    return grouping.local_budget(cfg.num_workers)
+
+
+def resolve_groups(cfg: CompressConfig, family: Any, shapes: Mapping[str, Any] | None,
+                   budget: tuple[float, str] | None, recorded: Mapping[str, int] | None
+                   ) -> tuple[dict[str, int] | None, dict[str, Any] | None]:
+    """Each MoE layer's group size and how it was chosen (``Plan.group_sizes`` / ``grouping``).
+
+    ``auto``: the sizes ``recorded`` by the job this one resumes (checked to fit the budget,
+    when one is known), else ``grouping.choose``'s; ``(None, None)`` while the budget waits
+    for the cluster. A fixed size: every layer's, checked against a ``--worker-memory`` given.
+
+    Raises:
+        InputError: one expert (``auto``), the fixed group, or the recorded groups do not fit
+            the budget (each naming the layer, what it needs and the fix).
+    """
+    from qmoe_ray.job.costmodel import load_constants
+
+    base = load_constants().worker_base_bytes
+    names = [l.name for l in family.layers() if l.moe]
+    if cfg.group_size != AUTO:
+        sizes = dict.fromkeys(names, int(cfg.group_size))
+        if cfg.worker_memory is None:
+            budget = None  # not asked: no check (the jobs of before the option)
+        elif shapes is not None and budget is not None:
+            grouping.check_fixed(shapes, sizes, budget[0], base, budget[1])
+    elif recorded:
+        sizes = {n: int(recorded[n]) for n in names}
+        if budget is not None and shapes is not None:
+            grouping.check_fixed(shapes, sizes, budget[0], base, budget[1], resumed=True)
+    elif budget is None or shapes is None:
+        return None, None
+    else:
+        sizes = grouping.choose(shapes, budget[0], base, cfg.num_workers, budget[1])
+    if shapes is None:
+        return sizes, None
+    return sizes, {"group_size": cfg.group_size, "recorded": bool(recorded),
+                   "budget_gib": None if budget is None else round(budget[0] / grouping.GIB, 4),
+                   "budget_from": None if budget is None else budget[1],
+                   "margin": grouping.MARGIN, "layers": grouping.summary(shapes, sizes, base)}

@@ -157,6 +157,11 @@ class Progress:
         check_same_job(json.loads(raw), job, self.output)
         return True
 
+    def recorded_job(self) -> dict[str, Any] | None:
+        """The job recorded at the output (``start``), or None."""
+        raw = self.get(JOB)
+        return None if raw is None else json.loads(raw)
+
     def start(self, job: Mapping[str, Any], overwrite: bool) -> None:
         """Record ``job`` as the output's job (after ``check``); ``overwrite`` first clears
         earlier progress and shards."""

@@ -57,6 +57,18 @@ def order0_entropy_bits(counts: Sequence[int]) -> float:
     return float(-(c[c > 0] * np.log2(p)).sum())
 
 
+def _groups(report: Mapping[str, Any]) -> str:
+    g = report.get("grouping")
+    if not g or report["options"]["group_size"] != "auto":
+        return str(report["options"]["group_size"])
+    sizes = ", ".join(str(r["group_size"]) for r in g["layers"].values())
+    if g["budget_gib"] is None:
+        return f"auto ({sizes} per MoE layer, as the job resumed chose them)"
+    return (f"auto ({sizes} per MoE layer, sized to {g['budget_gib']:g} GiB per worker with a "
+            f"{g['margin']:.0%} margin: {g['budget_from']}"
+            f"{'; as the job resumed chose them' if g['recorded'] else ''})")
+
+
 def layer_rows(layers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Per-layer figures for the report: proxy loss, fallbacks, token coverage, bits."""
     rows = []
@@ -80,6 +92,7 @@ def layer_rows(layers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "proxy_loss": float(sum(sum(s["proxy_loss"].values()) for s in stats)),
                 "bits_per_param": 8 * nbytes / params if params else math.nan,
                 "seconds": float(res.get("seconds", 0.0)),
+                "group_size": res.get("group_size"),
                 "routed": routed.tolist(),
             }
         )
@@ -100,6 +113,32 @@ def layer_rows(layers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def grouping(info: Mapping[str, Any] | None,
+             layers: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """How the expert groups were sized (``plan.resolve_groups``: the budget, its source, the
+    margin, each MoE layer's size and predicted worker peak), with each layer's measured worker
+    peak (the workers' peak RSS so far, a process maximum) and its heaviest group's routed
+    tokens against the uniform routing the prediction takes."""
+    if info is None:
+        return None
+    out = {k: v for k, v in info.items() if k != "layers"}
+    rows = {n: dict(r) for n, r in info["layers"].items()}
+    for res in layers:
+        row = rows.get(res.get("layer", ""))
+        if row is None or not res.get("group_size"):
+            continue
+        g, routed = int(res["group_size"]), np.asarray(res["routed"], dtype=np.int64)
+        uniform = max(int(routed.sum()), 1) / len(routed)  # tokens per expert
+        row["group_size"] = g  # the size the layer ran with
+        row["heaviest_group_vs_uniform"] = round(max(
+            routed[i:i + g].sum() / (uniform * len(routed[i:i + g]))
+            for i in range(0, len(routed), g)), 3)
+        peak = res.get("worker_timings", {}).get("peak_rss_mb")
+        row["measured_worker_peak_gib"] = None if peak is None else round(peak / 1024, 4)
+    out["layers"] = rows
+    return out
+
+
 def to_markdown(report: Mapping[str, Any]) -> str:
     """A human summary of the report."""
     s = report["sizes"]
@@ -109,7 +148,7 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         f"- source: `{report['source']}` ({report['model_type']}, "
         f"{report.get('source_precision') or 'bf16'})",
         f"- scheme: {report['options']['scheme']} / {report['options']['method']}, "
-        f"expert groups of {report['options']['group_size']}",
+        f"expert groups of {_groups(report)}",
         f"- wall time: {report['seconds']:.1f} s",
         f"- experts: {s['expert_params']:,} params, {s['expert_bits_per_param']:.3f} bits/param "
         f"({s['expert_ratio_vs_bf16']:.2f}x vs bf16)",
