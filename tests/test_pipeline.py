@@ -193,7 +193,7 @@ def test_job_end_to_end_local(tiny_mixtral, tmp_path):
     assert all(f1[k] == f2[k] for k in f1), [k for k in f1 if f1[k] != f2[k]]
 
     manifest = plain_reader.load_manifest(out1)
-    assert manifest["format_version"] == 1 and manifest["options"]["scheme"] == "ternary"
+    assert manifest["format_version"] == 3 and manifest["options"]["scheme"] == "ternary"
     assert len(manifest["source_fingerprint"]) == 64  # the source's identity travels with it
     assert len(manifest["quantized"]) == 2 * 6 * 3  # 2 layers x 6 experts x 3 matrices
     assert (out1 / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
