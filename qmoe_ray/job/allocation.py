@@ -138,6 +138,8 @@ def allocate_group(spec: ExpertSpec, W: dict[str, torch.Tensor], B: dict[str, to
     del hid
     for r in spec.out_roles:
         cand[r] = gptq_multi(part(r), H0, settings, tokens=counts, **kw)
+    if opts.sequential:  # the out matrices are quantized on the Hessians through the chosen ins
+        del H0
     sync(device)
     sec["candidates"] += clock() - t
     t = clock()
@@ -210,7 +212,10 @@ def allocate_group(spec: ExpertSpec, W: dict[str, torch.Tensor], B: dict[str, to
             for j, i in enumerate(idx):
                 cache[want[i]] = slice_result(q, [j])
 
-    H_out: dict[int, tuple[tuple, torch.Tensor]] = {}  # per expert: (its in choices, out H)
+    # the out Hessians through the chosen in matrices: one buffer, each expert's redone only
+    # when its in choices change
+    H_out: torch.Tensor | None = None
+    H_for: list[tuple | None] = [None] * G
     budget = target * (1 - 1e-3)  # a little room for the coder's overhead over the entropy
     best, loosened = None, 0
     for attempt in range(MAX_ATTEMPTS):
@@ -232,7 +237,7 @@ def allocate_group(spec: ExpertSpec, W: dict[str, torch.Tensor], B: dict[str, to
                 results[r] = [cache[want[i]] for i in range(G)]
         ins = [tuple(int(ch[r][i]) for r in spec.in_roles) for i in range(G)]
         if opts.sequential:
-            need = [i for i in range(G) if i not in H_out or H_out[i][0] != ins[i]]
+            need = [i for i in range(G) if H_for[i] != ins[i]]
             if need:
                 deq = {r: torch.cat([results[r][i].dequantize() for i in need])
                        for r in spec.in_roles}
@@ -240,9 +245,14 @@ def allocate_group(spec: ExpertSpec, W: dict[str, torch.Tensor], B: dict[str, to
                        for j, i in enumerate(need)]
                 Hn, _ = group_hessians(hid, d_ff, opts.hessian_dtype)
                 del hid, deq
-                for j, i in enumerate(need):
-                    H_out[i] = (ins[i], Hn[j])
-            Hs = torch.stack([H_out[i][1] for i in range(G)])
+                if H_out is None:
+                    H_out = Hn if len(need) == G else Hn.new_zeros(G, d_ff, d_ff)
+                if H_out is not Hn:
+                    H_out[need] = Hn
+                del Hn
+                for i in need:
+                    H_for[i] = ins[i]
+            Hs = H_out
             for r in spec.out_roles:
                 if rows[r] is None:  # small: each used setting over the whole group, as its
                     # candidates were (a rate-aware setting's running table is the group's)
@@ -254,7 +264,6 @@ def allocate_group(spec: ExpertSpec, W: dict[str, torch.Tensor], B: dict[str, to
                 want = {i: (r, i, ins[i], int(ch[r][i])) for i in range(G)}
                 run(r, Hs, want)
                 results[r] = [cache[want[i]] for i in range(G)]
-            del Hs
         else:
             for r in spec.out_roles:
                 if rows[r] is None:
