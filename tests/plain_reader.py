@@ -195,6 +195,6 @@ def dense_weight(name: str, manifest: dict, tensors: dict[str, np.ndarray]) -> n
         q = packed_codes(entry, tensors, name).astype(np.float32)
     scale, zero = tensors[f"{name}.scale"], tensors[f"{name}.zero"].astype(np.float32)
     cols = q.shape[1]
-    gs = entry["quant_group_size"] or cols
+    gs = entry.get("quant_group_size") or cols  # null: absent in version 3
     idx = np.arange(cols) // gs  # group g covers input columns g*gs .. (g+1)*gs - 1
     return to_bf16((scale[:, idx] * (q - zero[:, idx])).astype(np.float32))
