@@ -212,6 +212,15 @@ def allocate_group(spec: ExpertSpec, W: dict[str, torch.Tensor], B: dict[str, to
             for j, i in enumerate(idx):
                 cache[want[i]] = slice_result(q, [j])
 
+    def chosen(r: str, ks: np.ndarray, H: torch.Tensor) -> list[QuantResult]:
+        """Role ``r`` of every expert under its chosen candidate ``ks[i]``: the candidate itself
+        (all rows) or the setting run on the whole matrix (sampled rows), on ``H``."""
+        if rows[r] is None:
+            return [slice_result(cand[r][int(ks[i])], [i]) for i in range(G)]
+        want = {i: (r, i, int(ks[i])) for i in range(G)}
+        run(r, H, want)
+        return [cache[want[i]] for i in range(G)]
+
     # the out Hessians through the chosen in matrices: one buffer, each expert's redone only
     # when its in choices change
     H_out: torch.Tensor | None = None
@@ -229,12 +238,7 @@ def allocate_group(spec: ExpertSpec, W: dict[str, torch.Tensor], B: dict[str, to
         sec["choose"] += t1 - t
         results: dict[str, list[QuantResult]] = {}
         for r in spec.in_roles:
-            if rows[r] is None:
-                results[r] = [slice_result(cand[r][int(ch[r][i])], [i]) for i in range(G)]
-            else:
-                want = {i: (r, i, int(ch[r][i])) for i in range(G)}
-                run(r, H_in, want)
-                results[r] = [cache[want[i]] for i in range(G)]
+            results[r] = chosen(r, ch[r], H_in)
         ins = [tuple(int(ch[r][i]) for r in spec.in_roles) for i in range(G)]
         if opts.sequential:
             need = [i for i in range(G) if H_for[i] != ins[i]]
@@ -266,12 +270,7 @@ def allocate_group(spec: ExpertSpec, W: dict[str, torch.Tensor], B: dict[str, to
                 results[r] = [cache[want[i]] for i in range(G)]
         else:
             for r in spec.out_roles:
-                if rows[r] is None:
-                    results[r] = [slice_result(cand[r][int(ch[r][i])], [i]) for i in range(G)]
-                else:
-                    want = {i: (r, i, int(ch[r][i])) for i in range(G)}
-                    run(r, H0, want)
-                    results[r] = [cache[want[i]] for i in range(G)]
+                results[r] = chosen(r, ch[r], H0)
         choices = {r: [labels[int(k)] for k in ch[r]] for r in roles}
         sync(device)
         t2 = clock()
