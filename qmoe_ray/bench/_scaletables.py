@@ -91,10 +91,11 @@ def tables(jobs: Mapping[str, Mapping[str, Any]], fit: str
         ratios[name] = q
         lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in q.values()) + " |")
     notes = [f"cost model fitted on {fit} only; the other runs are predictions it did not see",
-             "calibration below the issue's 256 x 512 tokens (32 x 512 for Qwen3, 8 x 512 for "
-             "Mixtral) and fewer experts, so that every run takes minutes on this 2-core machine "
-             "shared with other jobs; Mixtral: 1 expert per layer (top-1), its GPTQ of the "
-             "14336-column down matrix alone is minutes",
+             "calibration: the runs with the issue's 256 x 512 tokens are named -c256; the "
+             "others use 32 x 512 (Qwen3, DeepSeek) or 8 x 512 (Mixtral) and fewer experts, so "
+             "that every run takes minutes on this 2-core machine shared with other jobs; "
+             "Mixtral: 1 expert per layer (top-1), its GPTQ of the 14336-column down matrix "
+             "alone is minutes",
              "one run each on a shared, noisy machine (other jobs were running)"]
     if any(r.get("driver_rss") != "VmHWM" for r in jobs.values()):
         notes.append("driver column: ru_maxrss, which Linux carries over exec from the benchmark "
