@@ -62,11 +62,11 @@ def expert_matrices(family: Any, layer: LayerSpec,
         names = {}
     if names and all(n in shapes for n in names.values()):
         return tuple((int(shapes[n][-2]), int(shapes[n][-1])) for n in names.values())
-    source_layer = family.original(layer) if hasattr(family, "original") else layer
+    # fused tensors ([experts, rows, cols]): each source tensor is one matrix of every expert
     seen = Counter(tuple(shapes[n]) for n in family.source_expert_names(layer) if n in shapes)
     out: list[tuple[int, int]] = []
     for shape, n in sorted(seen.items()):
-        out += [(int(shape[-2]), int(shape[-1]))] * max(n // max(source_layer.num_experts, 1), 1)
+        out += [(int(shape[-2]), int(shape[-1]))] * max(n // max(layer.num_experts, 1), 1)
     return tuple(out)
 
 
