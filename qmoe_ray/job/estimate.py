@@ -29,12 +29,12 @@ import argparse
 import dataclasses
 import json
 import math
-from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
 from qmoe_ray.data.samples import text_view
 from qmoe_ray.errors import InputError
+from qmoe_ray.job import grouping
 from qmoe_ray.job.config import HESSIAN_DTYPES, SCHEMES, CompressConfig
 from qmoe_ray.job.costmodel import GPUS as _GPUS
 
@@ -129,12 +129,8 @@ def count_parameters(config: Mapping[str, Any]) -> dict[str, Any]:
         linear += mtp * per
     params["vision tower"] = vision_params(config)
     linear += params["vision tower"]
-    matrices: list[tuple[int, int]] = []  # (rows, cols) of each matrix of one routed expert
-    if moe:
-        first = moe[0]
-        seen = Counter(shapes[n] for n in family.source_expert_names(first) if n in shapes)
-        for shape, n in sorted(seen.items()):
-            matrices += [(int(shape[-2]), int(shape[-1]))] * max(n // first.num_experts, 1)
+    # (rows, cols) of each matrix of one routed expert
+    matrices = list(grouping.source_matrices(family, moe[0], shapes)) if moe else []
     return {
         "model_type": family.model_type,
         "params": params,
@@ -255,11 +251,8 @@ def vision_params(config: Mapping[str, Any]) -> int:
 
 
 def _hidden_size(config: Mapping[str, Any], fallback: int) -> int:
-    config = text_view(config)
-    for key in ("hidden_size", "d_model"):
-        if isinstance(config.get(key), int):
-            return int(config[key])
-    return fallback
+    d = grouping.hidden_size(config)
+    return fallback if d is None else d
 
 
 def _gb(n: float) -> str:
@@ -371,7 +364,6 @@ def auto_groups(config: Mapping[str, Any], *, tokens: int, hessian_dtype: str, b
     Raises:
         InputError: a layer where one expert does not fit (what it needs named).
     """
-    from qmoe_ray.job import grouping
     from qmoe_ray.job.costmodel import load_constants
     from qmoe_ray.models import get_family
 
@@ -384,8 +376,6 @@ def auto_groups(config: Mapping[str, Any], *, tokens: int, hessian_dtype: str, b
 
 
 def _auto_budget(args: argparse.Namespace) -> tuple[float, str]:
-    from qmoe_ray.job import grouping
-
     if args.worker_memory is not None:
         return args.worker_memory * grouping.GIB, f"--worker-memory {args.worker_memory:g}"
     if args.worker_memory_gb is not None:

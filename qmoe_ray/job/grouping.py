@@ -62,7 +62,15 @@ def expert_matrices(family: Any, layer: LayerSpec,
         names = {}
     if names and all(n in shapes for n in names.values()):
         return tuple((int(shapes[n][-2]), int(shapes[n][-1])) for n in names.values())
-    # fused tensors ([experts, rows, cols]): each source tensor is one matrix of every expert
+    return source_matrices(family, layer, shapes)
+
+
+def source_matrices(family: Any, layer: LayerSpec,
+                    shapes: Mapping[str, Sequence[int]]) -> tuple[tuple[int, int], ...]:
+    """``(rows, cols)`` of each matrix of one routed expert of ``layer`` counted from the
+    source's expert tensors, in shape order: a shape held by ``n`` tensors is ``n / experts``
+    matrices of every expert (per-expert tensors), at least one (a fused ``[experts, rows,
+    cols]`` tensor is one matrix of every expert)."""
     seen = Counter(tuple(shapes[n]) for n in family.source_expert_names(layer) if n in shapes)
     out: list[tuple[int, int]] = []
     for shape, n in sorted(seen.items()):
