@@ -81,6 +81,57 @@ def test_gptq_multi_gives_each_setting_what_gptq_gives():
     assert not torch.equal(multi[0].codes, multi[1].codes)
 
 
+def _hessians(E: int, C: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(E, 128, C, generator=g)
+    X[..., :2] *= 6  # outlier channels: the rate-aware lanes then differ from plain rounding
+    return torch.randn(E, 40, C, generator=g), torch.einsum("etc,etd->ecd", X, X) / 128
+
+
+def test_lanes_of_one_sweep_are_each_settings_own_sweep(monkeypatch):
+    """Settings of one family share a sweep (``quant.sweep``): rate-aware int lanes of different
+    widths (per-row largest codes, per-lane code tables) beside a lambda-0 lane, and a stack
+    split when it passes ``LANE_ROWS``, each give what ``gptq`` of that setting alone gives."""
+    import sys
+
+    gq = sys.modules["qmoe_ray.quant.gptq"]  # the module (the package re-exports the function)
+
+    W, H = _hessians(3, 48, 1)
+    settings = [("int2", 0.3), ("int3", 0.0), ("int4", 0.1), ("ternary", 0.6), ("ternary", 0.0)]
+    for lane_rows in (2048, 80):  # 80: two 40-row settings per sweep, so the ints split 2 + 1
+        monkeypatch.setattr(gq, "LANE_ROWS", lane_rows)
+        assert gq._batches([(gq.parse_scheme(s), lam) for s, lam in settings], False, None,
+                           40) == ([[0, 1, 2], [3, 4]] if lane_rows == 2048 else
+                                   [[0, 1], [2], [3, 4]])
+        multi = gptq_multi(W, H, settings, actorder=True)
+        for (scheme, lam), m in zip(settings, multi, strict=True):
+            one = gptq(W, H, scheme, actorder=True, rate_lambda=lam)
+            assert torch.equal(m.codes, one.codes), (lane_rows, scheme, lam)
+            assert torch.equal(m.loss, one.loss)
+    assert not torch.equal(multi[0].codes, gptq(W, H, "int2", actorder=True).codes)
+
+
+def test_assigned_settings_are_each_expert_subsets_own_gptq():
+    """``assign``: each expert under its own setting, in one sweep per family; a setting's
+    result is ``gptq`` of its experts alone (their own rate-aware code table)."""
+    W, H = _hessians(5, 32, 2)
+    settings = [("ternary", 0.0), ("ternary", 0.6), ("int2", 0.0), ("int3", 0.2), ("int4", 0.0)]
+    assign = [1, 3, 1, 0, 3]
+    out = gptq_multi(W, H, settings, actorder=True, tokens=[128] * 5, assign=assign)
+    assert out[2] is None and out[4] is None  # no expert has them
+    for k in (0, 1, 3):
+        ix = [e for e, a in enumerate(assign) if a == k]
+        one = gptq(W[ix], H[ix], settings[k][0], actorder=True, tokens=[128] * len(ix),
+                   rate_lambda=settings[k][1])
+        assert out[k].codes.shape[0] == len(ix) and torch.equal(out[k].codes, one.codes)
+        assert all(torch.equal(out[k].params[p], one.params[p]) for p in one.params)
+        assert torch.equal(out[k].loss, one.loss) and torch.equal(out[k].tokens, one.tokens)
+    with pytest.raises(ValueError, match="assign must give each of the 5 experts"):
+        gptq_multi(W, H, settings, assign=[0, 1, 2])
+    with pytest.raises(ValueError, match="without mask or prune"):
+        gptq_multi(W, H, settings, assign=assign, mask=torch.zeros_like(W, dtype=torch.bool))
+
+
 # -- bad input ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw, match", [
     (dict(target_bits=0), "target_bits=0: expected a number of bits"),

@@ -11,7 +11,9 @@ loss; an in matrix's is measured by a forward of the expert with that matrix und
 and the others exact (a linear factor from plain ternary underrated the near-zero candidates by
 far: the gate is not linear).
 
-Cost: every candidate costs a GPTQ column sweep, so on large matrices the candidates are
+Cost: the candidates of one grid family run as lanes of one GPTQ column sweep (``gptq_multi``,
+``qmoe_ray.quant.sweep``: ternary at every lambda in one, int2/int3/int4 in another), and the
+chosen settings of a role in one sweep per family (``assign``); still, on large matrices the candidates are
 estimated on a sample of rows (``sample_rows``: evenly spaced, at least ``SAMPLE_MIN_ROWS``, a
 ``1 / SAMPLE_FRACTION`` share): GPTQ treats rows independently given the Hessian factor, so a
 row sample's codes are exactly those rows' codes under the candidate, and its bits and loss,
@@ -202,14 +204,15 @@ def allocate_group(spec: ExpertSpec, W: dict[str, torch.Tensor], B: dict[str, to
     def run(r: str, H: torch.Tensor, want: dict[int, tuple]) -> None:
         """Quantize role ``r`` of the experts in ``want`` (expert -> cache key, setting last)
         under their settings, on ``H`` (all experts' Hessians), into ``cache``."""
-        by_k: dict[int, list[int]] = {}
-        for i, key in want.items():
-            if key not in cache:
-                by_k.setdefault(key[-1], []).append(i)
-        for k, idx in sorted(by_k.items()):
-            ix = torch.as_tensor(idx, device=W[r].device)
-            q = gptq_multi(W[r][ix], H[ix], [settings[k]], tokens=counts[ix.cpu()], **kw)[0]
-            for j, i in enumerate(idx):
+        idx = [i for i, key in want.items() if key not in cache]
+        if not idx:
+            return
+        ks = [want[i][-1] for i in idx]
+        ix = torch.as_tensor(idx, device=W[r].device)
+        qs = gptq_multi(W[r][ix], H[ix], settings, tokens=counts[ix.cpu()], assign=ks, **kw)
+        for k, q in enumerate(qs):  # each setting's experts, in order: one sweep per family
+            mine = [i for i, kk in zip(idx, ks, strict=True) if kk == k]
+            for j, i in enumerate(mine):
                 cache[want[i]] = slice_result(q, [j])
 
     def chosen(r: str, ks: np.ndarray, H: torch.Tensor) -> list[QuantResult]:

@@ -38,17 +38,11 @@ import torch
 from qmoe_ray.quant.grids import (
     Scheme,
     dequantize,
-    dequantize_int,
-    dequantize_ternary,
     grid_params,
     parse_scheme,
     quantize,
-    quantize_int,
-    range_params,
-    ternary_thresholds,
 )
 from qmoe_ray.quant.prune import PruneSpec, SweepMask
-from qmoe_ray.quant.rate import RateModel, choose_int, choose_ternary, rate_unit
 from qmoe_ray.quant.result import (  # noqa: F401 - the fallback reasons are re-exported
     CHOLESKY_FAILED,
     FEW_TOKENS,
@@ -62,7 +56,11 @@ from qmoe_ray.quant.result import (  # noqa: F401 - the fallback reasons are re-
     _prepare_w,
     _proxy_loss,
 )
+from qmoe_ray.quant.sweep import batchable, gather_cols, sweep
 
+#: Most rows one sweep stacks when it runs several settings of every expert as lanes (each
+#: setting's copy of ``W``): the lanes pay off on few rows, where the per-column cost dominates.
+LANE_ROWS = 2048
 
 # -- round to nearest -----------------------------------------------------------------------------
 def rtn(
@@ -154,31 +152,6 @@ def _all_zero_per_expert(H: torch.Tensor) -> list[bool]:
     return out
 
 
-def _aligned_blocksize(blocksize: int, group_size: int | None) -> int:
-    """A block size whose block boundaries fall on group boundaries."""
-    if group_size is None:
-        return blocksize
-    if blocksize >= group_size:
-        return blocksize - blocksize % group_size
-    return max(d for d in range(1, blocksize + 1) if group_size % d == 0)
-
-
-def _sub_blocksize(blocksize: int, group_size: int | None, target: int = 16) -> int:
-    """The inner (sub-block) size: divides ``blocksize``; groups nest in sub-blocks or the
-    reverse, so a group's scale is always taken from fully updated weights."""
-    best = 1
-    for d in range(1, min(blocksize, target) + 1):
-        nests = group_size is None or group_size % d == 0 or d % group_size == 0
-        if blocksize % d == 0 and nests:
-            best = d
-    return best
-
-
-def _gather_cols(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """``x`` ``[E, C, R]`` with its dim 1 permuted per expert by ``perm`` ``[E, C]``."""
-    return x.gather(1, perm[:, :, None].expand_as(x))
-
-
 def gptq(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -248,11 +221,19 @@ def gptq_multi(
     on_nonfinite: str = "raise",
     mask: torch.Tensor | None = None,
     prune: PruneSpec | None = None,
-) -> list[QuantResult]:
+    assign: Sequence[int] | None = None,
+) -> list[QuantResult | None]:
     """``gptq`` of one stack of experts under several settings ``(scheme, rate_lambda)``, sharing
     what does not depend on the setting: the checks, the fallbacks, the act-order permutation and
     the inverse-Hessian factor (the Cholesky and its triangular inverse, the sweep's ``O(n^3)``
-    part). One result per setting, in order, each exactly what ``gptq`` gives for it.
+    part), and the column sweep itself for settings of one grid family with per-row grids (their
+    lanes run in one sweep: ``qmoe_ray.quant.sweep``). One result per setting, in order, each
+    exactly what ``gptq`` gives for it.
+
+    ``assign``: instead of every expert under every setting, expert ``e`` under
+    ``settings[assign[e]]`` only; then a setting's result holds the experts assigned to it, in
+    order (None for a setting no expert has), and is what ``gptq`` of those experts alone gives
+    (the rate-aware code tables are those experts'). Not with ``mask`` or ``prune``.
     """
     settings = [(parse_scheme(sc), lam) for sc, lam in settings]
     if not settings:
@@ -296,7 +277,7 @@ def gptq_multi(
         order_by = torch.where(finite[:, None], H.diagonal(dim1=1, dim2=2), 0.0)
         perm = torch.argsort(order_by, dim=1, descending=True, stable=True)
         rev = perm.flip(1)
-        Hf = _gather_cols(_gather_cols(H, rev).transpose(1, 2), rev).transpose(1, 2)
+        Hf = gather_cols(gather_cols(H, rev).transpose(1, 2), rev).transpose(1, 2)
     else:
         Hf = H.flip(-2, -1)
     eye = torch.eye(C, dtype=torch.float32, device=W.device)
@@ -316,16 +297,51 @@ def gptq_multi(
         if reasons[e] is None:
             reasons[e] = CHOLESKY_FAILED
 
-    out = []
-    for scheme, lam in settings:
-        masks = None if mask is None and prune is None else SweepMask(prune, mask, perm)
-        codes, params = _sweep(W, U, scheme, blocksize, perm, scale_dtype, float(lam), masks)
-        Q = dequantize(scheme, codes, params)
-        out.append(QuantResult(scheme=scheme, codes=codes, params=params,
-                               loss=_loss(W, Q, H, finite), tokens=tok, fallback=list(reasons),
-                               squeeze=squeeze,
-                               pruned=None if masks is None else masks.fraction(R, C)))
+    masked = mask is not None or prune is not None
+    if assign is not None:
+        assign = [int(a) for a in assign]
+        if masked or len(assign) != E or not all(0 <= a < len(settings) for a in assign):
+            raise ValueError(f"assign must give each of the {E} experts a setting index below "
+                             f"{len(settings)}, without mask or prune; got {assign!r}")
+    out: list[QuantResult | None] = [None] * len(settings)
+    for batch in _batches(settings, masked, assign, R):
+        ex = None if assign is None else torch.as_tensor(
+            [e for e in range(E) if assign[e] in batch], dtype=torch.int64)
+        local = None if ex is None else [batch.index(assign[e]) for e in ex.tolist()]
+        dev = None if ex is None else ex.to(W.device)
+        masks = SweepMask(prune, mask, perm) if masked else None
+        lanes = sweep(W if ex is None else W[dev], U if ex is None else U[dev],
+                      [settings[k][0] for k in batch], [float(settings[k][1]) for k in batch],
+                      blocksize, perm if ex is None or perm is None else perm[dev], scale_dtype,
+                      masks, local)
+        for j, k in enumerate(batch):
+            codes, params = lanes[j]
+            mine = None if ex is None else ex[torch.as_tensor(local) == j]
+            pick = (lambda x: x) if mine is None else (lambda x, m=mine: x[m.to(x.device)])
+            Q = dequantize(settings[k][0], codes, params)
+            out[k] = QuantResult(
+                scheme=settings[k][0], codes=codes, params=params,
+                loss=_loss(pick(W), Q, pick(H), pick(finite)),
+                tokens=None if tok is None else pick(tok),
+                fallback=list(reasons) if mine is None else [reasons[e] for e in mine.tolist()],
+                squeeze=squeeze and mine is None,
+                pruned=None if masks is None else masks.fraction(R, C))
     return out
+
+
+def _batches(settings: Sequence[tuple[Scheme, float]], masked: bool,
+             assign: Sequence[int] | None, rows: int) -> list[list[int]]:
+    """The settings (indices) that share a sweep: one grid family with per-row grids, no mask;
+    with every expert under every setting, at most ``LANE_ROWS`` stacked rows per sweep (the
+    stack is a copy of ``W`` per setting)."""
+    used = range(len(settings)) if assign is None else sorted(set(assign))
+    groups: dict[object, list[int]] = {}
+    for k in used:
+        s = settings[k][0]
+        key = ("alone", k) if masked or not batchable(s) else s.is_ternary
+        groups.setdefault(key, []).append(k)
+    per = len(settings) if assign is not None else max(1, LANE_ROWS // max(1, rows))
+    return [ks[i:i + per] for ks in groups.values() for i in range(0, len(ks), per)]
 
 
 def _loss(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
@@ -336,132 +352,3 @@ def _loss(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, finite: torch.Tenso
     loss = _proxy_loss(W, Q, H)
     loss[~finite.cpu()] = float("nan")
     return loss
-
-
-def _rate_model(W: torch.Tensor, U: torch.Tensor, scheme: Scheme,
-                params: dict[str, torch.Tensor], scale_dtype: torch.dtype | None,
-                rate_lambda: float, dynamic: bool) -> RateModel:
-    """The running code-length model of a rate-aware sweep (``qmoe_ray.quant.rate``): its prior
-    counts from the round-to-nearest codes of ``W`` on its grid."""
-    if scheme.is_ternary:
-        prior = quantize(W, scheme, params)
-        step = (params["hi"] - params["lo"]) * 0.5
-        return RateModel(prior, 3, 1, rate_lambda * rate_unit(step, U))
-    if dynamic:  # group grids are set as the sweep reaches them: the per-row grid stands in
-        scheme, params = parse_scheme(scheme.name), grid_params(W, parse_scheme(scheme.name),
-                                                                scale_dtype)
-    prior = quantize(W, scheme, params)
-    step = params["scale"].mean(dim=-1)
-    return RateModel(prior, scheme.maxq + 1, 0, rate_lambda * rate_unit(step, U))
-
-
-def _sweep(
-    W: torch.Tensor,
-    U: torch.Tensor,
-    scheme: Scheme,
-    blocksize: int,
-    perm: torch.Tensor | None,
-    scale_dtype: torch.dtype | None,
-    rate_lambda: float = 0.0,
-    masks: SweepMask | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The GPTQ column sweep over all experts at once; returns ``(codes, params)``.
-
-    Two levels of lazy updates: within a sub-block of ~16 columns the error of each column is
-    applied to the next columns at once (a rank-1 update of a small, cache-resident slab); at the
-    end of a sub-block, to the rest of its block, and at the end of a block, to all later columns
-    (batched matrix products). The result is the same as the textbook column-by-column sweep.
-    """
-    E, R, C = W.shape
-    gs = scheme.group_size
-    dynamic_groups = gs is not None and perm is None
-    if dynamic_groups:
-        G = scheme.num_groups(C)
-        params = {
-            "scale": torch.ones(E, R, G, dtype=torch.float32, device=W.device),
-            "zero": torch.zeros(E, R, G, dtype=torch.float32, device=W.device),
-        }
-        blocksize = _aligned_blocksize(blocksize, gs)
-    else:
-        params = grid_params(W, scheme, scale_dtype)
-    sub = _sub_blocksize(blocksize, gs if dynamic_groups else None)
-
-    Wt = W.transpose(1, 2).contiguous()  # [E, C, R]
-    col_params: dict[str, torch.Tensor] = {}  # per-column grids [E, C, R] (static groups)
-    if perm is not None:
-        Wt = _gather_cols(Wt, perm)
-        if gs is not None:
-            gidx = (perm // gs)[:, :, None].expand(E, C, R)
-            col_params = {k: v.transpose(1, 2).gather(1, gidx) for k, v in params.items()}
-
-    if scheme.is_ternary:
-        lo, hi = params["lo"], params["hi"]  # [E, R]
-        t_lo, t_hi = ternary_thresholds(lo, hi)
-        zero_f = torch.zeros((), dtype=torch.float32, device=W.device)
-    elif gs is None:
-        scale, zero = params["scale"][..., 0], params["zero"][..., 0]
-
-    rate = (_rate_model(W, U, scheme, params, scale_dtype, rate_lambda, dynamic_groups)
-            if rate_lambda else None)
-    codes_t = torch.empty(E, C, R, dtype=scheme.code_dtype, device=W.device)
-    for i1 in range(0, C, blocksize):
-        i2 = min(i1 + blocksize, C)
-        W1 = Wt[:, i1:i2].clone()
-        Err1 = torch.empty_like(W1)
-        U1 = U[:, i1:i2, i1:i2]
-        n = i2 - i1
-        m1 = None if masks is None else masks.block(
-            W1.transpose(1, 2), U1.diagonal(dim1=1, dim2=2), i1).transpose(1, 2)
-        for s1 in range(0, n, sub):
-            s2 = min(s1 + sub, n)
-            for i in range(s1, s2):
-                j = i1 + i
-                w = W1[:, i]
-                if dynamic_groups and j % gs == 0:
-                    block = Wt[:, j : j + gs] if gs > blocksize else W1[:, i : i + gs]
-                    scale, zero = range_params(
-                        block.amin(dim=1), block.amax(dim=1), scheme, scale_dtype
-                    )
-                    params["scale"][:, :, j // gs] = scale
-                    params["zero"][:, :, j // gs] = zero
-                elif col_params:
-                    scale, zero = col_params["scale"][:, j], col_params["zero"][:, j]
-                if rate is not None:
-                    d2 = U1[:, i, i].square()
-                    if scheme.is_ternary:
-                        code = choose_ternary(w, lo, hi, d2, rate.lengths(), rate.lam)
-                        q = dequantize_ternary(code, lo, hi)
-                    else:
-                        code = choose_int(w, scale, zero, scheme.maxq, d2, rate.lengths(),
-                                          rate.lam)
-                        q = dequantize_int(code, scale, zero)
-                elif scheme.is_ternary:
-                    pos, neg = w > t_hi, w < t_lo
-                    code = pos.to(torch.int8) - neg.to(torch.int8)
-                    q = torch.where(pos, hi, torch.where(neg, lo, zero_f))
-                else:
-                    code = quantize_int(w, scale, zero, scheme.maxq)
-                    q = dequantize_int(code, scale, zero)
-                if m1 is not None:  # pruned: exactly 0 (ternary code 0, int code ``zero``)
-                    q = q.masked_fill(m1[:, i], 0.0)
-                    code = torch.where(m1[:, i], 0 if scheme.is_ternary else zero.to(code.dtype),
-                                       code)
-                codes_t[:, j] = code
-                if rate is not None:
-                    rate.update(code)
-                err = Err1[:, i]
-                torch.sub(w, q, out=err)
-                err.div_(U1[:, i, i, None])
-                if i + 1 < s2:
-                    W1[:, i + 1 : s2].addcmul_(
-                        U1[:, i, i + 1 : s2, None], err[:, None, :], value=-1.0
-                    )
-            if s2 < n:
-                W1[:, s2:].baddbmm_(U1[:, s1:s2, s2:].transpose(1, 2), Err1[:, s1:s2], alpha=-1.0)
-        if i2 < C:
-            Wt[:, i2:].baddbmm_(U[:, i1:i2, i2:].transpose(1, 2), Err1, alpha=-1.0)
-
-    if perm is not None:
-        inv = torch.argsort(perm, dim=1)
-        codes_t = _gather_cols(codes_t, inv)
-    return codes_t.transpose(1, 2).contiguous(), params
